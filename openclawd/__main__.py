@@ -1,0 +1,3 @@
+from openclawd.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,516 @@
+"""The configuration: frozen dataclasses mirroring the TOML tables of CONTRACT.md.
+
+``parse(mapping, source=..., environ=...)`` is a pure function of the TOML mapping and the
+environment it is given: it never touches files, sockets or the clock, and it reports every
+problem at once, each naming the full key path. ``load(path)`` reads and parses a file.
+The config holds Vault paths and file names, never a secret: there is nothing to redact,
+and ``dump()`` prints the effective config as TOML.
+
+Each field's metadata carries the converter that checks and converts its TOML value, so the
+dataclasses below are the single description of what is accepted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import json
+import math
+import os
+import re
+import tomllib
+import types
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+from openclawd.errors import ConfigError, ConfigProblem
+
+DEFAULT_CONFIG_PATH = "/etc/openclawd/openclawd.toml"
+
+_T = TypeVar("_T")
+
+
+class _Invalid(Exception):
+    """Raised by a converter: the value is unusable; the message says why."""
+
+
+# --- converters: each takes the raw TOML value and returns the typed value -----------------
+
+
+def _string(raw: object) -> str:
+    if not isinstance(raw, str):
+        raise _Invalid(f"must be a string, not {_toml_type(raw)}")
+    return raw
+
+
+def _path(*, may_be_empty: bool, credential: bool = False) -> Callable[[object], str]:
+    def convert(raw: object) -> str:
+        value = _string(raw)
+        if not value:
+            if may_be_empty:
+                return value
+            raise _Invalid("must not be empty")
+        if os.path.isabs(value):
+            return value
+        if credential and "/" not in value:
+            return value  # a systemd credential name, read from $CREDENTIALS_DIRECTORY
+        hint = " or a bare credential name" if credential else ""
+        raise _Invalid(f"must be an absolute path{hint}, not {value!r}")
+
+    return convert
+
+
+def _choice(*choices: str) -> Callable[[object], str]:
+    def convert(raw: object) -> str:
+        value = _string(raw)
+        if value not in choices:
+            raise _Invalid(f"must be one of {', '.join(map(repr, choices))}, not {value!r}")
+        return value
+
+    return convert
+
+
+def _integer(*, minimum: int) -> Callable[[object], int]:
+    def convert(raw: object) -> int:
+        if isinstance(raw, bool) or not isinstance(raw, int):
+            raise _Invalid(f"must be an integer, not {_toml_type(raw)}")
+        if raw < minimum:
+            raise _Invalid(f"must be at least {minimum}, not {raw}")
+        return raw
+
+    return convert
+
+
+def _seconds(*, zero_ok: bool = False) -> Callable[[object], float]:
+    def convert(raw: object) -> float:
+        if isinstance(raw, bool) or not isinstance(raw, int | float):
+            raise _Invalid(f"must be a number of seconds, not {_toml_type(raw)}")
+        value = float(raw)
+        if not math.isfinite(value):
+            raise _Invalid("must be a finite number of seconds")
+        if value < 0 or (value == 0 and not zero_ok):
+            bound = "zero or more" if zero_ok else "more than zero"
+            raise _Invalid(f"must be {bound} seconds, not {raw}")
+        return value
+
+    return convert
+
+
+def _boolean(raw: object) -> bool:
+    if not isinstance(raw, bool):
+        raise _Invalid(f"must be true or false, not {_toml_type(raw)}")
+    return raw
+
+
+_MODE_RE = re.compile(r"0?[0-7]{3}")
+
+
+def _mode(raw: object) -> int:
+    if not isinstance(raw, str):
+        # A TOML integer 660 is decimal 660, not the octal mode the operator meant.
+        raise _Invalid(f'must be a string of octal digits like "0660", not {_toml_type(raw)}')
+    if not _MODE_RE.fullmatch(raw):
+        raise _Invalid(f'must be an octal file mode like "0660", not {raw!r}')
+    mode = int(raw, 8)
+    if not mode & 0o600 == 0o600:
+        raise _Invalid(f"must let the owner read and write the socket, not {raw!r}")
+    return mode
+
+
+def _dump_mode(value: object) -> str:
+    assert isinstance(value, int)
+    return json.dumps(f"0{value:03o}")
+
+
+def _ids(raw: object) -> tuple[int, ...]:
+    if not isinstance(raw, list):
+        raise _Invalid(f"must be a list of numeric ids, not {_toml_type(raw)}")
+    for item in raw:
+        if isinstance(item, bool) or not isinstance(item, int) or item < 0:
+            raise _Invalid(f"must hold only numeric ids (integers >= 0), not {item!r}")
+    return tuple(raw)
+
+
+def _loopback_tcp(raw: object) -> str:
+    value = _string(raw)
+    if not value:
+        return value
+    host, sep, port = value.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise _Invalid(f'must be "HOST:PORT" like "127.0.0.1:9477", not {value!r}')
+    if not _is_loopback(host):
+        raise _Invalid(f"must be a loopback address (127.0.0.0/8 or [::1]), not {host!r}")
+    return value
+
+
+def _url(*schemes: str) -> Callable[[object], str]:
+    def convert(raw: object) -> str:
+        value = _string(raw)
+        if not value:
+            return value
+        try:
+            parts = urlsplit(value)
+            parts.port  # noqa: B018 - raises ValueError on a bad port
+        except ValueError as exc:
+            raise _Invalid(f"is not a valid URL ({exc})") from None
+        if parts.scheme not in schemes:
+            raise _Invalid(f"must be a {' or '.join(s + '://' for s in schemes)} URL")
+        if not parts.hostname:
+            raise _Invalid("must name a host")
+        if parts.username is not None or parts.password is not None:
+            raise _Invalid("must not carry credentials; keys and tokens belong in Vault")
+        if parts.query or parts.fragment:
+            raise _Invalid("must not have a query string or fragment")
+        return value.rstrip("/")
+
+    return convert
+
+
+def _opt(
+    default: _T, convert: Callable[[object], Any], dump: Callable[[object], str] | None = None
+) -> _T:
+    """A config field with a default, its converter and (rarely) its TOML writer."""
+    return field(default=default, metadata={"convert": convert, "dump": dump})
+
+
+def _required(convert: Callable[[object], Any]) -> Any:
+    return field(metadata={"convert": convert, "dump": None})
+
+
+# --- the configuration ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ListenConfig:
+    socket: str = _opt("/run/openclawd/openclawd.sock", _path(may_be_empty=False))
+    mode: int = _opt(0o660, _mode, _dump_mode)
+    group: str = _opt("", _string)
+    allowed_uids: tuple[int, ...] = _opt((), _ids)
+    allowed_gids: tuple[int, ...] = _opt((), _ids)
+    max_connections: int = _opt(1024, _integer(minimum=1))
+    max_message_bytes: int = _opt(1048576, _integer(minimum=1024))
+    max_inflight_per_connection: int = _opt(64, _integer(minimum=1))
+    ping_interval_s: float = _opt(20.0, _seconds())
+    ping_timeout_s: float = _opt(20.0, _seconds())
+    handshake_timeout_s: float = _opt(10.0, _seconds())
+
+
+@dataclass(frozen=True, slots=True)
+class ControlConfig:
+    socket: str = _opt("/run/openclawd/control.sock", _path(may_be_empty=False))
+    mode: int = _opt(0o660, _mode, _dump_mode)
+    group: str = _opt("", _string)
+    tcp: str = _opt("", _loopback_tcp)
+    token_file: str = _opt("", _path(may_be_empty=True, credential=True))
+
+
+@dataclass(frozen=True, slots=True)
+class VaultConfig:
+    addr: str = _opt("", _url("http", "https"))
+    auth: str = _opt("token", _choice("token", "approle"))
+    token_file: str = _opt("", _path(may_be_empty=True, credential=True))
+    role_id_file: str = _opt("", _path(may_be_empty=True, credential=True))
+    secret_id_file: str = _opt("", _path(may_be_empty=True, credential=True))
+    mount: str = _opt("secret", _string)
+    refresh_interval_s: float = _opt(30.0, _seconds())
+    request_timeout_s: float = _opt(10.0, _seconds())
+    ca_cert: str = _opt("", _path(may_be_empty=True))
+    allow_insecure: bool = _opt(False, _boolean)
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderConfig:
+    base_url: str = _required(_url("http", "https"))
+    vault_path: str = _required(_string)
+    ws_url: str = _opt("", _url("ws", "wss"))
+    auth_header: str = _opt("Authorization", _string)
+    auth_scheme: str = _opt("Bearer", _string)
+    key_field: str = _opt("api_key", _string)
+    required: bool = _opt(True, _boolean)
+    connect_timeout_s: float = _opt(10.0, _seconds())
+    read_timeout_s: float = _opt(60.0, _seconds())
+    total_timeout_s: float = _opt(600.0, _seconds())
+    max_retries: int = _opt(2, _integer(minimum=0))
+    max_connections: int = _opt(100, _integer(minimum=1))
+    allow_insecure: bool = _opt(False, _boolean)
+
+
+@dataclass(frozen=True, slots=True)
+class LimitsConfig:
+    requests_per_minute: int = _opt(0, _integer(minimum=0))
+
+
+@dataclass(frozen=True, slots=True)
+class ShutdownConfig:
+    drain_timeout_s: float = _opt(30.0, _seconds(zero_ok=True))
+
+
+@dataclass(frozen=True, slots=True)
+class LoggingConfig:
+    level: str = _opt("info", _choice("debug", "info", "warning", "error"))
+    format: str = _opt("logfmt", _choice("logfmt", "json"))
+
+
+_SECTIONS: dict[str, type[Any]] = {
+    "listen": ListenConfig,
+    "control": ControlConfig,
+    "vault": VaultConfig,
+    "limits": LimitsConfig,
+    "shutdown": ShutdownConfig,
+    "logging": LoggingConfig,
+}
+
+_PROVIDER_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """The whole effective configuration. ``source`` is the file it came from."""
+
+    listen: ListenConfig = field(default_factory=ListenConfig)
+    control: ControlConfig = field(default_factory=ControlConfig)
+    vault: VaultConfig = field(default_factory=VaultConfig)
+    providers: Mapping[str, ProviderConfig] = field(
+        default_factory=lambda: types.MappingProxyType({})
+    )
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    shutdown: ShutdownConfig = field(default_factory=ShutdownConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    source: str = "<memory>"
+
+
+# --- parsing -------------------------------------------------------------------------------
+
+
+def load(path: str, *, environ: Mapping[str, str] | None = None) -> Config:
+    """Read and parse the config file at ``path``.
+
+    Raises:
+        ConfigError: the file cannot be read, is not TOML, or its content is wrong; the
+            error lists every problem.
+    """
+    try:
+        with open(path, "rb") as f:
+            mapping = tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError(path, [ConfigProblem("(file)", f"cannot read: {exc.strerror}")]) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(path, [ConfigProblem("(file)", f"not valid TOML: {exc}")]) from None
+    return parse(mapping, source=path, environ=os.environ if environ is None else environ)
+
+
+def parse(
+    mapping: Mapping[str, Any],
+    *,
+    source: str = "<memory>",
+    environ: Mapping[str, str] | None = None,
+) -> Config:
+    """Build a Config from a TOML mapping; pure: no I/O, no clock.
+
+    ``environ`` supplies the fallbacks the contract names (``VAULT_ADDR``, ``VAULT_TOKEN``);
+    only their presence is looked at, and the token's value is never kept.
+
+    Raises:
+        ConfigError: with every problem found, each naming the full key path.
+    """
+    env = {} if environ is None else environ
+    problems: list[ConfigProblem] = []
+    sections: dict[str, Any] = {}
+    for name, value in mapping.items():
+        if name in _SECTIONS:
+            sections[name] = _section(_SECTIONS[name], value, name, problems)
+        elif name != "providers":
+            problems.append(ConfigProblem(name, "unknown key"))
+    providers = _providers(mapping.get("providers", {}), problems)
+
+    vault = sections.get("vault") or VaultConfig()
+    if not vault.addr and env.get("VAULT_ADDR"):
+        try:
+            vault = dataclasses.replace(vault, addr=_url("http", "https")(env["VAULT_ADDR"]))
+        except _Invalid as exc:
+            problems.append(ConfigProblem("vault.addr", f"from VAULT_ADDR: {exc}"))
+    sections["vault"] = vault
+
+    config = Config(
+        **{k: v for k, v in sections.items() if v is not None},
+        providers=types.MappingProxyType(providers),
+        source=source,
+    )
+    raw_providers = mapping.get("providers")
+    has_providers = isinstance(raw_providers, dict) and bool(raw_providers)
+    problems.extend(_cross_checks(config, env, has_providers=has_providers))
+    if problems:
+        raise ConfigError(source, problems)
+    return config
+
+
+def _section(cls: type[_T], raw: object, path: str, problems: list[ConfigProblem]) -> _T | None:
+    """Convert one TOML table into ``cls``; appends problems, returns None if any."""
+    instance, _ = _convert_table(cls, raw, path, problems)
+    return instance
+
+
+def _convert_table(
+    cls: type[_T], raw: object, path: str, problems: list[ConfigProblem]
+) -> tuple[_T | None, dict[str, Any]]:
+    """Convert a table; returns the instance (None on any problem) and the keys that
+    converted, so that checks spanning keys can still run on a partly wrong table."""
+    if not isinstance(raw, dict):
+        problems.append(ConfigProblem(path, f"must be a table, not {_toml_type(raw)}"))
+        return None, {}
+    known = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    values: dict[str, Any] = {}
+    ok = True
+    for key, value in raw.items():
+        f = known.get(key)
+        if f is None:
+            problems.append(ConfigProblem(f"{path}.{key}", "unknown key"))
+            ok = False
+            continue
+        try:
+            values[key] = f.metadata["convert"](value)
+        except _Invalid as exc:
+            problems.append(ConfigProblem(f"{path}.{key}", str(exc)))
+            ok = False
+    for name, f in known.items():
+        missing = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        if missing and name not in raw:
+            problems.append(ConfigProblem(f"{path}.{name}", "required key is missing"))
+            ok = False
+    return (cls(**values) if ok else None), values
+
+
+def _providers(raw: object, problems: list[ConfigProblem]) -> dict[str, ProviderConfig]:
+    if not isinstance(raw, dict):
+        problems.append(ConfigProblem("providers", f"must be a table, not {_toml_type(raw)}"))
+        return {}
+    providers: dict[str, ProviderConfig] = {}
+    for name, table in raw.items():
+        path = f"providers.{name}"
+        if not _PROVIDER_NAME_RE.fullmatch(name):
+            problems.append(
+                ConfigProblem(path, "provider names are 1-64 of A-Z a-z 0-9 _ - (used in URLs)")
+            )
+        provider, values = _convert_table(ProviderConfig, table, path, problems)
+        problems.extend(_provider_checks(path, values))
+        if provider is not None:
+            providers[name] = provider
+    return providers
+
+
+def _provider_checks(path: str, values: Mapping[str, Any]) -> list[ConfigProblem]:
+    """Rules spanning a provider's keys, run on the keys that converted."""
+    problems = []
+    for key in ("base_url", "ws_url"):
+        url = values.get(key)
+        if url and not values.get("allow_insecure", False) and _is_plaintext_remote(url):
+            problems.append(ConfigProblem(
+                f"{path}.{key}",
+                "plain http:// or ws:// is allowed only to loopback hosts "
+                "unless allow_insecure = true",
+            ))
+    for key in ("vault_path", "auth_header"):
+        if key in values and not values[key].strip("/"):
+            problems.append(ConfigProblem(f"{path}.{key}", "must not be empty"))
+    return problems
+
+
+def _cross_checks(
+    config: Config, env: Mapping[str, str], *, has_providers: bool
+) -> list[ConfigProblem]:
+    """Rules that span sections; run on the parts that parsed."""
+    problems: list[ConfigProblem] = []
+    if config.listen.socket == config.control.socket:
+        problems.append(ConfigProblem("control.socket", "must differ from listen.socket"))
+    if config.control.tcp and not config.control.token_file:
+        problems.append(ConfigProblem("control.token_file", "required when control.tcp is set"))
+
+    vault = config.vault
+    if has_providers:
+        if not vault.addr:
+            problems.append(
+                ConfigProblem("vault.addr", "required key is missing (or set VAULT_ADDR)")
+            )
+        elif not vault.allow_insecure and _is_plaintext_remote(vault.addr):
+            problems.append(
+                ConfigProblem(
+                    "vault.addr",
+                    "plain http:// is allowed only to a loopback Vault "
+                    "unless vault.allow_insecure = true",
+                )
+            )
+        if vault.auth == "token" and not vault.token_file and not env.get("VAULT_TOKEN"):
+            problems.append(
+                ConfigProblem("vault.token_file",
+                              'required for auth = "token" (or set VAULT_TOKEN)')
+            )
+        if vault.auth == "approle":
+            for key in ("role_id_file", "secret_id_file"):
+                if not getattr(vault, key):
+                    problems.append(
+                        ConfigProblem(f"vault.{key}", 'required for auth = "approle"')
+                    )
+        if not vault.mount.strip("/"):
+            problems.append(ConfigProblem("vault.mount", "must not be empty"))
+    return problems
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _is_plaintext_remote(url: str) -> bool:
+    parts = urlsplit(url)
+    return parts.scheme in ("http", "ws") and not _is_loopback(parts.hostname or "")
+
+
+def _toml_type(value: object) -> str:
+    names = {bool: "a boolean", int: "an integer", float: "a float", str: "a string",
+             list: "an array", dict: "a table"}
+    return names.get(type(value), type(value).__name__)
+
+
+# --- writing -------------------------------------------------------------------------------
+
+
+def dump(config: Config) -> str:
+    """The effective config as TOML, every key with its value, defaults included.
+
+    The config holds no secret (only file names and Vault paths), so nothing is hidden; the
+    Vault token from the environment is never part of it.
+    """
+    out: list[str] = [f"# effective configuration of {config.source}"]
+    for name in _SECTIONS:
+        out += ["", f"[{name}]", *_dump_fields(getattr(config, name))]
+    for name, provider in config.providers.items():
+        out += ["", f"[providers.{name}]", *_dump_fields(provider)]
+    return "\n".join(out) + "\n"
+
+
+def _dump_fields(obj: object) -> list[str]:
+    lines = []
+    for f in dataclasses.fields(obj):  # type: ignore[arg-type]
+        value = getattr(obj, f.name)
+        writer = f.metadata.get("dump") or _toml_value
+        lines.append(f"{f.name} = {writer(value)}")
+    return lines
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # a JSON string is a valid TOML basic string
+    if isinstance(value, tuple | list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {type(value).__name__} as TOML")

@@ -1,0 +1,186 @@
+"""The daemon: wiring, signals, readiness, reload and drain. The only long-lived nurseries.
+
+Shaped like hypercorn's ``worker_serve``: a root nursery for what lives as long as the
+process (signals, the watchdog, state reports, and later the key manager and upstream
+pools); inside it a connection nursery that holds every app connection; inside that a
+front nursery for the listeners (data socket, control API). Shutdown (first SIGTERM or
+SIGINT) marks the daemon stopping, lets in-flight work finish until
+``[shutdown] drain_timeout_s``, then cancels the connections (their handlers close with
+1012) and the listeners, and returns: exit 0. A second signal cancels everything at once.
+SIGHUP reloads the config file; an invalid file is logged and the old config stays.
+The socket files are removed on every way out.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import signal
+from collections.abc import AsyncIterator
+from contextlib import ExitStack
+
+import trio
+
+from openclawd import config as config_module
+from openclawd import logs
+from openclawd.config import Config
+from openclawd.control import create_app, serve_control
+from openclawd.errors import ConfigError
+from openclawd.lifecycle import Lifecycle
+from openclawd.local.server import LocalServer
+from openclawd.local.unix import UnixListenSocket, listen_backlog, resolve_group
+from openclawd.notify import Notifier
+
+log = logs.get(__name__)
+
+_SHUTDOWN_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class Daemon:
+    """One run of the daemon over one config file."""
+
+    def __init__(self, config: Config, notifier: Notifier) -> None:
+        self.config = config
+        self.notifier = notifier
+        self.lifecycle = Lifecycle()
+        self.local = LocalServer(config.listen, self.lifecycle)
+        self._stop_requested = trio.Event()
+        self._root_scope: trio.CancelScope | None = None
+
+    async def run(self) -> None:
+        """Serve until a shutdown signal; return once everything is closed.
+
+        Raises:
+            ListenError: a socket could not be created (e.g. a live daemon holds the path).
+        """
+        cfg = self.config
+        with trio.open_signal_receiver(*_SHUTDOWN_SIGNALS, signal.SIGHUP) as signals, \
+                ExitStack() as sockets:
+            backlog = listen_backlog(cfg.listen.max_connections)
+            data = sockets.enter_context(UnixListenSocket(
+                cfg.listen.socket, mode=cfg.listen.mode, backlog=backlog,
+                gid=resolve_group(cfg.listen.group, key="listen.group")))
+            control = sockets.enter_context(UnixListenSocket(
+                cfg.control.socket, mode=cfg.control.mode, backlog=backlog,
+                gid=resolve_group(cfg.control.group, key="control.group")))
+            control_app = create_app(self.lifecycle)
+
+            async with trio.open_nursery() as root:
+                self._root_scope = root.cancel_scope
+                root.start_soon(self._handle_signals, signals)
+                root.start_soon(self._feed_watchdog)
+                async with trio.open_nursery() as connections, trio.open_nursery() as front:
+                    await front.start(self.local.serve, data.sock, connections)
+                    await front.start(functools.partial(
+                        serve_control, control_app, control.sock, backlog=backlog))
+                    log.info("daemon.listening", socket=data.path, control=control.path,
+                             backlog=backlog)
+                    self._await_keys()
+                    self.lifecycle.set_listening()
+                    root.start_soon(self._report_state)
+
+                    await self._stop_requested.wait()
+                    await self._drain(self.config.shutdown.drain_timeout_s)
+                    # What is left is cut: handlers see `stopping` and close with 1012.
+                    connections.cancel_scope.cancel()
+                root.cancel_scope.cancel()
+        log.info("daemon.stopped")
+
+    def _await_keys(self) -> None:
+        # Until the key manager has a key for a required provider, the daemon is not ready
+        # (CONTRACT.md 1): READY=1 waits and /readyz names the provider.
+        for name, provider in self.config.providers.items():
+            if provider.required:
+                self.lifecycle.block(f"key:{name}", f"no key for {name}")
+
+    async def _handle_signals(self, signals: AsyncIterator[int]) -> None:
+        async for signum in signals:
+            name = signal.Signals(signum).name
+            if signum == signal.SIGHUP:
+                await self.reload()
+            elif not self._stop_requested.is_set():
+                log.info("daemon.stopping", signal=name,
+                         drain_timeout_s=self.config.shutdown.drain_timeout_s)
+                self.lifecycle.set_stopping()
+                self.notifier.stopping(self.lifecycle.describe())
+                self._stop_requested.set()
+            else:
+                log.warning("daemon.forced_stop", signal=name, inflight=self.lifecycle.work.count)
+                assert self._root_scope is not None
+                self._root_scope.cancel()
+
+    async def _drain(self, timeout_s: float) -> None:
+        """Wait for in-flight work to end, at most ``timeout_s``, reporting progress."""
+        work = self.lifecycle.work
+        deadline = trio.current_time() + timeout_s
+        while work.count:
+            remaining = deadline - trio.current_time()
+            if remaining <= 0:
+                log.warning("daemon.drain_deadline", inflight=work.count)
+                return
+            self.notifier.status(
+                f"stopping: {work.count} in flight, {math.ceil(remaining)}s left")
+            with trio.move_on_after(min(1.0, remaining)):
+                await work.wait_idle()
+        log.info("daemon.drained")
+
+    async def reload(self) -> None:
+        """Re-read the config file (SIGHUP). An invalid file leaves the old config in force."""
+        self.notifier.reloading()
+        source = self.config.source
+        log.info("config.reloading", path=source)
+        try:
+            new = await trio.to_thread.run_sync(config_module.load, source)
+        except ConfigError as exc:
+            for line in exc.lines():
+                log.error("config.reload_rejected", problem=line)
+            self.notifier.ready(f"reload rejected, old config kept: {exc.problems[0]}")
+            return
+        self._apply(new)
+        log.info("config.reloaded", path=source)
+        self.notifier.ready(self.lifecycle.describe())
+
+    def _apply(self, new: Config) -> None:
+        old = self.config
+        # Sockets are created once; moving them needs a restart. Keep them as they are.
+        for section, keys in (("listen", ("socket", "mode", "group")),
+                              ("control", ("socket", "mode", "group", "tcp", "token_file"))):
+            for key in keys:
+                if getattr(getattr(new, section), key) != getattr(getattr(old, section), key):
+                    log.warning("config.needs_restart", key=f"{section}.{key}")
+        new = dataclasses.replace(
+            new,
+            listen=dataclasses.replace(new.listen, socket=old.listen.socket,
+                                       mode=old.listen.mode, group=old.listen.group),
+            control=old.control,
+        )
+        logs.configure(new.logging.level, new.logging.format)
+        self.local.config = new.listen
+        self.config = new
+
+    async def _report_state(self) -> None:
+        """READY=1 once ready, then a STATUS= line at every change of state."""
+        announced = False
+        while True:
+            if not announced and self.lifecycle.ready:
+                announced = True
+                log.info("daemon.ready")
+                self.notifier.ready(self.lifecycle.describe())
+            else:
+                self.notifier.status(self.lifecycle.describe())
+            await self.lifecycle.wait_changed()
+
+    async def _feed_watchdog(self) -> None:
+        """WATCHDOG=1 at half of WATCHDOG_USEC: proof that the event loop is turning."""
+        interval = self.notifier.watchdog_interval_s
+        if interval is None:
+            return
+        while True:
+            self.notifier.watchdog()
+            await trio.sleep(interval)
+
+
+async def run(config: Config, notifier: Notifier) -> None:
+    """Run the daemon for ``config`` until a shutdown signal."""
+    await Daemon(config, notifier).run()
