@@ -37,7 +37,9 @@ def _parser() -> argparse.ArgumentParser:
     ):
         cmd = sub.add_parser(name, help=help_text, description=help_text)
         cmd.add_argument(
-            "--config", metavar="PATH", default=config_module.DEFAULT_CONFIG_PATH,
+            "--config",
+            metavar="PATH",
+            default=config_module.DEFAULT_CONFIG_PATH,
             help=f"config file (default: {config_module.DEFAULT_CONFIG_PATH})",
         )
     sub.add_parser("version", help="print the version")
@@ -76,8 +78,12 @@ def _run(path: str) -> int:
         notifier.status(f"invalid config: {exc.problems[0]}")
         return EXIT_CONFIG
     logs.configure(cfg.logging.level, cfg.logging.format)
-    log.info("daemon.starting", version=__version__, config=path,
-             providers=",".join(cfg.providers) or "none")
+    log.info(
+        "daemon.starting",
+        version=__version__,
+        config=path,
+        providers=",".join(cfg.providers) or "none",
+    )
 
     from openclawd import daemon  # the daemon pulls in the servers; keep `version` light
 

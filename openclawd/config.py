@@ -407,11 +407,13 @@ def _provider_checks(path: str, values: Mapping[str, Any]) -> list[ConfigProblem
     for key in ("base_url", "ws_url"):
         url = values.get(key)
         if url and not values.get("allow_insecure", False) and _is_plaintext_remote(url):
-            problems.append(ConfigProblem(
-                f"{path}.{key}",
-                "plain http:// or ws:// is allowed only to loopback hosts "
-                "unless allow_insecure = true",
-            ))
+            problems.append(
+                ConfigProblem(
+                    f"{path}.{key}",
+                    "plain http:// or ws:// is allowed only to loopback hosts "
+                    "unless allow_insecure = true",
+                )
+            )
     for key in ("vault_path", "auth_header"):
         if key in values and not values[key].strip("/"):
             problems.append(ConfigProblem(f"{path}.{key}", "must not be empty"))
@@ -444,15 +446,14 @@ def _cross_checks(
             )
         if vault.auth == "token" and not vault.token_file and not env.get("VAULT_TOKEN"):
             problems.append(
-                ConfigProblem("vault.token_file",
-                              'required for auth = "token" (or set VAULT_TOKEN)')
+                ConfigProblem(
+                    "vault.token_file", 'required for auth = "token" (or set VAULT_TOKEN)'
+                )
             )
         if vault.auth == "approle":
             for key in ("role_id_file", "secret_id_file"):
                 if not getattr(vault, key):
-                    problems.append(
-                        ConfigProblem(f"vault.{key}", 'required for auth = "approle"')
-                    )
+                    problems.append(ConfigProblem(f"vault.{key}", 'required for auth = "approle"'))
         if not vault.mount.strip("/"):
             problems.append(ConfigProblem("vault.mount", "must not be empty"))
     return problems
@@ -473,8 +474,14 @@ def _is_plaintext_remote(url: str) -> bool:
 
 
 def _toml_type(value: object) -> str:
-    names = {bool: "a boolean", int: "an integer", float: "a float", str: "a string",
-             list: "an array", dict: "a table"}
+    names = {
+        bool: "a boolean",
+        int: "an integer",
+        float: "a float",
+        str: "a string",
+        list: "an array",
+        dict: "a table",
+    }
     return names.get(type(value), type(value).__name__)
 
 

@@ -54,8 +54,9 @@ def create_app(lifecycle: Lifecycle) -> QuartTrio:
             message = f"{request.path} does not take {request.method}"
         else:
             message = exc.description or exc.name
-        return error(status, codes.get(status, "bad_request" if status < 500 else "internal"),
-                     message)
+        return error(
+            status, codes.get(status, "bad_request" if status < 500 else "internal"), message
+        )
 
     return app
 

@@ -55,15 +55,27 @@ class Daemon:
             ListenError: a socket could not be created (e.g. a live daemon holds the path).
         """
         cfg = self.config
-        with trio.open_signal_receiver(*_SHUTDOWN_SIGNALS, signal.SIGHUP) as signals, \
-                ExitStack() as sockets:
+        with (
+            trio.open_signal_receiver(*_SHUTDOWN_SIGNALS, signal.SIGHUP) as signals,
+            ExitStack() as sockets,
+        ):
             backlog = listen_backlog(cfg.listen.max_connections)
-            data = sockets.enter_context(UnixListenSocket(
-                cfg.listen.socket, mode=cfg.listen.mode, backlog=backlog,
-                gid=resolve_group(cfg.listen.group, key="listen.group")))
-            control = sockets.enter_context(UnixListenSocket(
-                cfg.control.socket, mode=cfg.control.mode, backlog=backlog,
-                gid=resolve_group(cfg.control.group, key="control.group")))
+            data = sockets.enter_context(
+                UnixListenSocket(
+                    cfg.listen.socket,
+                    mode=cfg.listen.mode,
+                    backlog=backlog,
+                    gid=resolve_group(cfg.listen.group, key="listen.group"),
+                )
+            )
+            control = sockets.enter_context(
+                UnixListenSocket(
+                    cfg.control.socket,
+                    mode=cfg.control.mode,
+                    backlog=backlog,
+                    gid=resolve_group(cfg.control.group, key="control.group"),
+                )
+            )
             control_app = create_app(self.lifecycle)
 
             async with trio.open_nursery() as root:
@@ -72,10 +84,12 @@ class Daemon:
                 root.start_soon(self._feed_watchdog)
                 async with trio.open_nursery() as connections, trio.open_nursery() as front:
                     await front.start(self.local.serve, data.sock, connections)
-                    await front.start(functools.partial(
-                        serve_control, control_app, control.sock, backlog=backlog))
-                    log.info("daemon.listening", socket=data.path, control=control.path,
-                             backlog=backlog)
+                    await front.start(
+                        functools.partial(serve_control, control_app, control.sock, backlog=backlog)
+                    )
+                    log.info(
+                        "daemon.listening", socket=data.path, control=control.path, backlog=backlog
+                    )
                     self._await_keys()
                     self.lifecycle.set_listening()
                     root.start_soon(self._report_state)
@@ -100,8 +114,11 @@ class Daemon:
             if signum == signal.SIGHUP:
                 await self.reload()
             elif not self._stop_requested.is_set():
-                log.info("daemon.stopping", signal=name,
-                         drain_timeout_s=self.config.shutdown.drain_timeout_s)
+                log.info(
+                    "daemon.stopping",
+                    signal=name,
+                    drain_timeout_s=self.config.shutdown.drain_timeout_s,
+                )
                 self.lifecycle.set_stopping()
                 self.notifier.stopping(self.lifecycle.describe())
                 self._stop_requested.set()
@@ -119,8 +136,7 @@ class Daemon:
             if remaining <= 0:
                 log.warning("daemon.drain_deadline", inflight=work.count)
                 return
-            self.notifier.status(
-                f"stopping: {work.count} in flight, {math.ceil(remaining)}s left")
+            self.notifier.status(f"stopping: {work.count} in flight, {math.ceil(remaining)}s left")
             with trio.move_on_after(min(1.0, remaining)):
                 await work.wait_idle()
         log.info("daemon.drained")
@@ -144,15 +160,18 @@ class Daemon:
     def _apply(self, new: Config) -> None:
         old = self.config
         # Sockets are created once; moving them needs a restart. Keep them as they are.
-        for section, keys in (("listen", ("socket", "mode", "group")),
-                              ("control", ("socket", "mode", "group", "tcp", "token_file"))):
+        for section, keys in (
+            ("listen", ("socket", "mode", "group")),
+            ("control", ("socket", "mode", "group", "tcp", "token_file")),
+        ):
             for key in keys:
                 if getattr(getattr(new, section), key) != getattr(getattr(old, section), key):
                     log.warning("config.needs_restart", key=f"{section}.{key}")
         new = dataclasses.replace(
             new,
-            listen=dataclasses.replace(new.listen, socket=old.listen.socket,
-                                       mode=old.listen.mode, group=old.listen.group),
+            listen=dataclasses.replace(
+                new.listen, socket=old.listen.socket, mode=old.listen.mode, group=old.listen.group
+            ),
             control=old.control,
         )
         logs.configure(new.logging.level, new.logging.format)

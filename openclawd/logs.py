@@ -20,8 +20,12 @@ connection_id: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "openclawd_connection_id", default=None
 )
 
-_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
-           "error": logging.ERROR}
+_LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+}
 
 
 class EventLogger:
@@ -34,8 +38,9 @@ class EventLogger:
 
     def _log(self, level: int, event: str, fields: dict[str, Any], exc_info: bool = False) -> None:
         if self._logger.isEnabledFor(level):
-            self._logger.log(level, event, extra={"fields": fields}, exc_info=exc_info,
-                             stacklevel=3)
+            self._logger.log(
+                level, event, extra={"fields": fields}, exc_info=exc_info, stacklevel=3
+            )
 
     def debug(self, event: str, **fields: Any) -> None:
         self._log(logging.DEBUG, event, fields)

@@ -101,8 +101,11 @@ class LocalServer:
         finally:
             self.clients -= 1
             await stream.aclose()
-            log.info("connection.close", outcome=outcome,
-                     duration_s=round(trio.current_time() - started, 3))
+            log.info(
+                "connection.close",
+                outcome=outcome,
+                duration_s=round(trio.current_time() - started, 3),
+            )
 
     async def _serve_connection(
         self, conn_id: str, stream: trio.SocketStream, peer: PeerCredentials
@@ -115,8 +118,12 @@ class LocalServer:
                 request = await _receive_head(stream, http)
             except h11.RemoteProtocolError as exc:
                 # h11's message may quote the request's bytes (headers included): not echoed.
-                await _send_json(stream, http, exc.error_status_hint,
-                                 error_body("bad_request", "malformed HTTP request"))
+                await _send_json(
+                    stream,
+                    http,
+                    exc.error_status_hint,
+                    error_body("bad_request", "malformed HTTP request"),
+                )
                 return "bad request"
         if head_scope.cancelled_caught:
             return "handshake timeout"

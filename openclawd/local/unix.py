@@ -61,8 +61,9 @@ def listen_backlog(max_connections: int) -> int:
     except (OSError, ValueError):
         return wanted
     if cap < wanted:
-        log.warning("socket.backlog_capped", wanted=wanted, somaxconn=cap,
-                    hint="raise net.core.somaxconn")
+        log.warning(
+            "socket.backlog_capped", wanted=wanted, somaxconn=cap, hint="raise net.core.somaxconn"
+        )
     return wanted
 
 

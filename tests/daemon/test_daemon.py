@@ -1,0 +1,198 @@
+"""The daemon in-process: drain, deadlines, the second signal, the data socket's door.
+
+Signals are real (sent to this process); trio delivers them to the daemon's receiver.
+Work in flight is simulated with the lifecycle's own WorkTracker, which is what the request
+and realtime handlers use.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from openclawd import config
+from openclawd.daemon import Daemon
+from openclawd.notify import Notifier
+
+from ..conftest import daemon_tables, unix_http, unix_request
+
+
+def make_daemon(runtime: Path, **tables: dict[str, Any]) -> Daemon:
+    cfg = config.parse(daemon_tables(runtime, **tables), source=str(runtime / "x.toml"))
+    return Daemon(cfg, Notifier(None))
+
+
+async def wait_until(daemon: Daemon, predicate: Any) -> None:
+    """Wait for a condition on the daemon's lifecycle, woken by its change events."""
+    while not predicate():
+        await daemon.lifecycle.wait_changed()
+
+
+class Running:
+    """The daemon's run() in a task, with an event set when it returns."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+        self.done = trio.Event()
+
+    async def run(self) -> None:
+        try:
+            await self.daemon.run()
+        finally:
+            self.done.set()
+
+
+async def hold_work(
+    daemon: Daemon, release: trio.Event, *, task_status: trio.TaskStatus[None]
+) -> None:
+    with daemon.lifecycle.work.track():
+        task_status.started()
+        await release.wait()
+
+
+async def test_sigterm_waits_for_inflight_work_then_exits(runtime_dir: Path) -> None:
+    daemon = make_daemon(runtime_dir, shutdown={"drain_timeout_s": 30.0})
+    running, release = Running(daemon), trio.Event()
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(running.run)
+            await wait_until(daemon, lambda: daemon.lifecycle.ready)
+            await nursery.start(hold_work, daemon, release)
+
+            os.kill(os.getpid(), signal.SIGTERM)
+            await wait_until(daemon, lambda: daemon.lifecycle.stopping)
+            assert daemon.lifecycle.state.value == "stopping"
+            # While the drain runs: new app connections are refused with 503 `draining`,
+            # and the control API still answers.
+            status, _, body = await trio.to_thread.run_sync(
+                unix_request, runtime_dir / "data.sock", "GET", "/v1/http/x/y"
+            )
+            assert (status, body["error"]["code"]) == (503, "draining")
+            status, _, body = await trio.to_thread.run_sync(
+                unix_request, runtime_dir / "control.sock", "GET", "/readyz"
+            )
+            assert (status, body) == (503, {"ready": False, "reasons": ["draining"]})
+            await trio.sleep(0.2)
+            assert not running.done.is_set()
+
+            release.set()
+            await running.done.wait()
+    assert not (runtime_dir / "data.sock").exists()
+    assert not (runtime_dir / "control.sock").exists()
+
+
+async def test_drain_deadline_cuts_stuck_work(
+    runtime_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    daemon = make_daemon(runtime_dir, shutdown={"drain_timeout_s": 0.5})
+    running, never = Running(daemon), trio.Event()
+    with trio.fail_after(10), caplog.at_level(logging.INFO, logger="openclawd.daemon"):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(running.run)
+            await wait_until(daemon, lambda: daemon.lifecycle.ready)
+            await nursery.start(hold_work, daemon, never)
+            started = trio.current_time()
+            os.kill(os.getpid(), signal.SIGTERM)
+            await running.done.wait()
+            elapsed = trio.current_time() - started
+            nursery.cancel_scope.cancel()
+    assert 0.5 <= elapsed < 2.0
+    events = [r.getMessage() for r in caplog.records]
+    assert "daemon.drain_deadline" in events
+    assert "daemon.drained" not in events
+
+
+async def test_second_signal_stops_at_once(runtime_dir: Path) -> None:
+    daemon = make_daemon(runtime_dir, shutdown={"drain_timeout_s": 60.0})
+    running, never = Running(daemon), trio.Event()
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(running.run)
+            await wait_until(daemon, lambda: daemon.lifecycle.ready)
+            await nursery.start(hold_work, daemon, never)
+            os.kill(os.getpid(), signal.SIGINT)
+            await wait_until(daemon, lambda: daemon.lifecycle.stopping)
+            await trio.sleep(0.2)
+            assert not running.done.is_set()  # draining: 60 s of patience left
+            started = trio.current_time()
+            os.kill(os.getpid(), signal.SIGTERM)
+            await running.done.wait()
+            assert trio.current_time() - started < 1.0
+            nursery.cancel_scope.cancel()
+    assert not (runtime_dir / "data.sock").exists()
+    assert not (runtime_dir / "control.sock").exists()
+
+
+async def test_drain_with_nothing_in_flight_is_immediate(runtime_dir: Path) -> None:
+    daemon = make_daemon(runtime_dir, shutdown={"drain_timeout_s": 60.0})
+    running = Running(daemon)
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(running.run)
+            await wait_until(daemon, lambda: daemon.lifecycle.ready)
+            os.kill(os.getpid(), signal.SIGTERM)
+            await running.done.wait()
+
+
+async def test_data_socket_answers_unknown_paths_404_and_bad_requests_400(
+    runtime_dir: Path,
+) -> None:
+    daemon = make_daemon(runtime_dir)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(daemon.run)
+            await wait_until(daemon, lambda: daemon.lifecycle.ready)
+            status, _, body = await trio.to_thread.run_sync(
+                unix_request, runtime_dir / "data.sock", "GET", "/v2/anything?x=1"
+            )
+            assert (status, body) == (
+                404,
+                {"error": {"code": "not_found", "message": "no entry point at /v2/anything"}},
+            )
+            # A header line without a colon: h11 rejects it, quoting the line in its error.
+            bad_line = b"Authorization Bearer app-credential-xyz\r\n"
+            raw = await trio.to_thread.run_sync(
+                unix_http,
+                runtime_dir / "data.sock",
+                b"GET / HTTP/1.1\r\nHost: x\r\n" + bad_line + b"\r\n",
+            )
+            head, _, payload = raw.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 400 ")
+            assert b"app-credential-xyz" not in raw
+            assert json.loads(payload) == {
+                "error": {"code": "bad_request", "message": "malformed HTTP request"}
+            }
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_client_too_slow_to_send_its_request_head_is_cut_off(
+    runtime_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    daemon = make_daemon(runtime_dir, listen={"handshake_timeout_s": 0.3})
+
+    def slowloris() -> bytes:
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.settimeout(5)
+            sock.connect(str(runtime_dir / "data.sock"))
+            sock.sendall(b"GET /v1/ws HT")  # and nothing more
+            return sock.recv(100)
+
+    with trio.fail_after(10), caplog.at_level(logging.INFO, logger="openclawd.local.server"):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(daemon.run)
+            await wait_until(daemon, lambda: daemon.lifecycle.ready)
+            started = trio.current_time()
+            assert await trio.to_thread.run_sync(slowloris) == b""  # closed by the daemon
+            assert 0.3 <= trio.current_time() - started < 2.0
+            assert daemon.local.clients == 0
+            nursery.cancel_scope.cancel()
+    closes = [r for r in caplog.records if r.getMessage() == "connection.close"]
+    assert [r.fields["outcome"] for r in closes] == ["handshake timeout"]  # type: ignore[attr-defined]
