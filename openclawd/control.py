@@ -17,7 +17,7 @@ from typing import Any
 import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
-from quart import Response, jsonify
+from quart import Response, jsonify, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
@@ -46,8 +46,6 @@ def create_app(lifecycle: Lifecycle) -> QuartTrio:
     async def http_error(exc: HTTPException) -> Any:
         status = exc.code or 500
         codes = {404: "not_found", 405: "method_not_allowed"}
-        from quart import request
-
         if status == 404:
             message = f"no route {request.method} {request.path}"
         elif status == 405:

@@ -24,7 +24,7 @@ import trio
 
 from openclawd import config as config_module
 from openclawd import logs
-from openclawd.config import Config
+from openclawd.config import Config, ControlConfig, ListenConfig
 from openclawd.control import create_app, serve_control
 from openclawd.errors import ConfigError
 from openclawd.lifecycle import Lifecycle
@@ -60,22 +60,8 @@ class Daemon:
             ExitStack() as sockets,
         ):
             backlog = listen_backlog(cfg.listen.max_connections)
-            data = sockets.enter_context(
-                UnixListenSocket(
-                    cfg.listen.socket,
-                    mode=cfg.listen.mode,
-                    backlog=backlog,
-                    gid=resolve_group(cfg.listen.group, key="listen.group"),
-                )
-            )
-            control = sockets.enter_context(
-                UnixListenSocket(
-                    cfg.control.socket,
-                    mode=cfg.control.mode,
-                    backlog=backlog,
-                    gid=resolve_group(cfg.control.group, key="control.group"),
-                )
-            )
+            data = sockets.enter_context(_listen(cfg.listen, "listen", backlog))
+            control = sockets.enter_context(_listen(cfg.control, "control", backlog))
             control_app = create_app(self.lifecycle)
 
             async with trio.open_nursery() as root:
@@ -198,6 +184,12 @@ class Daemon:
         while True:
             self.notifier.watchdog()
             await trio.sleep(interval)
+
+
+def _listen(section: ListenConfig | ControlConfig, name: str, backlog: int) -> UnixListenSocket:
+    """The socket file of a ``[listen]`` or ``[control]`` table, with its mode and group."""
+    gid = resolve_group(section.group, key=f"{name}.group")
+    return UnixListenSocket(section.socket, mode=section.mode, gid=gid, backlog=backlog)
 
 
 async def run(config: Config, notifier: Notifier) -> None:

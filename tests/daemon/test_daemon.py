@@ -50,6 +50,14 @@ class Running:
             self.done.set()
 
 
+async def start_ready(nursery: trio.Nursery, daemon: Daemon) -> Running:
+    """Run the daemon in ``nursery`` and return once it is ready."""
+    running = Running(daemon)
+    nursery.start_soon(running.run)
+    await wait_until(daemon, lambda: daemon.lifecycle.ready)
+    return running
+
+
 async def hold_work(
     daemon: Daemon, release: trio.Event, *, task_status: trio.TaskStatus[None]
 ) -> None:
@@ -60,11 +68,10 @@ async def hold_work(
 
 async def test_sigterm_waits_for_inflight_work_then_exits(runtime_dir: Path) -> None:
     daemon = make_daemon(runtime_dir, shutdown={"drain_timeout_s": 30.0})
-    running, release = Running(daemon), trio.Event()
+    release = trio.Event()
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(running.run)
-            await wait_until(daemon, lambda: daemon.lifecycle.ready)
+            running = await start_ready(nursery, daemon)
             await nursery.start(hold_work, daemon, release)
 
             os.kill(os.getpid(), signal.SIGTERM)
@@ -93,11 +100,10 @@ async def test_drain_deadline_cuts_stuck_work(
     runtime_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     daemon = make_daemon(runtime_dir, shutdown={"drain_timeout_s": 0.5})
-    running, never = Running(daemon), trio.Event()
+    never = trio.Event()
     with trio.fail_after(10), caplog.at_level(logging.INFO, logger="openclawd.daemon"):
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(running.run)
-            await wait_until(daemon, lambda: daemon.lifecycle.ready)
+            running = await start_ready(nursery, daemon)
             await nursery.start(hold_work, daemon, never)
             started = trio.current_time()
             os.kill(os.getpid(), signal.SIGTERM)
@@ -112,11 +118,10 @@ async def test_drain_deadline_cuts_stuck_work(
 
 async def test_second_signal_stops_at_once(runtime_dir: Path) -> None:
     daemon = make_daemon(runtime_dir, shutdown={"drain_timeout_s": 60.0})
-    running, never = Running(daemon), trio.Event()
+    never = trio.Event()
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(running.run)
-            await wait_until(daemon, lambda: daemon.lifecycle.ready)
+            running = await start_ready(nursery, daemon)
             await nursery.start(hold_work, daemon, never)
             os.kill(os.getpid(), signal.SIGINT)
             await wait_until(daemon, lambda: daemon.lifecycle.stopping)
@@ -133,11 +138,9 @@ async def test_second_signal_stops_at_once(runtime_dir: Path) -> None:
 
 async def test_drain_with_nothing_in_flight_is_immediate(runtime_dir: Path) -> None:
     daemon = make_daemon(runtime_dir, shutdown={"drain_timeout_s": 60.0})
-    running = Running(daemon)
     with trio.fail_after(5):
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(running.run)
-            await wait_until(daemon, lambda: daemon.lifecycle.ready)
+            running = await start_ready(nursery, daemon)
             os.kill(os.getpid(), signal.SIGTERM)
             await running.done.wait()
 
@@ -148,8 +151,7 @@ async def test_data_socket_answers_unknown_paths_404_and_bad_requests_400(
     daemon = make_daemon(runtime_dir)
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(daemon.run)
-            await wait_until(daemon, lambda: daemon.lifecycle.ready)
+            await start_ready(nursery, daemon)
             status, _, body = await trio.to_thread.run_sync(
                 unix_request, runtime_dir / "data.sock", "GET", "/v2/anything?x=1"
             )
@@ -187,8 +189,7 @@ async def test_a_client_too_slow_to_send_its_request_head_is_cut_off(
 
     with trio.fail_after(10), caplog.at_level(logging.INFO, logger="openclawd.local.server"):
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(daemon.run)
-            await wait_until(daemon, lambda: daemon.lifecycle.ready)
+            await start_ready(nursery, daemon)
             started = trio.current_time()
             assert await trio.to_thread.run_sync(slowloris) == b""  # closed by the daemon
             assert 0.3 <= trio.current_time() - started < 2.0
