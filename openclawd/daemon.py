@@ -46,7 +46,9 @@ class Daemon:
         self.lifecycle = Lifecycle()
         self.local = LocalServer(config.listen, self.lifecycle)
         self._stop_requested = trio.Event()
-        self._root_scope: trio.CancelScope | None = None
+        self._root: trio.Nursery | None = None
+        self._reload_lock = trio.Lock()
+        self._announced_ready = False
 
     async def run(self) -> None:
         """Serve until a shutdown signal; return once everything is closed.
@@ -65,7 +67,7 @@ class Daemon:
             control_app = create_app(self.lifecycle)
 
             async with trio.open_nursery() as root:
-                self._root_scope = root.cancel_scope
+                self._root = root
                 root.start_soon(self._handle_signals, signals)
                 root.start_soon(self._feed_watchdog)
                 async with trio.open_nursery() as connections, trio.open_nursery() as front:
@@ -97,8 +99,10 @@ class Daemon:
     async def _handle_signals(self, signals: AsyncIterator[int]) -> None:
         async for signum in signals:
             name = signal.Signals(signum).name
+            assert self._root is not None
             if signum == signal.SIGHUP:
-                await self.reload()
+                # In its own task: a slow config read must not hold up a stop signal.
+                self._root.start_soon(self.reload)
             elif not self._stop_requested.is_set():
                 log.info(
                     "daemon.stopping",
@@ -110,8 +114,7 @@ class Daemon:
                 self._stop_requested.set()
             else:
                 log.warning("daemon.forced_stop", signal=name, inflight=self.lifecycle.work.count)
-                assert self._root_scope is not None
-                self._root_scope.cancel()
+                self._root.cancel_scope.cancel()
 
     async def _drain(self, timeout_s: float) -> None:
         """Wait for in-flight work to end, at most ``timeout_s``, reporting progress."""
@@ -128,20 +131,37 @@ class Daemon:
         log.info("daemon.drained")
 
     async def reload(self) -> None:
-        """Re-read the config file (SIGHUP). An invalid file leaves the old config in force."""
-        self.notifier.reloading()
-        source = self.config.source
-        log.info("config.reloading", path=source)
-        try:
-            new = await trio.to_thread.run_sync(config_module.load, source)
-        except ConfigError as exc:
-            for line in exc.lines():
-                log.error("config.reload_rejected", problem=line)
-            self.notifier.ready(f"reload rejected, old config kept: {exc.problems[0]}")
+        """Re-read the config file (SIGHUP). An invalid file leaves the old config in force.
+
+        systemd hears RELOADING=1 ... READY=1 around it, but only once the daemon has
+        announced READY=1: before that, READY=1 would claim a startup that has not finished,
+        and while stopping the reload is skipped.
+        """
+        if self.lifecycle.stopping:
+            log.info("config.reload_skipped", reason="stopping")
             return
-        self._apply(new)
-        log.info("config.reloaded", path=source)
-        self.notifier.ready(self.lifecycle.describe())
+        async with self._reload_lock:
+            tell_systemd = self._announced_ready
+            if tell_systemd:
+                self.notifier.reloading()
+            source = self.config.source
+            log.info("config.reloading", path=source)
+            try:
+                new = await trio.to_thread.run_sync(
+                    config_module.load, source, abandon_on_cancel=True
+                )
+            except ConfigError as exc:
+                for line in exc.lines():
+                    log.error("config.reload_rejected", problem=line)
+                status = f"reload rejected, old config kept: {exc.problems[0]}"
+            else:
+                self._apply(new)
+                log.info("config.reloaded", path=source)
+                status = self.lifecycle.describe()
+            if tell_systemd:
+                self.notifier.ready(status)
+            else:
+                self.notifier.status(status)
 
     def _apply(self, new: Config) -> None:
         old = self.config
@@ -166,10 +186,9 @@ class Daemon:
 
     async def _report_state(self) -> None:
         """READY=1 once ready, then a STATUS= line at every change of state."""
-        announced = False
         while True:
-            if not announced and self.lifecycle.ready:
-                announced = True
+            if not self._announced_ready and self.lifecycle.ready:
+                self._announced_ready = True
                 log.info("daemon.ready")
                 self.notifier.ready(self.lifecycle.describe())
             else:

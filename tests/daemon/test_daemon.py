@@ -116,15 +116,18 @@ async def test_drain_deadline_cuts_stuck_work(
     assert "daemon.drained" not in events
 
 
-async def test_second_signal_stops_at_once(runtime_dir: Path) -> None:
+async def test_second_signal_stops_at_once(
+    runtime_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     daemon = make_daemon(runtime_dir, shutdown={"drain_timeout_s": 60.0})
     never = trio.Event()
-    with trio.fail_after(10):
+    with trio.fail_after(10), caplog.at_level(logging.INFO, logger="openclawd.daemon"):
         async with trio.open_nursery() as nursery:
             running = await start_ready(nursery, daemon)
             await nursery.start(hold_work, daemon, never)
             os.kill(os.getpid(), signal.SIGINT)
             await wait_until(daemon, lambda: daemon.lifecycle.stopping)
+            os.kill(os.getpid(), signal.SIGHUP)  # a reload is skipped while stopping
             await trio.sleep(0.2)
             assert not running.done.is_set()  # draining: 60 s of patience left
             started = trio.current_time()
@@ -132,6 +135,9 @@ async def test_second_signal_stops_at_once(runtime_dir: Path) -> None:
             await running.done.wait()
             assert trio.current_time() - started < 1.0
             nursery.cancel_scope.cancel()
+    events = [r.getMessage() for r in caplog.records]
+    assert "config.reload_skipped" in events
+    assert "config.reloading" not in events
     assert not (runtime_dir / "data.sock").exists()
     assert not (runtime_dir / "control.sock").exists()
 

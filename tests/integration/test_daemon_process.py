@@ -184,7 +184,11 @@ def test_required_provider_without_key_holds_readiness(
         503,
         {"ready": False, "reasons": ["no key for openai"]},
     )
-    assert all("READY" not in m for m in daemon.notify.messages)
+    # A reload before READY=1 must not send READY=1: startup has not finished.
+    daemon.signal(signal.SIGHUP)
+    assert daemon.notify.wait_for("STATUS") == {"STATUS": "starting: no key for openai"}
+    assert all("READY" not in m and "RELOADING" not in m for m in daemon.notify.messages)
+    assert "event=config.reloaded" in daemon.stderr
     daemon.signal(signal.SIGTERM)
     assert daemon.wait() == 0
 
