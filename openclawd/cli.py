@@ -8,6 +8,7 @@ unit keeps 2 out of its restart loop: a bad config does not get better by retryi
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -23,6 +24,10 @@ EXIT_FAILURE = 1
 EXIT_CONFIG = 2
 
 log = logs.get("openclawd.cli")
+
+# daemon.HANDLED_SIGNALS, spelled out here so that `run` can hold them before importing
+# the daemon (trio, hypercorn, quart take a while to import). A test checks they agree.
+_HELD_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -68,6 +73,9 @@ def _check_config(path: str) -> int:
 
 
 def _run(path: str) -> int:
+    # Until the daemon's signal receiver is installed, a SIGTERM or SIGHUP would kill the
+    # process with no drain and no cleanup: hold them, the daemon lets them through.
+    signal.pthread_sigmask(signal.SIG_BLOCK, _HELD_SIGNALS)
     logs.configure()
     notifier = Notifier.from_environ()
     try:

@@ -72,12 +72,14 @@ def _choice(*choices: str) -> Callable[[object], str]:
     return convert
 
 
-def _integer(*, minimum: int) -> Callable[[object], int]:
+def _integer(*, minimum: int, maximum: int) -> Callable[[object], int]:
     def convert(raw: object) -> int:
         if isinstance(raw, bool) or not isinstance(raw, int):
             raise _Invalid(f"must be an integer, not {_toml_type(raw)}")
         if raw < minimum:
             raise _Invalid(f"must be at least {minimum}, not {raw}")
+        if raw > maximum:
+            raise _Invalid(f"must be at most {maximum}, not {raw}")
         return raw
 
     return convert
@@ -151,17 +153,19 @@ def _url(*schemes: str) -> Callable[[object], str]:
         value = _string(raw)
         if not value:
             return value
+        if "@" in value:
+            # Checked before parsing: a password holding / ? or # would otherwise be split
+            # off as a "port" and quoted back in the parser's error message.
+            raise _Invalid("must not carry credentials; keys and tokens belong in Vault")
         try:
             parts = urlsplit(value)
             parts.port  # noqa: B018 - raises ValueError on a bad port
-        except ValueError as exc:
-            raise _Invalid(f"is not a valid URL ({exc})") from None
+        except ValueError:
+            raise _Invalid("is not a valid URL") from None
         if parts.scheme not in schemes:
             raise _Invalid(f"must be a {' or '.join(s + '://' for s in schemes)} URL")
         if not parts.hostname:
             raise _Invalid("must name a host")
-        if parts.username is not None or parts.password is not None:
-            raise _Invalid("must not carry credentials; keys and tokens belong in Vault")
         if parts.query or parts.fragment:
             raise _Invalid("must not have a query string or fragment")
         return value.rstrip("/")
@@ -190,9 +194,9 @@ class ListenConfig:
     group: str = _opt("", _string)
     allowed_uids: tuple[int, ...] = _opt((), _ids)
     allowed_gids: tuple[int, ...] = _opt((), _ids)
-    max_connections: int = _opt(1024, _integer(minimum=1))
-    max_message_bytes: int = _opt(1048576, _integer(minimum=1024))
-    max_inflight_per_connection: int = _opt(64, _integer(minimum=1))
+    max_connections: int = _opt(1024, _integer(minimum=1, maximum=1_000_000))
+    max_message_bytes: int = _opt(1048576, _integer(minimum=1024, maximum=1 << 30))
+    max_inflight_per_connection: int = _opt(64, _integer(minimum=1, maximum=100_000))
     ping_interval_s: float = _opt(20.0, _seconds())
     ping_timeout_s: float = _opt(20.0, _seconds())
     handshake_timeout_s: float = _opt(10.0, _seconds())
@@ -233,14 +237,14 @@ class ProviderConfig:
     connect_timeout_s: float = _opt(10.0, _seconds())
     read_timeout_s: float = _opt(60.0, _seconds())
     total_timeout_s: float = _opt(600.0, _seconds())
-    max_retries: int = _opt(2, _integer(minimum=0))
-    max_connections: int = _opt(100, _integer(minimum=1))
+    max_retries: int = _opt(2, _integer(minimum=0, maximum=100))
+    max_connections: int = _opt(100, _integer(minimum=1, maximum=100_000))
     allow_insecure: bool = _opt(False, _boolean)
 
 
 @dataclass(frozen=True, slots=True)
 class LimitsConfig:
-    requests_per_minute: int = _opt(0, _integer(minimum=0))
+    requests_per_minute: int = _opt(0, _integer(minimum=0, maximum=1_000_000_000))
 
 
 @dataclass(frozen=True, slots=True)
@@ -299,6 +303,12 @@ def load(path: str, *, environ: Mapping[str, str] | None = None) -> Config:
         raise ConfigError(path, [ConfigProblem("(file)", f"cannot read: {exc.strerror}")]) from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(path, [ConfigProblem("(file)", f"not valid TOML: {exc}")]) from None
+    except UnicodeDecodeError as exc:
+        problem = ConfigProblem("(file)", f"not valid TOML: not UTF-8 (byte {exc.start})")
+        raise ConfigError(path, [problem]) from None
+    except RecursionError:
+        problem = ConfigProblem("(file)", "not valid TOML: nested too deeply")
+        raise ConfigError(path, [problem]) from None
     return parse(mapping, source=path, environ=os.environ if environ is None else environ)
 
 
@@ -326,12 +336,13 @@ def parse(
             problems.append(ConfigProblem(name, "unknown key"))
     providers = _providers(mapping.get("providers", {}), problems)
 
-    vault = sections.get("vault") or VaultConfig()
-    if not vault.addr and env.get("VAULT_ADDR"):
+    vault = sections.get("vault", VaultConfig())
+    if vault is not None and not vault.addr and env.get("VAULT_ADDR"):
         try:
             vault = dataclasses.replace(vault, addr=_url("http", "https")(env["VAULT_ADDR"]))
         except _Invalid as exc:
             problems.append(ConfigProblem("vault.addr", f"from VAULT_ADDR: {exc}"))
+            vault = None
     sections["vault"] = vault
 
     config = Config(
@@ -341,7 +352,10 @@ def parse(
     )
     raw_providers = mapping.get("providers")
     has_providers = isinstance(raw_providers, dict) and bool(raw_providers)
-    problems.extend(_cross_checks(config, env, has_providers=has_providers))
+    # A section with a problem was replaced by its defaults above: checks that span
+    # sections skip it, rather than report keys that the file does set.
+    broken = {name for name, section in sections.items() if section is None}
+    problems.extend(_cross_checks(config, env, has_providers=has_providers, broken=broken))
     if problems:
         raise ConfigError(source, problems)
     return config
@@ -421,14 +435,16 @@ def _provider_checks(path: str, values: Mapping[str, Any]) -> list[ConfigProblem
 
 
 def _cross_checks(
-    config: Config, env: Mapping[str, str], *, has_providers: bool
+    config: Config, env: Mapping[str, str], *, has_providers: bool, broken: set[str]
 ) -> list[ConfigProblem]:
-    """Rules that span sections; run on the parts that parsed."""
+    """Rules that span keys; run only over the sections that parsed."""
     problems: list[ConfigProblem] = []
-    if config.listen.socket == config.control.socket:
+    if {"listen", "control"}.isdisjoint(broken) and config.listen.socket == config.control.socket:
         problems.append(ConfigProblem("control.socket", "must differ from listen.socket"))
     if config.control.tcp and not config.control.token_file:
         problems.append(ConfigProblem("control.token_file", "required when control.tcp is set"))
+    if "vault" in broken:
+        return problems
 
     vault = config.vault
     if has_providers:

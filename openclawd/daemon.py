@@ -17,8 +17,8 @@ import dataclasses
 import functools
 import math
 import signal
-from collections.abc import AsyncIterator
-from contextlib import ExitStack
+from collections.abc import AsyncIterator, Iterator
+from contextlib import ExitStack, contextmanager
 
 import trio
 
@@ -26,7 +26,7 @@ from openclawd import config as config_module
 from openclawd import logs
 from openclawd.config import Config, ControlConfig, ListenConfig
 from openclawd.control import create_app, serve_control
-from openclawd.errors import ConfigError
+from openclawd.errors import ConfigError, ListenError
 from openclawd.lifecycle import Lifecycle
 from openclawd.local.server import LocalServer
 from openclawd.local.unix import UnixListenSocket, listen_backlog, resolve_group
@@ -35,6 +35,7 @@ from openclawd.notify import Notifier
 log = logs.get(__name__)
 
 _SHUTDOWN_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+HANDLED_SIGNALS = frozenset({*_SHUTDOWN_SIGNALS, signal.SIGHUP})
 
 
 class Daemon:
@@ -57,8 +58,15 @@ class Daemon:
             ListenError: a socket could not be created (e.g. a live daemon holds the path).
         """
         cfg = self.config
+        if cfg.control.tcp:
+            # Never run half-configured: the operator asked for a listener we do not have.
+            raise ListenError(
+                "control.tcp: the TCP control listener is not available in this version; "
+                "use the control socket"
+            )
         with (
-            trio.open_signal_receiver(*_SHUTDOWN_SIGNALS, signal.SIGHUP) as signals,
+            trio.open_signal_receiver(*HANDLED_SIGNALS) as signals,
+            _signals_let_through(),
             ExitStack() as sockets,
         ):
             backlog = listen_backlog(cfg.listen.max_connections)
@@ -78,7 +86,7 @@ class Daemon:
                     log.info(
                         "daemon.listening", socket=data.path, control=control.path, backlog=backlog
                     )
-                    self._await_keys()
+                    self._sync_key_blockers()
                     self.lifecycle.set_listening()
                     root.start_soon(self._report_state)
 
@@ -89,12 +97,18 @@ class Daemon:
                 root.cancel_scope.cancel()
         log.info("daemon.stopped")
 
-    def _await_keys(self) -> None:
-        # Until the key manager has a key for a required provider, the daemon is not ready
-        # (CONTRACT.md 1): READY=1 waits and /readyz names the provider.
+    def _sync_key_blockers(self) -> None:
+        """Hold readiness back for every required provider without a key (CONTRACT.md 1):
+        READY=1 waits and /readyz names the provider. Run again after a reload, which may
+        add, drop or un-require providers."""
         for name, provider in self.config.providers.items():
             if provider.required:
                 self.lifecycle.block(f"key:{name}", f"no key for {name}")
+            else:
+                self.lifecycle.unblock(f"key:{name}")
+        for key in self.lifecycle.blocker_keys():
+            if key.startswith("key:") and key[4:] not in self.config.providers:
+                self.lifecycle.unblock(key)
 
     async def _handle_signals(self, signals: AsyncIterator[int]) -> None:
         async for signum in signals:
@@ -154,7 +168,14 @@ class Daemon:
                 for line in exc.lines():
                     log.error("config.reload_rejected", problem=line)
                 status = f"reload rejected, old config kept: {exc.problems[0]}"
+            except Exception:
+                # A reload must never take down a daemon that is serving.
+                log.exception("config.reload_failed", path=source)
+                status = "reload failed, old config kept: see the log"
             else:
+                if self.lifecycle.stopping:  # a stop signal came in during the read
+                    log.info("config.reload_skipped", reason="stopping")
+                    return
                 self._apply(new)
                 log.info("config.reloaded", path=source)
                 status = self.lifecycle.describe()
@@ -183,6 +204,7 @@ class Daemon:
         logs.configure(new.logging.level, new.logging.format)
         self.local.config = new.listen
         self.config = new
+        self._sync_key_blockers()
 
     async def _report_state(self) -> None:
         """READY=1 once ready, then a STATUS= line at every change of state."""
@@ -205,10 +227,28 @@ class Daemon:
             await trio.sleep(interval)
 
 
+@contextmanager
+def _signals_let_through() -> Iterator[None]:
+    """Unblock the handled signals while trio's receiver is there to take them.
+
+    The CLI blocks them from its first line, so none can kill the process before the
+    receiver exists; they wait and come through here. On the way out they are blocked
+    again before the receiver closes: trio would re-raise any it still holds under the
+    default handlers, and a SIGHUP racing a stop would then kill us instead of exit 0.
+    """
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
+
+
 def _listen(section: ListenConfig | ControlConfig, name: str, backlog: int) -> UnixListenSocket:
     """The socket file of a ``[listen]`` or ``[control]`` table, with its mode and group."""
     gid = resolve_group(section.group, key=f"{name}.group")
-    return UnixListenSocket(section.socket, mode=section.mode, gid=gid, backlog=backlog)
+    return UnixListenSocket(
+        section.socket, mode=section.mode, gid=gid, backlog=backlog, key=f"{name}.socket"
+    )
 
 
 async def run(config: Config, notifier: Notifier) -> None:

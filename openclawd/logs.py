@@ -126,4 +126,7 @@ def configure(level: str = "info", fmt: str = "logfmt", stream: TextIO | None = 
     _handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
     _handler.setFormatter(JsonFormatter() if fmt == "json" else LogfmtFormatter())
     root.addHandler(_handler)
-    root.setLevel(_LEVELS[level])
+    # Libraries stay at WARNING even when we debug: their debug lines (HTTP/2 header
+    # tables, request dumps) may carry the very keys we must never log.
+    root.setLevel(max(_LEVELS[level], logging.WARNING))
+    logging.getLogger("openclawd").setLevel(_LEVELS[level])

@@ -79,3 +79,9 @@ def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
             cli.main(argv)
         assert info.value.code == 2
     assert "usage: openclawd" in capsys.readouterr().err
+
+
+def test_run_holds_exactly_the_signals_the_daemon_handles() -> None:
+    from openclawd.daemon import HANDLED_SIGNALS
+
+    assert cli._HELD_SIGNALS == HANDLED_SIGNALS

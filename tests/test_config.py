@@ -251,7 +251,7 @@ def test_plaintext_loopback_upstream_is_fine(url: str) -> None:
             "must not carry credentials; keys and tokens belong in Vault",
         ),
         ("https://api.example.com/?key=abc", "must not have a query string or fragment"),
-        ("https://api.example.com:99999", "is not a valid URL (Port out of range 0-65535)"),
+        ("https://api.example.com:99999", "is not a valid URL"),
     ],
 )
 def test_bad_urls(url: str, expected: str) -> None:
@@ -259,9 +259,46 @@ def test_bad_urls(url: str, expected: str) -> None:
     assert problems == [f"providers.p.base_url: {expected}"]
 
 
-def test_user_info_in_a_url_is_never_echoed() -> None:
-    problems = problems_of({"vault": {**VAULT, "addr": "https://root:s3cr3t@vault:8200"}})
-    assert not any("s3cr3t" in p for p in problems)
+@pytest.mark.parametrize(
+    "addr",
+    [
+        "https://root:s3cr3t@vault:8200",
+        "https://admin:s3cr3t/x@vault:8200",  # "/" splits the password off as a port
+        "https://root:s3cr3t#frag@vault:8200",
+        "https://root:s3cr3t?q@vault:8200",
+    ],
+)
+def test_user_info_in_a_url_is_never_echoed(addr: str) -> None:
+    problems = problems_of({"vault": {**VAULT, "addr": addr}})
+    assert problems == ["vault.addr: must not carry credentials; keys and tokens belong in Vault"]
+    from_env = problems_of({"providers": {"p": PROVIDER}}, environ={"VAULT_ADDR": addr})
+    assert from_env == [
+        "vault.addr: from VAULT_ADDR: must not carry credentials; keys and tokens belong in Vault"
+    ]
+    assert not any("s3cr3t" in p for p in problems + from_env)
+
+
+def test_a_broken_section_does_not_cause_false_cross_checks() -> None:
+    vault = {**VAULT, "refresh_interval_s": -1}  # addr and token_file are set
+    problems = problems_of({"vault": vault, "providers": {"p": PROVIDER}})
+    assert problems == ["vault.refresh_interval_s: must be more than zero seconds, not -1"]
+
+
+@pytest.mark.parametrize(
+    ("mapping", "expected"),
+    [
+        (
+            {"listen": {"max_connections": 2_000_000_000}},
+            "listen.max_connections: must be at most 1000000, not 2000000000",
+        ),
+        (
+            {"listen": {"max_message_bytes": 1 << 40}},
+            "listen.max_message_bytes: must be at most 1073741824, not 1099511627776",
+        ),
+    ],
+)
+def test_numbers_have_upper_bounds(mapping: dict[str, Any], expected: str) -> None:
+    assert problems_of(mapping) == [expected]
 
 
 def test_provider_names_must_be_url_safe() -> None:
@@ -355,6 +392,21 @@ def test_error_lines_name_key_and_file() -> None:
     with pytest.raises(ConfigError) as info:
         config.parse({"listen": {"bogus": 1}}, source="/etc/openclawd/openclawd.toml")
     assert info.value.lines() == ["listen.bogus: unknown key (in /etc/openclawd/openclawd.toml)"]
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        (b"# caf\xe9\n", "not valid TOML: not UTF-8 (byte 5)"),
+        (b"x = " + b"[" * 5000 + b"]" * 5000 + b"\n", "not valid TOML: nested too deeply"),
+    ],
+)
+def test_undecodable_files_are_config_errors(tmp_path: Path, content: bytes, expected: str) -> None:
+    path = tmp_path / "odd.toml"
+    path.write_bytes(content)
+    with pytest.raises(ConfigError) as info:
+        config.load(str(path))
+    assert [str(p) for p in info.value.problems] == [f"(file): {expected}"]
 
 
 def test_unreadable_and_invalid_files(tmp_path: Path) -> None:

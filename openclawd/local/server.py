@@ -51,6 +51,15 @@ class Connection:
 Handler = Callable[[Connection], Awaitable[None]]
 
 
+def peer_allowed(peer: PeerCredentials, config: ListenConfig) -> bool:
+    """``[listen] allowed_uids`` / ``allowed_gids``: each non-empty list is a check the
+    peer must pass (an empty one checks nothing). The gid is the peer's primary group as
+    the kernel reports it at connect()."""
+    if config.allowed_uids and peer.uid not in config.allowed_uids:
+        return False
+    return not config.allowed_gids or peer.gid in config.allowed_gids
+
+
 def error_body(code: str, message: str) -> dict[str, dict[str, str]]:
     """The data socket's HTTP error shape (CONTRACT.md 3.3)."""
     return {"error": {"code": code, "message": message}}
@@ -132,6 +141,12 @@ class LocalServer:
 
         conn = Connection(conn_id, stream, peer, http, request)
         path = request.target.decode("ascii", "replace").split("?", 1)[0]
+        if not peer_allowed(peer, self.config):
+            # 403 on every entry point for now; /v1/ws and /v1/realtime close with 1008
+            # once they exist (CONTRACT.md 3.4).
+            message = f"peer uid {peer.uid} gid {peer.gid} is not allowed"
+            await conn.respond_json(403, error_body("forbidden", message))
+            return "refused: peer not allowed"
         if self.lifecycle.draining or self.lifecycle.stopping:
             await conn.respond_json(503, error_body("draining", "openclawd is draining"))
             return "refused: draining"

@@ -1,18 +1,18 @@
 """Unix listening sockets: creation with mode and group, stale-file handling, cleanup.
 
-Owns the socket files on disk. A socket appears at its path only once it has its final
-mode and group (it is bound under a temporary name, chmod/chown'ed, then renamed into
-place), so no client ever sees it with looser permissions. A path held by a live daemon is
-refused; a stale socket file left by a crash is replaced; a path that is not a socket is
-never touched. On exit the file is removed only if it is still ours (same inode), so a
-successor's socket survives our late cleanup. Knows nothing of HTTP or WebSockets.
+Owns the socket files on disk. A socket file is created with no permissions at all (bound
+under umask 0777), then given its mode and group, then put to listen: no client ever sees
+it with looser permissions than configured. A path held by a live daemon is refused (and
+bind() itself refuses a path another process took in the meantime); a stale socket file
+left by a crash is replaced; a path that is not a socket is never touched. On exit the
+file is removed only if it is still ours (same inode), so a successor's socket survives
+our late cleanup. Knows nothing of HTTP or WebSockets.
 """
 
 from __future__ import annotations
 
 import errno
 import grp
-import itertools
 import os
 import socket
 import stat
@@ -26,8 +26,6 @@ log = logs.get(__name__)
 
 # sockaddr_un.sun_path is 108 bytes on Linux, including the terminating NUL.
 _MAX_PATH_BYTES = 107
-
-_temporary_names = itertools.count()
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,7 +52,7 @@ def listen_backlog(max_connections: int) -> int:
     accept and then refuse politely (1013). The kernel silently caps the value at
     ``net.core.somaxconn``; we say so when that cap is below what we asked for.
     """
-    wanted = max(4096, 2 * max_connections)
+    wanted = min(65535, max(4096, 2 * max_connections))
     try:
         with open("/proc/sys/net/core/somaxconn") as f:
             cap = int(f.read())
@@ -85,9 +83,14 @@ class UnixListenSocket:
     Use as a context manager: the file is removed on exit if it is still ours.
     """
 
-    def __init__(self, path: str, *, mode: int, gid: int | None, backlog: int) -> None:
+    def __init__(
+        self, path: str, *, mode: int, gid: int | None, backlog: int, key: str = "socket"
+    ) -> None:
         self.path = path
-        self.sock = _bind(path, mode=mode, gid=gid, backlog=backlog)
+        try:
+            self.sock = _bind(path, mode=mode, gid=gid, backlog=backlog)
+        except ListenError as exc:
+            raise ListenError(f"{key}: {exc}") from None
         self._inode = os.stat(path).st_ino
 
     def __enter__(self) -> UnixListenSocket:
@@ -114,36 +117,52 @@ def _bind(path: str, *, mode: int, gid: int | None, backlog: int) -> socket.sock
         raise ListenError(f"socket path must be absolute: {path!r}")
     if len(os.fsencode(path)) > _MAX_PATH_BYTES:
         raise ListenError(f"socket path is longer than {_MAX_PATH_BYTES} bytes: {path!r}")
-    directory = os.path.dirname(path)
-    try:
-        os.makedirs(directory, mode=0o755, exist_ok=True)
-    except OSError as exc:
-        raise ListenError(f"cannot create {directory}: {exc.strerror}") from None
+    _make_directories(os.path.dirname(path))
     _clear_stale(path)
 
-    # Short temporary name in the same directory, so rename() is atomic and the name fits.
-    temporary = os.path.join(directory, f".oc{os.getpid()}.{next(_temporary_names)}")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
-        _remove_if_socket(temporary)
-        sock.bind(temporary)
+        # umask is process-wide; this runs at startup, before any other thread exists.
+        umask = os.umask(0o777)
         try:
-            os.chmod(temporary, mode)
+            sock.bind(path)
+        finally:
+            os.umask(umask)
+        try:
+            os.chmod(path, mode)
             if gid is not None:
-                os.chown(temporary, -1, gid)
+                os.chown(path, -1, gid)
             sock.listen(backlog)
-            os.rename(temporary, path)
         except BaseException:
-            _remove_if_socket(temporary)
+            os.unlink(path)
             raise
     except OSError as exc:
         sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise ListenError(f"another process took {path} while we started") from None
         raise ListenError(f"cannot listen on {path}: {exc.strerror or exc}") from None
     except BaseException:
         sock.close()
         raise
     sock.setblocking(False)
     return sock
+
+
+def _make_directories(directory: str) -> None:
+    """Create the socket's missing parent directories with mode 0755, whatever the umask
+    (systemd's UMask=0077 would otherwise make them unreachable for the apps)."""
+    missing = []
+    while directory and not os.path.isdir(directory):
+        missing.append(directory)
+        directory = os.path.dirname(directory)
+    for path in reversed(missing):
+        try:
+            os.mkdir(path)
+            os.chmod(path, 0o755)
+        except FileExistsError:
+            pass
+        except OSError as exc:
+            raise ListenError(f"cannot create {path}: {exc.strerror}") from None
 
 
 def _clear_stale(path: str) -> None:
@@ -171,11 +190,3 @@ def _clear_stale(path: str) -> None:
     finally:
         probe.close()
     raise ListenError(f"another process is listening on {path}")
-
-
-def _remove_if_socket(path: str) -> None:
-    try:
-        if stat.S_ISSOCK(os.lstat(path).st_mode):
-            os.unlink(path)
-    except FileNotFoundError:
-        pass

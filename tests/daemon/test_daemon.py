@@ -7,6 +7,7 @@ and realtime handlers use.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -203,3 +204,50 @@ async def test_a_client_too_slow_to_send_its_request_head_is_cut_off(
             nursery.cancel_scope.cancel()
     closes = [r for r in caplog.records if r.getMessage() == "connection.close"]
     assert [r.fields["outcome"] for r in closes] == ["handshake timeout"]  # type: ignore[attr-defined]
+
+
+async def wait_for_log(caplog: pytest.LogCaptureFixture, event: str) -> None:
+    while event not in [r.getMessage() for r in caplog.records]:  # noqa: ASYNC110
+        await trio.sleep(0.01)  # a log line has no event to wait on
+
+
+async def write_fifo(path: Path, data: bytes) -> None:
+    """Write to a FIFO once a reader has it open, without blocking the trio loop."""
+    while True:
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError as exc:
+            if exc.errno != errno.ENXIO:  # ENXIO: no reader yet
+                raise
+            await trio.sleep(0.01)
+            continue
+        try:
+            os.write(fd, data)
+        finally:
+            os.close(fd)
+        return
+
+
+async def test_a_stop_during_a_reload_wins(
+    runtime_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    fifo = runtime_dir / "config.fifo"
+    os.mkfifo(fifo)
+    cfg = config.parse(daemon_tables(runtime_dir), source=str(fifo))
+    daemon = Daemon(cfg, Notifier(None))
+    release = trio.Event()
+    with trio.fail_after(10), caplog.at_level(logging.INFO, logger="openclawd.daemon"):
+        async with trio.open_nursery() as nursery:
+            running = await start_ready(nursery, daemon)
+            await nursery.start(hold_work, daemon, release)
+            os.kill(os.getpid(), signal.SIGHUP)
+            await wait_for_log(caplog, "config.reloading")  # now reading the FIFO
+            os.kill(os.getpid(), signal.SIGTERM)
+            await wait_until(daemon, lambda: daemon.lifecycle.stopping)
+            await write_fifo(fifo, b'[logging]\nlevel = "error"\n')
+            await wait_for_log(caplog, "config.reload_skipped")
+            release.set()
+            await running.done.wait()
+    events = [r.getMessage() for r in caplog.records]
+    assert "config.reloaded" not in events
+    assert daemon.config.logging.level == "debug"  # the new file was not applied

@@ -89,7 +89,8 @@ def test_invalid_config_on_sighup_keeps_the_daemon_and_its_config(
     daemon.notify.wait_for("RELOADING", "1")
     ready = daemon.notify.wait_for("READY", "1")
     assert ready["STATUS"].startswith("reload rejected, old config kept: (file): not valid TOML")
-    path.write_text(good.replace("[logging]", "[logging]\nbogus = true"))
+    # Valid but for one key, and it would silence info lines: rejected as a whole.
+    path.write_text(good.replace('level = "debug"', 'level = "error"\nbogus = true'))
     daemon.signal(signal.SIGHUP)
     ready = daemon.notify.wait_for("READY", "1")
     assert ready["STATUS"] == "reload rejected, old config kept: logging.bogus: unknown key"
@@ -146,8 +147,11 @@ def test_a_path_that_is_not_a_socket_is_never_removed(
 def test_socket_files_get_the_configured_mode_and_group(
     start_daemon: StartDaemon, write_config: WriteConfig, runtime_dir: Path
 ) -> None:
-    other = next((g for g in grp.getgrall() if g.gr_gid != os.getgid()), None)
-    assert other is not None, "the test needs a second group on this machine"
+    # A group we may give files to: any, as root; otherwise one we are a member of.
+    choices = (g.gr_gid for g in grp.getgrall()) if os.geteuid() == 0 else os.getgroups()
+    gid = next((g for g in choices if g != os.getgid()), None)
+    assert gid is not None, "the test needs a second group this user may use"
+    other = grp.getgrgid(gid)
     daemon = start_daemon(
         write_config(listen={"mode": "0600", "group": other.gr_name}, control={"mode": "0640"})
     )
@@ -228,3 +232,91 @@ def test_connection_log_lines_carry_the_connection_id(
     else:
         assert all(" conn=c1 " in ln for ln in lines)
         assert f"peer_uid={os.getuid()}" in lines[0]
+
+
+def signal_mask(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1], 16)
+    raise AssertionError(field)
+
+
+def test_signals_during_startup_are_held_not_fatal(
+    start_daemon: StartDaemon, write_config: WriteConfig, runtime_dir: Path
+) -> None:
+    daemon = start_daemon(write_config())
+    ours = sum(1 << (s - 1) for s in (signal.SIGHUP, signal.SIGINT, signal.SIGTERM))
+    usr1 = 1 << (signal.SIGUSR1 - 1)
+    deadline = time.monotonic() + 10
+    # Wait until `run` holds our signals. Between fork and exec, subprocess blocks every
+    # signal (SIGUSR1 too): that is not our mask, and signals sent then would kill.
+    while (mask := signal_mask(daemon.proc.pid, "SigBlk")) & ours != ours or mask & usr1:
+        assert time.monotonic() < deadline
+        assert daemon.proc.poll() is None
+        time.sleep(0.001)
+    daemon.signal(signal.SIGHUP)
+    daemon.signal(signal.SIGTERM)  # before the daemon could have installed its receiver
+    assert daemon.wait() == 0
+    assert list(runtime_dir.glob("*.sock")) == []
+    assert "event=daemon.stopping signal=SIGTERM" in daemon.stderr
+
+
+def test_reload_that_unrequires_a_provider_makes_the_daemon_ready(
+    start_daemon: StartDaemon, write_config: WriteConfig, runtime_dir: Path
+) -> None:
+    provider = {"base_url": "http://127.0.0.1:2", "vault_path": "oc/openai"}
+    path = write_config(vault={"addr": "http://127.0.0.1:1"}, **{"providers.openai": provider})
+    daemon = start_daemon(path, env={"VAULT_TOKEN": "unused-in-this-test"})
+    assert daemon.notify.wait_for("STATUS") == {"STATUS": "starting: no key for openai"}
+    path.write_text(
+        path.read_text().replace(
+            'vault_path = "oc/openai"', 'vault_path = "oc/openai"\nrequired = false'
+        )
+    )
+    daemon.signal(signal.SIGHUP)
+    assert daemon.wait_ready()["STATUS"] == "ready"
+    assert get_json(runtime_dir / "control.sock", "/readyz") == (200, {"ready": True})
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait() == 0
+
+
+def test_control_tcp_is_refused_until_it_exists(
+    start_daemon: StartDaemon, write_config: WriteConfig, runtime_dir: Path
+) -> None:
+    path = write_config(control={"tcp": "127.0.0.1:9477", "token_file": "/nonexistent"})
+    daemon = start_daemon(path)
+    assert daemon.wait() == 1
+    assert "control.tcp: the TCP control listener is not available in this version" in (
+        daemon.stderr
+    )
+    assert list(runtime_dir.glob("*.sock")) == []
+
+
+@pytest.mark.parametrize(
+    ("listen", "status"),
+    [
+        ({"allowed_uids": [os.getuid() + 1]}, 403),
+        ({"allowed_gids": [os.getgid() + 1]}, 403),
+        ({"allowed_uids": [os.getuid()], "allowed_gids": [os.getgid()]}, 404),
+    ],
+)
+def test_peers_outside_allowed_ids_are_refused(
+    start_daemon: StartDaemon,
+    write_config: WriteConfig,
+    runtime_dir: Path,
+    listen: dict[str, list[int]],
+    status: int,
+) -> None:
+    daemon = start_daemon(write_config(listen=listen))
+    daemon.wait_ready()
+    code, body = get_json(runtime_dir / "data.sock", "/v1/anything")
+    assert code == status
+    if status == 403:
+        assert body == {
+            "error": {
+                "code": "forbidden",
+                "message": f"peer uid {os.getuid()} gid {os.getgid()} is not allowed",
+            }
+        }
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait() == 0
