@@ -13,13 +13,13 @@ import pytest
 from openclawd import __version__, cli
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "openclawd", *args],
         capture_output=True,
         text=True,
         timeout=30,
-        env={"PATH": "/usr/bin:/bin"},
+        env={"PATH": "/usr/bin:/bin", **(env or {})},
     )
 
 
@@ -85,3 +85,13 @@ def test_run_holds_exactly_the_signals_the_daemon_handles() -> None:
     from openclawd.daemon import HANDLED_SIGNALS
 
     assert cli._HELD_SIGNALS == HANDLED_SIGNALS
+
+
+def test_check_config_never_prints_the_vault_token(write_config: Callable[..., Path]) -> None:
+    provider = {"base_url": "https://api.example.com", "vault_path": "oc/x"}
+    path = write_config(vault={"addr": "https://vault:8200"}, **{"providers.x": provider})
+    env = {"VAULT_TOKEN": "hvs.SECRET-token-xyz"}
+    result = run_cli("check-config", "--config", str(path), env=env)
+    assert result.returncode == 0, result.stderr
+    assert 'token_file = ""' in result.stdout
+    assert "SECRET" not in result.stdout + result.stderr

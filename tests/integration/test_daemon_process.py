@@ -181,7 +181,7 @@ def test_required_provider_without_key_holds_readiness(
         vault={"addr": "http://127.0.0.1:1"},
         **{"providers.openai": {"base_url": "http://127.0.0.1:2", "vault_path": "oc/openai"}},
     )
-    daemon = start_daemon(path, env={"VAULT_TOKEN": "unused-in-this-test"})
+    daemon = start_daemon(path, env={"VAULT_TOKEN": "hvs.SECRET-token-xyz"})
     status = daemon.notify.wait_for("STATUS")
     assert status == {"STATUS": "starting: no key for openai"}
     assert get_json(runtime_dir / "control.sock", "/readyz") == (
@@ -195,6 +195,8 @@ def test_required_provider_without_key_holds_readiness(
     assert "event=config.reloaded" in daemon.stderr
     daemon.signal(signal.SIGTERM)
     assert daemon.wait() == 0
+    assert "SECRET" not in daemon.stderr
+    assert all("SECRET" not in v for m in daemon.notify.messages for v in m.values())
 
 
 def test_watchdog_is_fed_at_half_the_interval(
