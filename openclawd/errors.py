@@ -28,6 +28,12 @@ class ClientError(OpenclawdError):
     close_code = 1008
 
 
+class UnknownProviderError(ClientError):
+    """The app or operator named a provider that is not configured."""
+
+    code = "unknown_provider"
+
+
 class UpstreamError(OpenclawdError):
     """The provider or the network between us failed."""
 

@@ -1,0 +1,1 @@
+"""Provider keys: Vault access (vault.py) and the key manager (manager.py)."""

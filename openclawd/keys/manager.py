@@ -1,0 +1,504 @@
+"""The key manager: the current key of every provider, kept in step with Vault.
+
+Owns the provider keys in memory and everything that changes them: the first load, the
+metadata poll every ``refresh_interval_s`` (``vault``), the operator's ``rotate_now``
+(``operator``), an upstream's 401/403 (``auth_failure``, single-flight per provider),
+and SIGHUP (``reload``). It also keeps the Vault token alive: renewal at 2/3 of its TTL,
+a new AppRole login when renewal is refused or the max TTL nears. Vault errors back off
+with full jitter from 1 s up to 5 min, and the last good keys stay in force meanwhile.
+
+``current(provider)`` is sync and never blocks: request handlers take the ``Key`` object
+and keep it for the whole request, so a rotation never changes a key under work in flight.
+Keys never leave this module except as ``Key`` objects, whose repr shows the fingerprint.
+Talks to Vault only through the ``VaultAPI`` protocol (``keys.vault.Vault`` in the
+daemon), so the schedules can be tested with an in-memory Vault under a fake clock.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Protocol
+
+import trio
+
+from openclawd import logs
+from openclawd.config import Config, ProviderConfig
+from openclawd.errors import UnknownProviderError, VaultError
+from openclawd.keys.vault import (
+    SecretMetadata,
+    SecretVersion,
+    TokenInfo,
+    VaultAuthError,
+    VaultSecretError,
+    VaultUnreachableError,
+)
+from openclawd.lifecycle import Lifecycle
+
+log = logs.get(__name__)
+
+BACKOFF_BASE_S = 1.0
+BACKOFF_CAP_S = 300.0
+TRIGGERS = ("vault", "operator", "auth_failure", "reload")
+
+
+class VaultAPI(Protocol):
+    async def login(self) -> TokenInfo: ...
+    async def renew(self) -> TokenInfo: ...
+    async def read_metadata(self, path: str) -> SecretMetadata: ...
+    async def read_secret(self, path: str, version: int | None = None) -> SecretVersion: ...
+
+
+def _renew_after(token: TokenInfo) -> float | None:
+    """When to renew: at 2/3 of the TTL; never for a token that does not expire."""
+    return token.ttl_s * 2 / 3 if token.ttl_s > 0 else None
+
+
+def fingerprint(secret: str) -> str:
+    """``sha256:`` + the first 12 hex digits of sha256(key): how a key is named anywhere."""
+    return "sha256:" + hashlib.sha256(secret.encode()).hexdigest()[:12]
+
+
+@dataclass(frozen=True, slots=True, repr=False, eq=False)
+class Key:
+    """One provider key. Only ``secret`` is the key; nothing shows it."""
+
+    provider: str
+    version: int
+    index: int  # place in the pool of its version
+    fingerprint: str
+    fetched_at: float  # wall clock, seconds since the epoch
+    secret: str = field(repr=False)
+
+    def __repr__(self) -> str:
+        return f"<Key {self.provider} v{self.version} #{self.index} {self.fingerprint}>"
+
+    __str__ = __repr__
+
+
+@dataclass(frozen=True, slots=True)
+class KeySnapshot:
+    version: int
+    fingerprint: str
+    fetched_at: str
+    pool_size: int
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderKeyStatistics:
+    key: KeySnapshot | None
+    last_error: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class KeyStatistics:
+    """A frozen snapshot for status and metrics; holds no key."""
+
+    addr: str
+    auth: str
+    reachable: bool
+    token_ttl_s: float | None
+    last_refresh: str | None
+    last_error: str | None
+    providers: Mapping[str, ProviderKeyStatistics]
+    rotations: Mapping[tuple[str, str], int]
+    vault_errors: int
+
+
+@dataclass(slots=True)
+class _Provider:
+    config: ProviderConfig
+    pool: tuple[Key, ...] = ()
+    cursor: int = 0
+    last_error: str | None = None
+    flight: trio.Event | None = None  # set when an auth_failure re-read is done
+
+    @property
+    def current(self) -> Key | None:
+        return self.pool[self.cursor] if self.pool else None
+
+    @property
+    def version(self) -> int | None:
+        return self.pool[0].version if self.pool else None
+
+
+class KeyManager:
+    """Keys for every configured provider; run ``serve`` in the daemon's root nursery."""
+
+    def __init__(
+        self,
+        config: Config,
+        vault: VaultAPI,
+        lifecycle: Lifecycle,
+        *,
+        jitter: Callable[[], float] = random.random,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._config = config
+        self._vault = vault
+        self._lifecycle = lifecycle
+        self._jitter = jitter
+        self._wall = wall_clock
+        self._providers = {n: _Provider(p) for n, p in config.providers.items()}
+        self._reachable = False
+        self._last_error: str | None = None
+        self._last_refresh: float | None = None
+        self._token_expires_at: float | None = None  # trio time; None = never
+        self._relogin = trio.Event()
+        self._poll_now = trio.Event()
+        self.rotations: Counter[tuple[str, str]] = Counter()
+        self.vault_errors = 0
+        self._publish()
+
+    # --- what request handlers use --------------------------------------------------------
+
+    def current(self, provider: str) -> Key | None:
+        """The key new work for ``provider`` should use, or None if there is none yet."""
+        state = self._providers.get(provider)
+        return None if state is None else state.current
+
+    # --- running --------------------------------------------------------------------------
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Log in, load every key, then keep the token alive and follow Vault until cancelled.
+
+        ``started()`` comes once the first attempt is over, successful or not: the daemon
+        listens meanwhile, and readiness waits for the keys (not for this function).
+        """
+        if not self._providers:
+            task_status.started()
+            return
+        token = await self._login_with_retry(task_status)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._keep_token, token)
+            nursery.start_soon(self._watch)
+
+    async def _login_with_retry(self, task_status: trio.TaskStatus[None]) -> TokenInfo:
+        """Log in and load the keys, retrying with backoff until it works.
+
+        ``task_status.started()`` comes after the first attempt, whatever its outcome.
+        """
+        attempt = 0
+        started = False
+        while True:
+            try:
+                token = await self._vault.login()
+                self._token_seen(token)
+                await self._refresh_all("vault")
+            except VaultError as exc:
+                self._vault_failed("login", exc)
+                delay = self._backoff(attempt)
+                attempt += 1
+                log.warning("vault.retry", after="login", retry_in_s=round(delay, 3))
+                if not started:
+                    task_status.started()
+                    started = True
+                await trio.sleep(delay)
+                continue
+            if not started:
+                task_status.started()
+            return token
+
+    async def _keep_token(self, token: TokenInfo) -> None:
+        """Renew at 2/3 of the TTL; log in again when renewal is refused or capped."""
+        full_ttl = token.ttl_s
+        wait_s = _renew_after(token)
+        attempt = 0
+        while True:
+            with trio.move_on_after(wait_s if wait_s is not None else float("inf")):
+                await self._relogin.wait()
+            relogin = self._relogin.is_set()
+            self._relogin = trio.Event()
+            try:
+                if relogin or not token.renewable:
+                    token = await self._login_again(token)
+                    full_ttl = token.ttl_s
+                else:
+                    token = await self._vault.renew()
+                    self._token_seen(token)
+                    log.info("vault.token_renewed", ttl_s=token.ttl_s)
+                    if token.ttl_s < full_ttl * 2 / 3:  # Vault capped it: max TTL is near
+                        log.info("vault.token_max_ttl_near", ttl_s=token.ttl_s)
+                        token = await self._login_again(token)
+                        full_ttl = token.ttl_s
+                wait_s = _renew_after(token)
+                attempt = 0
+            except VaultError as exc:
+                self._vault_failed("token", exc)
+                wait_s = self._backoff(attempt)
+                attempt += 1
+
+    async def _login_again(self, token: TokenInfo) -> TokenInfo:
+        """A new token: AppRole logs in again; ``token`` auth re-reads its file (an agent
+        may have written a fresh one) and reports degraded if that brings nothing new."""
+        fresh = await self._vault.login()
+        self._token_seen(fresh)
+        log.info("vault.logged_in", auth=self._config.vault.auth, ttl_s=fresh.ttl_s)
+        if self._config.vault.auth == "approle" or fresh.ttl_s <= 0 or fresh.ttl_s > token.ttl_s:
+            self._lifecycle.recover("vault-token")
+        else:
+            self._lifecycle.degrade("vault-token", "vault token cannot be renewed")
+            log.warning("vault.token_not_renewable", ttl_s=fresh.ttl_s)
+        return fresh
+
+    async def _watch(self) -> None:
+        """Poll metadata every refresh_interval_s; back off while Vault fails."""
+        delay = self._config.vault.refresh_interval_s
+        attempt = 0
+        while True:
+            with trio.move_on_after(delay):
+                await self._poll_now.wait()
+            self._poll_now = trio.Event()
+            try:
+                await self._refresh_all("vault", only_if_changed=True)
+                delay = self._config.vault.refresh_interval_s
+                attempt = 0
+            except VaultError as exc:
+                self._vault_failed("poll", exc)
+                delay = self._backoff(attempt)
+                attempt += 1
+                log.warning("vault.retry", after="poll", retry_in_s=round(delay, 3))
+
+    # --- triggers -------------------------------------------------------------------------
+
+    async def rotate_now(
+        self, provider: str | None = None
+    ) -> dict[str, tuple[int | None, int | None, bool]]:
+        """Re-read keys from Vault now (the operator's trigger).
+
+        Returns:
+            ``{provider: (from_version, to_version, changed)}``.
+
+        Raises:
+            UnknownProviderError: ``provider`` is not configured.
+            VaultUnreachableError: Vault did not answer; every key in force stays.
+        """
+        names = self._names(provider)
+        before = {n: self._providers[n].version for n in names}
+        try:
+            await self._refresh_all("operator", names=names)
+        except VaultError as exc:
+            self._vault_failed("operator", exc)
+            raise
+        return {
+            n: (before[n], self._providers[n].version, before[n] != self._providers[n].version)
+            for n in names
+        }
+
+    async def reload(self, config: Config) -> None:
+        """SIGHUP: take the new provider table and re-read every key (``reload``)."""
+        self._config = config
+        self._providers = {
+            n: self._providers.get(n, _Provider(p)) for n, p in config.providers.items()
+        }
+        for name, provider in config.providers.items():
+            self._providers[name].config = provider
+        self._publish()
+        try:
+            await self._refresh_all("reload")
+        except VaultError as exc:
+            self._vault_failed("reload", exc)
+
+    async def auth_failure(self, provider: str, failed: Key) -> Key | None:
+        """The upstream refused ``failed`` (401/403): re-read now, once for a burst.
+
+        Returns the key to retry with: the newest version's, else the next key of the
+        pool, else ``failed`` itself (nothing better exists; the caller relays the error).
+        Concurrent calls for one provider share a single Vault read.
+        """
+        state = self._providers[provider]
+        if state.current is not None and state.current is not failed:
+            return state.current  # someone already moved on from that key
+        if state.flight is not None:
+            await state.flight.wait()
+            return state.current
+        state.flight = trio.Event()
+        try:
+            before = state.version
+            try:
+                await self._refresh_one(provider, "auth_failure")
+            except VaultSecretError as exc:
+                self._secret_failed(provider, exc)
+            except VaultError as exc:
+                self._vault_failed("auth_failure", exc)
+            if state.version == before and len(state.pool) > 1 and state.current is failed:
+                state.cursor = (state.cursor + 1) % len(state.pool)
+                self._rotated(provider, "auth_failure", before, state.version, state.current)
+            return state.current
+        finally:
+            state.flight.set()
+            state.flight = None
+
+    def poll_soon(self) -> None:
+        """Check Vault now rather than at the next interval."""
+        self._poll_now.set()
+
+    # --- reading --------------------------------------------------------------------------
+
+    async def _refresh_all(
+        self, trigger: str, *, names: list[str] | None = None, only_if_changed: bool = False
+    ) -> None:
+        """Refresh the named providers (all by default).
+
+        Raises:
+            VaultUnreachableError, VaultAuthError: Vault as a whole failed; keys are kept.
+        """
+        names = names if names is not None else list(self._providers)
+        refused: list[VaultAuthError] = []
+        for name in names:
+            try:
+                await self._refresh_one(name, trigger, only_if_changed=only_if_changed)
+            except VaultSecretError as exc:
+                self._secret_failed(name, exc)
+            except VaultAuthError as exc:  # one path refused: a policy problem, or our token
+                self._secret_failed(name, exc)
+                refused.append(exc)
+        if refused and len(refused) == len(names):
+            raise refused[-1]  # every path refused: it is the token
+        self._reachable = True
+        self._last_error = None
+        self._last_refresh = self._wall()
+        self._lifecycle.recover("vault")
+        self._publish()
+
+    async def _refresh_one(self, name: str, trigger: str, *, only_if_changed: bool = False) -> None:
+        state = self._providers[name]
+        path = state.config.vault_path
+        if only_if_changed:
+            metadata = await self._vault.read_metadata(path)
+            if metadata.deleted:
+                raise VaultSecretError(f"current version {metadata.current_version} is deleted")
+            if metadata.current_version == state.version:
+                state.last_error = None
+                return
+            secret = await self._vault.read_secret(path, metadata.current_version)
+        else:
+            secret = await self._vault.read_secret(path)
+        if secret.version == state.version:
+            state.last_error = None
+            return
+        pool = self._parse(name, secret)
+        before = state.version
+        state.pool, state.cursor, state.last_error = pool, 0, None
+        self._rotated(name, trigger, before, secret.version, pool[0])
+
+    def _parse(self, name: str, secret: SecretVersion) -> tuple[Key, ...]:
+        field_name = self._providers[name].config.key_field
+        raw = secret.data.get(field_name)
+        where = f"version {secret.version} field {field_name!r}"
+        if raw is None:
+            raise VaultSecretError(f"{where} is missing")
+        values = [raw] if isinstance(raw, str) else raw
+        if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+            raise VaultSecretError(f"{where} must be a string or a list of strings")
+        if not values or not all(v.strip() for v in values):
+            raise VaultSecretError(f"{where} holds an empty key")
+        now = self._wall()
+        return tuple(
+            Key(name, secret.version, i, fingerprint(v.strip()), now, v.strip())
+            for i, v in enumerate(values)
+        )
+
+    # --- bookkeeping ----------------------------------------------------------------------
+
+    def _rotated(
+        self, name: str, trigger: str, before: int | None, after: int | None, key: Key | None
+    ) -> None:
+        self.rotations[(name, trigger)] += 1
+        log.info(
+            "key.rotated",
+            provider=name,
+            trigger=trigger,
+            from_version=before,
+            to_version=after,
+            fingerprint=key.fingerprint if key else None,
+            pool_size=len(self._providers[name].pool),
+        )
+        self._publish()
+
+    def _secret_failed(self, name: str, exc: VaultError) -> None:
+        state = self._providers[name]
+        message = str(exc)
+        if message != state.last_error:
+            log.warning("key.invalid", provider=name, error=message, kept_version=state.version)
+        state.last_error = message
+        self._publish()
+
+    def _vault_failed(self, during: str, exc: VaultError) -> None:
+        self.vault_errors += 1
+        self._last_error = str(exc)
+        if isinstance(exc, VaultUnreachableError | VaultAuthError):
+            self._reachable = False
+            self._lifecycle.degrade("vault", "vault unreachable")
+            if isinstance(exc, VaultAuthError) and during != "token":
+                self._relogin.set()  # perhaps our token expired: get a new one
+        log.warning("vault.error", during=during, error=str(exc), kind=type(exc).__name__)
+        self._publish()
+
+    def _token_seen(self, token: TokenInfo) -> None:
+        now = trio.current_time()
+        self._token_expires_at = now + token.ttl_s if token.ttl_s > 0 else None
+
+    def _backoff(self, attempt: int) -> float:
+        """Full jitter: uniform over [0, min(cap, base * 2**attempt)]."""
+        return self._jitter() * min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2.0**attempt)
+
+    def _names(self, provider: str | None) -> list[str]:
+        if provider is None:
+            return list(self._providers)
+        if provider not in self._providers:
+            raise UnknownProviderError(f"no provider named {provider!r}")
+        return [provider]
+
+    def _publish(self) -> None:
+        """Readiness and degradation from the keys we hold (CONTRACT.md 1 and 4)."""
+        for key in self._lifecycle.blocker_keys():
+            if key.startswith("key:") and key[4:] not in self._providers:
+                self._lifecycle.unblock(key)
+        for name, state in self._providers.items():
+            has_key = state.current is not None
+            if has_key or not state.config.required:
+                self._lifecycle.unblock(f"key:{name}")
+            else:
+                self._lifecycle.block(f"key:{name}", f"no key for {name}")
+            if has_key or state.config.required:
+                self._lifecycle.recover(f"key:{name}")
+            else:
+                self._lifecycle.degrade(f"key:{name}", f"no key for {name}")
+
+    def statistics(self) -> KeyStatistics:
+        def iso(t: float | None) -> str | None:
+            if t is None:
+                return None
+            return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+        ttl = None
+        if self._token_expires_at is not None:
+            ttl = max(0.0, round(self._token_expires_at - trio.current_time(), 1))
+        providers = {}
+        for name, state in self._providers.items():
+            key = state.current
+            snapshot = (
+                None
+                if key is None
+                else KeySnapshot(
+                    key.version, key.fingerprint, iso(key.fetched_at) or "", len(state.pool)
+                )
+            )
+            providers[name] = ProviderKeyStatistics(snapshot, state.last_error)
+        return KeyStatistics(
+            addr=self._config.vault.addr,
+            auth=self._config.vault.auth,
+            reachable=self._reachable,
+            token_ttl_s=ttl,
+            last_refresh=iso(self._last_refresh),
+            last_error=self._last_error,
+            providers=providers,
+            rotations=dict(self.rotations),
+            vault_errors=self.vault_errors,
+        )
