@@ -27,6 +27,8 @@ from openclawd import logs
 from openclawd.config import Config, ControlConfig, ListenConfig
 from openclawd.control import create_app, serve_control
 from openclawd.errors import ConfigError, ListenError
+from openclawd.keys.manager import KeyManager
+from openclawd.keys.vault import Vault
 from openclawd.lifecycle import Lifecycle
 from openclawd.local.server import LocalServer
 from openclawd.local.unix import UnixListenSocket, listen_backlog, resolve_group
@@ -46,6 +48,7 @@ class Daemon:
         self.notifier = notifier
         self.lifecycle = Lifecycle()
         self.local = LocalServer(config.listen, self.lifecycle)
+        self.keys = KeyManager(config, Vault(config.vault), self.lifecycle)
         self._stop_requested = trio.Event()
         self._root: trio.Nursery | None = None
         self._reload_lock = trio.Lock()
@@ -78,6 +81,8 @@ class Daemon:
                 self._root = root
                 root.start_soon(self._handle_signals, signals)
                 root.start_soon(self._feed_watchdog)
+                # Not awaited: the sockets listen meanwhile, and /readyz says what we wait for.
+                root.start_soon(self.keys.serve)
                 async with trio.open_nursery() as connections, trio.open_nursery() as front:
                     await front.start(self.local.serve, data.sock, connections)
                     await front.start(
@@ -86,7 +91,6 @@ class Daemon:
                     log.info(
                         "daemon.listening", socket=data.path, control=control.path, backlog=backlog
                     )
-                    self._sync_key_blockers()
                     self.lifecycle.set_listening()
                     root.start_soon(self._report_state)
 
@@ -96,19 +100,6 @@ class Daemon:
                     connections.cancel_scope.cancel()
                 root.cancel_scope.cancel()
         log.info("daemon.stopped")
-
-    def _sync_key_blockers(self) -> None:
-        """Hold readiness back for every required provider without a key (CONTRACT.md 1):
-        READY=1 waits and /readyz names the provider. Run again after a reload, which may
-        add, drop or un-require providers."""
-        for name, provider in self.config.providers.items():
-            if provider.required:
-                self.lifecycle.block(f"key:{name}", f"no key for {name}")
-            else:
-                self.lifecycle.unblock(f"key:{name}")
-        for key in self.lifecycle.blocker_keys():
-            if key.startswith("key:") and key[4:] not in self.config.providers:
-                self.lifecycle.unblock(key)
 
     async def _handle_signals(self, signals: AsyncIterator[int]) -> None:
         async for signum in signals:
@@ -178,7 +169,10 @@ class Daemon:
                     return
                 self._apply(new)
                 log.info("config.reloaded", path=source)
-                status = self.lifecycle.describe()
+                status = ""
+            # CONTRACT.md 1: SIGHUP also re-reads every key, under the config in force.
+            await self.keys.reload(self.config)
+            status = status or self.lifecycle.describe()
             if tell_systemd:
                 self.notifier.ready(status)
             else:
@@ -186,10 +180,12 @@ class Daemon:
 
     def _apply(self, new: Config) -> None:
         old = self.config
-        # Sockets are created once; moving them needs a restart. Keep them as they are.
+        # Sockets and the Vault connection are set up once; changing them needs a restart.
+        vault_keys = tuple(f.name for f in dataclasses.fields(old.vault))
         for section, keys in (
             ("listen", ("socket", "mode", "group")),
             ("control", ("socket", "mode", "group", "tcp", "token_file")),
+            ("vault", tuple(k for k in vault_keys if k != "refresh_interval_s")),
         ):
             for key in keys:
                 if getattr(getattr(new, section), key) != getattr(getattr(old, section), key):
@@ -200,11 +196,11 @@ class Daemon:
                 new.listen, socket=old.listen.socket, mode=old.listen.mode, group=old.listen.group
             ),
             control=old.control,
+            vault=dataclasses.replace(old.vault, refresh_interval_s=new.vault.refresh_interval_s),
         )
         logs.configure(new.logging.level, new.logging.format)
         self.local.config = new.listen
         self.config = new
-        self._sync_key_blockers()
 
     async def _report_state(self) -> None:
         """READY=1 once ready, then a STATUS= line at every change of state."""

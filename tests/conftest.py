@@ -107,6 +107,18 @@ class NotifyReceiver:
                 dict(line.split("=", 1) for line in payload.decode().splitlines() if "=" in line)
             )
 
+    def drain(self, quiet_s: float = 0.2) -> list[dict[str, str]]:
+        """Collect what is pending until ``quiet_s`` pass without a message; return all."""
+        self.sock.settimeout(quiet_s)
+        while True:
+            try:
+                payload = self.sock.recv(65536)
+            except TimeoutError:
+                return self.messages
+            self.messages.append(
+                dict(line.split("=", 1) for line in payload.decode().splitlines() if "=" in line)
+            )
+
     def close(self) -> None:
         self.sock.close()
 
@@ -143,6 +155,12 @@ class DaemonProcess:
 
     def wait(self, timeout: float = 15.0) -> int:
         return self.proc.wait(timeout=timeout)
+
+    def wait_log(self, text: str, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while text not in self.stderr:
+            assert time.monotonic() < deadline, f"no {text!r} in the log: {self.stderr}"
+            time.sleep(0.01)
 
     def wait_ready(self, timeout: float = 15.0) -> dict[str, str]:
         return self.notify.wait_for("READY", "1", timeout=timeout)

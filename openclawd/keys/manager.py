@@ -219,13 +219,20 @@ class KeyManager:
                     token = await self._login_again(token)
                     full_ttl = token.ttl_s
                 else:
-                    token = await self._vault.renew()
-                    self._token_seen(token)
-                    log.info("vault.token_renewed", ttl_s=token.ttl_s)
-                    if token.ttl_s < full_ttl * 2 / 3:  # Vault capped it: max TTL is near
-                        log.info("vault.token_max_ttl_near", ttl_s=token.ttl_s)
-                        token = await self._login_again(token)
+                    try:
+                        renewed = await self._vault.renew()
+                    except VaultAuthError as exc:
+                        log.warning("vault.renew_refused", error=str(exc))
+                        renewed = None
+                    if renewed is not None:
+                        self._token_seen(renewed)
+                        log.info("vault.token_renewed", ttl_s=renewed.ttl_s)
+                    if renewed is None or renewed.ttl_s < full_ttl * 2 / 3:
+                        # Refused, or capped by the max TTL: a new token is needed.
+                        token = await self._login_again(renewed or token)
                         full_ttl = token.ttl_s
+                    else:
+                        token = renewed
                 wait_s = _renew_after(token)
                 attempt = 0
             except VaultError as exc:
