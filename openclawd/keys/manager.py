@@ -56,7 +56,7 @@ class VaultAPI(Protocol):
 
 def _renew_after(token: TokenInfo) -> float | None:
     """When to renew: at 2/3 of the TTL; never for a token that does not expire."""
-    return token.ttl_s * 2 / 3 if token.ttl_s > 0 else None
+    return max(0.0, token.ttl_s) * 2 / 3 if token.expires else None
 
 
 def fingerprint(secret: str) -> str:
@@ -246,7 +246,7 @@ class KeyManager:
         fresh = await self._vault.login()
         self._token_seen(fresh)
         log.info("vault.logged_in", auth=self._config.vault.auth, ttl_s=fresh.ttl_s)
-        if self._config.vault.auth == "approle" or fresh.ttl_s <= 0 or fresh.ttl_s > token.ttl_s:
+        if self._config.vault.auth == "approle" or not fresh.expires or fresh.ttl_s > token.ttl_s:
             self._lifecycle.recover("vault-token")
         else:
             self._lifecycle.degrade("vault-token", "vault token cannot be renewed")
@@ -318,7 +318,7 @@ class KeyManager:
         pool, else ``failed`` itself (nothing better exists; the caller relays the error).
         Concurrent calls for one provider share a single Vault read.
         """
-        state = self._providers[provider]
+        state = self._providers[self._names(provider)[0]]
         if state.current is not None and state.current is not failed:
             return state.current  # someone already moved on from that key
         if state.flight is not None:
@@ -449,7 +449,7 @@ class KeyManager:
 
     def _token_seen(self, token: TokenInfo) -> None:
         now = trio.current_time()
-        self._token_expires_at = now + token.ttl_s if token.ttl_s > 0 else None
+        self._token_expires_at = now + token.ttl_s if token.expires else None
 
     def _backoff(self, attempt: int) -> float:
         """Full jitter: uniform over [0, min(cap, base * 2**attempt)]."""

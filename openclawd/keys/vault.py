@@ -50,10 +50,13 @@ class VaultSecretError(VaultError):
 
 @dataclass(frozen=True, slots=True)
 class TokenInfo:
-    """What Vault says of our token. ``ttl_s`` 0 means it never expires (e.g. root)."""
+    """What Vault says of our token: seconds left, renewable, and whether it expires at all
+    (a root token does not). ``ttl_s`` alone cannot tell: Vault rounds it to whole seconds,
+    so a token in its last half second also shows ``ttl`` 0."""
 
     ttl_s: float
     renewable: bool
+    expires: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,10 +112,15 @@ class VaultClient:
 
     def lookup_self(self) -> TokenInfo:
         data = self._call(self._client.auth.token.lookup_self)["data"]
-        return TokenInfo(ttl_s=float(data.get("ttl") or 0), renewable=bool(data.get("renewable")))
+        return TokenInfo(
+            ttl_s=float(data.get("ttl") or 0),
+            renewable=bool(data.get("renewable")),
+            expires=data.get("expire_time") is not None,
+        )
 
     def renew_self(self) -> TokenInfo:
         auth = self._call(self._client.auth.token.renew_self)["auth"]
+        # Only an expiring token is renewed: a lease of 0 here means "about to expire".
         return TokenInfo(float(auth.get("lease_duration") or 0), bool(auth.get("renewable")))
 
     def approle_login(self, role_id: str, secret_id: str) -> TokenInfo:
@@ -149,8 +157,13 @@ class VaultClient:
             raise VaultSecretError(f"not found in Vault ({_vault_errors(exc)})") from None
         except (hvac.exceptions.Unauthorized, hvac.exceptions.Forbidden) as exc:
             raise VaultAuthError(f"Vault refused: {_vault_errors(exc)}") from None
+        except hvac.exceptions.InternalServerError as exc:
+            text = _vault_errors(exc)
+            if "max TTL" in text:
+                # A renewal past the token's max TTL is answered 500: a refusal, not an outage.
+                raise VaultAuthError(f"Vault refused: {text}") from None
+            raise VaultUnreachableError(f"Vault answered InternalServerError: {text}") from None
         except (
-            hvac.exceptions.InternalServerError,
             hvac.exceptions.VaultDown,
             hvac.exceptions.BadGateway,
             hvac.exceptions.VaultNotInitialized,

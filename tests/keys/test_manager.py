@@ -56,7 +56,7 @@ class FakeVault:
     async def login(self) -> TokenInfo:
         await self._enter("login")
         ttl = self.login_ttls.pop(0) if len(self.login_ttls) > 1 else self.login_ttls[0]
-        return TokenInfo(ttl_s=ttl, renewable=self.renewable)
+        return TokenInfo(ttl_s=ttl, renewable=self.renewable, expires=ttl > 0)
 
     async def renew(self) -> TokenInfo:
         await self._enter("renew")
@@ -264,6 +264,20 @@ async def test_approle_logs_in_again_when_the_max_ttl_nears(
     assert lifecycle.state.value == "ready"
 
 
+async def test_a_token_in_its_last_second_is_renewed_at_once(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    vault = FakeVault()
+    vault.write(PATH, api_key="sk-one")
+    vault.login_ttls = [90.0]
+    vault.renew_results = [0.0, 90.0]  # "0 s left", rounded down: still an expiring token
+    manager, _ = make(vault, auth="approle")
+    await run_until(manager, 65)
+    assert vault.times("renew") == [60.0]
+    assert vault.times("login") == [0.0, 60.0]  # 0 < 2/3 of 90: a new login, not "forever"
+    assert manager.statistics().token_ttl_s == 85.0
+
+
 async def test_approle_logs_in_again_when_renewal_is_refused(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
@@ -400,6 +414,8 @@ async def test_pool_and_auth_failure(autojump_clock: trio.testing.MockClock) -> 
         reads = len(vault.times("secret"))
         assert await manager.auth_failure("openai", first) is newest
         assert len(vault.times("secret")) == reads
+        with pytest.raises(UnknownProviderError):
+            await manager.auth_failure("nope", first)
         nursery.cancel_scope.cancel()
 
 
