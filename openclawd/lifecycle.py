@@ -108,9 +108,6 @@ class Lifecycle:
     def unblock(self, key: str) -> None:
         self._set(self._blockers, key, None)
 
-    def blocker_keys(self) -> list[str]:
-        return list(self._blockers)
-
     def degrade(self, key: str, reason: str) -> None:
         """Mark the daemon as serving but impaired (e.g. ``vault unreachable``)."""
         self._set(self._degradations, key, reason)

@@ -300,6 +300,9 @@ class KeyManager:
     async def reload(self, config: Config) -> None:
         """SIGHUP: take the new provider table and re-read every key (``reload``)."""
         self._config = config
+        for gone in self._providers.keys() - config.providers.keys():
+            self._lifecycle.unblock(f"key:{gone}")
+            self._lifecycle.recover(f"key:{gone}")
         self._providers = {
             n: self._providers.get(n, _Provider(p)) for n, p in config.providers.items()
         }
@@ -442,8 +445,8 @@ class KeyManager:
         if isinstance(exc, VaultUnreachableError | VaultAuthError):
             self._reachable = False
             self._lifecycle.degrade("vault", "vault unreachable")
-            if isinstance(exc, VaultAuthError) and during != "token":
-                self._relogin.set()  # perhaps our token expired: get a new one
+            if isinstance(exc, VaultAuthError) and during not in ("login", "token"):
+                self._relogin.set()  # a read refused after login: perhaps the token expired
         log.warning("vault.error", during=during, error=str(exc), kind=type(exc).__name__)
         self._publish()
 
@@ -464,9 +467,6 @@ class KeyManager:
 
     def _publish(self) -> None:
         """Readiness and degradation from the keys we hold (CONTRACT.md 1 and 4)."""
-        for key in self._lifecycle.blocker_keys():
-            if key.startswith("key:") and key[4:] not in self._providers:
-                self._lifecycle.unblock(key)
         for name, state in self._providers.items():
             has_key = state.current is not None
             if has_key or not state.config.required:

@@ -39,6 +39,7 @@ class FakeVault:
         self.login_ttls: list[float] = []  # successive logins' TTLs; the last repeats
         self.renew_results: list[float | Exception] = []
         self.renewable = True
+        self.login_refusals = 0
 
     def write(self, path: str, **data: Any) -> int:
         self.versions.setdefault(path, []).append(data)
@@ -55,6 +56,9 @@ class FakeVault:
 
     async def login(self) -> TokenInfo:
         await self._enter("login")
+        if self.login_refusals:
+            self.login_refusals -= 1
+            raise VaultAuthError("Vault refused: invalid role or secret ID")
         ttl = self.login_ttls.pop(0) if len(self.login_ttls) > 1 else self.login_ttls[0]
         return TokenInfo(ttl_s=ttl, renewable=self.renewable, expires=ttl > 0)
 
@@ -487,3 +491,34 @@ def test_a_key_never_shows_its_secret() -> None:
     assert len(fingerprint("sk-live-123")) == len("sha256:") + 12
     secret_version = SecretVersion(3, {"api_key": "sk-live-123"})
     assert "sk-live-123" not in repr(secret_version)
+
+
+async def test_a_refused_login_is_retried_without_an_extra_login_after(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    vault = FakeVault()
+    vault.write(PATH, api_key="sk-one")
+    vault.login_ttls = [90.0]
+    vault.renew_results = [90.0]
+    vault.login_refusals = 1
+    manager, lifecycle = make(vault, auth="approle")
+    await run_until(manager, 65)
+    assert vault.times("login") == [0.0, 1.0]  # the retry, and no second one after it
+    assert vault.times("renew") == [61.0]
+    assert lifecycle.state.value == "ready"
+
+
+async def test_reload_dropping_a_keyless_optional_provider_clears_its_degradation(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    vault = FakeVault()  # nothing written: the optional provider stays keyless
+    manager, lifecycle = make(vault, required=False)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(manager.serve)
+        assert lifecycle.degradations() == ["no key for openai"]
+        await manager.reload(
+            config.parse({"vault": {"addr": "http://127.0.0.1:8200", "token_file": "/t"}})
+        )
+        assert lifecycle.degradations() == []
+        assert lifecycle.state.value == "ready"
+        nursery.cancel_scope.cancel()
