@@ -240,6 +240,10 @@ class ProviderConfig:
     max_retries: int = _opt(2, _integer(minimum=0, maximum=100))
     max_connections: int = _opt(100, _integer(minimum=1, maximum=100_000))
     allow_insecure: bool = _opt(False, _boolean)
+    retry_backoff_s: float = _opt(0.5, _seconds())
+    retry_backoff_max_s: float = _opt(8.0, _seconds())
+    circuit_failure_threshold: int = _opt(5, _integer(minimum=1, maximum=10_000))
+    circuit_reset_s: float = _opt(30.0, _seconds())
 
 
 @dataclass(frozen=True, slots=True)

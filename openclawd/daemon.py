@@ -30,9 +30,11 @@ from openclawd.errors import ConfigError, ListenError
 from openclawd.keys.manager import KeyManager
 from openclawd.keys.vault import Vault
 from openclawd.lifecycle import Lifecycle
+from openclawd.local.channel import Channels
 from openclawd.local.server import LocalServer
 from openclawd.local.unix import UnixListenSocket, listen_backlog, resolve_group
 from openclawd.notify import Notifier
+from openclawd.upstream.http import Upstreams
 
 log = logs.get(__name__)
 
@@ -49,6 +51,9 @@ class Daemon:
         self.lifecycle = Lifecycle()
         self.local = LocalServer(config.listen, self.lifecycle)
         self.keys = KeyManager(config, Vault(config.vault), self.lifecycle)
+        self.upstreams = Upstreams(config, self.keys)
+        self.channels = Channels(config, self.upstreams, self.lifecycle)
+        self.local.websocket_routes["/v1/ws"] = self.channels.serve
         self._stop_requested = trio.Event()
         self._root: trio.Nursery | None = None
         self._reload_lock = trio.Lock()
@@ -99,6 +104,8 @@ class Daemon:
                     # What is left is cut: handlers see `stopping` and close with 1012.
                     connections.cancel_scope.cancel()
                 root.cancel_scope.cancel()
+            with trio.CancelScope(shield=True):
+                await self.upstreams.aclose()
         log.info("daemon.stopped")
 
     async def _handle_signals(self, signals: AsyncIterator[int]) -> None:
@@ -200,6 +207,10 @@ class Daemon:
         )
         logs.configure(new.logging.level, new.logging.format)
         self.local.config = new.listen
+        self.channels.configure(new)
+        for pool in self.upstreams.reload(new):
+            assert self._root is not None
+            self._root.start_soon(pool.aclose_when_idle)  # in-flight requests run on
         self.config = new
 
     async def _report_state(self) -> None:

@@ -34,11 +34,66 @@ class UnknownProviderError(ClientError):
     code = "unknown_provider"
 
 
+class FrameError(ClientError):
+    """A frame from the app that cannot be acted on; ``request_id`` names the request it
+    was about, when the frame carried a usable one."""
+
+    def __init__(
+        self, message: str, *, code: str = "bad_request", request_id: str | None = None
+    ) -> None:
+        super().__init__(message)
+        self.code = code
+        self.request_id = request_id
+
+
+class RateLimitedError(ClientError):
+    """A local limit (``[limits] requests_per_minute``) refused the request."""
+
+    code = "rate_limited"
+    close_code = 1013
+
+    def __init__(self, message: str, *, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class NoKeyError(OpenclawdError):
+    """The provider has no key yet (Vault never answered for it)."""
+
+    code = "no_key"
+    close_code = 1011
+
+
+class DrainingError(OpenclawdError):
+    """The daemon is draining or stopping and takes no new work."""
+
+    code = "draining"
+    close_code = 1013
+
+
 class UpstreamError(OpenclawdError):
     """The provider or the network between us failed."""
 
     code = "upstream_unavailable"
     close_code = 1014
+
+
+class UpstreamConnectionError(UpstreamError):
+    """The connection failed before any response byte: safe to retry."""
+
+
+class UpstreamProtocolError(UpstreamError):
+    """The upstream's bytes broke its protocol: malformed SSE, an event over the size limit."""
+
+
+class UpstreamTimeoutError(UpstreamError):
+    """The upstream took longer than a configured timeout (a read gap or the total)."""
+
+    code = "upstream_timeout"
+
+
+class CircuitOpenError(UpstreamError):
+    """The provider's circuit breaker is open: failing fast instead of piling on."""
 
 
 class VaultError(OpenclawdError):

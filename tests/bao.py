@@ -236,3 +236,17 @@ def bao() -> Iterator[BaoServer]:
     finally:
         server.stop(kill=True)
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def shared_bao() -> Iterator[BaoServer]:
+    """One dev server for the tests that only read and write secrets (each under its own
+    path); tests that stop, restart or reconfigure Vault use ``bao``."""
+    workdir = Path(tempfile.mkdtemp(prefix="bao-"))
+    server = BaoServer(workdir)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop(kill=True)
+        shutil.rmtree(workdir, ignore_errors=True)

@@ -4,10 +4,13 @@ Owns the app-facing listener and the connections on it: each accepted connection
 id (``c1``, ``c2``, ...) that every log line about it carries, its peer credentials, a
 deadline for sending its request head (so a client trickling bytes cannot hold a slot), a
 log line when it opens and when it closes, and a place in the connection nursery that the
-daemon drains. The request head is parsed with h11; the route table maps a path prefix to
-the handler of an entry point (``/v1/ws``, ``/v1/realtime/``, ``/v1/http/``). Entry points
-register here as they are built; any other path is answered 404. During a drain new
-connections are answered 503 ``draining``. Knows nothing of upstreams or keys.
+daemon drains. The request head is parsed with h11 and routed by path prefix: WebSocket
+entry points (``/v1/ws``, ``/v1/realtime/``) and plain HTTP ones (``/v1/http/``); any other
+path is answered 404. The refusals every entry point shares are made here, each in its own
+kind (CONTRACT.md 3.4): a peer not allowed gets close 1008 or HTTP 403, a connection over
+``max_connections`` close 1013 or 503, a new connection during a drain close 1013 or 503.
+When the daemon cuts a WebSocket it closes it here too: 1012 at shutdown, 1001 at the end
+of an operator's drain. Knows nothing of upstreams or keys.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import json
 import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import h11
 import trio
@@ -25,10 +29,14 @@ import trio
 from openclawd import logs
 from openclawd.config import ListenConfig
 from openclawd.lifecycle import Lifecycle
+from openclawd.local import websocket
 from openclawd.local.unix import PeerCredentials, peer_credentials
+from openclawd.local.websocket import WebSocketConnection
+from openclawd.protocol.closecodes import CloseCode
 
 log = logs.get(__name__)
 
+_H = TypeVar("_H")
 _MAX_HEAD_BYTES = 16 * 1024
 _RECEIVE_BYTES = 64 * 1024
 
@@ -42,6 +50,7 @@ class Connection:
     peer: PeerCredentials
     http: h11.Connection
     request: h11.Request
+    head: bytes  # every byte read so far (the head, maybe more), for a WebSocket handshake
 
     async def respond_json(self, status: int, payload: object) -> None:
         """Send a complete JSON response and end the exchange (the connection then closes)."""
@@ -49,6 +58,7 @@ class Connection:
 
 
 Handler = Callable[[Connection], Awaitable[None]]
+WebSocketHandler = Callable[[Connection, WebSocketConnection], Awaitable[None]]
 
 
 def peer_allowed(peer: PeerCredentials, config: ListenConfig) -> bool:
@@ -66,14 +76,20 @@ def error_body(code: str, message: str) -> dict[str, dict[str, str]]:
 
 
 class LocalServer:
-    """Serves the data socket. ``routes`` maps a path prefix to an entry point's handler."""
+    """Serves the data socket.
+
+    ``routes`` and ``websocket_routes`` map a path prefix to an entry point's handler; a
+    prefix ending in "/" matches every path under it, any other only itself.
+    """
 
     def __init__(self, config: ListenConfig, lifecycle: Lifecycle) -> None:
         self.config = config
         self.lifecycle = lifecycle
         self.routes: dict[str, Handler] = {}
+        self.websocket_routes: dict[str, WebSocketHandler] = {}
         self._ids = itertools.count(1)
         self.clients = 0
+        self.closes: dict[int, int] = {}  # close code -> WebSockets closed with it
 
     async def serve(
         self,
@@ -124,7 +140,7 @@ class LocalServer:
         request: h11.Request | None = None
         with trio.move_on_after(self.config.handshake_timeout_s) as head_scope:
             try:
-                request = await _receive_head(stream, http)
+                request, head = await _receive_head(stream, http)
             except h11.RemoteProtocolError as exc:
                 # h11's message may quote the request's bytes (headers included): not echoed.
                 await _send_json(
@@ -139,48 +155,117 @@ class LocalServer:
         if request is None:
             return "closed before a request"
 
-        conn = Connection(conn_id, stream, peer, http, request)
+        conn = Connection(conn_id, stream, peer, http, request, head)
         path = request.target.decode("ascii", "replace").split("?", 1)[0]
-        if not peer_allowed(peer, self.config):
-            # 403 on every entry point for now; /v1/ws and /v1/realtime close with 1008
-            # once they exist (CONTRACT.md 3.4).
-            message = f"peer uid {peer.uid} gid {peer.gid} is not allowed"
-            await conn.respond_json(403, error_body("forbidden", message))
-            return "refused: peer not allowed"
-        if self.lifecycle.draining or self.lifecycle.stopping:
-            await conn.respond_json(503, error_body("draining", "openclawd is draining"))
-            return "refused: draining"
-        handler = self._route(path)
+        ws_handler = _match(self.websocket_routes, path)
+        if ws_handler is not None:
+            if not websocket.is_upgrade(request):
+                await conn.respond_json(
+                    426, error_body("bad_request", f"{path} is a WebSocket endpoint")
+                )
+                return "bad request: not a WebSocket upgrade"
+            return await self._serve_websocket(conn, ws_handler)
+        handler = _match(self.routes, path)
         if handler is None:
             await conn.respond_json(404, error_body("not_found", f"no entry point at {path}"))
             return "not found"
+        refusal = self._refusal(peer)
+        if refusal is not None:
+            code, status, message = refusal
+            await conn.respond_json(status, error_body(code, message))
+            return f"refused: {message}"
         await handler(conn)
         return "done"
 
-    def _route(self, path: str) -> Handler | None:
-        for prefix, handler in self.routes.items():
-            if path == prefix or (prefix.endswith("/") and path.startswith(prefix)):
-                return handler
+    def _refusal(self, peer: PeerCredentials) -> tuple[str, int, str] | None:
+        """Why a new connection is refused: (error code, HTTP status, message), or None."""
+        if not peer_allowed(peer, self.config):
+            return "forbidden", 403, f"peer uid {peer.uid} gid {peer.gid} is not allowed"
+        if self.lifecycle.draining or self.lifecycle.stopping:
+            return "draining", 503, "openclawd is draining"
+        if self.clients > self.config.max_connections:
+            return "busy", 503, f"over the connection limit ({self.config.max_connections})"
         return None
 
+    async def _serve_websocket(self, conn: Connection, handler: WebSocketHandler) -> str:
+        async with trio.open_nursery() as nursery:
+            ws: WebSocketConnection | None = None
+            with trio.move_on_after(self.config.handshake_timeout_s):
+                with contextlib.suppress(websocket.ConnectionClosed):
+                    ws = await websocket.accept(
+                        nursery,
+                        conn.stream,
+                        conn.head,
+                        max_message_bytes=self.config.max_message_bytes,
+                    )
+            if ws is None:
+                nursery.cancel_scope.cancel()
+                return "websocket handshake failed"
+            refusal = self._refusal(conn.peer)
+            if refusal is not None:
+                _, status, message = refusal
+                code = CloseCode.POLICY if status == 403 else CloseCode.TRY_AGAIN
+                return await self._close(ws, code, message)
+            code, reason = CloseCode.NORMAL, "bye"
+            try:
+                await handler(conn, ws)
+            except websocket.ConnectionClosed:
+                pass
+            except Exception:
+                log.exception("connection.internal_error")
+                code, reason = CloseCode.INTERNAL, "internal error"
+            except BaseException:
+                # Cut by the daemon: at shutdown, or at the end of an operator's drain.
+                if self.lifecycle.stopping:
+                    code, reason = CloseCode.SHUTDOWN, "openclawd is shutting down"
+                elif self.lifecycle.draining:
+                    code, reason = CloseCode.DRAIN_DEADLINE, "drain deadline reached"
+                else:
+                    code, reason = CloseCode.INTERNAL, "connection cancelled"
+                await self._close(ws, code, reason)
+                raise
+            return await self._close(ws, code, reason)
 
-async def _receive_head(stream: trio.SocketStream, http: h11.Connection) -> h11.Request | None:
-    """Read until h11 has a whole request head; None if the peer left first.
+    async def _close(self, ws: WebSocketConnection, code: int, reason: str) -> str:
+        """Close ``ws`` (unless the peer or the library already did); returns the outcome
+        for the connection's log line."""
+        await websocket.close(ws, code, reason)
+        closed = ws.closed
+        if closed is not None and closed.code != code and closed.code != 1000:
+            code, reason = closed.code, closed.reason or ""
+        self.closes[code] = self.closes.get(code, 0) + 1
+        return f"closed {code} {reason}".rstrip()
+
+
+def _match(routes: dict[str, _H], path: str) -> _H | None:
+    for prefix, handler in routes.items():
+        if path == prefix or (prefix.endswith("/") and path.startswith(prefix)):
+            return handler
+    return None
+
+
+async def _receive_head(
+    stream: trio.SocketStream, http: h11.Connection
+) -> tuple[h11.Request | None, bytes]:
+    """Read until h11 has a whole request head; None if the peer left first. Also returns
+    every byte read, for a WebSocket handshake to read again.
 
     Raises:
         h11.RemoteProtocolError: the bytes are not an HTTP/1.1 request (or the head is
             larger than we accept).
     """
+    received = bytearray()
     while True:
         event = http.next_event()
         if isinstance(event, h11.Request):
-            return event
+            return event, bytes(received)
         if event is not h11.NEED_DATA:
-            return None  # ConnectionClosed before a request
+            return None, b""  # ConnectionClosed before a request
         try:
             data = await stream.receive_some(_RECEIVE_BYTES)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
-            return None
+            return None, b""
+        received += data
         http.receive_data(data)
 
 

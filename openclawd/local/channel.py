@@ -1,0 +1,270 @@
+"""The /v1/ws request channel: the driver between an app's WebSocket and the upstreams.
+
+A thin loop after STYLE 6: receive a message, let the sans-IO ``Session`` decide, perform
+the action. Each request runs in its own task in the connection's nursery, under its own
+cancel scope (the app's ``cancel``), relays the upstream response as frames, and counts as
+in-flight work for a drain. Every frame goes out through trio-websocket's send, which
+waits while the app reads slowly; the request's task then stops reading its upstream, so
+a slow app slows its upstream instead of filling memory. A keepalive task pings the app
+and ends the channel when it stops answering. When the app leaves, the connection's
+nursery is cancelled and with it every upstream request it had open.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from typing import Any
+
+import trio
+
+from openclawd import __version__, logs
+from openclawd.config import Config
+from openclawd.errors import DrainingError, OpenclawdError, RateLimitedError, UpstreamError
+from openclawd.lifecycle import Lifecycle
+from openclawd.local import websocket
+from openclawd.local.server import Connection
+from openclawd.local.websocket import ConnectionClosed, WebSocketConnection
+from openclawd.protocol import messages
+from openclawd.protocol.closecodes import CloseCode
+from openclawd.protocol.messages import Request
+from openclawd.protocol.ratelimit import RateLimiter
+from openclawd.protocol.session import Abort, Send, Session, Start
+from openclawd.protocol.sse import SSEDecoder
+from openclawd.upstream.http import UpstreamRequest, UpstreamResponse, Upstreams
+
+log = logs.get(__name__)
+
+# A non-streaming body is sent as one frame, so it is read whole: at most this much.
+MAX_BODY_BYTES = 64 * 1024 * 1024
+# A single SSE event is held whole before it is relayed: at most this much.
+MAX_EVENT_BYTES = 16 * 1024 * 1024
+
+# Upstream response headers an app is shown in response.start.
+_SHOWN_HEADERS = frozenset({"content-type", "retry-after", "request-id", "x-request-id"})
+_SHOWN_PREFIXES = ("x-ratelimit-", "openai-", "anthropic-")
+
+
+def shown_headers(headers: list[tuple[str, str]]) -> dict[str, str]:
+    """The upstream headers that matter to apps: content type, request ids, rate limits."""
+    shown: dict[str, str] = {}
+    for name, value in headers:
+        if name in _SHOWN_HEADERS or name.startswith(_SHOWN_PREFIXES):
+            shown[name] = f"{shown[name]}, {value}" if name in shown else value
+    return shown
+
+
+def usage_of(data: str) -> Any:
+    """The ``usage`` object of an SSE event's data, if it carries one that is not null."""
+    if '"usage"' not in data:
+        return None
+    try:
+        obj = json.loads(data)
+    except ValueError:
+        return None
+    return obj.get("usage") if isinstance(obj, dict) else None
+
+
+class Channels:
+    """Serves /v1/ws connections; shared by all of them."""
+
+    def __init__(self, config: Config, upstreams: Upstreams, lifecycle: Lifecycle) -> None:
+        self.upstreams = upstreams
+        self.lifecycle = lifecycle
+        self.limiter = RateLimiter(config.limits.requests_per_minute)
+        self.configure(config)
+        self.inflight = 0
+
+    def configure(self, config: Config) -> None:
+        """Take a (reloaded) config; open channels keep the limits they started with."""
+        self.config = config
+        self.limiter.requests_per_minute = config.limits.requests_per_minute
+        self.refused_headers = {
+            name: frozenset({provider.auth_header.lower()})
+            for name, provider in config.providers.items()
+        }
+
+    async def serve(self, conn: Connection, ws: WebSocketConnection) -> None:
+        """Run one channel until the app leaves or the keepalive gives up on it."""
+        listen = self.config.listen
+        session = Session(self.refused_headers, listen.max_inflight_per_connection)
+        await ws.send_message(
+            messages.hello(
+                __version__,
+                sorted(self.refused_headers),
+                listen.max_message_bytes,
+                listen.max_inflight_per_connection,
+            )
+        )
+        scopes: dict[str, trio.CancelScope] = {}
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._keepalive, ws, nursery.cancel_scope)
+            while True:
+                try:
+                    message = await ws.get_message()
+                except ConnectionClosed:
+                    break
+                action = session.receive(message)
+                if isinstance(action, Send):
+                    await ws.send_message(action.text)
+                elif isinstance(action, Abort):
+                    scopes[action.id].cancel()
+                elif isinstance(action, Start):
+                    refusal = self._refusal(conn)
+                    if refusal is not None:
+                        session.finish(action.request.id)
+                        await ws.send_message(_error_frame(action.request.id, refusal))
+                    else:
+                        scope = scopes[action.request.id] = trio.CancelScope()
+                        nursery.start_soon(
+                            self._request, ws, session, action.request, scopes, scope
+                        )
+            # The app is gone: nothing it asked for may go on upstream.
+            nursery.cancel_scope.cancel()
+        for scope in scopes.values():
+            scope.cancel()
+
+    def _refusal(self, conn: Connection) -> OpenclawdError | None:
+        if self.lifecycle.draining or self.lifecycle.stopping:
+            return DrainingError("openclawd is draining: send new requests elsewhere or later")
+        retry_after = self.limiter.acquire(conn.peer.uid, trio.current_time())
+        if retry_after is not None:
+            return RateLimitedError(
+                f"over {self.limiter.requests_per_minute} requests per minute for uid "
+                f"{conn.peer.uid}",
+                retry_after_s=math.ceil(retry_after * 1000) / 1000,
+            )
+        return None
+
+    async def _request(
+        self,
+        ws: WebSocketConnection,
+        session: Session,
+        request: Request,
+        scopes: dict[str, trio.CancelScope],
+        scope: trio.CancelScope,
+    ) -> None:
+        rid = request.id
+
+        async def send(text: str) -> None:
+            await ws.send_message(text)
+
+        async def finish(text: str) -> None:
+            # The id is free before the last frame leaves: the app may reuse it as soon
+            # as it reads that frame.
+            session.finish(rid)
+            await ws.send_message(text)
+
+        self.inflight += 1
+        try:
+            with self.lifecycle.work.track():
+                error: OpenclawdError | None = None
+                with scope:
+                    try:
+                        await relay(self.upstreams, request, send, finish)
+                    except OpenclawdError as exc:
+                        error = exc
+                    except ConnectionClosed:
+                        return
+                    except Exception:
+                        log.exception("request.internal_error", request_id=rid)
+                        error = OpenclawdError("internal error")
+                if scope.cancelled_caught:
+                    await finish(messages.error(rid, "cancelled", "cancelled by the app"))
+                elif error is not None:
+                    await finish(_error_frame(rid, error))
+        except ConnectionClosed:
+            pass
+        finally:
+            self.inflight -= 1
+            session.finish(rid)
+            if scopes.get(rid) is scope:  # the app may already have reused the id
+                del scopes[rid]
+
+    async def _keepalive(self, ws: WebSocketConnection, connection: trio.CancelScope) -> None:
+        """Ping every ``ping_interval_s``; a peer silent for ``ping_timeout_s`` is closed."""
+        listen = self.config.listen
+        while True:
+            await trio.sleep(listen.ping_interval_s)
+            with trio.move_on_after(listen.ping_timeout_s):
+                try:
+                    await ws.ping()
+                except ConnectionClosed:
+                    return
+                continue
+            log.info("connection.ping_timeout", timeout_s=listen.ping_timeout_s)
+            await websocket.close(
+                ws, CloseCode.INTERNAL, f"no pong within {listen.ping_timeout_s:g}s"
+            )
+            connection.cancel()
+            return
+
+
+def _error_frame(rid: str | None, exc: OpenclawdError) -> str:
+    retry_after = exc.retry_after_s if isinstance(exc, RateLimitedError) else None
+    return messages.error(rid, exc.code, str(exc), retry_after)
+
+
+async def relay(
+    upstreams: Upstreams,
+    request: Request,
+    send: Callable[[str], Any],
+    finish: Callable[[str], Any],
+) -> None:
+    """Send ``request`` upstream and relay the response as frames (CONTRACT.md 3.1).
+
+    ``send`` takes every frame but the last, ``finish`` the last (``response.end``).
+    Raises:
+        OpenclawdError: no response to relay, or the upstream failed after
+            ``response.start`` (the caller ends the request with an ``error`` frame).
+        ConnectionClosed: the app left.
+    """
+    pool = upstreams[request.provider]
+    headers = list(request.headers)
+    content = None
+    if request.has_body:
+        content = messages.encode_body(request.body)
+        if not any(name == "content-type" for name, _ in headers):
+            headers.append(("content-type", "application/json"))
+    upstream_request = UpstreamRequest(
+        request.method, request.path, headers=tuple(headers), content=content
+    )
+    async with pool.open(upstream_request) as response:
+        await send(
+            messages.response_start(request.id, response.status, shown_headers(response.headers))
+        )
+        try:
+            usage = await _relay_body(request.id, response, send)
+        except UpstreamError as exc:
+            pool.record_failure(exc)
+            raise
+        pool.record_usage(usage)
+        await finish(
+            messages.response_end(request.id, response.key.version, response.attempts, usage)
+        )
+
+
+async def _relay_body(rid: str, response: UpstreamResponse, send: Callable[[str], Any]) -> Any:
+    content_type = (response.header("content-type") or "").lower()
+    if content_type.startswith("text/event-stream"):
+        decoder = SSEDecoder(max_event_bytes=MAX_EVENT_BYTES)
+        usage = None
+        async for chunk in response.aiter_bytes():
+            for event in decoder.feed(chunk):
+                usage = usage_of(event.data) or usage
+                await send(messages.response_event(rid, event.event, event.data))
+        for event in decoder.close():
+            usage = usage_of(event.data) or usage
+            await send(messages.response_event(rid, event.event, event.data))
+        return usage
+    raw = await response.read(MAX_BODY_BYTES)
+    text = raw.decode("utf-8", "replace")
+    body: Any = text
+    if "json" in content_type:
+        try:
+            body = json.loads(text)
+        except ValueError:
+            body = text
+    await send(messages.response_body(rid, body))
+    return body.get("usage") if isinstance(body, dict) else None

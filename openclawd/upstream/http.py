@@ -1,0 +1,499 @@
+"""Upstream HTTP: one pooled httpx client per provider, retries, the circuit breaker.
+
+The only module that imports httpx, and the one place that translates its exceptions into
+ours (``UpstreamError``, ``UpstreamTimeoutError``), as httpx itself maps httpcore's. Owns,
+per provider: the connection pool (HTTP/1.1; keep-alive for every pooled connection), the
+connect / read-gap / total timeouts, the key in the provider's auth header, retries before
+the first byte is relayed (429, 502, 503, 504, connection failures; ``Retry-After`` or
+backoff with full jitter), one retry with a fresh key after 401/403, the circuit breaker,
+and the figures the status and metrics show (rate-limit headers, token usage). It never
+sees an app: callers get an ``UpstreamResponse`` and relay it their own way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import email.utils
+import math
+import random
+import ssl
+import time
+from collections import Counter
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import httpx
+import trio
+
+from openclawd import logs
+from openclawd.config import Config, ProviderConfig
+from openclawd.errors import (
+    CircuitOpenError,
+    NoKeyError,
+    UnknownProviderError,
+    UpstreamConnectionError,
+    UpstreamError,
+    UpstreamTimeoutError,
+)
+from openclawd.keys.manager import Key
+from openclawd.upstream.circuit import CircuitBreaker, CircuitState
+
+log = logs.get(__name__)
+
+RETRY_STATUSES = frozenset({429, 502, 503, 504})
+AUTH_STATUSES = frozenset({401, 403})
+# Retry-After beyond this is not waited for: the response is relayed and the app decides.
+_MAX_RETRY_AFTER_S = 60.0
+# How long closing an abandoned response may take (it runs shielded from cancellation).
+_CLOSE_TIMEOUT_S = 2.0
+_RATELIMIT_HEADERS = {
+    "remaining_requests": (
+        "x-ratelimit-remaining-requests",
+        "anthropic-ratelimit-requests-remaining",
+    ),
+    "remaining_tokens": ("x-ratelimit-remaining-tokens", "anthropic-ratelimit-tokens-remaining"),
+}
+
+
+class KeySource(Protocol):
+    """What the upstream needs of the key manager."""
+
+    def current(self, provider: str) -> Key | None: ...
+    async def auth_failure(self, provider: str, failed: Key) -> Key | None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamRequest:
+    """What to send: ``target`` is the path (and query) under the provider's ``base_url``.
+    ``headers`` come from the app, already cleared of credential and hop-by-hop headers."""
+
+    method: str
+    target: str
+    headers: tuple[tuple[str, str], ...] = ()
+    content: bytes | AsyncIterable[bytes] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamStatistics:
+    """A frozen snapshot of one provider's upstream, for status and metrics."""
+
+    circuit: str
+    last_error: str | None
+    remaining_requests: int | None
+    remaining_tokens: int | None
+    requests: Mapping[str, int]  # final status ("200", "429", "error", ...) -> count
+    retries: int
+    tokens: Mapping[str, int]  # "prompt" / "completion" -> count
+
+
+class UpstreamResponse:
+    """An upstream response whose head has arrived; the body is read with ``aiter_bytes``."""
+
+    def __init__(self, response: httpx.Response, key: Key, attempts: int) -> None:
+        self._response = response
+        self.status = response.status_code
+        self.headers: list[tuple[str, str]] = [
+            (k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in response.headers.raw
+        ]
+        self.key = key
+        self.attempts = attempts
+
+    def header(self, name: str) -> str | None:
+        value: str | None = self._response.headers.get(name)
+        return value
+
+    async def aiter_bytes(self) -> AsyncIterator[bytes]:
+        """The body, content-decoded, as it arrives.
+
+        Raises:
+            UpstreamTimeoutError: no byte came for ``read_timeout_s``.
+            UpstreamError: the connection dropped or the body is malformed.
+        """
+        with _translated("reading the body", before_response=False):
+            async for chunk in self._response.aiter_bytes():
+                yield chunk
+
+    async def aiter_raw(self) -> AsyncIterator[bytes]:
+        """The body exactly as sent (content-encoding kept), as it arrives."""
+        with _translated("reading the body", before_response=False):
+            async for chunk in self._response.aiter_raw():
+                yield chunk
+
+    async def read(self, limit: int) -> bytes:
+        """The whole body, at most ``limit`` bytes.
+
+        Raises:
+            UpstreamError: the body is larger than ``limit``, or reading it failed.
+        """
+        parts: list[bytes] = []
+        size = 0
+        async for chunk in self.aiter_bytes():
+            size += len(chunk)
+            if size > limit:
+                raise UpstreamError(f"upstream response body larger than {limit} bytes")
+            parts.append(chunk)
+        return b"".join(parts)
+
+
+class ProviderPool:
+    """The upstream of one provider: its client, breaker and figures."""
+
+    def __init__(
+        self,
+        name: str,
+        config: ProviderConfig,
+        keys: KeySource,
+        *,
+        transport: httpx.AsyncBaseTransport | None = None,
+        jitter: Callable[[float], float] | None = None,
+    ) -> None:
+        self.name = name
+        self.config = config
+        self.keys = keys
+        self._jitter = jitter or (lambda high: random.uniform(0.0, high))
+        self.breaker = CircuitBreaker(config.circuit_failure_threshold, config.circuit_reset_s)
+        self.client = httpx.AsyncClient(
+            base_url=config.base_url,
+            http1=True,
+            http2=False,  # httpx's HTTP/2 fails requests when a server sends GOAWAY
+            limits=httpx.Limits(
+                max_connections=config.max_connections,
+                max_keepalive_connections=config.max_connections,
+            ),
+            timeout=httpx.Timeout(
+                connect=config.connect_timeout_s,
+                read=config.read_timeout_s,
+                write=config.read_timeout_s,
+                pool=config.connect_timeout_s,
+            ),
+            # The system's CA store, verified; never the environment's proxies or netrc.
+            verify=ssl.create_default_context(),
+            trust_env=False,
+            follow_redirects=False,
+            transport=transport,
+        )
+        self._last_error: str | None = None
+        self._ratelimit: dict[str, int | None] = dict.fromkeys(_RATELIMIT_HEADERS)
+        self._requests: Counter[str] = Counter()
+        self._retries = 0
+        self._tokens: Counter[str] = Counter()
+        self._active = 0
+        self._idle = trio.Event()
+        self._idle.set()
+
+    def configure(self, config: ProviderConfig) -> None:
+        """Take a reloaded config: timeouts, retries and the breaker follow at once; the
+        pool size and URL stay as the client was built (they need a restart)."""
+        self.config = config
+        self.breaker.failure_threshold = config.circuit_failure_threshold
+        self.breaker.reset_s = config.circuit_reset_s
+        self.client.timeout = httpx.Timeout(
+            connect=config.connect_timeout_s,
+            read=config.read_timeout_s,
+            write=config.read_timeout_s,
+            pool=config.connect_timeout_s,
+        )
+
+    @contextlib.asynccontextmanager
+    async def open(self, request: UpstreamRequest) -> AsyncIterator[UpstreamResponse]:
+        """Send ``request`` (with retries) and yield the response whose head came back.
+
+        The ``total_timeout_s`` deadline covers the retries and the body read inside the
+        ``async with``. Leaving the block before the body is read closes that upstream
+        connection, so abandoned work does not go on upstream.
+
+        Raises:
+            NoKeyError: the provider has no key.
+            CircuitOpenError: the breaker is open.
+            UpstreamError: connection failures after the retries, or a body read failure.
+            UpstreamTimeoutError: a read gap over ``read_timeout_s`` or the total deadline.
+
+        Cancellation: safe at any point; the upstream response is closed.
+        """
+        cfg = self.config
+        started = trio.current_time()
+        if not self._active:
+            self._idle = trio.Event()
+        self._active += 1
+        status = "error"
+        attempts = 0
+        key: Key | None = None
+        with trio.move_on_after(cfg.total_timeout_s) as deadline:
+            try:
+                response, key, attempts = await self._send(request, deadline.deadline)
+                status = str(response.status_code)
+                try:
+                    yield UpstreamResponse(response, key, attempts)
+                finally:
+                    with trio.move_on_after(_CLOSE_TIMEOUT_S) as cleanup:
+                        cleanup.shield = True
+                        await response.aclose()
+            except UpstreamError as exc:
+                self._last_error = str(exc)
+                raise
+            finally:
+                self._active -= 1
+                if not self._active:
+                    self._idle.set()
+                self._requests[status] += 1
+                log.info(
+                    "upstream.request",
+                    provider=self.name,
+                    method=request.method,
+                    status=status,
+                    attempts=attempts,
+                    duration_s=round(trio.current_time() - started, 4),
+                    key=key.fingerprint if key else None,
+                    key_version=key.version if key else None,
+                )
+        if deadline.cancelled_caught:
+            self._last_error = f"no complete answer within total_timeout_s={cfg.total_timeout_s}"
+            raise UpstreamTimeoutError(self._last_error)
+
+    async def _send(
+        self, request: UpstreamRequest, deadline: float
+    ) -> tuple[httpx.Response, Key, int]:
+        """The retry loop: returns the response to relay, the key it was sent with and the
+        number of attempts."""
+        cfg = self.config
+        key = self.keys.current(self.name)
+        if key is None:
+            raise NoKeyError(f"no key for {self.name}: Vault has not answered for it yet")
+        refreshed_key = False
+        attempt = 0
+        while True:
+            now = trio.current_time()
+            if not self.breaker.allow(now):
+                retry_in = math.ceil(self.breaker.retry_after(now))
+                raise CircuitOpenError(
+                    f"circuit open for {self.name} after repeated failures; next probe in "
+                    f"{retry_in}s"
+                )
+            attempt += 1
+            try:
+                response = await self._attempt(request, key)
+            except UpstreamError as exc:
+                self.breaker.failure(trio.current_time())
+                if not _retryable(exc) or attempt > cfg.max_retries:
+                    raise
+                delay = self._backoff(attempt)
+                if trio.current_time() + delay >= deadline:
+                    raise
+                log.info("upstream.retry", provider=self.name, attempt=attempt, reason=str(exc))
+            except BaseException:
+                self.breaker.abandon()
+                raise
+            else:
+                self._record_headers(response)
+                status = response.status_code
+                if status >= 500:
+                    self.breaker.failure(trio.current_time())
+                else:
+                    self.breaker.success()
+                if status in AUTH_STATUSES and not refreshed_key:
+                    refreshed_key = True
+                    fresh = await self.keys.auth_failure(self.name, key)
+                    if fresh is not None and fresh.secret != key.secret:
+                        await _close(response)
+                        log.info(
+                            "upstream.retry",
+                            provider=self.name,
+                            attempt=attempt,
+                            reason=f"upstream {status}: retrying with key {fresh.fingerprint}",
+                        )
+                        key = fresh
+                        self._retries += 1
+                        continue
+                if status not in RETRY_STATUSES or attempt > cfg.max_retries:
+                    return response, key, attempt
+                delay = self._retry_after(response) or self._backoff(attempt)
+                if delay > _MAX_RETRY_AFTER_S or trio.current_time() + delay >= deadline:
+                    return response, key, attempt
+                await _close(response)
+                log.info(
+                    "upstream.retry",
+                    provider=self.name,
+                    attempt=attempt,
+                    reason=f"upstream {status}",
+                    delay_s=round(delay, 3),
+                )
+            self._retries += 1
+            await trio.sleep(delay)
+
+    async def _attempt(self, request: UpstreamRequest, key: Key) -> httpx.Response:
+        cfg = self.config
+        headers = list(request.headers)
+        headers.append(
+            (cfg.auth_header, f"{cfg.auth_scheme} {key.secret}" if cfg.auth_scheme else key.secret)
+        )
+        built = self.client.build_request(
+            request.method, request.target, headers=headers, content=request.content
+        )
+        with _translated("waiting for the response", before_response=True):
+            return await self.client.send(built, stream=True)
+
+    def _backoff(self, attempt: int) -> float:
+        """Full jitter: uniform in [0, min(max, base * 2^(attempt-1))]."""
+        cfg = self.config
+        return self._jitter(min(cfg.retry_backoff_max_s, cfg.retry_backoff_s * 2 ** (attempt - 1)))
+
+    def _retry_after(self, response: httpx.Response) -> float | None:
+        return parse_retry_after(response.headers.get("retry-after"), now=time.time())
+
+    def _record_headers(self, response: httpx.Response) -> None:
+        for field, names in _RATELIMIT_HEADERS.items():
+            for name in names:
+                value = response.headers.get(name)
+                if value is not None:
+                    with contextlib.suppress(ValueError):
+                        self._ratelimit[field] = int(value)
+                    break
+
+    def record_usage(self, usage: Any) -> None:
+        """Count the tokens of a response's ``usage`` object (OpenAI or Anthropic shape)."""
+        if not isinstance(usage, dict):
+            return
+        for kind, names in (
+            ("prompt", ("prompt_tokens", "input_tokens")),
+            ("completion", ("completion_tokens", "output_tokens")),
+        ):
+            for name in names:
+                value = usage.get(name)
+                if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+                    self._tokens[kind] += value
+                    break
+
+    def record_failure(self, exc: UpstreamError) -> None:
+        """A failure after the head arrived (a drop or a stall mid-body)."""
+        self._last_error = str(exc)
+        self.breaker.failure(trio.current_time())
+
+    def statistics(self) -> UpstreamStatistics:
+        state = self.breaker.state
+        if state is CircuitState.OPEN and self.breaker.retry_after(trio.current_time()) == 0:
+            state = CircuitState.HALF_OPEN
+        return UpstreamStatistics(
+            circuit=state.value,
+            last_error=self._last_error,
+            remaining_requests=self._ratelimit["remaining_requests"],
+            remaining_tokens=self._ratelimit["remaining_tokens"],
+            requests=dict(self._requests),
+            retries=self._retries,
+            tokens=dict(self._tokens),
+        )
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+    async def aclose_when_idle(self) -> None:
+        """Close once no request uses the pool (a provider removed by a reload)."""
+        await self._idle.wait()
+        await self.client.aclose()
+
+
+class Upstreams:
+    """Every provider's pool, built from the config."""
+
+    def __init__(
+        self,
+        config: Config,
+        keys: KeySource,
+        *,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self.keys = keys
+        self._transport = transport
+        self.pools = {
+            name: ProviderPool(name, provider, keys, transport=transport)
+            for name, provider in config.providers.items()
+        }
+
+    def __getitem__(self, name: str) -> ProviderPool:
+        try:
+            return self.pools[name]
+        except KeyError:
+            raise UnknownProviderError(f"unknown provider {name!r}") from None
+
+    def reload(self, config: Config) -> list[ProviderPool]:
+        """Follow a reloaded config; returns the pools of removed providers, to close."""
+        removed = [self.pools.pop(n) for n in list(self.pools) if n not in config.providers]
+        for name, provider in config.providers.items():
+            pool = self.pools.get(name)
+            if pool is None or pool.config.base_url != provider.base_url:
+                if pool is not None:
+                    removed.append(pool)
+                self.pools[name] = ProviderPool(
+                    name, provider, self.keys, transport=self._transport
+                )
+            else:
+                pool.configure(provider)
+        return removed
+
+    async def aclose(self) -> None:
+        for pool in self.pools.values():
+            await pool.aclose()
+
+
+def parse_retry_after(value: str | None, *, now: float) -> float | None:
+    """``Retry-After`` as seconds from ``now`` (delta-seconds or an HTTP date); None if
+    absent or unreadable."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError):
+            return None
+        if when.tzinfo is None:
+            return None
+        seconds = when.timestamp() - now
+    if not math.isfinite(seconds):
+        return None
+    return max(0.0, seconds)
+
+
+def _retryable(exc: UpstreamError) -> bool:
+    """Connection failures before any response byte; never timeouts (the provider may be
+    working on the request)."""
+    return isinstance(exc, UpstreamConnectionError)
+
+
+async def _close(response: httpx.Response) -> None:
+    with trio.move_on_after(_CLOSE_TIMEOUT_S) as scope:
+        scope.shield = True
+        await response.aclose()
+
+
+@contextlib.contextmanager
+def _translated(during: str, *, before_response: bool) -> Iterator[None]:
+    """httpx's exceptions as ours, with messages that name the failure, not the request.
+
+    A connection that fails before any response byte is an ``UpstreamConnectionError``
+    (safe to retry); after the head it is an ``UpstreamError`` (bytes were relayed).
+    """
+    try:
+        yield
+    except (httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
+        what = "connect" if isinstance(exc, httpx.ConnectTimeout) else "connection pool"
+        raise UpstreamConnectionError(f"upstream {what} timeout") from exc
+    except httpx.TimeoutException as exc:
+        what = "write" if isinstance(exc, httpx.WriteTimeout) else "read"
+        raise UpstreamTimeoutError(f"upstream {what} timeout while {during}") from exc
+    except httpx.ConnectError as exc:
+        raise UpstreamConnectionError(f"cannot connect to the upstream: {_reason(exc)}") from exc
+    except (httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError) as exc:
+        message = f"upstream connection failed while {during}: {_reason(exc)}"
+        if before_response:
+            raise UpstreamConnectionError(message) from exc
+        raise UpstreamError(message) from exc
+    except httpx.HTTPError as exc:
+        raise UpstreamError(f"upstream failure while {during}: {type(exc).__name__}") from exc
+
+
+def _reason(exc: Exception) -> str:
+    text = str(exc) or type(exc).__name__
+    return text[:200]

@@ -1,0 +1,189 @@
+"""The data plane assembled in the test's own trio run: keys from a real bao, the upstream
+pools, the /v1/ws channel on a real unix socket, and an app-side WebSocket client.
+
+The pieces are the daemon's own (KeyManager, Upstreams, Channels, LocalServer); only the
+process, signals and control API are left out, so each test starts in a fraction of a
+second and can look inside (the lifecycle, the pools' statistics).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import trio
+import trio_websocket
+
+from openclawd import config
+from openclawd.keys.manager import KeyManager
+from openclawd.keys.vault import Vault
+from openclawd.lifecycle import Lifecycle
+from openclawd.local.channel import Channels
+from openclawd.local.server import LocalServer
+from openclawd.local.unix import UnixListenSocket
+from openclawd.upstream.http import Upstreams
+
+from ..bao import BaoServer
+
+_paths = itertools.count()
+
+
+@dataclass
+class DataPlane:
+    socket_path: str
+    config: config.Config
+    lifecycle: Lifecycle
+    keys: KeyManager
+    upstreams: Upstreams
+    channels: Channels
+    local: LocalServer
+    vault_path: str
+
+
+def unique_vault_path() -> str:
+    return f"openclawd/test{next(_paths)}"
+
+
+@asynccontextmanager
+async def open_dataplane(
+    bao: BaoServer,
+    runtime: Path,
+    upstream_url: str,
+    *,
+    key: str | list[str] = "sk-test-0001",
+    listen: dict[str, Any] | None = None,
+    provider: dict[str, Any] | None = None,
+    limits: dict[str, Any] | None = None,
+) -> AsyncIterator[DataPlane]:
+    """Serve /v1/ws on ``runtime/data.sock`` with provider ``openai`` at ``upstream_url``
+    and ``key`` written to a fresh path of ``bao``; returns once the key is loaded."""
+    vault_path = unique_vault_path()
+    await trio.to_thread.run_sync(lambda: bao.write(vault_path, api_key=key))
+    token_file = runtime / "vault-token"
+    token_file.write_text(bao.root_token + "\n")
+    tables: dict[str, Any] = {
+        "listen": {"socket": str(runtime / "data.sock"), **(listen or {})},
+        "vault": {
+            "addr": bao.addr,
+            "auth": "token",
+            "token_file": str(token_file),
+            "refresh_interval_s": 0.2,
+            "request_timeout_s": 2.0,
+        },
+        "providers": {
+            "openai": {"base_url": upstream_url, "vault_path": vault_path, **(provider or {})}
+        },
+        "limits": limits or {},
+    }
+    cfg = config.parse(tables, source=str(runtime / "openclawd.toml"), environ={})
+    lifecycle = Lifecycle()
+    keys = KeyManager(cfg, Vault(cfg.vault), lifecycle)
+    upstreams = Upstreams(cfg, keys)
+    channels = Channels(cfg, upstreams, lifecycle)
+    local = LocalServer(cfg.listen, lifecycle)
+    local.websocket_routes["/v1/ws"] = channels.serve
+    with UnixListenSocket(cfg.listen.socket, mode=0o600, gid=None, backlog=128, key="listen") as s:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(keys.serve)
+            async with trio.open_nursery() as connections:
+                await nursery.start(local.serve, s.sock, connections)
+                lifecycle.set_listening()
+                while keys.current("openai") is None:  # noqa: ASYNC110 - no change event
+                    await trio.sleep(0.01)
+                try:
+                    yield DataPlane(
+                        cfg.listen.socket,
+                        cfg,
+                        lifecycle,
+                        keys,
+                        upstreams,
+                        channels,
+                        local,
+                        vault_path,
+                    )
+                finally:
+                    connections.cancel_scope.cancel()
+                    nursery.cancel_scope.cancel()
+                    await upstreams.aclose()
+
+
+class AppClient:
+    """An app on the /v1/ws channel: send frames, read them back by request id."""
+
+    def __init__(self, ws: trio_websocket.WebSocketConnection, hello: dict[str, Any]) -> None:
+        self.ws = ws
+        self.hello = hello
+        self._pending: list[dict[str, Any]] = []
+
+    async def send(self, frame: dict[str, Any] | str | bytes) -> None:
+        if isinstance(frame, dict):
+            frame = json.dumps(frame)
+        await self.ws.send_message(frame)
+
+    async def request(self, rid: str, path: str = "/v1/chat/completions", **fields: Any) -> None:
+        frame = {"type": "request", "id": rid, "provider": "openai", "path": path}
+        frame.update(fields)
+        await self.send(frame)
+
+    async def receive(self) -> dict[str, Any]:
+        if self._pending:
+            return self._pending.pop(0)
+        message = await self.ws.get_message()
+        assert isinstance(message, str)
+        frame: dict[str, Any] = json.loads(message)
+        return frame
+
+    async def receive_for(self, rid: str | None) -> dict[str, Any]:
+        """The next frame about ``rid``; frames about other ids are kept for later."""
+        for i, frame in enumerate(self._pending):
+            if frame.get("id") == rid:
+                return self._pending.pop(i)
+        while True:
+            message = await self.ws.get_message()
+            assert isinstance(message, str)
+            frame = json.loads(message)
+            if frame.get("id") == rid:
+                return frame
+            self._pending.append(frame)
+
+    async def exchange(self, rid: str) -> list[dict[str, Any]]:
+        """Every frame of request ``rid`` up to its last (``response.end`` or ``error``)."""
+        frames = []
+        while True:
+            frame = await self.receive_for(rid)
+            frames.append(frame)
+            if frame["type"] in ("response.end", "error"):
+                return frames
+
+
+def unix_connect(path: str) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(path)
+    return sock
+
+
+@asynccontextmanager
+async def open_app(
+    path: str, *, max_message_size: int = 64 * 1024 * 1024
+) -> AsyncIterator[AppClient]:
+    """A WebSocket client on /v1/ws over the unix socket at ``path``; reads the hello."""
+    stream = await trio.open_unix_socket(path)
+    async with trio.open_nursery() as nursery:
+        ws = await trio_websocket.wrap_client_stream(
+            nursery, stream, "openclawd", "/v1/ws", max_message_size=max_message_size
+        )
+        try:
+            hello = json.loads(await ws.get_message())
+            assert hello["type"] == "hello"
+            yield AppClient(ws, hello)
+        finally:
+            with trio.move_on_after(2) as scope:
+                scope.shield = True
+                await ws.aclose()
+            nursery.cancel_scope.cancel()
