@@ -46,6 +46,12 @@ class FrameError(ClientError):
         self.request_id = request_id
 
 
+class PeerTimeoutError(ClientError):
+    """The app stopped answering pings: a half-open or hung peer."""
+
+    close_code = 1011
+
+
 class RateLimitedError(ClientError):
     """A local limit (``[limits] requests_per_minute``) refused the request."""
 

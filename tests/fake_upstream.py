@@ -32,7 +32,6 @@ from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from enum import Enum
-from functools import partial
 from typing import Any
 
 import h11
@@ -54,12 +53,16 @@ class Reply:
     and ``status == 200`` the default OpenAI-shaped behaviour supplies status, headers and
     content (so ``Reply(drop_after_chunks=1)`` is "the normal answer, dropped after one
     chunk"); ``headers`` are then added to the default ones. With none of them and another
-    status the body is an OpenAI-shaped JSON error.
+    status the body is an OpenAI-shaped JSON error. Scripted content is sent as given: no
+    key check. Every response carries ``x-request-id: req-<n>`` (n: the request's index in
+    ``requests``) unless ``headers`` name one.
 
     The delivery controls count "chunks": each item of ``chunks``, each ~64 KiB write of
     ``stream_bytes``, or the whole ``body`` as one. ``drop_after_chunks`` /
     ``stall_after_chunks`` at or past the number of chunks act just before the end of the
-    body (a chunked body then misses its terminating chunk).
+    body (a chunked body then misses its terminating chunk). A drop closes with a FIN, so
+    the client reads everything sent before it; with ``drop_with_reset`` the client's kernel
+    may discard what it had not read yet (it sees a reset, httpx a ReadError).
     """
 
     status: int = 200
@@ -107,7 +110,6 @@ class _Response:
     status: int
     headers: list[tuple[str, str]]
     pieces: Iterable[bytes]
-    chunked: bool
     controls: Reply
 
 
@@ -117,8 +119,8 @@ class FakeUpstream:
     ``close_reasons`` maps each ended connection's index to why it ended: ``"client"``
     (the client closed or reset it), ``"close"`` (we closed after a response, because of
     ``Connection: close`` either way), ``"drop"`` (a ``drop_after_chunks`` reply),
-    ``"bad-request"`` (the client sent something that is not HTTP/1.1) or ``"shutdown"``
-    (still open when the fake stopped).
+    ``"bad-request"`` (the client sent something that is not HTTP/1.1), ``"shutdown"``
+    (still open when the fake stopped) or ``"error"`` (the fake raised: that propagates).
     """
 
     def __init__(self, expected_key: str | None = None) -> None:
@@ -170,14 +172,38 @@ class FakeUpstream:
 
     # --- connections -----------------------------------------------------------------
 
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Listen on 127.0.0.1 (free port), set ``url``, serve until cancelled.
+
+        Not ``trio.serve_tcp``: its handler wrapper closes the stream again at a
+        checkpoint, and a cancellation arriving there (the test body failing because the
+        fake closed its connection) replaces the handler's exception: a bug in the fake
+        would vanish. For the same reason the listener is closed without a checkpoint.
+        """
+        listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
+        try:
+            host, port = listener.socket.getsockname()[:2]
+            self.url = f"http://{host}:{port}"
+            async with trio.open_nursery() as nursery:
+                task_status.started()
+                while True:
+                    stream = await listener.accept()
+                    nursery.start_soon(self.handle, stream)
+        finally:
+            listener.socket.close()
+
     async def handle(self, stream: trio.SocketStream) -> None:
-        """Serve one accepted TCP connection (the ``serve_tcp`` handler)."""
+        """Serve one accepted TCP connection until it ends; count it and close it."""
         index = self.connections_opened
         self.connections_opened += 1
         self._notify()
         reason = "shutdown"
         try:
             reason = await self._serve(stream, index)
+        except BaseException as exc:
+            if not _is_cancellation(exc):
+                reason = "error"  # a bug in the fake (or the script): it propagates
+            raise
         finally:
             with trio.CancelScope(shield=True):
                 await stream.aclose()
@@ -295,7 +321,7 @@ class FakeUpstream:
             headers.append(("connection", "close"))
         if seen.method == "HEAD" or status in (204, 304):
             pieces = []
-        return _Response(status, headers + extra, pieces, chunked, reply)
+        return _Response(status, headers + extra, pieces, reply)
 
     def _default_reply(self, seen: SeenRequest) -> Reply:
         """The OpenAI-shaped answer (content and headers only)."""
@@ -383,22 +409,25 @@ async def open_fake_upstream(expected_key: str | None = None) -> AsyncIterator[F
     """Serve a :class:`FakeUpstream` on 127.0.0.1 (free port) for the ``async with`` body.
 
     The server runs in a nursery that is cancelled on exit. An exception from the body
-    (or from the fake) comes out as itself, not wrapped in an ExceptionGroup.
+    or from the fake comes out as itself, not wrapped in ExceptionGroups; when both raise,
+    the group holds both.
     """
     upstream = FakeUpstream(expected_key)
     try:
         async with trio.open_nursery() as nursery:
-            listeners = await nursery.start(
-                partial(trio.serve_tcp, upstream.handle, 0, host="127.0.0.1")
-            )
-            host, port = listeners[0].socket.getsockname()[:2]
-            upstream.url = f"http://{host}:{port}"
+            await nursery.start(upstream.serve)
             try:
                 yield upstream
             finally:
                 nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:
         raise _collapse(group) from None
+
+
+def _is_cancellation(error: BaseException) -> bool:
+    if isinstance(error, BaseExceptionGroup):
+        return all(_is_cancellation(inner) for inner in error.exceptions)
+    return isinstance(error, trio.Cancelled)
 
 
 def _collapse(error: BaseException) -> BaseException:

@@ -21,13 +21,17 @@ import trio
 
 from openclawd import __version__, logs
 from openclawd.config import Config
-from openclawd.errors import DrainingError, OpenclawdError, RateLimitedError, UpstreamError
+from openclawd.errors import (
+    DrainingError,
+    OpenclawdError,
+    PeerTimeoutError,
+    RateLimitedError,
+    UpstreamError,
+)
 from openclawd.lifecycle import Lifecycle
-from openclawd.local import websocket
 from openclawd.local.server import Connection
 from openclawd.local.websocket import ConnectionClosed, WebSocketConnection
 from openclawd.protocol import messages
-from openclawd.protocol.closecodes import CloseCode
 from openclawd.protocol.messages import Request
 from openclawd.protocol.ratelimit import RateLimiter
 from openclawd.protocol.session import Abort, Send, Session, Start
@@ -98,32 +102,32 @@ class Channels:
             )
         )
         scopes: dict[str, trio.CancelScope] = {}
+        silent: list[PeerTimeoutError] = []
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._keepalive, ws, nursery.cancel_scope)
-            while True:
-                try:
-                    message = await ws.get_message()
-                except ConnectionClosed:
-                    break
-                action = session.receive(message)
-                if isinstance(action, Send):
-                    await ws.send_message(action.text)
-                elif isinstance(action, Abort):
-                    scopes[action.id].cancel()
-                elif isinstance(action, Start):
-                    refusal = self._refusal(conn)
-                    if refusal is not None:
-                        session.finish(action.request.id)
-                        await ws.send_message(_error_frame(action.request.id, refusal))
-                    else:
-                        scope = scopes[action.request.id] = trio.CancelScope()
-                        nursery.start_soon(
-                            self._request, ws, session, action.request, scopes, scope
-                        )
+            nursery.start_soon(self._keepalive, ws, silent, nursery.cancel_scope)
+            try:
+                while True:
+                    action = session.receive(await ws.get_message())
+                    if isinstance(action, Send):
+                        await ws.send_message(action.text)
+                    elif isinstance(action, Abort):
+                        scopes[action.id].cancel()
+                    elif isinstance(action, Start):
+                        refusal = self._refusal(conn)
+                        if refusal is not None:
+                            session.finish(action.request.id)
+                            await ws.send_message(_error_frame(action.request.id, refusal))
+                        else:
+                            scope = scopes[action.request.id] = trio.CancelScope()
+                            nursery.start_soon(
+                                self._request, ws, session, action.request, scopes, scope
+                            )
+            except ConnectionClosed:
+                pass
             # The app is gone: nothing it asked for may go on upstream.
             nursery.cancel_scope.cancel()
-        for scope in scopes.values():
-            scope.cancel()
+        if silent:
+            raise silent[0]
 
     def _refusal(self, conn: Connection) -> OpenclawdError | None:
         if self.lifecycle.draining or self.lifecycle.stopping:
@@ -150,9 +154,13 @@ class Channels:
         async def send(text: str) -> None:
             await ws.send_message(text)
 
+        finished = False
+
         async def finish(text: str) -> None:
             # The id is free before the last frame leaves: the app may reuse it as soon
             # as it reads that frame.
+            nonlocal finished
+            finished = True
             session.finish(rid)
             await ws.send_message(text)
 
@@ -178,12 +186,20 @@ class Channels:
             pass
         finally:
             self.inflight -= 1
-            session.finish(rid)
+            if not finished:  # else the id may already belong to the app's next request
+                session.finish(rid)
             if scopes.get(rid) is scope:  # the app may already have reused the id
                 del scopes[rid]
 
-    async def _keepalive(self, ws: WebSocketConnection, connection: trio.CancelScope) -> None:
-        """Ping every ``ping_interval_s``; a peer silent for ``ping_timeout_s`` is closed."""
+    async def _keepalive(
+        self,
+        ws: WebSocketConnection,
+        silent: list[PeerTimeoutError],
+        channel: trio.CancelScope,
+    ) -> None:
+        """Ping every ``ping_interval_s``. A peer silent for ``ping_timeout_s`` ends the
+        channel: the error is left in ``silent`` for ``serve`` to raise (the front door
+        then closes with its close code, 1011), and the channel's scope is cancelled."""
         listen = self.config.listen
         while True:
             await trio.sleep(listen.ping_interval_s)
@@ -194,10 +210,8 @@ class Channels:
                     return
                 continue
             log.info("connection.ping_timeout", timeout_s=listen.ping_timeout_s)
-            await websocket.close(
-                ws, CloseCode.INTERNAL, f"no pong within {listen.ping_timeout_s:g}s"
-            )
-            connection.cancel()
+            silent.append(PeerTimeoutError(f"no pong within {listen.ping_timeout_s:g}s"))
+            channel.cancel()
             return
 
 

@@ -28,6 +28,7 @@ import trio
 
 from openclawd import logs
 from openclawd.config import ListenConfig
+from openclawd.errors import OpenclawdError
 from openclawd.lifecycle import Lifecycle
 from openclawd.local import websocket
 from openclawd.local.unix import PeerCredentials, peer_credentials
@@ -158,22 +159,23 @@ class LocalServer:
         conn = Connection(conn_id, stream, peer, http, request, head)
         path = request.target.decode("ascii", "replace").split("?", 1)[0]
         ws_handler = _match(self.websocket_routes, path)
-        if ws_handler is not None:
-            if not websocket.is_upgrade(request):
-                await conn.respond_json(
-                    426, error_body("bad_request", f"{path} is a WebSocket endpoint")
-                )
-                return "bad request: not a WebSocket upgrade"
+        if ws_handler is not None and websocket.is_upgrade(request):
             return await self._serve_websocket(conn, ws_handler)
-        handler = _match(self.routes, path)
-        if handler is None:
-            await conn.respond_json(404, error_body("not_found", f"no entry point at {path}"))
-            return "not found"
+        # Refused before routing: a peer that is not allowed learns nothing of the routes.
         refusal = self._refusal(peer)
         if refusal is not None:
             code, status, message = refusal
             await conn.respond_json(status, error_body(code, message))
             return f"refused: {message}"
+        if ws_handler is not None:
+            await conn.respond_json(
+                426, error_body("bad_request", f"{path} is a WebSocket endpoint")
+            )
+            return "bad request: not a WebSocket upgrade"
+        handler = _match(self.routes, path)
+        if handler is None:
+            await conn.respond_json(404, error_body("not_found", f"no entry point at {path}"))
+            return "not found"
         await handler(conn)
         return "done"
 
@@ -204,13 +206,16 @@ class LocalServer:
             refusal = self._refusal(conn.peer)
             if refusal is not None:
                 _, status, message = refusal
-                code = CloseCode.POLICY if status == 403 else CloseCode.TRY_AGAIN
-                return await self._close(ws, code, message)
-            code, reason = CloseCode.NORMAL, "bye"
+                refused = CloseCode.POLICY if status == 403 else CloseCode.TRY_AGAIN
+                return await self._close(ws, refused, message)
+            code: int = CloseCode.NORMAL
+            reason = "bye"
             try:
                 await handler(conn, ws)
             except websocket.ConnectionClosed:
                 pass
+            except OpenclawdError as exc:
+                code, reason = exc.close_code, str(exc)
             except Exception:
                 log.exception("connection.internal_error")
                 code, reason = CloseCode.INTERNAL, "internal error"

@@ -39,6 +39,7 @@ DROPPED_HEADERS = frozenset(
 _TOKEN_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _BAD_VALUE_RE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 _BAD_PATH_RE = re.compile(r"[\x00-\x20\x7f#\\]")
+_SURROGATE_ESCAPE_RE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,11 +87,17 @@ def decode(message: str | bytes) -> Frame:
         raise FrameError("frame is not valid JSON") from None
     if not isinstance(obj, dict):
         raise FrameError("frame must be a JSON object")
-    kind = obj.get("type")
-    if kind == "ping":
-        return Ping(obj.get("id"))
     raw_id = obj.get("id")
     request_id = raw_id if _valid_id(raw_id) else None
+    if _SURROGATE_ESCAPE_RE.search(message) and not _encodable(obj):
+        # "\ud800" is valid JSON but not text: nothing holding it could be sent on.
+        raise FrameError(
+            "frame holds a \\u escape of a lone UTF-16 surrogate",
+            request_id=request_id if _encodable(request_id) else None,
+        )
+    kind = obj.get("type")
+    if kind == "ping":
+        return Ping(raw_id)
     if not isinstance(kind, str):
         raise FrameError('frame needs a string "type"', request_id=request_id)
     if kind == "cancel":
@@ -103,6 +110,14 @@ def decode(message: str | bytes) -> Frame:
             exc.request_id = rid
             raise
     raise FrameError(f"unknown frame type {_quote(kind)}", request_id=request_id)
+
+
+def _encodable(obj: object) -> bool:
+    try:
+        json.dumps(obj, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _valid_id(raw: object) -> bool:
@@ -151,10 +166,10 @@ def _headers(raw: object) -> tuple[tuple[str, str], ...]:
         if not _TOKEN_RE.fullmatch(name):
             raise FrameError(f"header name {_quote(name)} is not a valid HTTP token")
         if not isinstance(value, str) or _BAD_VALUE_RE.search(value):
-            raise FrameError(f"header {name} must be a string without control characters")
+            raise FrameError(f"header {_quote(name)} must be a string without control characters")
         lower = name.lower()
         if lower in CREDENTIAL_HEADERS:
-            raise FrameError(f"header {name} is refused: the daemon adds the credentials")
+            raise FrameError(f"header {_quote(name)} is refused: the daemon adds the credentials")
         if lower not in DROPPED_HEADERS:
             headers.append((lower, value))
     return tuple(headers)

@@ -68,7 +68,9 @@ class Session:
             frame = messages.decode(message)
             return self._act(frame)
         except FrameError as exc:
-            return Send(messages.error(exc.request_id, exc.code, str(exc)))
+            # An error tied to an id in flight would read as that request's end.
+            rid = exc.request_id if exc.request_id not in self.inflight else None
+            return Send(messages.error(rid, exc.code, str(exc)))
 
     def _act(self, frame: messages.Frame) -> Action:
         if isinstance(frame, Ping):

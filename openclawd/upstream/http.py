@@ -19,9 +19,16 @@ import random
 import ssl
 import time
 from collections import Counter
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterable,
+    AsyncIterator,
+    Callable,
+    Iterator,
+    Mapping,
+)
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import httpx
 import trio
@@ -103,7 +110,7 @@ class UpstreamResponse:
         value: str | None = self._response.headers.get(name)
         return value
 
-    async def aiter_bytes(self) -> AsyncIterator[bytes]:
+    async def aiter_bytes(self) -> AsyncGenerator[bytes, None]:
         """The body, content-decoded, as it arrives.
 
         Raises:
@@ -111,14 +118,18 @@ class UpstreamResponse:
             UpstreamError: the connection dropped or the body is malformed.
         """
         with _translated("reading the body", before_response=False):
-            async for chunk in self._response.aiter_bytes():
-                yield chunk
+            body = cast(AsyncGenerator[bytes, None], self._response.aiter_bytes())
+            async with contextlib.aclosing(body) as chunks:
+                async for chunk in chunks:
+                    yield chunk
 
-    async def aiter_raw(self) -> AsyncIterator[bytes]:
+    async def aiter_raw(self) -> AsyncGenerator[bytes, None]:
         """The body exactly as sent (content-encoding kept), as it arrives."""
         with _translated("reading the body", before_response=False):
-            async for chunk in self._response.aiter_raw():
-                yield chunk
+            body = cast(AsyncGenerator[bytes, None], self._response.aiter_raw())
+            async with contextlib.aclosing(body) as chunks:
+                async for chunk in chunks:
+                    yield chunk
 
     async def read(self, limit: int) -> bytes:
         """The whole body, at most ``limit`` bytes.
@@ -128,11 +139,12 @@ class UpstreamResponse:
         """
         parts: list[bytes] = []
         size = 0
-        async for chunk in self.aiter_bytes():
-            size += len(chunk)
-            if size > limit:
-                raise UpstreamError(f"upstream response body larger than {limit} bytes")
-            parts.append(chunk)
+        async with contextlib.aclosing(self.aiter_bytes()) as chunks:
+            async for chunk in chunks:
+                size += len(chunk)
+                if size > limit:
+                    raise UpstreamError(f"upstream response body larger than {limit} bytes")
+                parts.append(chunk)
         return b"".join(parts)
 
 
@@ -248,6 +260,8 @@ class ProviderPool:
                     key_version=key.version if key else None,
                 )
         if deadline.cancelled_caught:
+            if status == "error":  # not even a response head in all that time
+                self.breaker.failure(trio.current_time())
             self._last_error = f"no complete answer within total_timeout_s={cfg.total_timeout_s}"
             raise UpstreamTimeoutError(self._last_error)
 
@@ -264,7 +278,9 @@ class ProviderPool:
         attempt = 0
         while True:
             now = trio.current_time()
-            if not self.breaker.allow(now):
+            # The breaker gates new requests; a request's own retries run their course
+            # (else a 503 it should relay after them would turn into an error).
+            if not attempt and not self.breaker.allow(now):
                 retry_in = math.ceil(self.breaker.retry_after(now))
                 raise CircuitOpenError(
                     f"circuit open for {self.name} after repeated failures; next probe in "
@@ -293,7 +309,11 @@ class ProviderPool:
                     self.breaker.success()
                 if status in AUTH_STATUSES and not refreshed_key:
                     refreshed_key = True
-                    fresh = await self.keys.auth_failure(self.name, key)
+                    try:
+                        fresh = await self.keys.auth_failure(self.name, key)
+                    except BaseException:
+                        await _close(response)
+                        raise
                     if fresh is not None and fresh.secret != key.secret:
                         await _close(response)
                         log.info(
@@ -307,7 +327,8 @@ class ProviderPool:
                         continue
                 if status not in RETRY_STATUSES or attempt > cfg.max_retries:
                     return response, key, attempt
-                delay = self._retry_after(response) or self._backoff(attempt)
+                retry_after = self._retry_after(response)
+                delay = self._backoff(attempt) if retry_after is None else retry_after
                 if delay > _MAX_RETRY_AFTER_S or trio.current_time() + delay >= deadline:
                     return response, key, attempt
                 await _close(response)

@@ -8,14 +8,15 @@ connection behaviour (keep-alive, drops, stalls, client closes, back-pressure).
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing, asynccontextmanager
+from typing import cast
 
 import httpx
 import pytest
 import trio
 
-from ..fake_upstream import FakeUpstream, Reply, open_fake_upstream
+from ..fake_upstream import FakeUpstream, Reply, SeenRequest, open_fake_upstream
 
 CHAT = "/v1/chat/completions"
 MESSAGES = [{"role": "user", "content": "hi"}]
@@ -30,6 +31,11 @@ async def client_for(upstream: FakeUpstream) -> AsyncIterator[httpx.AsyncClient]
 def sse_data(text: str) -> list[str]:
     """The ``data:`` payloads of an SSE body, in order."""
     return [line[len("data: ") :] for line in text.splitlines() if line.startswith("data: ")]
+
+
+def raw_stream(response: httpx.Response) -> AsyncGenerator[bytes, None]:
+    """``aiter_raw()`` typed as the generator it is, for ``aclosing``."""
+    return cast(AsyncGenerator[bytes, None], response.aiter_raw())
 
 
 async def read_into(response: httpx.Response, received: list[bytes]) -> None:
@@ -300,7 +306,7 @@ async def test_stall_ends_when_the_client_goes_away(stall_after: int) -> None:
             upstream.script(Reply(stall_after_chunks=stall_after))
             async with (
                 client.stream("POST", CHAT, json=stream) as response,
-                aclosing(response.aiter_raw()) as chunks,
+                aclosing(raw_stream(response)) as chunks,
             ):
                 assert response.status_code == 200
                 if stall_after:
@@ -429,3 +435,30 @@ async def test_client_closing_mid_request_is_counted() -> None:
             await upstream.wait_connections_closed(1)
             assert upstream.close_reasons == {0: "client"}
             assert upstream.requests == []
+
+
+def leaves(error: BaseException) -> list[BaseException]:
+    if isinstance(error, BaseExceptionGroup):
+        return [leaf for inner in error.exceptions for leaf in leaves(inner)]
+    return [error]
+
+
+async def test_a_bug_in_the_fake_is_not_swallowed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fake closing its connection makes the client fail at the same moment as the
+    fake's own error: the fake's error must still come out (trio can lose an exception
+    when a cancellation lands on a checkpoint during its unwinding)."""
+
+    def broken(self: FakeUpstream, seen: SeenRequest) -> Reply:
+        raise KeyError("bug in the fake")
+
+    monkeypatch.setattr(FakeUpstream, "_default_reply", broken)
+    for _ in range(5):
+        caught: BaseException | None = None
+        with trio.fail_after(10):
+            try:
+                async with open_fake_upstream() as upstream, client_for(upstream) as client:
+                    await client.get("/v1/models")
+            except BaseException as error:
+                caught = error
+        assert caught is not None
+        assert any(isinstance(leaf, KeyError) for leaf in leaves(caught)), repr(caught)

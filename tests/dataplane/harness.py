@@ -60,6 +60,7 @@ async def open_dataplane(
     listen: dict[str, Any] | None = None,
     provider: dict[str, Any] | None = None,
     limits: dict[str, Any] | None = None,
+    refresh_interval_s: float = 0.2,
 ) -> AsyncIterator[DataPlane]:
     """Serve /v1/ws on ``runtime/data.sock`` with provider ``openai`` at ``upstream_url``
     and ``key`` written to a fresh path of ``bao``; returns once the key is loaded."""
@@ -73,7 +74,7 @@ async def open_dataplane(
             "addr": bao.addr,
             "auth": "token",
             "token_file": str(token_file),
-            "refresh_interval_s": 0.2,
+            "refresh_interval_s": refresh_interval_s,
             "request_timeout_s": 2.0,
         },
         "providers": {
@@ -131,6 +132,13 @@ class AppClient:
         frame.update(fields)
         await self.send(frame)
 
+    async def call(
+        self, rid: str, path: str = "/v1/chat/completions", **fields: Any
+    ) -> list[dict[str, Any]]:
+        """Send a request and return its frames, up to its last."""
+        await self.request(rid, path, **fields)
+        return await self.exchange(rid)
+
     async def receive(self) -> dict[str, Any]:
         if self._pending:
             return self._pending.pop(0)
@@ -139,7 +147,7 @@ class AppClient:
         frame: dict[str, Any] = json.loads(message)
         return frame
 
-    async def receive_for(self, rid: str | None) -> dict[str, Any]:
+    async def receive_for(self, rid: Any) -> dict[str, Any]:
         """The next frame about ``rid``; frames about other ids are kept for later."""
         for i, frame in enumerate(self._pending):
             if frame.get("id") == rid:
@@ -174,7 +182,8 @@ async def open_app(
 ) -> AsyncIterator[AppClient]:
     """A WebSocket client on /v1/ws over the unix socket at ``path``; reads the hello."""
     stream = await trio.open_unix_socket(path)
-    async with trio.open_nursery() as nursery:
+    # trio-websocket's client leaves the stream open when the server closed first.
+    async with stream, trio.open_nursery() as nursery:
         ws = await trio_websocket.wrap_client_stream(
             nursery, stream, "openclawd", "/v1/ws", max_message_size=max_message_size
         )
