@@ -1,0 +1,77 @@
+"""The /v1/ws channel in the real daemon process: SIGTERM lets a running stream finish,
+refuses new work, then closes what is left with 1012 and exits 0 (CONTRACT.md 1, 3.2)."""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import trio
+import trio_websocket
+
+from ..bao import BaoServer
+from ..conftest import DaemonProcess, daemon_tables, render_toml
+from ..fake_upstream import Reply, open_fake_upstream
+from .harness import open_app, unique_vault_path
+
+KEY = "sk-daemon-0001"
+
+
+def write_config(runtime: Path, bao: BaoServer, upstream_url: str, vault_path: str) -> Path:
+    token_file = runtime / "vault-token"
+    token_file.write_text(bao.root_token + "\n")
+    tables = daemon_tables(
+        runtime,
+        vault={"addr": bao.addr, "auth": "token", "token_file": str(token_file)},
+        shutdown={"drain_timeout_s": 10.0},
+        logging={"level": "info"},
+    )
+    tables["providers.openai"] = {"base_url": upstream_url, "vault_path": vault_path}
+    path = runtime / "openclawd.toml"
+    path.write_text(render_toml(tables))
+    return path
+
+
+async def test_sigterm_finishes_the_stream_refuses_new_work_then_closes_1012(
+    shared_bao: BaoServer,
+    runtime_dir: Path,
+    start_daemon: Callable[..., DaemonProcess],
+) -> None:
+    vault_path = unique_vault_path()
+    await trio.to_thread.run_sync(lambda: shared_bao.write(vault_path, api_key=KEY))
+    with trio.fail_after(30):
+        async with open_fake_upstream(expected_key=KEY) as up:
+            config = write_config(runtime_dir, shared_bao, up.url, vault_path)
+            daemon = start_daemon(config)
+            await trio.to_thread.run_sync(daemon.wait_ready)
+            socket_path = str(runtime_dir / "data.sock")
+            async with open_app(socket_path) as app, open_app(socket_path) as idle:
+                up.script(
+                    Reply(
+                        chunks=[b"data: 1\n\n", b"data: 2\n\n", b"data: 3\n\n"], chunk_delay_s=0.4
+                    )
+                )
+                await app.request("long", body={"model": "m", "stream": True})
+                assert (await app.receive_for("long"))["status"] == 200
+
+                daemon.signal(signal.SIGTERM)
+                await trio.to_thread.run_sync(daemon.notify.wait_for, "STOPPING", "1")
+                await app.request("late", body={"model": "m"})
+                late = await app.receive_for("late")
+                assert (late["type"], late["code"]) == ("error", "draining")
+
+                frames = await app.exchange("long")
+                assert [f.get("data") for f in frames[:-1]] == ["1", "2", "3"]
+                assert frames[-1]["type"] == "response.end"
+                assert frames[-1]["key_version"] == 1
+
+                # Nothing left in flight: both channels are closed with 1012.
+                for client in (app, idle):
+                    with pytest.raises(trio_websocket.ConnectionClosed) as closed:
+                        await client.receive()
+                    assert closed.value.reason.code == 1012
+            assert await trio.to_thread.run_sync(daemon.wait) == 0
+    assert KEY not in daemon.stderr
+    assert "key=sha256:" in daemon.stderr  # the upstream log line names the fingerprint
