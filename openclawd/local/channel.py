@@ -12,6 +12,7 @@ nursery is cancelled and with it every upstream request it had open.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from collections.abc import Callable
@@ -29,6 +30,7 @@ from openclawd.errors import (
     UpstreamError,
 )
 from openclawd.lifecycle import Lifecycle
+from openclawd.local import websocket
 from openclawd.local.server import Connection
 from openclawd.local.websocket import ConnectionClosed, WebSocketConnection
 from openclawd.protocol import messages
@@ -44,6 +46,8 @@ log = logs.get(__name__)
 MAX_BODY_BYTES = 64 * 1024 * 1024
 # A single SSE event is held whole before it is relayed: at most this much.
 MAX_EVENT_BYTES = 16 * 1024 * 1024
+# Frames queued for an app before its requests wait (they then stop reading upstream).
+_OUTBOX_FRAMES = 16
 
 # Upstream response headers an app is shown in response.start.
 _SHOWN_HEADERS = frozenset({"content-type", "retry-after", "request-id", "x-request-id"})
@@ -92,7 +96,9 @@ class Channels:
     async def serve(self, conn: Connection, ws: WebSocketConnection) -> None:
         """Run one channel until the app leaves or the keepalive gives up on it."""
         listen = self.config.listen
-        session = Session(self.refused_headers, listen.max_inflight_per_connection)
+        channel = _Channel(
+            conn, ws, Session(self.refused_headers, listen.max_inflight_per_connection)
+        )
         await ws.send_message(
             messages.hello(
                 __version__,
@@ -101,33 +107,37 @@ class Channels:
                 listen.max_inflight_per_connection,
             )
         )
-        scopes: dict[str, trio.CancelScope] = {}
-        silent: list[PeerTimeoutError] = []
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._keepalive, ws, silent, nursery.cancel_scope)
-            try:
-                while True:
-                    action = session.receive(await ws.get_message())
-                    if isinstance(action, Send):
-                        await ws.send_message(action.text)
-                    elif isinstance(action, Abort):
-                        scopes[action.id].cancel()
-                    elif isinstance(action, Start):
-                        refusal = self._refusal(conn)
-                        if refusal is not None:
-                            session.finish(action.request.id)
-                            await ws.send_message(_error_frame(action.request.id, refusal))
-                        else:
-                            scope = scopes[action.request.id] = trio.CancelScope()
-                            nursery.start_soon(
-                                self._request, ws, session, action.request, scopes, scope
-                            )
-            except ConnectionClosed:
-                pass
+            nursery.start_soon(channel.write_frames)
+            nursery.start_soon(self._keepalive, channel, nursery.cancel_scope)
+            with contextlib.suppress(
+                ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError
+            ):
+                await self._read_frames(channel, nursery)
             # The app is gone: nothing it asked for may go on upstream.
             nursery.cancel_scope.cancel()
-        if silent:
-            raise silent[0]
+        if channel.silent is not None:
+            raise channel.silent
+
+    async def _read_frames(self, channel: _Channel, nursery: trio.Nursery) -> None:
+        session = channel.session
+        while True:
+            message = await channel.ws.get_message()
+            channel.activity.touch()
+            action = session.receive(message)
+            if isinstance(action, Send):
+                await channel.send(action.text)
+            elif isinstance(action, Abort):
+                channel.scopes[action.id].cancel()
+            elif isinstance(action, Start):
+                rid = action.request.id
+                refusal = self._refusal(channel.conn)
+                if refusal is not None:
+                    session.finish(rid)
+                    await channel.send(_error_frame(rid, refusal))
+                else:
+                    scope = channel.scopes[rid] = trio.CancelScope()
+                    nursery.start_soon(self._request, channel, action.request, scope)
 
     def _refusal(self, conn: Connection) -> OpenclawdError | None:
         if self.lifecycle.draining or self.lifecycle.stopping:
@@ -141,28 +151,22 @@ class Channels:
             )
         return None
 
-    async def _request(
-        self,
-        ws: WebSocketConnection,
-        session: Session,
-        request: Request,
-        scopes: dict[str, trio.CancelScope],
-        scope: trio.CancelScope,
-    ) -> None:
+    async def _request(self, channel: _Channel, request: Request, scope: trio.CancelScope) -> None:
+        """One request, start to last frame. ``scope`` is the app's ``cancel``; it only
+        ever interrupts the upstream side or the queueing of a frame, never a write."""
         rid = request.id
-
-        async def send(text: str) -> None:
-            await ws.send_message(text)
-
         finished = False
 
         async def finish(text: str) -> None:
-            # The id is free before the last frame leaves: the app may reuse it as soon
-            # as it reads that frame.
+            # The id is free before the last frame is queued: the app may reuse it as soon
+            # as it reads that frame. Queued whatever happens next (a cancel, the total
+            # deadline): after this, nothing more is sent for the id.
             nonlocal finished
             finished = True
-            session.finish(rid)
-            await ws.send_message(text)
+            channel.session.finish(rid)
+            with trio.CancelScope(shield=True):
+                # Still in-flight work until written: a drain must not cut it off queued.
+                await channel.send_last(text)
 
         self.inflight += 1
         try:
@@ -170,49 +174,110 @@ class Channels:
                 error: OpenclawdError | None = None
                 with scope:
                     try:
-                        await relay(self.upstreams, request, send, finish)
+                        await relay(self.upstreams, request, channel.send, finish)
                     except OpenclawdError as exc:
                         error = exc
-                    except ConnectionClosed:
-                        return
                     except Exception:
                         log.exception("request.internal_error", request_id=rid)
                         error = OpenclawdError("internal error")
-                if scope.cancelled_caught:
+                if finished:
+                    if error is not None:  # e.g. the deadline, once the end was queued
+                        log.info("request.late_error", request_id=rid, error=str(error))
+                elif scope.cancelled_caught:
                     await finish(messages.error(rid, "cancelled", "cancelled by the app"))
                 elif error is not None:
                     await finish(_error_frame(rid, error))
-        except ConnectionClosed:
-            pass
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the writer is gone: so is the app
         finally:
             self.inflight -= 1
             if not finished:  # else the id may already belong to the app's next request
-                session.finish(rid)
-            if scopes.get(rid) is scope:  # the app may already have reused the id
-                del scopes[rid]
+                channel.session.finish(rid)
+            if channel.scopes.get(rid) is scope:
+                del channel.scopes[rid]
 
-    async def _keepalive(
-        self,
-        ws: WebSocketConnection,
-        silent: list[PeerTimeoutError],
-        channel: trio.CancelScope,
-    ) -> None:
-        """Ping every ``ping_interval_s``. A peer silent for ``ping_timeout_s`` ends the
-        channel: the error is left in ``silent`` for ``serve`` to raise (the front door
-        then closes with its close code, 1011), and the channel's scope is cancelled."""
+    async def _keepalive(self, channel: _Channel, connection: trio.CancelScope) -> None:
+        """Ping a peer that has been quiet for ``ping_interval_s``; if it does not answer
+        within ``ping_timeout_s``, end the channel (``serve`` raises ``PeerTimeoutError``
+        and the front door closes with its close code, 1011).
+
+        Any sign of life counts, both ways: a frame from the app, or the app reading what
+        we send (a slow reader with a backlog is alive, only slow).
+        """
         listen = self.config.listen
         while True:
-            await trio.sleep(listen.ping_interval_s)
+            await trio.sleep_until(channel.activity.last + listen.ping_interval_s)
+            if trio.current_time() - channel.activity.last < listen.ping_interval_s:
+                continue
             with trio.move_on_after(listen.ping_timeout_s):
                 try:
-                    await ws.ping()
+                    await channel.ws.ping()
                 except ConnectionClosed:
                     return
+                channel.activity.touch()
                 continue
+            if trio.current_time() - channel.activity.last < listen.ping_timeout_s:
+                continue  # no pong yet, but the app is reading its backlog
             log.info("connection.ping_timeout", timeout_s=listen.ping_timeout_s)
-            silent.append(PeerTimeoutError(f"no pong within {listen.ping_timeout_s:g}s"))
-            channel.cancel()
+            channel.silent = PeerTimeoutError(f"no pong within {listen.ping_timeout_s:g}s")
+            connection.cancel()
             return
+
+
+class _Channel:
+    """The state of one open /v1/ws channel, shared by its tasks."""
+
+    def __init__(self, conn: Connection, ws: WebSocketConnection, session: Session) -> None:
+        self.conn = conn
+        self.ws = ws
+        self.session = session
+        self.activity = conn.activity or websocket.Activity()
+        self.scopes: dict[str, trio.CancelScope] = {}
+        self.silent: PeerTimeoutError | None = None
+        # Frames wait here for the one writer: a cancelled request can stop queueing a
+        # frame, but never cut one in half on the wire. Bounded: a slow app holds up its
+        # requests' upstream reads, not memory.
+        self._outbox, self._frames = trio.open_memory_channel[tuple[str, trio.Event | None]](
+            _OUTBOX_FRAMES
+        )
+
+    async def send(self, text: str) -> None:
+        """Queue a frame for the app (waits while the queue is full).
+
+        Raises:
+            trio.BrokenResourceError: the writer has stopped (the app is gone).
+        """
+        await self._outbox.send((text, None))
+
+    async def send_last(self, text: str) -> None:
+        """Queue a request's last frame and wait until it is written (or the app is gone)."""
+        written = trio.Event()
+        await self._outbox.send((text, written))
+        await written.wait()
+
+    async def write_frames(self) -> None:
+        """The channel's one writer. Ends when the app is gone; queueing then fails."""
+        written: trio.Event | None = None
+        try:
+            async for text, written in self._frames:
+                await self.ws.send_message(text)
+                if written is not None:
+                    written.set()
+        except ConnectionClosed:
+            pass
+        finally:
+            # Whoever waits on a frame that will never be written is let go; after the
+            # close (no checkpoint in between), queueing fails at once.
+            if written is not None:
+                written.set()
+            while True:
+                try:
+                    _, written = self._frames.receive_nowait()
+                except (trio.WouldBlock, trio.EndOfChannel):
+                    break
+                if written is not None:
+                    written.set()
+            self._frames.close()
 
 
 def _error_frame(rid: str | None, exc: OpenclawdError) -> str:

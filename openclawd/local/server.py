@@ -52,6 +52,7 @@ class Connection:
     http: h11.Connection
     request: h11.Request
     head: bytes  # every byte read so far (the head, maybe more), for a WebSocket handshake
+    activity: websocket.Activity | None = None  # a WebSocket's last sign of life
 
     async def respond_json(self, status: int, payload: object) -> None:
         """Send a complete JSON response and end the exchange (the connection then closes)."""
@@ -193,12 +194,14 @@ class LocalServer:
         async with trio.open_nursery() as nursery:
             ws: WebSocketConnection | None = None
             with trio.move_on_after(self.config.handshake_timeout_s):
+                conn.activity = websocket.Activity()
                 with contextlib.suppress(websocket.ConnectionClosed):
                     ws = await websocket.accept(
                         nursery,
                         conn.stream,
                         conn.head,
                         max_message_bytes=self.config.max_message_bytes,
+                        activity=conn.activity,
                     )
             if ws is None:
                 nursery.cancel_scope.cancel()

@@ -15,30 +15,58 @@ from trio_websocket import ConnectionClosed, WebSocketConnection, wrap_server_st
 
 from openclawd.protocol.closecodes import close_reason
 
-__all__ = ["ConnectionClosed", "WebSocketConnection", "accept", "close", "is_upgrade"]
+__all__ = [
+    "Activity",
+    "ConnectionClosed",
+    "WebSocketConnection",
+    "accept",
+    "close",
+    "is_upgrade",
+]
 
 # A peer that never answers our close frame is cut off after this long.
 CLOSE_TIMEOUT_S = 2.0
 # Messages trio-websocket holds for us before it stops reading the socket (back-pressure).
 _QUEUE_SIZE = 4
+_SEND_SLICE_BYTES = 64 * 1024
+
+
+class Activity:
+    """When the peer last showed it is alive: sent us bytes, or took some of ours."""
+
+    def __init__(self) -> None:
+        self.last = trio.current_time()
+
+    def touch(self) -> None:
+        self.last = trio.current_time()
 
 
 class ReplayStream(trio.abc.Stream):
-    """``stream``, with ``prefix`` (bytes already read from it) received first."""
+    """``stream``, with ``prefix`` (bytes already read from it) received first; every
+    byte that moves either way is noted in ``activity``."""
 
-    def __init__(self, stream: trio.SocketStream, prefix: bytes) -> None:
+    def __init__(self, stream: trio.SocketStream, prefix: bytes, activity: Activity) -> None:
         self._stream = stream
         self._prefix = prefix
+        self.activity = activity
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         if self._prefix:
             data, self._prefix = self._prefix, b""
             await trio.lowlevel.checkpoint()
             return data
-        return await self._stream.receive_some(max_bytes)
+        data = await self._stream.receive_some(max_bytes)
+        self.activity.touch()
+        return data
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        await self._stream.send_all(data)
+        # In slices, so a peer slowly reading a large frame still counts as alive.
+        view = memoryview(data)
+        for start in range(0, len(view), _SEND_SLICE_BYTES):
+            await self._stream.send_all(view[start : start + _SEND_SLICE_BYTES])
+            self.activity.touch()
+        if not view:
+            await self._stream.send_all(b"")
 
     async def wait_send_all_might_not_block(self) -> None:
         await self._stream.wait_send_all_might_not_block()
@@ -66,6 +94,7 @@ async def accept(
     head: bytes,
     *,
     max_message_bytes: int,
+    activity: Activity,
 ) -> WebSocketConnection:
     """Complete the handshake of the request whose bytes ``head`` were already read.
 
@@ -75,7 +104,7 @@ async def accept(
     """
     request = await wrap_server_stream(
         nursery,
-        ReplayStream(stream, head),
+        ReplayStream(stream, head, activity),
         message_queue_size=_QUEUE_SIZE,
         max_message_size=max_message_bytes,
     )

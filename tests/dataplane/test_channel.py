@@ -553,3 +553,40 @@ async def test_not_a_websocket_upgrade_gets_426(shared_bao: Bao, runtime_dir: Pa
                 head, _, body = received.partition(b"\r\n\r\n")
                 assert head.startswith(b"HTTP/1.1 426")
                 assert json.loads(body)["error"]["code"] == "bad_request"
+
+
+@pytest.mark.parametrize("how", ["cancel", "deadline"])
+async def test_a_request_cut_while_its_frame_is_half_sent_leaves_the_channel_whole(
+    shared_bao: Bao,
+    runtime_dir: Path,
+    how: str,
+) -> None:
+    """A cancel or the total deadline stops the upstream side of a request, never a frame
+    half written to an app that reads slowly: the channel and its other requests go on."""
+    big = b"data: " + b"x" * (4 * 1024 * 1024) + b"\n\n"
+    provider = {"total_timeout_s": 1.0} if how == "deadline" else {}
+    with trio.fail_after(30):
+        async with (
+            open_fake_upstream() as up,
+            open_dataplane(shared_bao, runtime_dir, up.url, provider=provider) as dp,
+            open_app(dp.socket_path) as app,
+        ):
+            up.script(Reply(chunks=[b"data: small\n\n", big, big], stall_after_chunks=3))
+            await app.request("c1", body=STREAM)
+            await trio.sleep(1.5)  # not reading: a 4 MiB frame is stuck half sent
+            if how == "cancel":
+                await app.send({"type": "cancel", "id": "c1"})
+            await app.send({"type": "ping", "id": "after"})
+            frames = []
+            while (frame := await app.receive())["type"] != "pong":
+                frames.append(frame)
+            assert frame == {"type": "pong", "id": "after"}
+            if frames[-1]["type"] != "error":
+                frames += await app.exchange("c1")
+            assert types(frames)[:3] == ["response.start", "response.event", "response.event"]
+            assert len(frames[2]["data"]) == 4 * 1024 * 1024  # whole
+            assert frames[-1]["type"] == "error"
+            expected = "cancelled" if how == "cancel" else "upstream_timeout"
+            assert frames[-1]["code"] == expected
+            # Still a channel.
+            assert (await app.call("c2", body={"model": "m"}))[-1]["type"] == "response.end"
