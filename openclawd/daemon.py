@@ -104,7 +104,8 @@ class Daemon:
                     # What is left is cut: handlers see `stopping` and close with 1012.
                     connections.cancel_scope.cancel()
                 root.cancel_scope.cancel()
-            with trio.CancelScope(shield=True):
+            with trio.move_on_after(2.0) as closing:
+                closing.shield = True
                 await self.upstreams.aclose()
         log.info("daemon.stopped")
 

@@ -88,6 +88,11 @@ class UpstreamConnectionError(UpstreamError):
     """The connection failed before any response byte: safe to retry."""
 
 
+class PoolBusyError(UpstreamError):
+    """Every pooled connection to the provider is busy: our limit, not the provider's
+    failure (never retried, never counted against the circuit)."""
+
+
 class UpstreamProtocolError(UpstreamError):
     """The upstream's bytes broke its protocol: malformed SSE, an event over the size limit."""
 

@@ -37,7 +37,7 @@ DROPPED_HEADERS = frozenset(
 )
 
 _TOKEN_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-_BAD_VALUE_RE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+_BAD_VALUE_RE = re.compile(r"[^\t\x20-\x7e]")
 _BAD_PATH_RE = re.compile(r"[\x00-\x20\x7f#\\]")
 _SURROGATE_ESCAPE_RE = re.compile(r"\\u[dD][89a-fA-F]")
 
@@ -82,7 +82,7 @@ def decode(message: str | bytes) -> Frame:
     if not isinstance(message, str):
         raise FrameError("frames are JSON text messages, not binary")
     try:
-        obj = json.loads(message)
+        obj = json.loads(message, parse_constant=_no_constant)
     except (ValueError, RecursionError):
         raise FrameError("frame is not valid JSON") from None
     if not isinstance(obj, dict):
@@ -110,6 +110,11 @@ def decode(message: str | bytes) -> Frame:
             exc.request_id = rid
             raise
     raise FrameError(f"unknown frame type {_quote(kind)}", request_id=request_id)
+
+
+def _no_constant(name: str) -> Any:
+    # NaN and Infinity: Python's json reads them, JSON has no such thing.
+    raise ValueError(f"{name} is not JSON")
 
 
 def _encodable(obj: object) -> bool:
@@ -166,7 +171,9 @@ def _headers(raw: object) -> tuple[tuple[str, str], ...]:
         if not _TOKEN_RE.fullmatch(name):
             raise FrameError(f"header name {_quote(name)} is not a valid HTTP token")
         if not isinstance(value, str) or _BAD_VALUE_RE.search(value):
-            raise FrameError(f"header {_quote(name)} must be a string without control characters")
+            raise FrameError(
+                f"header {_quote(name)} must be a string of printable ASCII characters"
+            )
         lower = name.lower()
         if lower in CREDENTIAL_HEADERS:
             raise FrameError(f"header {_quote(name)} is refused: the daemon adds the credentials")

@@ -38,13 +38,14 @@ from openclawd.config import Config, ProviderConfig
 from openclawd.errors import (
     CircuitOpenError,
     NoKeyError,
+    PoolBusyError,
     UnknownProviderError,
     UpstreamConnectionError,
     UpstreamError,
     UpstreamTimeoutError,
 )
 from openclawd.keys.manager import Key
-from openclawd.upstream.circuit import CircuitBreaker, CircuitState
+from openclawd.upstream.circuit import CircuitBreaker, CircuitState, Ticket
 
 log = logs.get(__name__)
 
@@ -276,11 +277,14 @@ class ProviderPool:
             raise NoKeyError(f"no key for {self.name}: Vault has not answered for it yet")
         refreshed_key = False
         attempt = 0
+        ticket: Ticket | None = None
         while True:
             now = trio.current_time()
             # The breaker gates new requests; a request's own retries run their course
             # (else a 503 it should relay after them would turn into an error).
-            if not attempt and not self.breaker.allow(now):
+            if not attempt:
+                ticket = self.breaker.allow(now)
+            if ticket is None:
                 retry_in = math.ceil(self.breaker.retry_after(now))
                 raise CircuitOpenError(
                     f"circuit open for {self.name} after repeated failures; next probe in "
@@ -289,8 +293,11 @@ class ProviderPool:
             attempt += 1
             try:
                 response = await self._attempt(request, key)
+            except PoolBusyError:
+                self.breaker.abandon(ticket)
+                raise
             except UpstreamError as exc:
-                self.breaker.failure(trio.current_time())
+                self.breaker.failure(trio.current_time(), ticket)
                 if not _retryable(exc) or attempt > cfg.max_retries:
                     raise
                 delay = self._backoff(attempt)
@@ -298,15 +305,15 @@ class ProviderPool:
                     raise
                 log.info("upstream.retry", provider=self.name, attempt=attempt, reason=str(exc))
             except BaseException:
-                self.breaker.abandon()
+                self.breaker.abandon(ticket)
                 raise
             else:
                 self._record_headers(response)
                 status = response.status_code
                 if status >= 500:
-                    self.breaker.failure(trio.current_time())
+                    self.breaker.failure(trio.current_time(), ticket)
                 else:
-                    self.breaker.success()
+                    self.breaker.success(ticket)
                 if status in AUTH_STATUSES and not refreshed_key:
                     refreshed_key = True
                     try:
@@ -344,7 +351,9 @@ class ProviderPool:
 
     async def _attempt(self, request: UpstreamRequest, key: Key) -> httpx.Response:
         cfg = self.config
-        headers = list(request.headers)
+        auth = cfg.auth_header.lower()
+        # Refused earlier; dropped here too, whatever a reload changed in between.
+        headers = [(k, v) for k, v in request.headers if k.lower() != auth]
         headers.append(
             (cfg.auth_header, f"{cfg.auth_scheme} {key.secret}" if cfg.auth_scheme else key.secret)
         )
@@ -498,9 +507,12 @@ def _translated(during: str, *, before_response: bool) -> Iterator[None]:
     """
     try:
         yield
-    except (httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
-        what = "connect" if isinstance(exc, httpx.ConnectTimeout) else "connection pool"
-        raise UpstreamConnectionError(f"upstream {what} timeout") from exc
+    except httpx.PoolTimeout as exc:
+        raise PoolBusyError(
+            "every upstream connection of this provider is busy (max_connections)"
+        ) from exc
+    except httpx.ConnectTimeout as exc:
+        raise UpstreamConnectionError("upstream connect timeout") from exc
     except httpx.TimeoutException as exc:
         what = "write" if isinstance(exc, httpx.WriteTimeout) else "read"
         raise UpstreamTimeoutError(f"upstream {what} timeout while {during}") from exc

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from openclawd.upstream.circuit import CircuitBreaker, CircuitState
+from openclawd.upstream.circuit import CircuitBreaker, CircuitState, Ticket
 
 T0 = 500.0
 
@@ -88,8 +88,9 @@ def test_probe_success_closes() -> None:
 
 def test_probe_failure_reopens_with_a_new_window() -> None:
     breaker = opened_breaker()
-    assert breaker.allow(T0 + 40)
-    breaker.failure(T0 + 45)
+    ticket = breaker.allow(T0 + 40)
+    assert ticket is Ticket.PROBE
+    breaker.failure(T0 + 45, ticket)
     assert breaker.state is CircuitState.OPEN
     assert not breaker.allow(T0 + 45)
     assert breaker.retry_after(T0 + 45) == pytest.approx(30)
@@ -101,12 +102,27 @@ def test_probe_failure_reopens_with_a_new_window() -> None:
 
 def test_abandon_frees_the_probe_slot() -> None:
     breaker = opened_breaker()
-    assert breaker.allow(T0 + 30)
+    probe = breaker.allow(T0 + 30)
+    assert probe is Ticket.PROBE
     assert not breaker.allow(T0 + 31)
-    breaker.abandon()
+    breaker.abandon(probe)
     assert breaker.state is CircuitState.HALF_OPEN
-    assert breaker.allow(T0 + 32)
+    assert breaker.allow(T0 + 32) is Ticket.PROBE
     assert not breaker.allow(T0 + 32)
+
+
+def test_only_the_probe_frees_the_probe_slot() -> None:
+    """A request let through while closed and cancelled after the circuit opened must
+    not let a second probe go while the first is out."""
+    breaker = CircuitBreaker(failure_threshold=1, reset_s=30)
+    early = breaker.allow(T0)
+    assert early is Ticket.NORMAL
+    breaker.failure(T0)  # another request's failure opens the circuit
+    assert breaker.allow(T0 + 30) is Ticket.PROBE
+    breaker.abandon(early)
+    breaker.failure(T0 + 31, early)  # a late verdict of a non-probe
+    assert breaker.state is CircuitState.OPEN
+    assert breaker.allow(T0 + 61) is None  # the probe is still out
 
 
 def test_abandon_when_closed_changes_nothing() -> None:

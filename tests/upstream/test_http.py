@@ -29,6 +29,7 @@ from openclawd.config import ProviderConfig
 from openclawd.errors import (
     CircuitOpenError,
     NoKeyError,
+    PoolBusyError,
     UpstreamConnectionError,
     UpstreamError,
     UpstreamTimeoutError,
@@ -466,6 +467,35 @@ async def test_connect_errors_after_the_retries_raise_upstream_unavailable(
     assert upstream.times == [t0, t0 + 0.5, t0 + 1.5]
     assert stats.requests == {"error": 1}
     assert stats.last_error == str(caught.value)
+
+
+async def test_an_auth_header_from_the_app_never_reaches_the_provider(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Frames are refused with it; should one get here (a reload changed the provider's
+    auth_header under an open channel), it is dropped, not sent beside the key."""
+    upstream = Upstream(status(200))
+    request = UpstreamRequest("POST", "/v1/x", headers=(("x-api-key", "sk-the-apps-own"),))
+    with trio.fail_after(10):
+        async with open_pool(upstream, auth_header="x-api-key", auth_scheme="") as pool:
+            await fetch(pool, request)
+    assert upstream.requests[0].headers.get_list("x-api-key") == [SECRET]
+
+
+async def test_a_full_local_pool_is_not_retried_and_does_not_open_the_circuit(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """All of our own max_connections busy says nothing about the provider."""
+    upstream = Upstream(raises(httpx.PoolTimeout, "pool timeout"))
+    with trio.fail_after(100):
+        async with open_pool(upstream, max_retries=2, circuit_failure_threshold=2) as pool:
+            for _ in range(5):
+                with pytest.raises(PoolBusyError) as caught:
+                    await fetch(pool)
+            assert pool.statistics().circuit == "closed"
+    assert caught.value.code == "upstream_unavailable"
+    assert "max_connections" in str(caught.value)
+    assert len(upstream.requests) == 5  # one attempt each
 
 
 async def test_a_read_timeout_before_the_head_is_not_retried(
