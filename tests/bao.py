@@ -11,6 +11,7 @@ call them through ``trio.to_thread.run_sync``. The dev server keeps everything i
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import os
 import shutil
@@ -225,9 +226,9 @@ class BaoServer:
         self.client().sys.revoke_prefix(prefix)
 
 
-@pytest.fixture
-def bao() -> Iterator[BaoServer]:
-    """A started dev server on a free loopback port, stopped after the test."""
+@contextlib.contextmanager
+def running_bao() -> Iterator[BaoServer]:
+    """A started dev server on a free loopback port, stopped and removed on exit."""
     workdir = Path(tempfile.mkdtemp(prefix="bao-"))
     server = BaoServer(workdir)
     try:
@@ -236,17 +237,18 @@ def bao() -> Iterator[BaoServer]:
     finally:
         server.stop(kill=True)
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture
+def bao() -> Iterator[BaoServer]:
+    """A dev server of the test's own (it may stop, restart or reconfigure it)."""
+    with running_bao() as server:
+        yield server
 
 
 @pytest.fixture(scope="session")
 def shared_bao() -> Iterator[BaoServer]:
     """One dev server for the tests that only read and write secrets (each under its own
     path); tests that stop, restart or reconfigure Vault use ``bao``."""
-    workdir = Path(tempfile.mkdtemp(prefix="bao-"))
-    server = BaoServer(workdir)
-    try:
-        server.start()
+    with running_bao() as server:
         yield server
-    finally:
-        server.stop(kill=True)
-        shutil.rmtree(workdir, ignore_errors=True)

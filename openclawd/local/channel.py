@@ -297,7 +297,7 @@ async def relay(
     Raises:
         OpenclawdError: no response to relay, or the upstream failed after
             ``response.start`` (the caller ends the request with an ``error`` frame).
-        ConnectionClosed: the app left.
+        trio.BrokenResourceError: the app left (the channel's writer is gone).
     """
     pool = upstreams[request.provider]
     headers = list(request.headers)
