@@ -174,12 +174,7 @@ class ProviderPool:
                 max_connections=config.max_connections,
                 max_keepalive_connections=config.max_connections,
             ),
-            timeout=httpx.Timeout(
-                connect=config.connect_timeout_s,
-                read=config.read_timeout_s,
-                write=config.read_timeout_s,
-                pool=config.connect_timeout_s,
-            ),
+            timeout=_timeouts(config),
             # The system's CA store, verified; never the environment's proxies or netrc.
             verify=ssl.create_default_context(),
             trust_env=False,
@@ -197,16 +192,12 @@ class ProviderPool:
 
     def configure(self, config: ProviderConfig) -> None:
         """Take a reloaded config: timeouts, retries and the breaker follow at once; the
-        pool size and URL stay as the client was built (they need a restart)."""
+        pool size stays as the client was built (``Upstreams.reload`` builds a new pool
+        when ``base_url`` changes)."""
         self.config = config
         self.breaker.failure_threshold = config.circuit_failure_threshold
         self.breaker.reset_s = config.circuit_reset_s
-        self.client.timeout = httpx.Timeout(
-            connect=config.connect_timeout_s,
-            read=config.read_timeout_s,
-            write=config.read_timeout_s,
-            pool=config.connect_timeout_s,
-        )
+        self.client.timeout = _timeouts(config)
 
     @contextlib.asynccontextmanager
     async def open(self, request: UpstreamRequest) -> AsyncIterator[UpstreamResponse]:
@@ -463,6 +454,16 @@ class Upstreams:
     async def aclose(self) -> None:
         for pool in self.pools.values():
             await pool.aclose()
+
+
+def _timeouts(config: ProviderConfig) -> httpx.Timeout:
+    """connect, read gap (and write), and the wait for a pooled connection."""
+    return httpx.Timeout(
+        connect=config.connect_timeout_s,
+        read=config.read_timeout_s,
+        write=config.read_timeout_s,
+        pool=config.connect_timeout_s,
+    )
 
 
 def parse_retry_after(value: str | None, *, now: float) -> float | None:

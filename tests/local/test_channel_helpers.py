@@ -1,0 +1,51 @@
+"""The /v1/ws relay's small pure helpers: which usage to report, which headers to show."""
+
+from __future__ import annotations
+
+import pytest
+
+from openclawd.local.channel import shown_headers, usage_of
+
+USAGE = {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        ('{"choices":[{"delta":{"content":"hi"}}]}', None),
+        ('{"choices":[{"delta":{"content":"hi"}}],"usage":null}', None),
+        (
+            '{"choices":[],"usage":{"prompt_tokens":5,"completion_tokens":3,"total_tokens":8}}',
+            USAGE,
+        ),
+        (
+            '{"choices": [], "usage": {"prompt_tokens":5,"completion_tokens":3,"total_tokens":8}}',
+            USAGE,
+        ),
+        ("[DONE]", None),
+        ('not json but "usage": here', None),
+        ('["usage"]', None),
+    ],
+)
+def test_usage_of(data: str, expected: object) -> None:
+    assert usage_of(data) == expected
+
+
+def test_shown_headers_keep_what_apps_need_and_nothing_else() -> None:
+    headers = [
+        ("content-type", "text/event-stream"),
+        ("x-request-id", "req-1"),
+        ("openai-processing-ms", "12"),
+        ("x-ratelimit-remaining-tokens", "9000"),
+        ("anthropic-ratelimit-requests-remaining", "5"),
+        ("set-cookie", "session=abc"),
+        ("server", "cloudflare"),
+        ("x-ratelimit-remaining-tokens", "8999"),
+    ]
+    assert shown_headers(headers) == {
+        "content-type": "text/event-stream",
+        "x-request-id": "req-1",
+        "openai-processing-ms": "12",
+        "x-ratelimit-remaining-tokens": "9000, 8999",
+        "anthropic-ratelimit-requests-remaining": "5",
+    }
