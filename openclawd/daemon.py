@@ -30,10 +30,14 @@ from openclawd.errors import ConfigError, ListenError
 from openclawd.keys.manager import KeyManager
 from openclawd.keys.vault import Vault
 from openclawd.lifecycle import Lifecycle
+from openclawd.local import passthrough, realtime
 from openclawd.local.channel import Channels
+from openclawd.local.passthrough import Passthrough
+from openclawd.local.realtime import Realtime
 from openclawd.local.server import LocalServer
 from openclawd.local.unix import UnixListenSocket, listen_backlog, resolve_group
 from openclawd.notify import Notifier
+from openclawd.protocol.ratelimit import RateLimiter
 from openclawd.upstream.http import Upstreams
 
 log = logs.get(__name__)
@@ -52,8 +56,14 @@ class Daemon:
         self.local = LocalServer(config.listen, self.lifecycle)
         self.keys = KeyManager(config, Vault(config.vault), self.lifecycle)
         self.upstreams = Upstreams(config, self.keys)
-        self.channels = Channels(config, self.upstreams, self.lifecycle)
+        # One request rate per peer uid, whichever entry point its requests come in by.
+        limiter = RateLimiter(config.limits.requests_per_minute)
+        self.channels = Channels(config, self.upstreams, self.lifecycle, limiter=limiter)
+        self.realtime = Realtime(config, self.keys, self.lifecycle, limiter)
+        self.passthrough = Passthrough(config, self.upstreams, self.lifecycle, limiter)
         self.local.websocket_routes["/v1/ws"] = self.channels.serve
+        self.local.websocket_routes[realtime.PREFIX] = self.realtime.serve
+        self.local.routes[passthrough.PREFIX] = self.passthrough.serve
         self._stop_requested = trio.Event()
         self._root: trio.Nursery | None = None
         self._reload_lock = trio.Lock()
@@ -209,6 +219,8 @@ class Daemon:
         logs.configure(new.logging.level, new.logging.format)
         self.local.config = new.listen
         self.channels.configure(new)
+        self.realtime.configure(new)
+        self.passthrough.configure(new)
         for pool in self.upstreams.reload(new):
             assert self._root is not None
             self._root.start_soon(pool.aclose_when_idle)  # in-flight requests run on

@@ -19,6 +19,7 @@ class OpenclawdError(Exception):
 
     code: str = "internal"
     close_code: int = 1011
+    http_status: int = 500  # the data socket's HTTP answer (CONTRACT.md 3.3)
 
 
 class ClientError(OpenclawdError):
@@ -26,12 +27,14 @@ class ClientError(OpenclawdError):
 
     code = "bad_request"
     close_code = 1008
+    http_status = 400
 
 
 class UnknownProviderError(ClientError):
     """The app or operator named a provider that is not configured."""
 
     code = "unknown_provider"
+    http_status = 404
 
 
 class FrameError(ClientError):
@@ -57,6 +60,7 @@ class RateLimitedError(ClientError):
 
     code = "rate_limited"
     close_code = 1013
+    http_status = 429
 
     def __init__(self, message: str, *, retry_after_s: float) -> None:
         super().__init__(message)
@@ -64,10 +68,11 @@ class RateLimitedError(ClientError):
 
 
 class NoKeyError(OpenclawdError):
-    """The provider has no key yet (Vault never answered for it)."""
+    """The provider has no key yet (Vault never answered for it): try again later."""
 
     code = "no_key"
-    close_code = 1011
+    close_code = 1013
+    http_status = 503
 
 
 class DrainingError(OpenclawdError):
@@ -75,6 +80,7 @@ class DrainingError(OpenclawdError):
 
     code = "draining"
     close_code = 1013
+    http_status = 503
 
 
 class UpstreamError(OpenclawdError):
@@ -82,6 +88,7 @@ class UpstreamError(OpenclawdError):
 
     code = "upstream_unavailable"
     close_code = 1014
+    http_status = 502
 
 
 class UpstreamConnectionError(UpstreamError):
@@ -92,6 +99,8 @@ class PoolBusyError(UpstreamError):
     """Every pooled connection to the provider is busy: our limit, not the provider's
     failure (never retried, never counted against the circuit)."""
 
+    http_status = 503
+
 
 class UpstreamProtocolError(UpstreamError):
     """The upstream's bytes broke its protocol: malformed SSE, an event over the size limit."""
@@ -101,16 +110,30 @@ class UpstreamTimeoutError(UpstreamError):
     """The upstream took longer than a configured timeout (a read gap or the total)."""
 
     code = "upstream_timeout"
+    http_status = 504
+
+
+class UpstreamRejectedError(UpstreamError):
+    """The upstream answered a WebSocket handshake with an HTTP status instead of 101:
+    ``close_code`` is the one the app is closed with (1008, 1013 or 1014)."""
+
+    def __init__(self, message: str, *, status: int, close_code: int) -> None:
+        super().__init__(message)
+        self.status = status
+        self.close_code = close_code
 
 
 class CircuitOpenError(UpstreamError):
     """The provider's circuit breaker is open: failing fast instead of piling on."""
+
+    http_status = 503
 
 
 class VaultError(OpenclawdError):
     """The key source failed: unreachable, refused our token, or returned junk."""
 
     code = "vault_unreachable"
+    http_status = 503
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,7 +20,7 @@ from typing import Any
 
 import trio
 
-from openclawd import __version__, logs
+from openclawd import __version__, logs, websocket
 from openclawd.config import Config
 from openclawd.errors import (
     DrainingError,
@@ -30,15 +30,14 @@ from openclawd.errors import (
     UpstreamError,
 )
 from openclawd.lifecycle import Lifecycle
-from openclawd.local import websocket
 from openclawd.local.server import Connection
-from openclawd.local.websocket import ConnectionClosed, WebSocketConnection
 from openclawd.protocol import messages
 from openclawd.protocol.messages import Request
 from openclawd.protocol.ratelimit import RateLimiter
 from openclawd.protocol.session import Abort, Send, Session, Start
 from openclawd.protocol.sse import SSEDecoder
 from openclawd.upstream.http import UpstreamRequest, UpstreamResponse, Upstreams
+from openclawd.websocket import ConnectionClosed, WebSocketConnection
 
 log = logs.get(__name__)
 
@@ -78,10 +77,19 @@ def usage_of(data: str) -> Any:
 class Channels:
     """Serves /v1/ws connections; shared by all of them."""
 
-    def __init__(self, config: Config, upstreams: Upstreams, lifecycle: Lifecycle) -> None:
+    def __init__(
+        self,
+        config: Config,
+        upstreams: Upstreams,
+        lifecycle: Lifecycle,
+        *,
+        limiter: RateLimiter | None = None,
+    ) -> None:
+        """``limiter`` is the per-uid request rate, shared with the other entry points;
+        ``configure`` keeps it in step with ``[limits]``."""
         self.upstreams = upstreams
         self.lifecycle = lifecycle
-        self.limiter = RateLimiter(config.limits.requests_per_minute)
+        self.limiter = limiter or RateLimiter(config.limits.requests_per_minute)
         self.configure(config)
         self.inflight = 0
 
@@ -200,29 +208,18 @@ class Channels:
     async def _keepalive(self, channel: _Channel, connection: trio.CancelScope) -> None:
         """Ping a peer that has been quiet for ``ping_interval_s``; if it does not answer
         within ``ping_timeout_s``, end the channel (``serve`` raises ``PeerTimeoutError``
-        and the front door closes with its close code, 1011).
-
-        Any sign of life counts, both ways: a frame from the app, or the app reading what
-        we send (a slow reader with a backlog is alive, only slow).
-        """
+        and the front door closes with its close code, 1011)."""
         listen = self.config.listen
-        while True:
-            await trio.sleep_until(channel.activity.last + listen.ping_interval_s)
-            if trio.current_time() - channel.activity.last < listen.ping_interval_s:
-                continue
-            with trio.move_on_after(listen.ping_timeout_s):
-                try:
-                    await channel.ws.ping()
-                except ConnectionClosed:
-                    return
-                channel.activity.touch()
-                continue
-            if trio.current_time() - channel.activity.last < listen.ping_timeout_s:
-                continue  # no pong yet, but the app is reading its backlog
+        silent = await websocket.watch(
+            channel.ws,
+            channel.activity,
+            interval_s=listen.ping_interval_s,
+            timeout_s=listen.ping_timeout_s,
+        )
+        if silent:
             log.info("connection.ping_timeout", timeout_s=listen.ping_timeout_s)
             channel.silent = PeerTimeoutError(f"no pong within {listen.ping_timeout_s:g}s")
             connection.cancel()
-            return
 
 
 class _Channel:

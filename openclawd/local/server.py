@@ -19,27 +19,29 @@ import contextlib
 import itertools
 import json
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
 import h11
 import trio
 
-from openclawd import logs
+from openclawd import logs, websocket
 from openclawd.config import ListenConfig
 from openclawd.errors import OpenclawdError
 from openclawd.lifecycle import Lifecycle
-from openclawd.local import websocket
 from openclawd.local.unix import PeerCredentials, peer_credentials
-from openclawd.local.websocket import WebSocketConnection
 from openclawd.protocol.closecodes import CloseCode
+from openclawd.websocket import WebSocketConnection
 
 log = logs.get(__name__)
 
 _H = TypeVar("_H")
 _MAX_HEAD_BYTES = 16 * 1024
 _RECEIVE_BYTES = 64 * 1024
+# What is read (and dropped) of a request body the daemon answered without reading it.
+_DISCARD_BYTES = 1024 * 1024
+_DISCARD_TIMEOUT_S = 1.0
 
 
 @dataclass(slots=True)
@@ -52,15 +54,29 @@ class Connection:
     http: h11.Connection
     request: h11.Request
     head: bytes  # every byte read so far (the head, maybe more), for a WebSocket handshake
+    timeout_s: float  # longest wait for the app's next bytes (head, body)
     activity: websocket.Activity | None = None  # a WebSocket's last sign of life
 
-    async def respond_json(self, status: int, payload: object) -> None:
-        """Send a complete JSON response and end the exchange (the connection then closes)."""
-        await _send_json(self.stream, self.http, status, payload)
+    async def respond_json(
+        self, status: int, payload: object, headers: Sequence[tuple[str, str]] = ()
+    ) -> None:
+        """Send a complete JSON response and end the exchange: the connection then closes,
+        after what is left of the request body (up to a bound) has been read, so the app
+        is not cut off mid-upload before it can read the answer."""
+        await _send_json(self.stream, self.http, status, payload, headers)
+        await _discard_body(self.stream, self.http)
+
+
+@dataclass(frozen=True, slots=True)
+class Close:
+    """How a WebSocket entry point wants its app closed."""
+
+    code: int
+    reason: str
 
 
 Handler = Callable[[Connection], Awaitable[None]]
-WebSocketHandler = Callable[[Connection, WebSocketConnection], Awaitable[None]]
+WebSocketHandler = Callable[[Connection, WebSocketConnection], Awaitable[Close | None]]
 
 
 def peer_allowed(peer: PeerCredentials, config: ListenConfig) -> bool:
@@ -137,48 +153,58 @@ class LocalServer:
     async def _serve_connection(
         self, conn_id: str, stream: trio.SocketStream, peer: PeerCredentials
     ) -> str:
-        """Serve one connection; returns how it ended, for the close log line."""
+        """Serve one connection, request after request while the app keeps it alive (plain
+        HTTP); returns how it ended, for the close log line."""
         http = h11.Connection(h11.SERVER, max_incomplete_event_size=_MAX_HEAD_BYTES)
-        request: h11.Request | None = None
-        with trio.move_on_after(self.config.handshake_timeout_s) as head_scope:
-            try:
-                request, head = await _receive_head(stream, http)
-            except h11.RemoteProtocolError as exc:
-                # h11's message may quote the request's bytes (headers included): not echoed.
-                await _send_json(
-                    stream,
-                    http,
-                    exc.error_status_hint,
-                    error_body("bad_request", "malformed HTTP request"),
-                )
-                return "bad request"
-        if head_scope.cancelled_caught:
-            return "handshake timeout"
-        if request is None:
-            return "closed before a request"
+        served = 0
+        while True:
+            request: h11.Request | None = None
+            # The first head must come within handshake_timeout_s; so must the next one on
+            # a kept-alive connection, or it is closed as idle.
+            timeout_s = self.config.handshake_timeout_s
+            with trio.move_on_after(timeout_s) as head_scope:
+                try:
+                    request, head = await _receive_head(stream, http)
+                except h11.RemoteProtocolError as exc:
+                    # h11's message may quote the request's bytes (headers included): not
+                    # echoed.
+                    await _send_json(
+                        stream,
+                        http,
+                        exc.error_status_hint,
+                        error_body("bad_request", "malformed HTTP request"),
+                    )
+                    return "bad request"
+            if head_scope.cancelled_caught:
+                return "idle" if served else "handshake timeout"
+            if request is None:
+                return f"closed after {served} requests" if served else "closed before a request"
 
-        conn = Connection(conn_id, stream, peer, http, request, head)
-        path = request.target.decode("ascii", "replace").split("?", 1)[0]
-        ws_handler = _match(self.websocket_routes, path)
-        if ws_handler is not None and websocket.is_upgrade(request):
-            return await self._serve_websocket(conn, ws_handler)
-        # Refused before routing: a peer that is not allowed learns nothing of the routes.
-        refusal = self._refusal(peer)
-        if refusal is not None:
-            code, status, message = refusal
-            await conn.respond_json(status, error_body(code, message))
-            return f"refused: {message}"
-        if ws_handler is not None:
-            await conn.respond_json(
-                426, error_body("bad_request", f"{path} is a WebSocket endpoint")
-            )
-            return "bad request: not a WebSocket upgrade"
-        handler = _match(self.routes, path)
-        if handler is None:
-            await conn.respond_json(404, error_body("not_found", f"no entry point at {path}"))
-            return "not found"
-        await handler(conn)
-        return "done"
+            conn = Connection(conn_id, stream, peer, http, request, head, timeout_s)
+            path = request.target.decode("latin-1").split("?", 1)[0]
+            ws_handler = _match(self.websocket_routes, path)
+            if ws_handler is not None and websocket.is_upgrade(request):
+                return await self._serve_websocket(conn, ws_handler)
+            # Refused before routing: a peer that is not allowed learns nothing of the routes.
+            refusal = self._refusal(peer)
+            if refusal is not None:
+                code, status, message = refusal
+                await conn.respond_json(status, error_body(code, message))
+                return f"refused: {message}"
+            if ws_handler is not None:
+                await conn.respond_json(
+                    426, error_body("bad_request", f"{path} is a WebSocket endpoint")
+                )
+                return "bad request: not a WebSocket upgrade"
+            handler = _match(self.routes, path)
+            if handler is None:
+                await conn.respond_json(404, error_body("not_found", f"no entry point at {path}"))
+                return "not found"
+            await handler(conn)
+            served += 1
+            if http.our_state is not h11.DONE or http.their_state is not h11.DONE:
+                return f"served {served} requests"
+            http.start_next_cycle()
 
     def _refusal(self, peer: PeerCredentials) -> tuple[str, int, str] | None:
         """Why a new connection is refused: (error code, HTTP status, message), or None."""
@@ -214,7 +240,9 @@ class LocalServer:
             code: int = CloseCode.NORMAL
             reason = "bye"
             try:
-                await handler(conn, ws)
+                close = await handler(conn, ws)
+                if close is not None:
+                    code, reason = close.code, close.reason
             except websocket.ConnectionClosed:
                 pass
             except OpenclawdError as exc:
@@ -262,7 +290,8 @@ async def _receive_head(
         h11.RemoteProtocolError: the bytes are not an HTTP/1.1 request (or the head is
             larger than we accept).
     """
-    received = bytearray()
+    # What the previous request on this connection left unread starts this one.
+    received = bytearray(http.trailing_data[0])
     while True:
         event = http.next_event()
         if isinstance(event, h11.Request):
@@ -278,12 +307,17 @@ async def _receive_head(
 
 
 async def _send_json(
-    stream: trio.SocketStream, http: h11.Connection, status: int, payload: object
+    stream: trio.SocketStream,
+    http: h11.Connection,
+    status: int,
+    payload: object,
+    extra_headers: Sequence[tuple[str, str]] = (),
 ) -> None:
     body = json.dumps(payload, separators=(",", ":")).encode()
     headers = [
         ("content-type", "application/json"),
         ("content-length", str(len(body))),
+        *extra_headers,
         ("connection", "close"),
     ]
     data = http.send(h11.Response(status_code=status, headers=headers)) or b""
@@ -291,3 +325,26 @@ async def _send_json(
     data += http.send(h11.EndOfMessage()) or b""
     with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
         await stream.send_all(data)  # a peer that left has nothing to be told
+
+
+async def _discard_body(stream: trio.SocketStream, http: h11.Connection) -> None:
+    """Read and drop what the app still sends of its request body, up to a bound."""
+    if http.they_are_waiting_for_100_continue:
+        return  # it sends nothing until told to go on; it is told to stop
+    dropped = 0
+    with trio.move_on_after(_DISCARD_TIMEOUT_S):
+        while http.their_state is h11.SEND_BODY and dropped <= _DISCARD_BYTES:
+            try:
+                event = http.next_event()
+            except h11.RemoteProtocolError:
+                return
+            if event is h11.NEED_DATA:
+                try:
+                    data = await stream.receive_some(_RECEIVE_BYTES)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    return
+                http.receive_data(data)
+                if not data:
+                    return
+            elif isinstance(event, h11.Data):
+                dropped += len(event.data)

@@ -14,6 +14,7 @@ class CloseCode(enum.IntEnum):
 
     NORMAL = 1000  # normal end
     DRAIN_DEADLINE = 1001  # the operator's drain reached its deadline
+    GOING_AWAY = 1001  # (to an upstream) the daemon ends the session
     POLICY = 1008  # peer not allowed; upstream refused the key (401/403)
     TOO_BIG = 1009  # a message over max_message_bytes
     INTERNAL = 1011  # internal error (also: the peer stopped answering pings)
@@ -48,3 +49,23 @@ def close_reason(text: str) -> str:
     if len(data) <= MAX_REASON_BYTES:
         return text
     return data[:MAX_REASON_BYTES].decode("utf-8", "ignore")
+
+
+# Close codes a peer may put in a close frame (RFC 6455 7.4; 1012-1014 registered by IANA).
+# 1004 is reserved, 1005/1006/1015 only ever describe a close locally.
+_SENDABLE = frozenset({1000, 1001, 1002, 1003, *range(1007, 1015)})
+
+
+def sendable(code: int) -> bool:
+    """May ``code`` be sent in a close frame?"""
+    return code in _SENDABLE or 3000 <= code <= 4999
+
+
+def handshake_refusal(status: int) -> CloseCode:
+    """The close code for an upstream that refused a WebSocket handshake with ``status``
+    (CONTRACT.md 3.2): the key refused, rate limited, or anything else a bad gateway."""
+    if status in (401, 403):
+        return CloseCode.POLICY
+    if status == 429:
+        return CloseCode.TRY_AGAIN
+    return CloseCode.BAD_GATEWAY

@@ -81,6 +81,11 @@ class UpstreamRequest:
     headers: tuple[tuple[str, str], ...] = ()
     content: bytes | AsyncIterable[bytes] | None = None
 
+    @property
+    def replayable(self) -> bool:
+        """Can it be sent again? A streamed body is read once: never retried."""
+        return self.content is None or isinstance(self.content, bytes)
+
 
 @dataclass(frozen=True, slots=True)
 class UpstreamStatistics:
@@ -267,6 +272,7 @@ class ProviderPool:
         if key is None:
             raise NoKeyError(f"no key for {self.name}: Vault has not answered for it yet")
         refreshed_key = False
+        max_retries = cfg.max_retries if request.replayable else 0
         attempt = 0
         ticket: Ticket | None = None
         while True:
@@ -289,7 +295,7 @@ class ProviderPool:
                 raise
             except UpstreamError as exc:
                 self.breaker.failure(trio.current_time(), ticket)
-                if not _retryable(exc) or attempt > cfg.max_retries:
+                if not _retryable(exc) or attempt > max_retries:
                     raise
                 delay = self._backoff(attempt)
                 if trio.current_time() + delay >= deadline:
@@ -312,7 +318,7 @@ class ProviderPool:
                     except BaseException:
                         await _close(response)
                         raise
-                    if fresh is not None and fresh.secret != key.secret:
+                    if fresh is not None and fresh.secret != key.secret and request.replayable:
                         await _close(response)
                         log.info(
                             "upstream.retry",
@@ -323,7 +329,7 @@ class ProviderPool:
                         key = fresh
                         self._retries += 1
                         continue
-                if status not in RETRY_STATUSES or attempt > cfg.max_retries:
+                if status not in RETRY_STATUSES or attempt > max_retries:
                     return response, key, attempt
                 retry_after = self._retry_after(response)
                 delay = self._backoff(attempt) if retry_after is None else retry_after

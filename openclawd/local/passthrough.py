@@ -1,0 +1,265 @@
+"""/v1/http/{provider}/{path}: plain HTTP passthrough, so existing clients work unchanged.
+
+The driver of one passthrough request (CONTRACT.md 3.3): the app's request goes to the
+provider's ``base_url`` + ``/`` + path + query, minus hop-by-hop and credential headers,
+with the key added by the upstream pool (which also retries and follows a rotated key, as
+for /v1/ws). The response streams back as it arrives: status, headers minus hop-by-hop,
+and the body exactly as sent (content-encoding kept, SSE included), one chunk at a time,
+so a slow app slows its upstream read. A request body up to ``REPLAYABLE_BYTES`` is held so
+a retry can send it again; a larger one is streamed through and never retried. Failures
+before the response head are answered with the contract's JSON error; after it, the
+connection is cut so the app sees a truncated response, never a silently short one.
+Knows nothing of WebSockets.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import AsyncIterator, Sequence
+
+import h11
+import trio
+
+from openclawd import logs
+from openclawd.config import Config
+from openclawd.errors import ClientError, OpenclawdError, RateLimitedError, UnknownProviderError
+from openclawd.lifecycle import Lifecycle
+from openclawd.local.server import Connection, error_body
+from openclawd.protocol.messages import CREDENTIAL_HEADERS
+from openclawd.protocol.ratelimit import RateLimiter
+from openclawd.upstream.http import UpstreamRequest, Upstreams
+
+log = logs.get(__name__)
+
+PREFIX = "/v1/http/"
+# A request body up to this size is held whole, so a retry can send it again.
+REPLAYABLE_BYTES = 1024 * 1024
+_RECEIVE_BYTES = 64 * 1024
+# Hop-by-hop (RFC 9110 7.6.1), or about this connection's framing: never passed on.
+_HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "proxy-authenticate",
+    }
+)
+# Request headers the upstream client sets itself, or that only this hop understands.
+_NOT_FORWARDED = _HOP_BY_HOP | {"host", "content-length", "expect"}
+
+
+def request_headers(
+    raw: Sequence[tuple[bytes, bytes]], auth_header: str
+) -> tuple[list[tuple[str, str]], int | None]:
+    """The app's headers to pass on, and its Content-Length (None if it sent none).
+
+    Raises:
+        ClientError: a header to pass on has a value that is not ASCII.
+
+    Dropped: hop-by-hop headers and any the app's ``Connection`` header names, framing
+    headers the upstream client sets itself, and every credential header (the provider's
+    ``auth_header``, ``Authorization``, ``Proxy-Authorization``, ``Cookie``).
+    """
+    named: set[str] = set()
+    length: int | None = None
+    for raw_name, raw_value in raw:
+        if raw_name == b"connection":
+            named.update(t.strip().decode("latin-1") for t in raw_value.lower().split(b","))
+        elif raw_name == b"content-length":
+            length = int(raw_value)  # h11 checked it is a number
+    dropped = _NOT_FORWARDED | CREDENTIAL_HEADERS | named | {auth_header.lower()}
+    headers: list[tuple[str, str]] = []
+    for raw_name, raw_value in raw:
+        name = raw_name.decode("latin-1")
+        if name in dropped:
+            continue
+        if not raw_value.isascii():
+            raise ClientError(f"header {name} has a value that is not ASCII")
+        headers.append((name, raw_value.decode("ascii")))
+    if not any(name == "accept-encoding" for name, _ in headers):
+        # Else the upstream client asks for gzip and an app that did not would get it.
+        headers.append(("accept-encoding", "identity"))
+    return headers, length
+
+
+def response_headers(raw: list[tuple[str, str]]) -> list[tuple[bytes, bytes]]:
+    """The upstream's headers to pass back, byte for byte: all but hop-by-hop ones."""
+    named = {
+        token.strip()
+        for name, value in raw
+        if name == "connection"
+        for token in value.lower().split(",")
+    }
+    return [
+        (name.encode("latin-1"), value.encode("latin-1"))
+        for name, value in raw
+        if name not in _HOP_BY_HOP and name not in named
+    ]
+
+
+class Passthrough:
+    """Serves /v1/http requests; shared by all of them."""
+
+    def __init__(
+        self, config: Config, upstreams: Upstreams, lifecycle: Lifecycle, limiter: RateLimiter
+    ) -> None:
+        self.upstreams = upstreams
+        self.lifecycle = lifecycle
+        self.limiter = limiter
+        self.config = config
+        self.inflight = 0
+
+    def configure(self, config: Config) -> None:
+        self.config = config
+
+    async def serve(self, conn: Connection) -> None:
+        """Answer one request: the upstream's response, or the contract's JSON error."""
+        started = trio.current_time()
+        method = conn.request.method.decode("ascii")
+        target = conn.request.target.decode("ascii")
+        path, _, query = target.partition("?")
+        name, _, rest = path[len(PREFIX) :].partition("/")
+        status: int | str = "error"
+        sent = 0
+        self.inflight += 1
+        try:
+            with self.lifecycle.work.track():
+                try:
+                    request = await self._prepare(conn, method, name, rest, query)
+                    pool = self.upstreams[name]
+                    async with pool.open(request) as response:
+                        status = response.status
+                        head = h11.Response(
+                            status_code=response.status,
+                            headers=response_headers(response.headers),
+                        )
+                        await _send(conn, head)
+                        async for chunk in response.aiter_raw():
+                            await _send(conn, h11.Data(data=chunk))
+                            sent += len(chunk)
+                        await _send(conn, h11.EndOfMessage())
+                except OpenclawdError as exc:
+                    await self._fail(conn, exc)
+                    status = f"error {exc.code}"
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            status = "app gone"
+        finally:
+            self.inflight -= 1
+            log.info(
+                "http.request",
+                provider=name,
+                method=method,
+                path=f"/{rest}",
+                status=status,
+                bytes_out=sent,
+                duration_s=round(trio.current_time() - started, 4),
+            )
+
+    async def _prepare(
+        self, conn: Connection, method: str, name: str, rest: str, query: str
+    ) -> UpstreamRequest:
+        """Check the request and start reading its body.
+
+        Raises:
+            OpenclawdError: the request is refused (unknown provider, bad path, rate).
+        """
+        provider = self.config.providers.get(name)
+        if provider is None:
+            raise UnknownProviderError(f"unknown provider {name!r}")
+        if any(segment in (".", "..") for segment in rest.split("/")):
+            raise ClientError("dot segments are not allowed in the path")
+        retry_after = self.limiter.acquire(conn.peer.uid, trio.current_time())
+        if retry_after is not None:
+            raise RateLimitedError(
+                f"over {self.limiter.requests_per_minute} requests per minute for uid "
+                f"{conn.peer.uid}",
+                retry_after_s=retry_after,
+            )
+        headers, length = request_headers(conn.request.headers, provider.auth_header)
+        if conn.http.they_are_waiting_for_100_continue:
+            await _send(conn, h11.InformationalResponse(status_code=100, headers=[]))
+        body = _AppBody(conn)
+        held = await body.hold(REPLAYABLE_BYTES)
+        content: bytes | AsyncIterator[bytes] | None
+        if body.complete:
+            chunked = any(n == b"transfer-encoding" for n, _ in conn.request.headers)
+            content = held if length is not None or chunked else None
+        else:
+            content = body.stream(held)
+            if length is not None:  # else it goes chunked
+                headers.append(("content-length", str(length)))
+        upstream_target = f"/{rest}" + (f"?{query}" if query else "")
+        return UpstreamRequest(method, upstream_target, tuple(headers), content)
+
+    async def _fail(self, conn: Connection, exc: OpenclawdError) -> None:
+        if conn.http.our_state is not h11.SEND_RESPONSE:
+            # The head is out: the app is cut off mid-body and sees a truncated response.
+            log.warning("http.cut", error=str(exc))
+            return
+        headers: list[tuple[str, str]] = []
+        if isinstance(exc, RateLimitedError):
+            headers.append(("retry-after", str(max(1, math.ceil(exc.retry_after_s)))))
+        await conn.respond_json(exc.http_status, error_body(exc.code, str(exc)), headers)
+
+
+class _AppBody:
+    """The app's request body, read from its connection as the upstream takes it."""
+
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
+        self.complete = False
+
+    async def hold(self, limit: int) -> bytes:
+        """Read up to ``limit`` bytes (more if a chunk crosses it); ``complete`` tells if
+        that was the whole body."""
+        parts: list[bytes] = []
+        size = 0
+        while size <= limit:
+            data = await self._next()
+            if data is None:
+                break
+            parts.append(data)
+            size += len(data)
+        return b"".join(parts)
+
+    async def stream(self, held: bytes) -> AsyncIterator[bytes]:
+        yield held
+        while (data := await self._next()) is not None:
+            yield data
+
+    async def _next(self) -> bytes | None:
+        """The next piece of the body, or None at its end.
+
+        Raises:
+            ClientError: the body is malformed, stops coming for the timeout, or the app
+                closed the connection before its end.
+        """
+        http = self._conn.http
+        while not self.complete:
+            try:
+                event = http.next_event()
+            except h11.RemoteProtocolError as exc:
+                raise ClientError(f"malformed request body: {exc}") from exc
+            if isinstance(event, h11.Data):
+                return bytes(event.data)
+            if isinstance(event, h11.EndOfMessage):
+                self.complete = True
+                break
+            if event is not h11.NEED_DATA:
+                raise ClientError("the app closed the connection before the end of its body")
+            with trio.move_on_after(self._conn.timeout_s) as waited:
+                data = await self._conn.stream.receive_some(_RECEIVE_BYTES)
+            if waited.cancelled_caught:
+                raise ClientError(f"no request body bytes for {self._conn.timeout_s:g}s")
+            http.receive_data(data)
+        return None
+
+
+async def _send(conn: Connection, event: h11.Event) -> None:
+    data = conn.http.send(event)
+    if data:
+        await conn.stream.send_all(data)

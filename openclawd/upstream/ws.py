@@ -1,0 +1,132 @@
+"""Upstream WebSocket sessions: connect to a provider's ``ws_url`` with its key.
+
+Owns where a session goes (``ws_url`` + the app's path and query, CONTRACT.md 3.2), the
+TCP connection and its TLS (verified against the system CA store, never a fallback to an
+unverified connection), the key in the provider's auth header, the connect timeout, and
+the translation of each way a connect fails into our errors, whose close codes are the
+contract's: refused key 1008, upstream 429 1013, anything else 1014. It does not relay:
+``local/realtime.py`` does, over the connection returned here.
+"""
+
+from __future__ import annotations
+
+import functools
+import ssl
+from collections.abc import Sequence
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+import trio
+
+from openclawd import websocket
+from openclawd.config import ProviderConfig
+from openclawd.errors import UpstreamConnectionError, UpstreamTimeoutError
+from openclawd.keys.manager import Key
+from openclawd.websocket import Activity, WebSocketConnection
+
+_DEFAULT_PORTS = {"ws": 80, "wss": 443}
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """Where an upstream session goes."""
+
+    tls: bool
+    host: str  # for the connection and TLS (no brackets)
+    port: int
+    host_header: str
+    resource: str  # path and query
+
+    @property
+    def url(self) -> str:
+        """The URL without its query (which is the app's and may be long): for logs."""
+        return f"{'wss' if self.tls else 'ws'}://{self.host_header}{self.resource.split('?')[0]}"
+
+
+def target(ws_url: str, path: str, query: str) -> Target:
+    """``ws_url`` + ``path`` (empty: ``/v1/realtime``) + ``query``."""
+    parts = urlsplit(ws_url)
+    tls = parts.scheme == "wss"
+    host = parts.hostname or ""
+    port = parts.port or _DEFAULT_PORTS[parts.scheme]
+    shown = f"[{host}]" if ":" in host else host
+    host_header = shown if port == _DEFAULT_PORTS[parts.scheme] else f"{shown}:{port}"
+    resource = parts.path.rstrip("/") + (path or "/v1/realtime")
+    if query:
+        resource += f"?{query}"
+    return Target(tls, host, port, host_header, resource)
+
+
+@functools.cache
+def _system_tls() -> ssl.SSLContext:
+    # Built once: loading the CA store takes milliseconds, sessions come often.
+    return ssl.create_default_context()
+
+
+async def open_session(
+    nursery: trio.Nursery,
+    config: ProviderConfig,
+    key: Key,
+    to: Target,
+    *,
+    headers: Sequence[tuple[str, str]] = (),
+    max_message_bytes: int,
+    activity: Activity,
+    ssl_context: ssl.SSLContext | None = None,
+) -> WebSocketConnection:
+    """Connect to ``to`` and complete the WebSocket handshake, with ``key`` in the
+    provider's auth header and ``headers`` besides, within ``connect_timeout_s``.
+
+    ``nursery`` runs the connection's reader task: it must outlive the session. Every byte
+    either way is noted in ``activity`` (liveness).
+    Raises:
+        UpstreamRejectedError: the upstream answered the handshake with an HTTP status.
+        UpstreamConnectionError: no connection, a TLS failure, or a close mid-handshake.
+        UpstreamTimeoutError: no handshake within ``connect_timeout_s``.
+    """
+    auth = (
+        config.auth_header,
+        f"{config.auth_scheme} {key.secret}" if config.auth_scheme else key.secret,
+    )
+    sent = [(k, v) for k, v in headers if k.lower() != config.auth_header.lower()]
+    stream: trio.abc.Stream | None = None
+    connected = False
+    try:
+        with trio.move_on_after(config.connect_timeout_s):
+            stream = await _open_stream(to, ssl_context or _system_tls())
+            ws = await websocket.connect(
+                nursery,
+                websocket.ActivityStream(stream, activity),
+                host=to.host_header,
+                resource=to.resource,
+                headers=[*sent, auth],
+                max_message_bytes=max_message_bytes,
+            )
+            connected = True
+            return ws
+    finally:
+        if not connected and stream is not None:
+            await trio.aclose_forcefully(stream)
+    raise UpstreamTimeoutError(
+        f"no upstream handshake within connect_timeout_s={config.connect_timeout_s:g}"
+    )
+
+
+async def _open_stream(to: Target, tls: ssl.SSLContext) -> trio.abc.Stream:
+    try:
+        tcp = await trio.open_tcp_stream(to.host, to.port)
+    except OSError as exc:
+        raise UpstreamConnectionError(f"cannot connect to the upstream: {exc}") from exc
+    if not to.tls:
+        return tcp
+    secure = trio.SSLStream(tcp, tls, server_hostname=to.host, https_compatible=True)
+    try:
+        await secure.do_handshake()
+    except trio.BrokenResourceError as exc:
+        await trio.aclose_forcefully(tcp)
+        cause = exc.__cause__
+        detail = getattr(cause, "verify_message", None) or getattr(cause, "reason", None)
+        raise UpstreamConnectionError(
+            f"upstream TLS handshake failed: {detail or type(cause).__name__}"
+        ) from exc
+    return secure

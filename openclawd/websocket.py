@@ -1,0 +1,265 @@
+"""WebSockets, both ends, with trio-websocket: the only module that imports it.
+
+The data socket's front door reads each request head itself (h11) to route it and to
+refuse it with the right answer; a WebSocket entry point then hands the connection to
+trio-websocket, which must see the head again: ``ReplayStream`` gives it back the bytes
+already read. Upstream sessions (``/v1/realtime``) are opened over a stream the caller
+connected itself (TCP, TLS), so a refused certificate is reported as what it is. Owns:
+the upgrade check, accepting, connecting (and turning a refused handshake into
+``UpstreamRejectedError``), liveness (``Activity``, ``watch``) and closing within a
+bounded time. Knows nothing of what runs over the WebSockets.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import h11
+import trio
+from trio_websocket import (
+    CloseReason,
+    ConnectionClosed,
+    ConnectionRejected,
+    WebSocketConnection,
+    wrap_client_stream,
+    wrap_server_stream,
+)
+
+from openclawd.errors import UpstreamConnectionError, UpstreamRejectedError
+from openclawd.protocol.closecodes import close_reason, handshake_refusal
+
+__all__ = [
+    "Activity",
+    "CloseReason",
+    "ConnectionClosed",
+    "WebSocketConnection",
+    "accept",
+    "close",
+    "connect",
+    "is_upgrade",
+    "watch",
+]
+
+# A peer that never answers our close frame is cut off after this long.
+CLOSE_TIMEOUT_S = 2.0
+# Messages trio-websocket holds for us before it stops reading the socket (back-pressure).
+QUEUE_SIZE = 4
+_SEND_SLICE_BYTES = 64 * 1024
+_RECEIVE_BYTES = 64 * 1024
+
+
+class Activity:
+    """When the peer last showed it is alive: sent us bytes, or took some of ours."""
+
+    def __init__(self) -> None:
+        self.last = trio.current_time()
+
+    def touch(self) -> None:
+        self.last = trio.current_time()
+
+
+class ActivityStream(trio.abc.Stream):
+    """``stream``, with ``prefix`` (bytes already read from it) received first; every
+    byte that moves either way is noted in ``activity``."""
+
+    def __init__(self, stream: trio.abc.Stream, activity: Activity, prefix: bytes = b"") -> None:
+        self._stream = stream
+        self._prefix = prefix
+        self.activity = activity
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        if self._prefix:
+            head, self._prefix = self._prefix, b""
+            await trio.lowlevel.checkpoint()
+            return head
+        data = await self._stream.receive_some(max_bytes)
+        self.activity.touch()
+        return data
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        # In slices, so a peer slowly reading a large frame still counts as alive.
+        view = memoryview(data)
+        for start in range(0, len(view), _SEND_SLICE_BYTES):
+            await self._stream.send_all(view[start : start + _SEND_SLICE_BYTES])
+            self.activity.touch()
+        if not view:
+            await self._stream.send_all(b"")
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self._stream.wait_send_all_might_not_block()
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()
+
+
+def is_upgrade(request: h11.Request) -> bool:
+    """Does this request head ask for a WebSocket (RFC 6455 4.2.1)?"""
+    headers = {name: value for name, value in request.headers}
+    tokens = {t.strip() for t in headers.get(b"connection", b"").lower().split(b",")}
+    return (
+        request.method == b"GET"
+        and headers.get(b"upgrade", b"").lower() == b"websocket"
+        and b"upgrade" in tokens
+        and headers.get(b"sec-websocket-version") == b"13"
+        and bool(headers.get(b"sec-websocket-key"))
+    )
+
+
+async def accept(
+    nursery: trio.Nursery,
+    stream: trio.abc.Stream,
+    head: bytes,
+    *,
+    max_message_bytes: int,
+    activity: Activity,
+) -> WebSocketConnection:
+    """Complete the handshake of the request whose bytes ``head`` were already read.
+
+    ``nursery`` runs the connection's reader task; it must outlive the WebSocket.
+    Raises:
+        ConnectionClosed: the peer left during the handshake.
+    """
+    request = await wrap_server_stream(
+        nursery,
+        ActivityStream(stream, activity, head),
+        message_queue_size=QUEUE_SIZE,
+        max_message_size=max_message_bytes,
+    )
+    return await request.accept()
+
+
+class _ReaderHost:
+    """The nursery trio-websocket runs a client's reader task in (it only calls
+    ``start_soon``). The reader raises a refused handshake out of itself; caught here, it
+    reaches ``connect``'s caller as our error instead of tearing down the caller's nursery.
+    ``done`` is set when the reader ends, for whatever reason."""
+
+    def __init__(self, nursery: trio.Nursery) -> None:
+        self._nursery = nursery
+        self.done = trio.Event()
+        self.rejected: ConnectionRejected | None = None
+
+    def start_soon(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> None:
+        async def run() -> None:
+            try:
+                await fn(*args)
+            except ConnectionRejected as exc:
+                self.rejected = exc
+            finally:
+                self.done.set()
+
+        self._nursery.start_soon(run)
+
+
+async def connect(
+    nursery: trio.Nursery,
+    stream: trio.abc.Stream,
+    *,
+    host: str,
+    resource: str,
+    headers: Sequence[tuple[str, str]],
+    max_message_bytes: int,
+) -> WebSocketConnection:
+    """The client handshake over ``stream`` (already connected, TLS done): ``host`` is the
+    Host header, ``resource`` the path and query.
+
+    ``nursery`` runs the connection's reader task; it must outlive the WebSocket. The caller
+    bounds the time this takes.
+    Raises:
+        UpstreamRejectedError: the server answered with an HTTP status instead of 101; the
+            message names the status (and a Retry-After), never the body.
+        UpstreamConnectionError: the connection closed during the handshake.
+    """
+    host_nursery = _ReaderHost(nursery)
+    ws: WebSocketConnection | None = None
+    async with trio.open_nursery() as handshake:
+
+        async def give_up_when_reader_ends() -> None:
+            await host_nursery.done.wait()
+            handshake.cancel_scope.cancel()
+
+        handshake.start_soon(give_up_when_reader_ends)
+        ws = await wrap_client_stream(
+            host_nursery,  # type: ignore[arg-type]  # it only calls start_soon
+            stream,  # type: ignore[arg-type]  # any trio Stream works
+            host,
+            resource,
+            extra_headers=[(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers],
+            message_queue_size=QUEUE_SIZE,
+            max_message_size=max_message_bytes,
+            receive_buffer_size=_RECEIVE_BYTES,
+        )
+        handshake.cancel_scope.cancel()
+    rejected = host_nursery.rejected
+    if rejected is not None:
+        status = rejected.status_code
+        message = f"upstream {status}"
+        retry_after = dict(rejected.headers or ()).get(b"retry-after")
+        if status == 429 and retry_after and retry_after.strip().isdigit():
+            message += f", retry after {int(retry_after)}s"
+        raise UpstreamRejectedError(message, status=status, close_code=handshake_refusal(status))
+    if ws is None or ws.closed is not None:
+        raise UpstreamConnectionError("upstream closed the connection during the handshake")
+    return ws
+
+
+async def watch(
+    ws: WebSocketConnection,
+    activity: Activity,
+    *,
+    interval_s: float,
+    timeout_s: float,
+    excused: Callable[[], bool] = lambda: False,
+) -> bool:
+    """Ping ``ws`` whenever it has been quiet for ``interval_s``; return True once it has
+    not answered for ``timeout_s``, False if it closed. Runs until then.
+
+    Any sign of life counts, both ways (``activity``): a peer slowly reading a backlog is
+    alive. While ``excused()`` is true a missing pong is not held against the peer: its
+    pong may sit unread behind messages we hold back (our queue for it is full because
+    the other side of a relay is slow).
+
+    Cancellation: safe; a ping is never cut off half sent (it is sent in its own task).
+    """
+    async with trio.open_nursery() as nursery:
+        while True:
+            await trio.sleep_until(activity.last + interval_s)
+            if trio.current_time() - activity.last < interval_s:
+                continue
+            answered = trio.Event()
+            nursery.start_soon(_ping, ws, answered)
+            deadline = trio.current_time() + timeout_s
+            while not answered.is_set() and ws.closed is None:
+                with trio.move_on_at(deadline):
+                    await answered.wait()
+                now = trio.current_time()
+                if answered.is_set() or now < deadline:
+                    continue
+                if now - activity.last < timeout_s:
+                    deadline = activity.last + timeout_s
+                elif excused():
+                    deadline = now + timeout_s
+                else:
+                    nursery.cancel_scope.cancel()
+                    return True
+            if ws.closed is not None:
+                nursery.cancel_scope.cancel()
+                return False
+            activity.touch()
+
+
+async def _ping(ws: WebSocketConnection, answered: trio.Event) -> None:
+    try:
+        await ws.ping()
+    except ConnectionClosed:
+        return
+    answered.set()
+
+
+async def close(ws: WebSocketConnection, code: int, reason: str) -> None:
+    """Close with ``code`` and ``reason`` (cut to 123 bytes); never waits more than
+    ``CLOSE_TIMEOUT_S`` for the peer. Safe to call from a cancelled task."""
+    with trio.move_on_after(CLOSE_TIMEOUT_S) as scope:
+        scope.shield = True
+        await ws.aclose(code, close_reason(reason))
