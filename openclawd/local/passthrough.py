@@ -15,6 +15,7 @@ Knows nothing of WebSockets.
 from __future__ import annotations
 
 import math
+import urllib.parse
 from collections.abc import AsyncIterator, Sequence
 
 import h11
@@ -22,7 +23,13 @@ import trio
 
 from openclawd import logs
 from openclawd.config import Config
-from openclawd.errors import ClientError, OpenclawdError, RateLimitedError, UnknownProviderError
+from openclawd.errors import (
+    ClientError,
+    OpenclawdError,
+    RateLimitedError,
+    UnknownProviderError,
+    UpstreamError,
+)
 from openclawd.lifecycle import Lifecycle
 from openclawd.local.server import Connection, error_body
 from openclawd.protocol.messages import CREDENTIAL_HEADERS
@@ -136,11 +143,16 @@ class Passthrough:
                         head = h11.Response(
                             status_code=response.status,
                             headers=response_headers(response.headers),
+                            reason=response.reason.encode("latin-1", "replace"),
                         )
                         await _send(conn, head)
-                        async for chunk in response.aiter_raw():
-                            await _send(conn, h11.Data(data=chunk))
-                            sent += len(chunk)
+                        try:
+                            async for chunk in response.aiter_raw():
+                                await _send(conn, h11.Data(data=chunk))
+                                sent += len(chunk)
+                        except UpstreamError as exc:
+                            pool.record_failure(exc)  # a drop or stall mid-body
+                            raise
                         await _send(conn, h11.EndOfMessage())
                 except OpenclawdError as exc:
                     await self._fail(conn, exc)
@@ -170,8 +182,9 @@ class Passthrough:
         provider = self.config.providers.get(name)
         if provider is None:
             raise UnknownProviderError(f"unknown provider {name!r}")
-        if any(segment in (".", "..") for segment in rest.split("/")):
-            raise ClientError("dot segments are not allowed in the path")
+        bad = _bad_segment(rest)
+        if bad is not None:
+            raise ClientError(f"{bad} path segments are not allowed")
         retry_after = self.limiter.acquire(conn.peer.uid, trio.current_time())
         if retry_after is not None:
             raise RateLimitedError(
@@ -204,6 +217,18 @@ class Passthrough:
         if isinstance(exc, RateLimitedError):
             headers.append(("retry-after", str(max(1, math.ceil(exc.retry_after_s)))))
         await conn.respond_json(exc.http_status, error_body(exc.code, str(exc)), headers)
+
+
+def _bad_segment(path: str) -> str | None:
+    """What is wrong with the path under the provider, if anything: a dot segment (plain
+    or percent-encoded) could step out of ``base_url``'s path, and an empty first one
+    would read as a host (``//host/...``)."""
+    segments = path.split("/")
+    if segments[0] == "" and len(segments) > 1:
+        return "empty"
+    if any(urllib.parse.unquote(s) in (".", "..") for s in segments):
+        return "dot"
+    return None
 
 
 class _AppBody:

@@ -205,7 +205,7 @@ class Realtime:
         listen = self.config.listen
         up_activity = Activity()
         try:
-            upstream = await upstream_ws.open_session(
+            session = await upstream_ws.open_session(
                 nursery,
                 provider,
                 key,
@@ -231,12 +231,12 @@ class Realtime:
             key=key.fingerprint,
             key_version=key.version,
         )
-        relay = _Relay(app, upstream)
+        relay = _Relay(app, session.ws)
         try:
             await self._relay(relay, conn.activity or Activity(), up_activity)
         finally:
             up_close = _upstream_close(relay, cut=relay.first is None and relay.silent is None)
-            await websocket.close(upstream, *up_close)
+            await session.aclose(*up_close)
         return _app_close(relay, key, listen.ping_timeout_s, listen.max_message_bytes), relay
 
     async def _relay(self, relay: _Relay, app_activity: Activity, up_activity: Activity) -> None:

@@ -106,6 +106,7 @@ class UpstreamResponse:
     def __init__(self, response: httpx.Response, key: Key, attempts: int) -> None:
         self._response = response
         self.status = response.status_code
+        self.reason = response.reason_phrase
         self.headers: list[tuple[str, str]] = [
             (k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in response.headers.raw
         ]

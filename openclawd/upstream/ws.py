@@ -57,6 +57,22 @@ def target(ws_url: str, path: str, query: str) -> Target:
     return Target(tls, host, port, host_header, resource)
 
 
+@dataclass(frozen=True, slots=True)
+class UpstreamSession:
+    """An open upstream WebSocket and the connection under it."""
+
+    ws: WebSocketConnection
+    stream: trio.abc.Stream
+
+    async def aclose(self, code: int, reason: str) -> None:
+        """Close the WebSocket (bounded), then the connection: trio-websocket leaves it open
+        when the peer closed first or the connection dropped."""
+        try:
+            await websocket.close(self.ws, code, reason)
+        finally:
+            await trio.aclose_forcefully(self.stream)
+
+
 @functools.cache
 def _system_tls() -> ssl.SSLContext:
     # Built once: loading the CA store takes milliseconds, sessions come often.
@@ -73,12 +89,12 @@ async def open_session(
     max_message_bytes: int,
     activity: Activity,
     ssl_context: ssl.SSLContext | None = None,
-) -> WebSocketConnection:
+) -> UpstreamSession:
     """Connect to ``to`` and complete the WebSocket handshake, with ``key`` in the
     provider's auth header and ``headers`` besides, within ``connect_timeout_s``.
 
-    ``nursery`` runs the connection's reader task: it must outlive the session. Every byte
-    either way is noted in ``activity`` (liveness).
+    ``nursery`` runs the connection's reader task: it must outlive the session, which the
+    caller ends with ``aclose``. Every byte either way is noted in ``activity`` (liveness).
     Raises:
         UpstreamRejectedError: the upstream answered the handshake with an HTTP status.
         UpstreamConnectionError: no connection, a TLS failure, or a close mid-handshake.
@@ -94,16 +110,19 @@ async def open_session(
     try:
         with trio.move_on_after(config.connect_timeout_s):
             stream = await _open_stream(to, ssl_context or _system_tls())
-            ws = await websocket.connect(
-                nursery,
-                websocket.ActivityStream(stream, activity),
-                host=to.host_header,
-                resource=to.resource,
-                headers=[*sent, auth],
-                max_message_bytes=max_message_bytes,
+            session = UpstreamSession(
+                await websocket.connect(
+                    nursery,
+                    websocket.ActivityStream(stream, activity),
+                    host=to.host_header,
+                    resource=to.resource,
+                    headers=[*sent, auth],
+                    max_message_bytes=max_message_bytes,
+                ),
+                stream,
             )
             connected = True
-            return ws
+            return session
     finally:
         if not connected and stream is not None:
             await trio.aclose_forcefully(stream)

@@ -24,9 +24,13 @@ from openclawd import config
 from openclawd.keys.manager import KeyManager
 from openclawd.keys.vault import Vault
 from openclawd.lifecycle import Lifecycle
+from openclawd.local import passthrough, realtime
 from openclawd.local.channel import Channels
+from openclawd.local.passthrough import Passthrough
+from openclawd.local.realtime import Realtime
 from openclawd.local.server import LocalServer
 from openclawd.local.unix import UnixListenSocket
+from openclawd.protocol.ratelimit import RateLimiter
 from openclawd.upstream.http import Upstreams
 
 from ..bao import BaoServer
@@ -44,6 +48,9 @@ class DataPlane:
     channels: Channels
     local: LocalServer
     vault_path: str
+    realtime: Realtime
+    passthrough: Passthrough
+    connections: trio.Nursery  # every app connection runs here: cancel it to cut them
 
 
 def unique_vault_path() -> str:
@@ -62,8 +69,9 @@ async def open_dataplane(
     limits: dict[str, Any] | None = None,
     refresh_interval_s: float = 0.2,
 ) -> AsyncIterator[DataPlane]:
-    """Serve /v1/ws on ``runtime/data.sock`` with provider ``openai`` at ``upstream_url``
-    and ``key`` written to a fresh path of ``bao``; returns once the key is loaded."""
+    """Serve the data socket (/v1/ws, /v1/realtime, /v1/http) on ``runtime/data.sock``
+    with provider ``openai`` at ``upstream_url`` (``provider`` may add a ``ws_url``) and
+    ``key`` written to a fresh path of ``bao``; returns once the key is loaded."""
     vault_path = unique_vault_path()
     await trio.to_thread.run_sync(lambda: bao.write(vault_path, api_key=key))
     token_file = runtime / "vault-token"
@@ -86,9 +94,14 @@ async def open_dataplane(
     lifecycle = Lifecycle()
     keys = KeyManager(cfg, Vault(cfg.vault), lifecycle)
     upstreams = Upstreams(cfg, keys)
-    channels = Channels(cfg, upstreams, lifecycle)
+    limiter = RateLimiter(cfg.limits.requests_per_minute)
+    channels = Channels(cfg, upstreams, lifecycle, limiter=limiter)
+    realtime_ = Realtime(cfg, keys, lifecycle, limiter)
+    passthrough_ = Passthrough(cfg, upstreams, lifecycle, limiter)
     local = LocalServer(cfg.listen, lifecycle)
     local.websocket_routes["/v1/ws"] = channels.serve
+    local.websocket_routes[realtime.PREFIX] = realtime_.serve
+    local.routes[passthrough.PREFIX] = passthrough_.serve
     with UnixListenSocket(cfg.listen.socket, mode=0o600, gid=None, backlog=128, key="listen") as s:
         async with trio.open_nursery() as nursery:
             await nursery.start(keys.serve)
@@ -107,6 +120,9 @@ async def open_dataplane(
                         channels,
                         local,
                         vault_path,
+                        realtime_,
+                        passthrough_,
+                        connections,
                     )
                 finally:
                     connections.cancel_scope.cancel()
