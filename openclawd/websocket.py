@@ -199,9 +199,9 @@ async def connect(
         if status == 429 and retry_after and retry_after.strip().isdigit():
             message += f", retry after {int(retry_after)}s"
         raise UpstreamRejectedError(message, status=status, close_code=handshake_refusal(status))
-    if ws is None or ws.closed is not None:
+    if ws is None:
         raise UpstreamConnectionError("upstream closed the connection during the handshake")
-    return ws
+    return ws  # maybe closed already: what it sent, and its close, are still to be read
 
 
 async def watch(
