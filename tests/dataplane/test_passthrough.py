@@ -975,3 +975,58 @@ async def test_20mb_download_is_streamed_in_bounded_memory(
             assert done.returncode == 0, done.stderr
             assert done.stdout.decode() == f"200 {20 * MiB}"
             assert growth[0] < RSS_BOUND, f"RSS grew by {growth[0] / MiB:.1f} MiB"
+
+
+# --- the app's body going wrong -----------------------------------------------------------
+
+
+async def test_a_stalled_or_malformed_body_is_400(shared_bao: Bao, runtime_dir: Path) -> None:
+    with trio.fail_after(20):
+        async with (
+            open_fake_upstream() as up,
+            open_dataplane(
+                shared_bao, runtime_dir, up.url, listen={"handshake_timeout_s": 0.3}
+            ) as dp,
+        ):
+            for size in (100, 3 * 1024 * 1024):  # held for a retry, or streamed through
+                async with open_http(dp.socket_path) as app:
+                    await app.send_head("POST", CHAT, [("content-length", str(size + 10))])
+                    await app.send(h11.Data(data=b"x" * size))  # and then nothing more
+                    answer = await app.read_response()
+                    assert answer.status == 400
+                    assert answer.json()["error"] == {
+                        "code": "bad_request",
+                        "message": "no request body bytes for 0.3s",
+                    }
+            stream = await trio.open_unix_socket(dp.socket_path)
+            async with stream:
+                head = f"POST {CHAT} HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n"
+                await stream.send_all(head.encode() + b"zz\r\nnot hex\r\n")
+                received = b""
+                while chunk := await stream.receive_some(65536):
+                    received += chunk
+                assert received.startswith(b"HTTP/1.1 400 ")
+                assert b'"code":"bad_request"' in received
+            # The held body never reached the upstream; the streamed one did not complete.
+            assert all(len(r.body) != 100 for r in up.requests)
+
+
+async def test_an_app_leaving_mid_upload_ends_the_upstream_request(
+    shared_bao: Bao, runtime_dir: Path
+) -> None:
+    with trio.fail_after(20):
+        async with (
+            open_fake_upstream() as up,
+            open_dataplane(shared_bao, runtime_dir, up.url) as dp,
+        ):
+            size = 3 * 1024 * 1024
+            async with open_http(dp.socket_path) as app:
+                await app.send_head("POST", CHAT, [("content-length", str(size))])
+                await app.send(h11.Data(data=b"x" * (size // 2)))
+                await up.wait_connections_opened(1)  # the upload is under way upstream
+            await up.wait_connections_closed(1)
+            await dp.lifecycle.work.wait_idle()
+            assert dp.passthrough.inflight == 0
+            assert up.requests == []  # the upstream never got a whole request
+            answer = await call(dp.socket_path, "GET", "/v1/http/openai/v1/models")
+            assert answer.status == 200  # and the daemon serves on
