@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -151,14 +150,7 @@ class Channels:
     def _refusal(self, conn: Connection) -> OpenclawdError | None:
         if self.lifecycle.draining or self.lifecycle.stopping:
             return DrainingError("openclawd is draining: send new requests elsewhere or later")
-        retry_after = self.limiter.acquire(conn.peer.uid, trio.current_time())
-        if retry_after is not None:
-            return RateLimitedError(
-                f"over {self.limiter.requests_per_minute} requests per minute for uid "
-                f"{conn.peer.uid}",
-                retry_after_s=math.ceil(retry_after * 1000) / 1000,
-            )
-        return None
+        return self.limiter.check(conn.peer.uid, trio.current_time())
 
     async def _request(self, channel: _Channel, request: Request, scope: trio.CancelScope) -> None:
         """One request, start to last frame. ``scope`` is the app's ``cancel``; it only

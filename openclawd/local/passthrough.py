@@ -32,7 +32,7 @@ from openclawd.errors import (
 )
 from openclawd.lifecycle import Lifecycle
 from openclawd.local.server import Connection, error_body
-from openclawd.protocol.messages import CREDENTIAL_HEADERS
+from openclawd.protocol.messages import CREDENTIAL_HEADERS, HOP_BY_HOP_HEADERS
 from openclawd.protocol.ratelimit import RateLimiter
 from openclawd.upstream.http import UpstreamRequest, Upstreams
 
@@ -42,21 +42,8 @@ PREFIX = "/v1/http/"
 # A request body up to this size is held whole, so a retry can send it again.
 REPLAYABLE_BYTES = 1024 * 1024
 _RECEIVE_BYTES = 64 * 1024
-# Hop-by-hop (RFC 9110 7.6.1), or about this connection's framing: never passed on.
-_HOP_BY_HOP = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-        "proxy-authenticate",
-    }
-)
 # Request headers the upstream client sets itself, or that only this hop understands.
-_NOT_FORWARDED = _HOP_BY_HOP | {"host", "content-length", "expect"}
+_NOT_FORWARDED = HOP_BY_HOP_HEADERS | {"host", "content-length", "expect"}
 
 
 def request_headers(
@@ -104,7 +91,7 @@ def response_headers(raw: list[tuple[str, str]]) -> list[tuple[bytes, bytes]]:
     return [
         (name.encode("latin-1"), value.encode("latin-1"))
         for name, value in raw
-        if name not in _HOP_BY_HOP and name not in named
+        if name not in HOP_BY_HOP_HEADERS and name not in named
     ]
 
 
@@ -185,13 +172,9 @@ class Passthrough:
         bad = _bad_segment(rest)
         if bad is not None:
             raise ClientError(f"{bad} path segments are not allowed")
-        retry_after = self.limiter.acquire(conn.peer.uid, trio.current_time())
-        if retry_after is not None:
-            raise RateLimitedError(
-                f"over {self.limiter.requests_per_minute} requests per minute for uid "
-                f"{conn.peer.uid}",
-                retry_after_s=retry_after,
-            )
+        refused = self.limiter.check(conn.peer.uid, trio.current_time())
+        if refused is not None:
+            raise refused
         headers, length = request_headers(conn.request.headers, provider.auth_header)
         if conn.http.they_are_waiting_for_100_continue:
             await _send(conn, h11.InformationalResponse(status_code=100, headers=[]))

@@ -21,20 +21,21 @@ METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"}
 
 # Headers that carry credentials: the daemon adds the provider's key, an app never does.
 CREDENTIAL_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie"})
-# Hop-by-hop headers (RFC 9110 7.6.1) and the ones httpx computes itself: dropped.
-DROPPED_HEADERS = frozenset(
+# Hop-by-hop headers (RFC 9110 7.6.1, and the older ones still seen): never passed on.
+HOP_BY_HOP_HEADERS = frozenset(
     {
         "connection",
         "keep-alive",
         "proxy-connection",
+        "proxy-authenticate",
         "te",
         "trailer",
         "transfer-encoding",
         "upgrade",
-        "host",
-        "content-length",
     }
 )
+# In a request frame: hop-by-hop, and the ones the upstream client computes itself.
+DROPPED_HEADERS = HOP_BY_HOP_HEADERS | {"host", "content-length"}
 
 _TOKEN_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _BAD_VALUE_RE = re.compile(r"[^\t\x20-\x7e]")

@@ -7,7 +7,10 @@ connections of the data socket; knows nothing of them.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+
+from openclawd.errors import RateLimitedError
 
 # Buckets that are full again carry no state worth keeping: swept past this many uids.
 _SWEEP_AT = 1024
@@ -43,6 +46,17 @@ class RateLimiter:
             bucket.tokens -= 1.0
             return None
         return (1.0 - bucket.tokens) / rate
+
+    def check(self, uid: int, now: float) -> RateLimitedError | None:
+        """Take one request for ``uid``: None if allowed, else the error that refuses it
+        (the same on every entry point: an error frame, a close 1013, an HTTP 429)."""
+        retry_after = self.acquire(uid, now)
+        if retry_after is None:
+            return None
+        return RateLimitedError(
+            f"rate limited: over {self.requests_per_minute} requests per minute for uid {uid}",
+            retry_after_s=math.ceil(retry_after * 1000) / 1000,
+        )
 
     def _sweep(self, now: float, capacity: float, rate: float) -> None:
         self._buckets = {

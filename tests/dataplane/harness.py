@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -51,6 +52,20 @@ class DataPlane:
     realtime: Realtime
     passthrough: Passthrough
     connections: trio.Nursery  # every app connection runs here: cancel it to cut them
+
+
+def current_rss() -> int:
+    """This process's resident set now (not its peak, which an earlier test may hold)."""
+    pages = int(Path("/proc/self/statm").read_text().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE")
+
+
+def closed_port() -> int:
+    """A loopback port nobody listens on (bound, then released)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
 
 
 def unique_vault_path() -> str:

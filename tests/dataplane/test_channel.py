@@ -14,19 +14,13 @@ import trio_websocket
 
 from ..bao import BaoServer
 from ..fake_upstream import Reply, open_fake_upstream
-from .harness import open_app, open_dataplane
+from .harness import current_rss, open_app, open_dataplane
 
 KEY = "sk-test-0001"
 STREAM = {"model": "m", "stream": True, "stream_options": {"include_usage": True}}
 USAGE = {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}
 
 Bao = BaoServer
-
-
-def current_rss() -> int:
-    """This process's resident set now (not its peak, which an earlier test may hold)."""
-    pages = int(Path("/proc/self/statm").read_text().split()[1])
-    return pages * os.sysconf("SC_PAGE_SIZE")
 
 
 def types(frames: list[dict[str, Any]]) -> list[str]:

@@ -10,7 +10,6 @@ import hashlib
 import json
 import math
 import os
-import socket
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -25,7 +24,7 @@ import trio
 
 from ..bao import BaoServer
 from ..fake_upstream import USAGE, Reply, default_stream_events, open_fake_upstream
-from .harness import open_dataplane
+from .harness import closed_port, current_rss, open_dataplane
 
 KEY = "sk-test-0001"
 ROTATED = "sk-rotated-0002"
@@ -38,20 +37,6 @@ MiB = 1024 * 1024
 STREAM_BODY = json.dumps({**COMPLETION, "stream": True})
 
 Bao = BaoServer
-
-
-def current_rss() -> int:
-    """This process's resident set now (not its peak, which an earlier test may hold)."""
-    pages = int(Path("/proc/self/statm").read_text().split()[1])
-    return pages * os.sysconf("SC_PAGE_SIZE")
-
-
-def closed_port() -> int:
-    """A loopback port nobody listens on (bound, then released)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 # --- curl ---------------------------------------------------------------------------------

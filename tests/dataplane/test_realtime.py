@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 from collections.abc import AsyncIterator
 from contextlib import ExitStack, asynccontextmanager
 from pathlib import Path
@@ -27,7 +26,7 @@ from openclawd.upstream import ws as upstream_ws
 from ..bao import BaoServer
 from ..fake_upstream import open_fake_upstream
 from ..fake_ws_upstream import Session, open_fake_ws_upstream
-from .harness import DataPlane, open_dataplane
+from .harness import DataPlane, closed_port, open_dataplane
 
 KEY = "sk-rt-0001"
 NEW_KEY = "sk-rt-0002"
@@ -122,13 +121,6 @@ async def realtime_plane(
         ) as dp,
     ):
         yield dp
-
-
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-    return port
 
 
 async def test_text_and_binary_are_echoed_with_the_key_path_and_query(
