@@ -13,13 +13,15 @@ import json
 import os
 import socket
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import ExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import trio
 import trio_websocket
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import ClientConnection, unix_connect
 
 from openclawd import config
 from openclawd.keys.manager import KeyManager
@@ -201,12 +203,6 @@ class AppClient:
                 return frames
 
 
-def unix_connect(path: str) -> socket.socket:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.connect(path)
-    return sock
-
-
 @asynccontextmanager
 async def open_app(
     path: str, *, max_message_size: int = 64 * 1024 * 1024
@@ -227,3 +223,62 @@ async def open_app(
                 scope.shield = True
                 await ws.aclose()
             nursery.cancel_scope.cancel()
+
+
+class RealtimeApp:
+    """An app's realtime session through the daemon, with the ``websockets`` sync client
+    driven from worker threads (every call has a timeout: a thread cannot be cancelled)."""
+
+    def __init__(self, ws: ClientConnection) -> None:
+        self.ws = ws
+
+    async def send(self, message: str | bytes) -> None:
+        await trio.to_thread.run_sync(self.ws.send, message)
+
+    async def recv(self, timeout_s: float = 5.0) -> str | bytes:
+        return await trio.to_thread.run_sync(self.ws.recv, timeout_s)
+
+    async def closed(self, timeout_s: float = 10.0) -> tuple[int, str]:
+        """Read until the daemon closes; the close code and reason it sent (1006: none)."""
+
+        def wait() -> tuple[int, str]:
+            try:
+                while True:
+                    self.ws.recv(timeout_s)
+            except ConnectionClosed as exc:
+                if exc.rcvd is None:
+                    return 1006, ""
+                return exc.rcvd.code, exc.rcvd.reason
+
+        return await trio.to_thread.run_sync(wait)
+
+    async def close(self, code: int = 1000, reason: str = "") -> None:
+        await trio.to_thread.run_sync(self.ws.close, code, reason)
+
+
+@asynccontextmanager
+async def open_realtime(
+    socket_path: str,
+    resource: str = "/v1/realtime/openai",
+    headers: dict[str, str] | None = None,
+    **options: Any,
+) -> AsyncIterator[RealtimeApp]:
+    stack = ExitStack()
+
+    def connect() -> ClientConnection:
+        client = unix_connect(
+            socket_path,
+            f"ws://openclawd{resource}",
+            additional_headers=headers,
+            open_timeout=5,
+            close_timeout=2,
+            **options,
+        )
+        ws: ClientConnection = stack.enter_context(client)
+        return ws
+
+    ws = await trio.to_thread.run_sync(connect)
+    try:
+        yield RealtimeApp(ws)
+    finally:
+        await trio.to_thread.run_sync(stack.close)

@@ -1,5 +1,6 @@
-"""The /v1/ws channel in the real daemon process: SIGTERM lets a running stream finish,
-refuses new work, then closes what is left with 1012 and exits 0 (CONTRACT.md 1, 3.2)."""
+"""The data socket in the real daemon process: SIGTERM lets running work finish (a /v1/ws
+stream, a realtime session), refuses new work on every entry point, then closes what is
+left with 1012 and exits 0 (CONTRACT.md 1, 3)."""
 
 from __future__ import annotations
 
@@ -14,12 +15,15 @@ import trio_websocket
 from ..bao import BaoServer
 from ..conftest import DaemonProcess, daemon_tables, render_toml
 from ..fake_upstream import Reply, open_fake_upstream
-from .harness import open_app, unique_vault_path
+from ..fake_ws_upstream import open_fake_ws_upstream
+from .harness import open_app, open_realtime, unique_vault_path
 
 KEY = "sk-daemon-0001"
 
 
-def write_config(runtime: Path, bao: BaoServer, upstream_url: str, vault_path: str) -> Path:
+def write_config(
+    runtime: Path, bao: BaoServer, upstream_url: str, vault_path: str, ws_url: str = ""
+) -> Path:
     token_file = runtime / "vault-token"
     token_file.write_text(bao.root_token + "\n")
     tables = daemon_tables(
@@ -28,7 +32,11 @@ def write_config(runtime: Path, bao: BaoServer, upstream_url: str, vault_path: s
         shutdown={"drain_timeout_s": 10.0},
         logging={"level": "info"},
     )
-    tables["providers.openai"] = {"base_url": upstream_url, "vault_path": vault_path}
+    tables["providers.openai"] = {
+        "base_url": upstream_url,
+        "vault_path": vault_path,
+        "ws_url": ws_url,
+    }
     path = runtime / "openclawd.toml"
     path.write_text(render_toml(tables))
     return path
@@ -75,3 +83,64 @@ async def test_sigterm_finishes_the_stream_refuses_new_work_then_closes_1012(
             assert await trio.to_thread.run_sync(daemon.wait) == 0
     assert KEY not in daemon.stderr
     assert "key=sha256:" in daemon.stderr  # the upstream log line names the fingerprint
+
+
+async def curl_status(socket_path: str, target: str) -> tuple[int, str]:
+    result = await trio.run_process(
+        [
+            "curl",
+            "-sS",
+            "-o",
+            "-",
+            "-w",
+            "\n%{http_code}",
+            "--unix-socket",
+            socket_path,
+            f"http://openclawd{target}",
+        ],
+        capture_stdout=True,
+        check=False,
+    )
+    body, _, status = result.stdout.decode().rpartition("\n")
+    return int(status), body
+
+
+async def test_sigterm_lets_a_realtime_session_run_on_while_new_work_is_refused(
+    shared_bao: BaoServer,
+    runtime_dir: Path,
+    start_daemon: Callable[..., DaemonProcess],
+) -> None:
+    vault_path = unique_vault_path()
+    await trio.to_thread.run_sync(lambda: shared_bao.write(vault_path, api_key=KEY))
+    with trio.fail_after(30):
+        async with (
+            open_fake_upstream(expected_key=KEY) as up,
+            open_fake_ws_upstream(expected_key=KEY) as ws_up,
+        ):
+            config = write_config(runtime_dir, shared_bao, up.url, vault_path, ws_up.url)
+            daemon = start_daemon(config)
+            await trio.to_thread.run_sync(daemon.wait_ready)
+            socket_path = str(runtime_dir / "data.sock")
+            status, body = await curl_status(socket_path, "/v1/http/openai/v1/models")
+            assert status == 200
+            assert "gpt-fake" in body
+            async with open_realtime(socket_path) as session:
+                await session.send("before")
+                assert await session.recv() == "before"
+
+                daemon.signal(signal.SIGTERM)
+                await trio.to_thread.run_sync(daemon.notify.wait_for, "STOPPING", "1")
+                status, body = await curl_status(socket_path, "/v1/http/openai/v1/models")
+                assert status == 503
+                assert '"code":"draining"' in body
+                async with open_realtime(socket_path) as late:
+                    assert await late.closed() == (1013, "openclawd is draining")
+
+                await session.send("during the drain")  # the session runs on
+                assert await session.recv() == "during the drain"
+                await session.close(1000, "done")
+            assert await trio.to_thread.run_sync(daemon.wait) == 0  # nothing left: exit
+            assert ws_up.close_codes == [(1000, "done")]
+    assert KEY not in daemon.stderr
+    assert "event=realtime.open" in daemon.stderr
+    assert "event=http.request" in daemon.stderr

@@ -9,7 +9,7 @@ import json
 import math
 import os
 from collections.abc import AsyncIterator
-from contextlib import ExitStack, asynccontextmanager
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +17,6 @@ import pytest
 import trio
 import wsproto
 import wsproto.events
-from websockets.exceptions import ConnectionClosed
-from websockets.sync.client import ClientConnection, unix_connect
 
 from openclawd.local import realtime
 from openclawd.upstream import ws as upstream_ws
@@ -26,71 +24,12 @@ from openclawd.upstream import ws as upstream_ws
 from ..bao import BaoServer
 from ..fake_upstream import open_fake_upstream
 from ..fake_ws_upstream import Session, open_fake_ws_upstream
-from .harness import DataPlane, closed_port, open_dataplane
+from .harness import DataPlane, closed_port, open_dataplane, open_realtime
 
 KEY = "sk-rt-0001"
 NEW_KEY = "sk-rt-0002"
 
 Bao = BaoServer
-
-
-class RealtimeApp:
-    """An app's realtime session through the daemon, with the ``websockets`` sync client
-    driven from worker threads (every call has a timeout: a thread cannot be cancelled)."""
-
-    def __init__(self, ws: ClientConnection) -> None:
-        self.ws = ws
-
-    async def send(self, message: str | bytes) -> None:
-        await trio.to_thread.run_sync(self.ws.send, message)
-
-    async def recv(self, timeout_s: float = 5.0) -> str | bytes:
-        return await trio.to_thread.run_sync(self.ws.recv, timeout_s)
-
-    async def closed(self, timeout_s: float = 10.0) -> tuple[int, str]:
-        """Read until the daemon closes; the close code and reason it sent (1006: none)."""
-
-        def wait() -> tuple[int, str]:
-            try:
-                while True:
-                    self.ws.recv(timeout_s)
-            except ConnectionClosed as exc:
-                if exc.rcvd is None:
-                    return 1006, ""
-                return exc.rcvd.code, exc.rcvd.reason
-
-        return await trio.to_thread.run_sync(wait)
-
-    async def close(self, code: int = 1000, reason: str = "") -> None:
-        await trio.to_thread.run_sync(self.ws.close, code, reason)
-
-
-@asynccontextmanager
-async def open_realtime(
-    socket_path: str,
-    resource: str = "/v1/realtime/openai",
-    headers: dict[str, str] | None = None,
-    **options: Any,
-) -> AsyncIterator[RealtimeApp]:
-    stack = ExitStack()
-
-    def connect() -> ClientConnection:
-        client = unix_connect(
-            socket_path,
-            f"ws://openclawd{resource}",
-            additional_headers=headers,
-            open_timeout=5,
-            close_timeout=2,
-            **options,
-        )
-        ws: ClientConnection = stack.enter_context(client)
-        return ws
-
-    ws = await trio.to_thread.run_sync(connect)
-    try:
-        yield RealtimeApp(ws)
-    finally:
-        await trio.to_thread.run_sync(stack.close)
 
 
 async def close_of(socket_path: str, resource: str = "/v1/realtime/openai") -> tuple[int, str]:
