@@ -55,6 +55,12 @@ class PeerTimeoutError(ClientError):
     close_code = 1011
 
 
+class MessageTooBigError(ClientError):
+    """A WebSocket message over ``max_message_bytes`` (counted in bytes, UTF-8 for text)."""
+
+    close_code = 1009
+
+
 class RateLimitedError(ClientError):
     """A local limit (``[limits] requests_per_minute``) refused the request."""
 

@@ -12,6 +12,7 @@ bounded time. Knows nothing of what runs over the WebSockets.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -31,6 +32,7 @@ from openclawd.protocol.closecodes import close_reason, handshake_refusal
 
 __all__ = [
     "Activity",
+    "Sender",
     "CloseReason",
     "ConnectionClosed",
     "WebSocketConnection",
@@ -38,11 +40,15 @@ __all__ = [
     "close",
     "connect",
     "is_upgrade",
+    "over_limit",
     "watch",
 ]
 
 # A peer that never answers our close frame is cut off after this long.
 CLOSE_TIMEOUT_S = 2.0
+# When the daemon cuts a connection its reader is gone: the close frame is sent, and the
+# connection closed right behind it.
+CUT_CLOSE_WAIT_S = 0.2
 # Messages trio-websocket holds for us before it stops reading the socket (back-pressure).
 QUEUE_SIZE = 4
 _SEND_SLICE_BYTES = 64 * 1024
@@ -91,6 +97,45 @@ class ActivityStream(trio.abc.Stream):
 
     async def aclose(self) -> None:
         await self._stream.aclose()
+
+
+class Sender:
+    """Sends whole messages on ``ws``: a cancel never cuts one in half on the wire (the
+    frames after it, the close frame included, would be garbage to the peer). Once
+    ``stop()`` is called, a send under way has ``CLOSE_TIMEOUT_S`` left to finish; a peer
+    that takes longer than that is not reading, and its frame is cut after all."""
+
+    def __init__(self, ws: WebSocketConnection) -> None:
+        self.ws = ws
+        self._sending: trio.CancelScope | None = None
+        self._stop_at = math.inf
+
+    async def send(self, message: str | bytes) -> None:
+        """Raises:
+        ConnectionClosed: the WebSocket is closed.
+
+        Cancellation: deferred until the message is out (bounded once ``stop()`` is
+        called), then raised.
+        """
+        with trio.CancelScope(shield=True, deadline=self._stop_at) as scope:
+            self._sending = scope
+            try:
+                await self.ws.send_message(message)
+            finally:
+                self._sending = None
+        await trio.lowlevel.checkpoint_if_cancelled()
+
+    def stop(self) -> None:
+        """The session is ending: bound the send under way, and any after it."""
+        self._stop_at = min(self._stop_at, trio.current_time() + CLOSE_TIMEOUT_S)
+        if self._sending is not None:
+            self._sending.deadline = self._stop_at
+
+
+def over_limit(message: str | bytes, limit: int) -> bool:
+    """Is ``message`` over ``limit`` bytes? trio-websocket's own check counts ``len()``,
+    characters for a text message: up to four times the bytes on the wire."""
+    return isinstance(message, str) and len(message) * 4 > limit and len(message.encode()) > limit
 
 
 def is_upgrade(request: h11.Request) -> bool:
@@ -147,6 +192,13 @@ class _ReaderHost:
             except ConnectionRejected as exc:
                 self.rejected = exc
             finally:
+                # A refusal whose body ends with the connection (no length, not chunked)
+                # never raises: the reader stops at the end of the stream with the status
+                # noted (a private field of the connection, read here, the one importer).
+                status = getattr(getattr(fn, "__self__", None), "_reject_status", 0)
+                if self.rejected is None and status:
+                    headers = getattr(fn.__self__, "_reject_headers", ())  # type: ignore[attr-defined]
+                    self.rejected = ConnectionRejected(status, headers, None)
                 self.done.set()
 
         self._nursery.start_soon(run)
@@ -257,9 +309,11 @@ async def _ping(ws: WebSocketConnection, answered: trio.Event) -> None:
     answered.set()
 
 
-async def close(ws: WebSocketConnection, code: int, reason: str) -> None:
+async def close(
+    ws: WebSocketConnection, code: int, reason: str, *, wait_s: float = CLOSE_TIMEOUT_S
+) -> None:
     """Close with ``code`` and ``reason`` (cut to 123 bytes); never waits more than
-    ``CLOSE_TIMEOUT_S`` for the peer. Safe to call from a cancelled task."""
-    with trio.move_on_after(CLOSE_TIMEOUT_S) as scope:
+    ``wait_s`` for the peer. Safe to call from a cancelled task."""
+    with trio.move_on_after(wait_s) as scope:
         scope.shield = True
         await ws.aclose(code, close_reason(reason))

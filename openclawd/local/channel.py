@@ -23,6 +23,7 @@ from openclawd import __version__, logs, websocket
 from openclawd.config import Config
 from openclawd.errors import (
     DrainingError,
+    MessageTooBigError,
     OpenclawdError,
     PeerTimeoutError,
     RateLimitedError,
@@ -118,20 +119,28 @@ class Channels:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(channel.write_frames)
             nursery.start_soon(self._keepalive, channel, nursery.cancel_scope)
-            with contextlib.suppress(
-                ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError
-            ):
-                await self._read_frames(channel, nursery)
-            # The app is gone: nothing it asked for may go on upstream.
-            nursery.cancel_scope.cancel()
-        if channel.silent is not None:
-            raise channel.silent
+            try:
+                with contextlib.suppress(
+                    ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError
+                ):
+                    await self._read_frames(channel, nursery)
+            finally:
+                # The app is gone, or the daemon cuts the channel: a frame half written is
+                # finished (bounded), and nothing the app asked for goes on upstream.
+                channel.sender.stop()
+                nursery.cancel_scope.cancel()
+        if channel.failure is not None:
+            raise channel.failure
 
     async def _read_frames(self, channel: _Channel, nursery: trio.Nursery) -> None:
         session = channel.session
         while True:
             message = await channel.ws.get_message()
             channel.activity.touch()
+            limit = self.config.listen.max_message_bytes
+            if websocket.over_limit(message, limit):
+                channel.failure = MessageTooBigError(f"message over max_message_bytes ({limit})")
+                return
             action = session.receive(message)
             if isinstance(action, Send):
                 await channel.send(action.text)
@@ -210,7 +219,7 @@ class Channels:
         )
         if silent:
             log.info("connection.ping_timeout", timeout_s=listen.ping_timeout_s)
-            channel.silent = PeerTimeoutError(f"no pong within {listen.ping_timeout_s:g}s")
+            channel.failure = PeerTimeoutError(f"no pong within {listen.ping_timeout_s:g}s")
             connection.cancel()
 
 
@@ -220,10 +229,11 @@ class _Channel:
     def __init__(self, conn: Connection, ws: WebSocketConnection, session: Session) -> None:
         self.conn = conn
         self.ws = ws
+        self.sender = websocket.Sender(ws)
         self.session = session
         self.activity = conn.activity or websocket.Activity()
         self.scopes: dict[str, trio.CancelScope] = {}
-        self.silent: PeerTimeoutError | None = None
+        self.failure: OpenclawdError | None = None  # what ended the channel, if not the app
         # Frames wait here for the one writer: a cancelled request can stop queueing a
         # frame, but never cut one in half on the wire. Bounded: a slow app holds up its
         # requests' upstream reads, not memory.
@@ -250,7 +260,7 @@ class _Channel:
         written: trio.Event | None = None
         try:
             async for text, written in self._frames:
-                await self.ws.send_message(text)
+                await self.sender.send(text)
                 if written is not None:
                     written.set()
         except ConnectionClosed:

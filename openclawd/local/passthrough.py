@@ -15,8 +15,7 @@ Knows nothing of WebSockets.
 from __future__ import annotations
 
 import math
-import urllib.parse
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 
 import h11
 import trio
@@ -32,7 +31,7 @@ from openclawd.errors import (
 )
 from openclawd.lifecycle import Lifecycle
 from openclawd.local.server import Connection, error_body
-from openclawd.protocol.messages import CREDENTIAL_HEADERS, HOP_BY_HOP_HEADERS
+from openclawd.protocol.messages import CREDENTIAL_HEADERS, HOP_BY_HOP_HEADERS, has_dot_segment
 from openclawd.protocol.ratelimit import RateLimiter
 from openclawd.upstream.http import UpstreamRequest, Upstreams
 
@@ -52,7 +51,8 @@ def request_headers(
     """The app's headers to pass on, and its Content-Length (None if it sent none).
 
     Raises:
-        ClientError: a header to pass on has a value that is not ASCII.
+        ClientError: a header to pass on has a value that is not ASCII, or the body is
+            framed twice (Content-Length and Transfer-Encoding).
 
     Dropped: hop-by-hop headers and any the app's ``Connection`` header names, framing
     headers the upstream client sets itself, and every credential header (the provider's
@@ -60,11 +60,17 @@ def request_headers(
     """
     named: set[str] = set()
     length: int | None = None
+    chunked = False
     for raw_name, raw_value in raw:
         if raw_name == b"connection":
             named.update(t.strip().decode("latin-1") for t in raw_value.lower().split(b","))
         elif raw_name == b"content-length":
             length = int(raw_value)  # h11 checked it is a number
+        elif raw_name == b"transfer-encoding":
+            chunked = True
+    if chunked and length is not None:
+        # Which one frames the body? Two readers may disagree (request smuggling).
+        raise ClientError("both Content-Length and Transfer-Encoding: send one")
     dropped = _NOT_FORWARDED | CREDENTIAL_HEADERS | named | {auth_header.lower()}
     headers: list[tuple[str, str]] = []
     for raw_name, raw_value in raw:
@@ -121,31 +127,16 @@ class Passthrough:
         sent = 0
         self.inflight += 1
         try:
-            with self.lifecycle.work.track():
-                try:
-                    request = await self._prepare(conn, method, name, rest, query)
-                    pool = self.upstreams[name]
-                    async with pool.open(request) as response:
-                        status = response.status
-                        head = h11.Response(
-                            status_code=response.status,
-                            headers=response_headers(response.headers),
-                            reason=response.reason.encode("latin-1", "replace"),
-                        )
-                        await _send(conn, head)
-                        try:
-                            async for chunk in response.aiter_raw():
-                                await _send(conn, h11.Data(data=chunk))
-                                sent += len(chunk)
-                        except UpstreamError as exc:
-                            pool.record_failure(exc)  # a drop or stall mid-body
-                            raise
-                        await _send(conn, h11.EndOfMessage())
-                except OpenclawdError as exc:
-                    await self._fail(conn, exc)
-                    status = f"error {exc.code}"
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            status = "app gone"
+            with self.lifecycle.work.track(), trio.CancelScope() as app_gone:
+                async with trio.open_nursery() as nursery:
+
+                    def watch() -> None:
+                        nursery.start_soon(_watch_for_leaving, conn, app_gone)
+
+                    status, sent = await self._exchange(conn, method, name, rest, query, watch)
+                    nursery.cancel_scope.cancel()
+            if app_gone.cancelled_caught:
+                status = "app gone"
         finally:
             self.inflight -= 1
             log.info(
@@ -158,8 +149,54 @@ class Passthrough:
                 duration_s=round(trio.current_time() - started, 4),
             )
 
+    async def _exchange(
+        self,
+        conn: Connection,
+        method: str,
+        name: str,
+        rest: str,
+        query: str,
+        watch: Callable[[], None],
+    ) -> tuple[int | str, int]:
+        """The request and its answer; returns the status (or why there is none) and the
+        body bytes sent, for the log. ``watch`` is called once the app's body is all read:
+        from then on the app leaving cancels the exchange."""
+        status: int | str = "error"
+        sent = 0
+        try:
+            request = await self._prepare(conn, method, name, rest, query, watch)
+            pool = self.upstreams[name]
+            async with pool.open(request) as response:
+                status = response.status
+                head = h11.Response(
+                    status_code=response.status,
+                    headers=response_headers(response.headers),
+                    reason=response.reason.encode("latin-1", "replace"),
+                )
+                await _send(conn, head)
+                try:
+                    async for chunk in response.aiter_raw():
+                        await _send(conn, h11.Data(data=chunk))
+                        sent += len(chunk)
+                except UpstreamError as exc:
+                    pool.record_failure(exc)  # a drop or stall mid-body
+                    raise
+                await _send(conn, h11.EndOfMessage())
+        except OpenclawdError as exc:
+            await self._fail(conn, exc)
+            status = f"error {exc.code}"
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            status = "app gone"
+        return status, sent
+
     async def _prepare(
-        self, conn: Connection, method: str, name: str, rest: str, query: str
+        self,
+        conn: Connection,
+        method: str,
+        name: str,
+        rest: str,
+        query: str,
+        on_complete: Callable[[], None],
     ) -> UpstreamRequest:
         """Check the request and start reading its body.
 
@@ -178,7 +215,7 @@ class Passthrough:
         headers, length = request_headers(conn.request.headers, provider.auth_header)
         if conn.http.they_are_waiting_for_100_continue:
             await _send(conn, h11.InformationalResponse(status_code=100, headers=[]))
-        body = _AppBody(conn)
+        body = _AppBody(conn, on_complete)
         held = await body.hold(REPLAYABLE_BYTES)
         content: bytes | AsyncIterator[bytes] | None
         if body.complete:
@@ -209,7 +246,7 @@ def _bad_segment(path: str) -> str | None:
     segments = path.split("/")
     if segments[0] == "" and len(segments) > 1:
         return "empty"
-    if any(urllib.parse.unquote(s) in (".", "..") for s in segments):
+    if has_dot_segment(path):
         return "dot"
     return None
 
@@ -217,8 +254,9 @@ def _bad_segment(path: str) -> str | None:
 class _AppBody:
     """The app's request body, read from its connection as the upstream takes it."""
 
-    def __init__(self, conn: Connection) -> None:
+    def __init__(self, conn: Connection, on_complete: Callable[[], None]) -> None:
         self._conn = conn
+        self._on_complete = on_complete
         self.complete = False
 
     async def hold(self, limit: int) -> bytes:
@@ -256,6 +294,7 @@ class _AppBody:
                 return bytes(event.data)
             if isinstance(event, h11.EndOfMessage):
                 self.complete = True
+                self._on_complete()
                 break
             if event is not h11.NEED_DATA:
                 raise ClientError("the app closed the connection before the end of its body")
@@ -265,6 +304,25 @@ class _AppBody:
                 raise ClientError(f"no request body bytes for {self._conn.timeout_s:g}s")
             http.receive_data(data)
         return None
+
+
+async def _watch_for_leaving(conn: Connection, gone: trio.CancelScope) -> None:
+    """Once the app's request is all read, its side of the connection is quiet until the
+    answer is out: an end of stream there means it left, and what it asked for is
+    abandoned upstream at once (not after a read timeout). Bytes that do come (the next
+    request, pipelined) are kept for h11, up to a bound, then left in the socket."""
+    kept = 0
+    while kept < _RECEIVE_BYTES:
+        try:
+            data = await conn.stream.receive_some(_RECEIVE_BYTES)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            data = b""
+        if not data:
+            log.info("http.app_gone")
+            gone.cancel()
+            return
+        conn.http.receive_data(data)
+        kept += len(data)
 
 
 async def _send(conn: Connection, event: h11.Event) -> None:

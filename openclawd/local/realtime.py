@@ -24,7 +24,6 @@ from openclawd.errors import (
     ClientError,
     NoKeyError,
     OpenclawdError,
-    RateLimitedError,
     UnknownProviderError,
     UpstreamRejectedError,
 )
@@ -32,6 +31,7 @@ from openclawd.keys.manager import Key
 from openclawd.lifecycle import Lifecycle
 from openclawd.local.server import Close, Connection
 from openclawd.protocol.closecodes import CloseCode, sendable
+from openclawd.protocol.messages import has_dot_segment
 from openclawd.protocol.ratelimit import RateLimiter
 from openclawd.upstream import ws as upstream_ws
 from openclawd.upstream.http import KeySource
@@ -61,6 +61,9 @@ class _Relay:
         default_factory=lambda: {"app": trio.Event(), "upstream": trio.Event()}
     )
     blocked_on: set[str] = field(default_factory=set)  # sides a pump waits to send to
+    senders: dict[str, websocket.Sender] = field(default_factory=dict)
+    max_bytes: int = 1 << 20  # max_message_bytes
+    oversize: bool = False  # the first side to close was closed for an oversize message
     messages: dict[str, int] = field(default_factory=lambda: {"app": 0, "upstream": 0})
 
     def end(self) -> None:
@@ -71,15 +74,31 @@ class _Relay:
                     break
         self.ended.set()
 
-    async def pump(self, source: str, src: WebSocketConnection, dst: WebSocketConnection) -> None:
-        """Move messages from ``src`` to ``dst`` one at a time until either closes."""
+    def __post_init__(self) -> None:
+        self.senders = {
+            "app": websocket.Sender(self.app),
+            "upstream": websocket.Sender(self.upstream),
+        }
+
+    async def pump(self, source: str, src: WebSocketConnection) -> None:
+        """Move messages from ``src`` to the other side one at a time until either closes."""
         target = "upstream" if source == "app" else "app"
+        sender = self.senders[target]
         try:
             while True:
                 message = await src.get_message()
+                if websocket.over_limit(message, self.max_bytes):
+                    # Over in UTF-8 bytes though not in characters: as trio-websocket does
+                    # for bytes, the sender is closed with 1009.
+                    if self.first is None:
+                        self.first, self.oversize = source, True
+                        self.first_close = CloseReason(
+                            1009, f"{_OVERSIZE_REASON}: {self.max_bytes} bytes"
+                        )
+                    return
                 self.blocked_on.add(target)
                 try:
-                    await dst.send_message(message)
+                    await sender.send(message)
                 finally:
                     self.blocked_on.discard(target)
                 self.messages[source] += 1
@@ -105,7 +124,9 @@ class _Relay:
             interval_s=interval_s,
             timeout_s=timeout_s,
             # Its pong may wait behind the messages we hold while the other side is slow.
-            excused=lambda: other in self.blocked_on,
+            # Not when this side's own queue waits on the other: two stuck peers must not
+            # excuse each other for ever.
+            excused=lambda: other in self.blocked_on and side not in self.blocked_on,
         ):
             self.silent = self.silent or side
             self.ended.set()
@@ -149,13 +170,11 @@ class Realtime:
             raise UnknownProviderError(f"unknown provider {name!r}")
         if not provider.ws_url:
             raise ClientError(f"provider {name!r} has no ws_url")
-        retry_after = self.limiter.acquire(conn.peer.uid, trio.current_time())
-        if retry_after is not None:
-            raise RateLimitedError(
-                f"rate limited: over {self.limiter.requests_per_minute} requests per minute "
-                f"for uid {conn.peer.uid}; retry after {retry_after:.1f}s",
-                retry_after_s=retry_after,
-            )
+        if has_dot_segment(rest):
+            raise ClientError("dot path segments are not allowed")
+        refused = self.limiter.check(conn.peer.uid, trio.current_time())
+        if refused is not None:
+            raise refused
         key = self.keys.current(name)
         if key is None:
             raise NoKeyError(f"no key for {name} yet")
@@ -231,19 +250,22 @@ class Realtime:
             key=key.fingerprint,
             key_version=key.version,
         )
-        relay = _Relay(app, session.ws)
+        relay = _Relay(app, session.ws, max_bytes=listen.max_message_bytes)
         try:
             await self._relay(relay, conn.activity or Activity(), up_activity)
         finally:
-            up_close = _upstream_close(relay, cut=relay.first is None and relay.silent is None)
-            await session.aclose(*up_close)
+            cut = relay.first is None and relay.silent is None
+            # Cut by the daemon, the upstream's reader is cancelled: no waiting for its
+            # answer to our close frame.
+            wait_s = websocket.CUT_CLOSE_WAIT_S if cut else websocket.CLOSE_TIMEOUT_S
+            await session.aclose(*_upstream_close(relay, cut=cut), wait_s=wait_s)
         return _app_close(relay, key, listen.ping_timeout_s, listen.max_message_bytes), relay
 
     async def _relay(self, relay: _Relay, app_activity: Activity, up_activity: Activity) -> None:
         listen = self.config.listen
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(relay.pump, "app", relay.app, relay.upstream)
-            nursery.start_soon(relay.pump, "upstream", relay.upstream, relay.app)
+            nursery.start_soon(relay.pump, "app", relay.app)
+            nursery.start_soon(relay.pump, "upstream", relay.upstream)
             for side, ws, activity in (
                 ("app", relay.app, app_activity),
                 ("upstream", relay.upstream, up_activity),
@@ -251,12 +273,18 @@ class Realtime:
                 nursery.start_soon(
                     relay.watch, side, ws, activity, listen.ping_interval_s, listen.ping_timeout_s
                 )
-            await relay.ended.wait()
-            if relay.silent is None and relay.first is not None:
-                # What the closed side sent before its close still reaches the other.
-                with trio.move_on_after(websocket.CLOSE_TIMEOUT_S):
-                    await relay.pumped[relay.first].wait()
-            nursery.cancel_scope.cancel()
+            try:
+                await relay.ended.wait()
+                if relay.silent is None and relay.first is not None:
+                    # What the closed side sent before its close still reaches the other.
+                    with trio.move_on_after(websocket.CLOSE_TIMEOUT_S):
+                        await relay.pumped[relay.first].wait()
+            finally:
+                # Ended, or cut by the daemon: a message half sent is finished (bounded)
+                # before anything else goes out on that side.
+                for sender in relay.senders.values():
+                    sender.stop()
+                nursery.cancel_scope.cancel()
 
 
 def _app_close(relay: _Relay, key: Key, ping_timeout_s: float, max_bytes: int) -> Close:
@@ -276,8 +304,8 @@ def _app_close(relay: _Relay, key: Key, ping_timeout_s: float, max_bytes: int) -
 def _from_upstream(closed: CloseReason, key: Key, max_bytes: int) -> Close:
     """The upstream's close, passed on where it may be (its code and reason verbatim)."""
     code, reason = closed.code, closed.reason or ""
-    if key.secret in reason:  # an upstream echoing a key must not pass it to the app
-        reason = reason.replace(key.secret, key.fingerprint)
+    if _quotes(reason, key.secret):  # an upstream echoing the key must not pass it on
+        reason = f"(the upstream's reason quoted key {key.fingerprint}: withheld)"
     if code == 1006:
         return Close(CloseCode.BAD_GATEWAY, "upstream dropped the connection")
     if code == 1009 and reason.startswith(_OVERSIZE_REASON):
@@ -289,6 +317,18 @@ def _from_upstream(closed: CloseReason, key: Key, max_bytes: int) -> Close:
     return Close(code, reason)
 
 
+# A run of this many characters of a key in a text counts as quoting it: a close reason
+# (123 bytes at most) always cuts a real key short.
+_KEY_RUN = 8
+
+
+def _quotes(text: str, secret: str) -> bool:
+    """Does ``text`` hold ``secret``, or any piece of it ``_KEY_RUN`` characters long?"""
+    if len(secret) <= _KEY_RUN:
+        return secret in text
+    return any(secret[i : i + _KEY_RUN] in text for i in range(len(secret) - _KEY_RUN + 1))
+
+
 def _upstream_close(relay: _Relay, *, cut: bool) -> tuple[int, str]:
     """How the upstream is closed: with the app's code when the app closed first."""
     if cut:
@@ -296,6 +336,8 @@ def _upstream_close(relay: _Relay, *, cut: bool) -> tuple[int, str]:
     if relay.silent == "app":
         return CloseCode.GOING_AWAY, "the app stopped answering pings"
     closed = relay.first_close
+    if relay.first == "upstream" and relay.oversize:
+        return CloseCode.TOO_BIG, f"message over max_message_bytes ({relay.max_bytes})"
     if relay.first == "app" and closed is not None:
         if closed.code == 1006:
             return CloseCode.GOING_AWAY, "the app went away"

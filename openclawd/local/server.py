@@ -200,7 +200,14 @@ class LocalServer:
             if handler is None:
                 await conn.respond_json(404, error_body("not_found", f"no entry point at {path}"))
                 return "not found"
-            await handler(conn)
+            try:
+                await handler(conn)
+            except Exception:
+                # A bug ends this request alone, never the daemon.
+                log.exception("connection.internal_error")
+                if http.our_state is h11.SEND_RESPONSE:
+                    await conn.respond_json(500, error_body("internal", "internal error"))
+                return "internal error"
             served += 1
             if http.our_state is not h11.DONE or http.their_state is not h11.DONE:
                 return f"served {served} requests"
@@ -218,54 +225,71 @@ class LocalServer:
 
     async def _serve_websocket(self, conn: Connection, handler: WebSocketHandler) -> str:
         async with trio.open_nursery() as nursery:
-            ws: WebSocketConnection | None = None
-            with trio.move_on_after(self.config.handshake_timeout_s):
-                conn.activity = websocket.Activity()
-                with contextlib.suppress(websocket.ConnectionClosed):
-                    ws = await websocket.accept(
-                        nursery,
-                        conn.stream,
-                        conn.head,
-                        max_message_bytes=self.config.max_message_bytes,
-                        activity=conn.activity,
-                    )
-            if ws is None:
+            try:
+                return await self._run_websocket(nursery, conn, handler)
+            finally:
+                # trio-websocket's reader may still wait on a peer that went quiet after the
+                # close: it must not hold the connection (and its slot) open.
                 nursery.cancel_scope.cancel()
-                return "websocket handshake failed"
-            refusal = self._refusal(conn.peer)
-            if refusal is not None:
-                _, status, message = refusal
-                refused = CloseCode.POLICY if status == 403 else CloseCode.TRY_AGAIN
-                return await self._close(ws, refused, message)
-            code: int = CloseCode.NORMAL
-            reason = "bye"
+
+    async def _run_websocket(
+        self, nursery: trio.Nursery, conn: Connection, handler: WebSocketHandler
+    ) -> str:
+        ws: WebSocketConnection | None = None
+        with trio.move_on_after(self.config.handshake_timeout_s):
+            conn.activity = websocket.Activity()
+            with contextlib.suppress(websocket.ConnectionClosed):
+                ws = await websocket.accept(
+                    nursery,
+                    conn.stream,
+                    conn.head,
+                    max_message_bytes=self.config.max_message_bytes,
+                    activity=conn.activity,
+                )
+        if ws is None:
+            return "websocket handshake failed"
+        refusal = self._refusal(conn.peer)
+        if refusal is not None:
+            _, status, message = refusal
+            refused = CloseCode.POLICY if status == 403 else CloseCode.TRY_AGAIN
+            return await self._close(ws, refused, message)
+        outcome: tuple[int, str] | None = None
+        try:
             try:
                 close = await handler(conn, ws)
-                if close is not None:
-                    code, reason = close.code, close.reason
+                outcome = (close.code, close.reason) if close else (CloseCode.NORMAL, "bye")
             except websocket.ConnectionClosed:
-                pass
+                outcome = (CloseCode.NORMAL, "bye")
             except OpenclawdError as exc:
-                code, reason = exc.close_code, str(exc)
+                outcome = (exc.close_code, str(exc))
             except Exception:
                 log.exception("connection.internal_error")
-                code, reason = CloseCode.INTERNAL, "internal error"
-            except BaseException:
-                # Cut by the daemon: at shutdown, or at the end of an operator's drain.
+                outcome = (CloseCode.INTERNAL, "internal error")
+        finally:
+            if outcome is None:
+                # Cut by the daemon: at shutdown, or at the end of an operator's drain. The
+                # reader is cancelled too, so the peer's answer to our close cannot be read:
+                # the close frame goes out and the connection is closed behind it.
                 if self.lifecycle.stopping:
                     code, reason = CloseCode.SHUTDOWN, "openclawd is shutting down"
                 elif self.lifecycle.draining:
                     code, reason = CloseCode.DRAIN_DEADLINE, "drain deadline reached"
                 else:
                     code, reason = CloseCode.INTERNAL, "connection cancelled"
-                await self._close(ws, code, reason)
-                raise
-            return await self._close(ws, code, reason)
+                await self._close(ws, code, reason, wait_s=websocket.CUT_CLOSE_WAIT_S)
+        return await self._close(ws, *outcome)
 
-    async def _close(self, ws: WebSocketConnection, code: int, reason: str) -> str:
+    async def _close(
+        self,
+        ws: WebSocketConnection,
+        code: int,
+        reason: str,
+        *,
+        wait_s: float = websocket.CLOSE_TIMEOUT_S,
+    ) -> str:
         """Close ``ws`` (unless the peer or the library already did); returns the outcome
         for the connection's log line."""
-        await websocket.close(ws, code, reason)
+        await websocket.close(ws, code, reason, wait_s=wait_s)
         closed = ws.closed
         if closed is not None and closed.code != code and closed.code != 1000:
             code, reason = closed.code, closed.reason or ""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -71,6 +72,12 @@ class Ping:
 
 
 Frame = Request | Cancel | Ping
+
+
+def has_dot_segment(path: str) -> bool:
+    """Does ``path`` (without its query) hold a dot segment, plain or percent-encoded
+    (``..``, ``%2e%2e``)? Appended to a provider's base URL, it could step out of it."""
+    return any(urllib.parse.unquote(segment) in (".", "..") for segment in path.split("/"))
 
 
 def decode(message: str | bytes) -> Frame:
@@ -147,9 +154,7 @@ def _request(rid: str, obj: Mapping[str, Any]) -> Request:
     path = obj.get("path")
     if not isinstance(path, str) or not path.startswith("/") or path.startswith("//"):
         raise FrameError('"path" must be a string starting with a single "/"')
-    if _BAD_PATH_RE.search(path) or any(
-        seg in (".", "..") for seg in path.split("?", 1)[0].split("/")
-    ):
+    if _BAD_PATH_RE.search(path) or has_dot_segment(path.split("?", 1)[0]):
         raise FrameError('"path" holds spaces, control characters, "#", "\\\\" or dot segments')
     return Request(
         id=rid,

@@ -44,7 +44,8 @@ class Target:
 
 
 def target(ws_url: str, path: str, query: str) -> Target:
-    """``ws_url`` + ``path`` (empty: ``/v1/realtime``) + ``query``."""
+    """``ws_url`` + ``path`` (empty: ``/v1/realtime``) + ``query`` (after ``ws_url``'s
+    own query, if it has one)."""
     parts = urlsplit(ws_url)
     tls = parts.scheme == "wss"
     host = parts.hostname or ""
@@ -52,8 +53,10 @@ def target(ws_url: str, path: str, query: str) -> Target:
     shown = f"[{host}]" if ":" in host else host
     host_header = shown if port == _DEFAULT_PORTS[parts.scheme] else f"{shown}:{port}"
     resource = parts.path.rstrip("/") + (path or "/v1/realtime")
-    if query:
-        resource += f"?{query}"
+    # ws_url's own query (e.g. an api-version) first, then the app's.
+    joined = "&".join(q for q in (parts.query, query) if q)
+    if joined:
+        resource += f"?{joined}"
     return Target(tls, host, port, host_header, resource)
 
 
@@ -64,11 +67,13 @@ class UpstreamSession:
     ws: WebSocketConnection
     stream: trio.abc.Stream
 
-    async def aclose(self, code: int, reason: str) -> None:
-        """Close the WebSocket (bounded), then the connection: trio-websocket leaves it open
-        when the peer closed first or the connection dropped."""
+    async def aclose(
+        self, code: int, reason: str, *, wait_s: float = websocket.CLOSE_TIMEOUT_S
+    ) -> None:
+        """Close the WebSocket (waiting at most ``wait_s`` for the peer's answer), then the
+        connection: trio-websocket leaves it open when the peer closed first or dropped."""
         try:
-            await websocket.close(self.ws, code, reason)
+            await websocket.close(self.ws, code, reason, wait_s=wait_s)
         finally:
             await trio.aclose_forcefully(self.stream)
 
@@ -139,13 +144,17 @@ async def _open_stream(to: Target, tls: ssl.SSLContext) -> trio.abc.Stream:
     if not to.tls:
         return tcp
     secure = trio.SSLStream(tcp, tls, server_hostname=to.host, https_compatible=True)
+    done = False
     try:
         await secure.do_handshake()
+        done = True
     except trio.BrokenResourceError as exc:
-        await trio.aclose_forcefully(tcp)
         cause = exc.__cause__
         detail = getattr(cause, "verify_message", None) or getattr(cause, "reason", None)
         raise UpstreamConnectionError(
             f"upstream TLS handshake failed: {detail or type(cause).__name__}"
         ) from exc
+    finally:
+        if not done:  # failed, or timed out: the caller never sees this connection
+            await trio.aclose_forcefully(tcp)
     return secure

@@ -12,12 +12,13 @@ import itertools
 import json
 import os
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import ExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import h11
 import trio
 import trio_websocket
 from websockets.exceptions import ConnectionClosed
@@ -37,6 +38,7 @@ from openclawd.protocol.ratelimit import RateLimiter
 from openclawd.upstream.http import Upstreams
 
 from ..bao import BaoServer
+from ..fake_upstream import open_fake_upstream
 
 _paths = itertools.count()
 
@@ -122,29 +124,37 @@ async def open_dataplane(
     with UnixListenSocket(cfg.listen.socket, mode=0o600, gid=None, backlog=128, key="listen") as s:
         async with trio.open_nursery() as nursery:
             await nursery.start(keys.serve)
-            async with trio.open_nursery() as connections:
-                await nursery.start(local.serve, s.sock, connections)
-                lifecycle.set_listening()
-                while keys.current("openai") is None:  # noqa: ASYNC110 - no change event
-                    await trio.sleep(0.01)
-                try:
-                    yield DataPlane(
-                        cfg.listen.socket,
-                        cfg,
-                        lifecycle,
-                        keys,
-                        upstreams,
-                        channels,
-                        local,
-                        vault_path,
-                        realtime_,
-                        passthrough_,
-                        connections,
-                    )
-                finally:
-                    connections.cancel_scope.cancel()
-                    nursery.cancel_scope.cancel()
-                    await upstreams.aclose()
+            # In a task of its own, not around the test's body: a test that cuts the
+            # connections (as the daemon does at shutdown) must not cut itself.
+            connections: trio.Nursery = await nursery.start(_hold_nursery)
+            await nursery.start(local.serve, s.sock, connections)
+            lifecycle.set_listening()
+            while keys.current("openai") is None:  # noqa: ASYNC110 - no change event
+                await trio.sleep(0.01)
+            try:
+                yield DataPlane(
+                    cfg.listen.socket,
+                    cfg,
+                    lifecycle,
+                    keys,
+                    upstreams,
+                    channels,
+                    local,
+                    vault_path,
+                    realtime_,
+                    passthrough_,
+                    connections,
+                )
+            finally:
+                connections.cancel_scope.cancel()
+                nursery.cancel_scope.cancel()
+                await upstreams.aclose()
+
+
+async def _hold_nursery(*, task_status: trio.TaskStatus[trio.Nursery]) -> None:
+    async with trio.open_nursery() as nursery:
+        task_status.started(nursery)
+        await trio.sleep_forever()
 
 
 class AppClient:
@@ -282,3 +292,128 @@ async def open_realtime(
         yield RealtimeApp(ws)
     finally:
         await trio.to_thread.run_sync(stack.close)
+
+
+async def close_of(socket_path: str, resource: str = "/v1/realtime/openai") -> tuple[int, str]:
+    """Open a session and return how the daemon closes it, the app sending nothing."""
+    async with open_realtime(socket_path, resource) as app:
+        return await app.closed()
+
+
+@asynccontextmanager
+async def realtime_plane(
+    bao: BaoServer,
+    runtime: Path,
+    ws_url: str,
+    *,
+    key: str = "sk-rt-0001",  # test_realtime.KEY
+    provider: dict[str, Any] | None = None,
+    **options: Any,
+) -> AsyncIterator[DataPlane]:
+    async with (
+        open_fake_upstream() as http_up,
+        open_dataplane(
+            bao,
+            runtime,
+            http_up.url,
+            key=key,
+            provider={"ws_url": ws_url, **(provider or {})},
+            **options,
+        ) as dp,
+    ):
+        yield dp
+
+
+@dataclass
+class Answer:
+    status: int
+    headers: dict[str, str]  # lower-cased names; repeated ones joined with ", "
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+class AppConnection:
+    """One app connection to the data socket, spoken with h11 so each byte is controlled."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self.http = h11.Connection(h11.CLIENT)
+
+    async def send(self, event: h11.Event) -> None:
+        data = self.http.send(event)
+        if data:
+            await self.stream.send_all(data)
+
+    async def next_event(self) -> Any:
+        while True:
+            event = self.http.next_event()
+            if event is not h11.NEED_DATA:
+                return event
+            self.http.receive_data(await self.stream.receive_some(64 * 1024))
+
+    async def send_head(
+        self, method: str, target: str, headers: Sequence[tuple[str, str]] = ()
+    ) -> None:
+        head = [("host", "openclawd"), *headers]
+        await self.send(h11.Request(method=method, target=target, headers=head))
+
+    async def read_response(self) -> Answer:
+        event = await self.next_event()
+        assert isinstance(event, h11.Response), event
+        headers: dict[str, str] = {}
+        for raw_name, raw_value in event.headers:
+            name, value = raw_name.decode("latin-1"), raw_value.decode("latin-1")
+            headers[name] = f"{headers[name]}, {value}" if name in headers else value
+        body = bytearray()
+        while True:
+            part = await self.next_event()
+            if isinstance(part, h11.EndOfMessage):
+                break
+            assert isinstance(part, h11.Data), part
+            body += part.data
+        answer = Answer(event.status_code, headers, bytes(body))
+        if self.http.our_state is h11.DONE and self.http.their_state is h11.DONE:
+            self.http.start_next_cycle()  # kept alive: ready for the next request
+        return answer
+
+    async def request(
+        self,
+        method: str,
+        target: str,
+        headers: Sequence[tuple[str, str]] = (),
+        body: bytes | None = None,
+    ) -> Answer:
+        head = list(headers)
+        if body is not None:
+            head.append(("content-length", str(len(body))))
+        await self.send_head(method, target, head)
+        if body:
+            await self.send(h11.Data(data=body))
+        await self.send(h11.EndOfMessage())
+        return await self.read_response()
+
+    @property
+    def kept_alive(self) -> bool:
+        """Both sides are ready for another request on this connection."""
+        return self.http.our_state is h11.IDLE and self.http.their_state is h11.IDLE
+
+
+@asynccontextmanager
+async def open_http(socket_path: str) -> AsyncIterator[AppConnection]:
+    stream = await trio.open_unix_socket(socket_path)
+    async with stream:
+        yield AppConnection(stream)
+
+
+async def call(
+    socket_path: str,
+    method: str,
+    target: str,
+    headers: Sequence[tuple[str, str]] = (),
+    body: bytes | None = None,
+) -> Answer:
+    """One request on a connection of its own."""
+    async with open_http(socket_path) as app:
+        return await app.request(method, target, headers, body)

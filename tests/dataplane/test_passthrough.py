@@ -10,7 +10,7 @@ import hashlib
 import json
 import math
 import os
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +24,14 @@ import trio
 
 from ..bao import BaoServer
 from ..fake_upstream import USAGE, Reply, default_stream_events, open_fake_upstream
-from .harness import closed_port, current_rss, open_dataplane
+from .harness import (
+    Answer,
+    call,
+    closed_port,
+    current_rss,
+    open_dataplane,
+    open_http,
+)
 
 KEY = "sk-test-0001"
 ROTATED = "sk-rotated-0002"
@@ -93,101 +100,6 @@ def assert_error(result: CurlResult | Answer, status: int, code: str) -> dict[st
 
 
 # --- a raw HTTP/1.1 client (h11) ----------------------------------------------------------
-
-
-@dataclass
-class Answer:
-    status: int
-    headers: dict[str, str]  # lower-cased names; repeated ones joined with ", "
-    body: bytes
-
-    def json(self) -> Any:
-        return json.loads(self.body)
-
-
-class AppConnection:
-    """One app connection to the data socket, spoken with h11 so each byte is controlled."""
-
-    def __init__(self, stream: trio.SocketStream) -> None:
-        self.stream = stream
-        self.http = h11.Connection(h11.CLIENT)
-
-    async def send(self, event: h11.Event) -> None:
-        data = self.http.send(event)
-        if data:
-            await self.stream.send_all(data)
-
-    async def next_event(self) -> Any:
-        while True:
-            event = self.http.next_event()
-            if event is not h11.NEED_DATA:
-                return event
-            self.http.receive_data(await self.stream.receive_some(64 * 1024))
-
-    async def send_head(
-        self, method: str, target: str, headers: Sequence[tuple[str, str]] = ()
-    ) -> None:
-        head = [("host", "openclawd"), *headers]
-        await self.send(h11.Request(method=method, target=target, headers=head))
-
-    async def read_response(self) -> Answer:
-        event = await self.next_event()
-        assert isinstance(event, h11.Response), event
-        headers: dict[str, str] = {}
-        for raw_name, raw_value in event.headers:
-            name, value = raw_name.decode("latin-1"), raw_value.decode("latin-1")
-            headers[name] = f"{headers[name]}, {value}" if name in headers else value
-        body = bytearray()
-        while True:
-            part = await self.next_event()
-            if isinstance(part, h11.EndOfMessage):
-                break
-            assert isinstance(part, h11.Data), part
-            body += part.data
-        answer = Answer(event.status_code, headers, bytes(body))
-        if self.http.our_state is h11.DONE and self.http.their_state is h11.DONE:
-            self.http.start_next_cycle()  # kept alive: ready for the next request
-        return answer
-
-    async def request(
-        self,
-        method: str,
-        target: str,
-        headers: Sequence[tuple[str, str]] = (),
-        body: bytes | None = None,
-    ) -> Answer:
-        head = list(headers)
-        if body is not None:
-            head.append(("content-length", str(len(body))))
-        await self.send_head(method, target, head)
-        if body:
-            await self.send(h11.Data(data=body))
-        await self.send(h11.EndOfMessage())
-        return await self.read_response()
-
-    @property
-    def kept_alive(self) -> bool:
-        """Both sides are ready for another request on this connection."""
-        return self.http.our_state is h11.IDLE and self.http.their_state is h11.IDLE
-
-
-@asynccontextmanager
-async def open_http(socket_path: str) -> AsyncIterator[AppConnection]:
-    stream = await trio.open_unix_socket(socket_path)
-    async with stream:
-        yield AppConnection(stream)
-
-
-async def call(
-    socket_path: str,
-    method: str,
-    target: str,
-    headers: Sequence[tuple[str, str]] = (),
-    body: bytes | None = None,
-) -> Answer:
-    """One request on a connection of its own."""
-    async with open_http(socket_path) as app:
-        return await app.request(method, target, headers, body)
 
 
 def json_body(value: object) -> bytes:

@@ -8,8 +8,6 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -22,44 +20,13 @@ from openclawd.local import realtime
 from openclawd.upstream import ws as upstream_ws
 
 from ..bao import BaoServer
-from ..fake_upstream import open_fake_upstream
 from ..fake_ws_upstream import Session, open_fake_ws_upstream
-from .harness import DataPlane, closed_port, open_dataplane, open_realtime
+from .harness import close_of, closed_port, open_realtime, realtime_plane
 
 KEY = "sk-rt-0001"
 NEW_KEY = "sk-rt-0002"
 
 Bao = BaoServer
-
-
-async def close_of(socket_path: str, resource: str = "/v1/realtime/openai") -> tuple[int, str]:
-    """Open a session and return how the daemon closes it, the app sending nothing."""
-    async with open_realtime(socket_path, resource) as app:
-        return await app.closed()
-
-
-@asynccontextmanager
-async def realtime_plane(
-    bao: Bao,
-    runtime: Path,
-    ws_url: str,
-    *,
-    key: str = KEY,
-    provider: dict[str, Any] | None = None,
-    **options: Any,
-) -> AsyncIterator[DataPlane]:
-    async with (
-        open_fake_upstream() as http_up,
-        open_dataplane(
-            bao,
-            runtime,
-            http_up.url,
-            key=key,
-            provider={"ws_url": ws_url, **(provider or {})},
-            **options,
-        ) as dp,
-    ):
-        yield dp
 
 
 async def test_text_and_binary_are_echoed_with_the_key_path_and_query(
@@ -447,7 +414,8 @@ async def test_a_close_reason_never_carries_the_key(shared_bao: Bao, runtime_dir
             code, reason = await close_of(dp.socket_path)
             assert code == 4000
             assert KEY not in reason
-            assert reason == f"bad key {dp.keys.current('openai').fingerprint}"
+            fingerprint = dp.keys.current("openai").fingerprint
+            assert reason == f"(the upstream's reason quoted key {fingerprint}: withheld)"
 
 
 async def test_the_prefix_constant_is_the_contracts_path() -> None:

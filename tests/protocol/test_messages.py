@@ -241,6 +241,9 @@ def test_path_ok(path: str) -> None:
         "/..",
         "/v1/..",
         "/v1/..?x=1",
+        "/v1/%2e%2e/x",
+        "/v1/.%2E/x",
+        "/%2e",
     ],
     ids=[
         "missing",
@@ -263,10 +266,28 @@ def test_path_ok(path: str) -> None:
         "slash-dotdot",
         "trailing-dotdot",
         "dotdot-before-query",
+        "encoded-dotdot",
+        "half-encoded-dotdot",
+        "encoded-dot",
     ],
 )
 def test_bad_path_refused(path: Any) -> None:
     assert refused(request(path=path)).request_id == "r1"
+
+
+@pytest.mark.parametrize(
+    ("path", "dotted"),
+    [
+        ("/v1/chat/completions", False),
+        ("/v1/..x/a.b/...", False),
+        ("/v1/%2e%2e", True),
+        ("/v1/%2E./x", True),
+        ("/./x", True),
+        ("..", True),
+    ],
+)
+def test_has_dot_segment(path: str, dotted: bool) -> None:
+    assert messages.has_dot_segment(path) is dotted
 
 
 # --- request: headers ------------------------------------------------------------------
