@@ -61,10 +61,16 @@ class _Relay:
         default_factory=lambda: {"app": trio.Event(), "upstream": trio.Event()}
     )
     blocked_on: set[str] = field(default_factory=set)  # sides a pump waits to send to
-    senders: dict[str, websocket.Sender] = field(default_factory=dict)
+    senders: dict[str, websocket.Sender] = field(init=False)  # by the side sent to
     max_bytes: int = 1 << 20  # max_message_bytes
     oversize: bool = False  # the first side to close was closed for an oversize message
     messages: dict[str, int] = field(default_factory=lambda: {"app": 0, "upstream": 0})
+
+    def __post_init__(self) -> None:
+        self.senders = {
+            "app": websocket.Sender(self.app),
+            "upstream": websocket.Sender(self.upstream),
+        }
 
     def end(self) -> None:
         if self.first is None:
@@ -73,12 +79,6 @@ class _Relay:
                     self.first, self.first_close = side, ws.closed
                     break
         self.ended.set()
-
-    def __post_init__(self) -> None:
-        self.senders = {
-            "app": websocket.Sender(self.app),
-            "upstream": websocket.Sender(self.upstream),
-        }
 
     async def pump(self, source: str, src: WebSocketConnection) -> None:
         """Move messages from ``src`` to the other side one at a time until either closes."""
