@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
 
 import h11
 import trio
@@ -101,6 +102,27 @@ def response_headers(raw: list[tuple[str, str]]) -> list[tuple[bytes, bytes]]:
     ]
 
 
+@dataclass(frozen=True, slots=True)
+class _Route:
+    """Where a request goes: ``/v1/http/{provider}/{rest}?{query}``."""
+
+    method: str
+    provider: str
+    rest: str
+    query: str
+
+    @classmethod
+    def of(cls, request: h11.Request) -> _Route:
+        path, _, query = request.target.decode("ascii").partition("?")
+        provider, _, rest = path[len(PREFIX) :].partition("/")
+        return cls(request.method.decode("ascii"), provider, rest, query)
+
+    @property
+    def upstream_target(self) -> str:
+        """The path and query under the provider's ``base_url``."""
+        return f"/{self.rest}" + (f"?{self.query}" if self.query else "")
+
+
 class Passthrough:
     """Serves /v1/http requests; shared by all of them."""
 
@@ -119,10 +141,7 @@ class Passthrough:
     async def serve(self, conn: Connection) -> None:
         """Answer one request: the upstream's response, or the contract's JSON error."""
         started = trio.current_time()
-        method = conn.request.method.decode("ascii")
-        target = conn.request.target.decode("ascii")
-        path, _, query = target.partition("?")
-        name, _, rest = path[len(PREFIX) :].partition("/")
+        route = _Route.of(conn.request)
         status: int | str = "error"
         sent = 0
         self.inflight += 1
@@ -133,7 +152,7 @@ class Passthrough:
                     def watch() -> None:
                         nursery.start_soon(_watch_for_leaving, conn, app_gone)
 
-                    status, sent = await self._exchange(conn, method, name, rest, query, watch)
+                    status, sent = await self._exchange(conn, route, watch)
                     nursery.cancel_scope.cancel()
             if app_gone.cancelled_caught:
                 status = "app gone"
@@ -141,22 +160,16 @@ class Passthrough:
             self.inflight -= 1
             log.info(
                 "http.request",
-                provider=name,
-                method=method,
-                path=f"/{rest}",
+                provider=route.provider,
+                method=route.method,
+                path=f"/{route.rest}",
                 status=status,
                 bytes_out=sent,
                 duration_s=round(trio.current_time() - started, 4),
             )
 
     async def _exchange(
-        self,
-        conn: Connection,
-        method: str,
-        name: str,
-        rest: str,
-        query: str,
-        watch: Callable[[], None],
+        self, conn: Connection, route: _Route, watch: Callable[[], None]
     ) -> tuple[int | str, int]:
         """The request and its answer; returns the status (or why there is none) and the
         body bytes sent, for the log. ``watch`` is called once the app's body is all read:
@@ -164,8 +177,8 @@ class Passthrough:
         status: int | str = "error"
         sent = 0
         try:
-            request = await self._prepare(conn, method, name, rest, query, watch)
-            pool = self.upstreams[name]
+            request = await self._prepare(conn, route, watch)
+            pool = self.upstreams[route.provider]
             async with pool.open(request) as response:
                 status = response.status
                 head = h11.Response(
@@ -190,23 +203,17 @@ class Passthrough:
         return status, sent
 
     async def _prepare(
-        self,
-        conn: Connection,
-        method: str,
-        name: str,
-        rest: str,
-        query: str,
-        on_complete: Callable[[], None],
+        self, conn: Connection, route: _Route, on_complete: Callable[[], None]
     ) -> UpstreamRequest:
         """Check the request and start reading its body.
 
         Raises:
             OpenclawdError: the request is refused (unknown provider, bad path, rate).
         """
-        provider = self.config.providers.get(name)
+        provider = self.config.providers.get(route.provider)
         if provider is None:
-            raise UnknownProviderError(f"unknown provider {name!r}")
-        bad = _bad_segment(rest)
+            raise UnknownProviderError(f"unknown provider {route.provider!r}")
+        bad = _bad_segment(route.rest)
         if bad is not None:
             raise ClientError(f"{bad} path segments are not allowed")
         refused = self.limiter.check(conn.peer.uid, trio.current_time())
@@ -225,8 +232,7 @@ class Passthrough:
             content = body.stream(held)
             if length is not None:  # else it goes chunked
                 headers.append(("content-length", str(length)))
-        upstream_target = f"/{rest}" + (f"?{query}" if query else "")
-        return UpstreamRequest(method, upstream_target, tuple(headers), content)
+        return UpstreamRequest(route.method, route.upstream_target, tuple(headers), content)
 
     async def _fail(self, conn: Connection, exc: OpenclawdError) -> None:
         if conn.http.our_state is not h11.SEND_RESPONSE:

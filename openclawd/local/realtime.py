@@ -259,7 +259,7 @@ class Realtime:
             # answer to our close frame.
             wait_s = websocket.CUT_CLOSE_WAIT_S if cut else websocket.CLOSE_TIMEOUT_S
             await session.aclose(*_upstream_close(relay, cut=cut), wait_s=wait_s)
-        return _app_close(relay, key, listen.ping_timeout_s, listen.max_message_bytes), relay
+        return _app_close(relay, key, listen.ping_timeout_s), relay
 
     async def _relay(self, relay: _Relay, app_activity: Activity, up_activity: Activity) -> None:
         listen = self.config.listen
@@ -287,7 +287,7 @@ class Realtime:
                 nursery.cancel_scope.cancel()
 
 
-def _app_close(relay: _Relay, key: Key, ping_timeout_s: float, max_bytes: int) -> Close:
+def _app_close(relay: _Relay, key: Key, ping_timeout_s: float) -> Close:
     """How the app is closed, now that the session is over."""
     if relay.silent == "app":
         return Close(CloseCode.INTERNAL, f"no pong within {ping_timeout_s:g}s")
@@ -298,7 +298,7 @@ def _app_close(relay: _Relay, key: Key, ping_timeout_s: float, max_bytes: int) -
         return Close(CloseCode.INTERNAL, "session ended without a close")
     if relay.first == "app":
         return Close(closed.code, closed.reason or "")  # already closed: for the log
-    return _from_upstream(closed, key, max_bytes)
+    return _from_upstream(closed, key, relay.max_bytes)
 
 
 def _from_upstream(closed: CloseReason, key: Key, max_bytes: int) -> Close:

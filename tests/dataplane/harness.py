@@ -41,6 +41,8 @@ from ..bao import BaoServer
 from ..fake_upstream import open_fake_upstream
 
 _paths = itertools.count()
+# [listen] settings under which a silent peer is noticed within half a second.
+FAST_PINGS = {"ping_interval_s": 0.2, "ping_timeout_s": 0.3}
 
 
 @dataclass

@@ -31,6 +31,7 @@ from ..bao import BaoServer
 from ..fake_upstream import Reply, open_fake_upstream
 from ..fake_ws_upstream import Session, open_fake_ws_upstream
 from .harness import (
+    FAST_PINGS,
     call,
     close_of,
     open_app,
@@ -187,7 +188,7 @@ async def test_two_stuck_peers_do_not_excuse_each_other_forever(
                 shared_bao,
                 runtime_dir,
                 up.url,
-                listen={"ping_interval_s": 0.2, "ping_timeout_s": 0.3},
+                listen=FAST_PINGS,
             ) as dp,
         ):
             up.script(

@@ -21,7 +21,7 @@ from openclawd.upstream import ws as upstream_ws
 
 from ..bao import BaoServer
 from ..fake_ws_upstream import Session, open_fake_ws_upstream
-from .harness import close_of, closed_port, open_realtime, realtime_plane
+from .harness import FAST_PINGS, close_of, closed_port, open_realtime, realtime_plane
 
 KEY = "sk-rt-0001"
 NEW_KEY = "sk-rt-0002"
@@ -224,7 +224,7 @@ async def test_a_silent_upstream_is_1014(shared_bao: Bao, runtime_dir: Path) -> 
                 shared_bao,
                 runtime_dir,
                 up.url,
-                listen={"ping_interval_s": 0.2, "ping_timeout_s": 0.3},
+                listen=FAST_PINGS,
             ) as dp,
         ):
             up.script(Session(go_silent_after=0))
@@ -242,7 +242,7 @@ async def test_a_silent_app_is_1011_and_the_upstream_is_told(
                 shared_bao,
                 runtime_dir,
                 up.url,
-                listen={"ping_interval_s": 0.2, "ping_timeout_s": 0.3},
+                listen=FAST_PINGS,
             ) as dp,
         ):
             # A raw client that completes the handshake and then reads nothing: it cannot
