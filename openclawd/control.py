@@ -1,72 +1,346 @@
 """The control API for operators: a Quart (quart-trio) app served by hypercorn.
 
-Owns the routes of CONTRACT.md section 4 and their JSON answers; it reads the daemon's
-state and calls the daemon's operations, and holds no state of its own. It is served on its
-own listener (the control socket), so draining the data socket never shuts operators out.
-Every error answer is ``{"error": CODE, "message": TEXT}``; an unknown route is 404, a
-known route with the wrong method 405.
+Owns the routes of CONTRACT.md section 4 and their JSON answers: it reads the daemon's
+statistics snapshot and calls the daemon's operations (``Operations``), and holds no state
+of its own. It is served on its own listeners (the control socket, and the optional
+loopback TCP one behind a bearer token), so draining the data socket never shuts operators
+out. Every error answer is ``{"error": CODE, "message": TEXT}``; an unknown route is 404,
+a known route with the wrong method 405 (mutations are POST only).
 """
 
 from __future__ import annotations
 
+import hmac
+import json
 import logging
+import math
 import os
 import socket
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, Protocol
 
 import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
-from quart import Response, jsonify, request
+from hypercorn.typing import ASGIFramework, ASGIReceiveCallable, ASGISendCallable, Scope
+from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
+from openclawd import logs
+from openclawd.errors import OpenclawdError, UnknownProviderError, VaultError
 from openclawd.lifecycle import Lifecycle
+from openclawd.metrics import CONTENT_TYPE, Metrics
+from openclawd.statistics import Statistics
+
+log = logs.get(__name__)
+
+# Control requests are small JSON objects; anything larger is refused (413).
+MAX_BODY_BYTES = 64 * 1024
+_ERROR_CODES = {
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "too_large",
+}
 
 
-def error(status: int, code: str, message: str) -> tuple[Response, int]:
-    return jsonify({"error": code, "message": message}), status
+class Operations(Protocol):
+    """What the control API needs of the daemon."""
+
+    lifecycle: Lifecycle
+
+    def statistics(self) -> Statistics: ...
+
+    def redact(self, text: str) -> str:
+        """``text`` with any key the daemon holds replaced by its fingerprint."""
+        ...
+
+    async def rotate_keys(
+        self, provider: str | None
+    ) -> Mapping[str, tuple[int | None, int | None, bool]]: ...
+
+    def drain(self, deadline_s: float | None) -> float:
+        """Start (or move the deadline of) the operator's drain; returns its deadline_s."""
+        ...
+
+    def resume(self) -> None: ...
 
 
-def create_app(lifecycle: Lifecycle) -> QuartTrio:
-    """Build the control app over the daemon's ``lifecycle``."""
+class BadRequestError(OpenclawdError):
+    code = "bad_request"
+    http_status = 400
+
+
+def json_response(payload: object, status: int = 200, *, redact: Any = None) -> Response:
+    text = json.dumps(payload, separators=(",", ":"))
+    if redact is not None:
+        text = redact(text)
+    return Response(text, status=status, content_type="application/json")
+
+
+def error(status: int, code: str, message: str) -> Response:
+    return json_response({"error": code, "message": message}, status)
+
+
+def status_body(stats: Statistics) -> dict[str, Any]:
+    """``GET /v1/status`` (CONTRACT.md 4) from one statistics snapshot."""
+    providers: dict[str, Any] = {}
+    for name, keyed in stats.keys.providers.items():
+        key = keyed.key
+        upstream = stats.upstreams.get(name)
+        providers[name] = {
+            "key": None
+            if key is None
+            else {
+                "version": key.version,
+                "fingerprint": key.fingerprint,
+                "fetched_at": key.fetched_at,
+                "pool_size": key.pool_size,
+            },
+            "upstream": {
+                "circuit": upstream.circuit if upstream else "closed",
+                "last_error": upstream.last_error if upstream else None,
+            },
+            "ratelimit": {
+                "remaining_requests": upstream.remaining_requests if upstream else None,
+                "remaining_tokens": upstream.remaining_tokens if upstream else None,
+            },
+        }
+        if keyed.last_error is not None:
+            providers[name]["key_error"] = keyed.last_error
+    keys = stats.keys
+    return {
+        "state": stats.state,
+        "version": stats.version,
+        "uptime_s": round(stats.uptime_s, 1),
+        "connections": {
+            "clients": stats.local.clients,
+            "inflight": stats.requests_inflight,
+            "realtime": stats.realtime_sessions,
+        },
+        "providers": providers,
+        "vault": {
+            "addr": keys.addr,
+            "auth": keys.auth,
+            "reachable": keys.reachable,
+            "token_ttl_s": keys.token_ttl_s,
+            "last_refresh": keys.last_refresh,
+            "last_error": keys.last_error,
+        },
+    }
+
+
+async def _json_body() -> dict[str, Any]:
+    """The request's optional JSON object body ({} when empty).
+
+    Raises:
+        BadRequestError: the body is not a JSON object.
+    """
+    data = await request.get_data()
+    if not data.strip():
+        return {}
+    try:
+        body = json.loads(data)
+    except (ValueError, UnicodeDecodeError):
+        raise BadRequestError("the body is not JSON") from None
+    if not isinstance(body, dict):
+        raise BadRequestError("the body must be a JSON object")
+    return body
+
+
+def _only(body: dict[str, Any], *fields: str) -> None:
+    unknown = sorted(set(body) - set(fields))
+    if unknown:
+        allowed = ", ".join(fields)
+        raise BadRequestError(f"unknown field {unknown[0][:64]!r}; this route takes {allowed}")
+
+
+def create_app(ops: Operations) -> QuartTrio:
+    """Build the control app over the daemon's ``ops``."""
     app = QuartTrio("openclawd.control")
+    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
+    app.config["PROVIDE_AUTOMATIC_OPTIONS"] = False
+    metrics = Metrics(ops.statistics)
+    lifecycle = ops.lifecycle
 
     @app.get("/healthz")
-    async def healthz() -> Any:
-        return {"status": "ok"}
+    async def healthz() -> Response:
+        return json_response({"status": "ok"})
 
     @app.get("/readyz")
-    async def readyz() -> Any:
+    async def readyz() -> Response:
         if lifecycle.ready:
-            return {"ready": True}
-        return jsonify({"ready": False, "reasons": lifecycle.not_ready_reasons()}), 503
+            return json_response({"ready": True})
+        return json_response({"ready": False, "reasons": lifecycle.not_ready_reasons()}, 503)
+
+    @app.get("/v1/status")
+    async def status() -> Response:
+        return json_response(status_body(ops.statistics()), redact=ops.redact)
+
+    @app.post("/v1/keys/rotate")
+    async def rotate() -> Response:
+        body = await _json_body()
+        _only(body, "provider")
+        provider = body.get("provider")
+        if provider is not None and not isinstance(provider, str):
+            raise BadRequestError("provider must be a string")
+        log.info("control.rotate", provider=provider)
+        try:
+            result = await ops.rotate_keys(provider)
+        except UnknownProviderError as exc:
+            return error(404, exc.code, str(exc))
+        except VaultError as exc:
+            # Whatever the cause, the operator's answer is the contract's: the keys in
+            # force are kept.
+            message = f"Vault did not answer, the keys in force are kept: {exc}"
+            return json_response(
+                {"error": "vault_unreachable", "message": message}, 503, redact=ops.redact
+            )
+        return json_response(
+            {
+                "providers": {
+                    name: {"from_version": a, "to_version": b, "changed": changed}
+                    for name, (a, b, changed) in result.items()
+                }
+            }
+        )
+
+    @app.post("/v1/drain")
+    async def drain() -> Response:
+        body = await _json_body()
+        _only(body, "deadline_s")
+        deadline_s = body.get("deadline_s")
+        if deadline_s is not None and (
+            isinstance(deadline_s, bool)
+            or not isinstance(deadline_s, int | float)
+            or not math.isfinite(deadline_s)
+            or deadline_s < 0
+        ):
+            raise BadRequestError("deadline_s must be a number of seconds, 0 or more")
+        deadline_s = ops.drain(None if deadline_s is None else float(deadline_s))
+        return json_response(
+            {
+                "state": lifecycle.state.value,
+                "inflight": lifecycle.work.count,
+                "deadline_s": deadline_s,
+            },
+            202,
+        )
+
+    @app.get("/v1/drain")
+    async def drain_state() -> Response:
+        remaining = lifecycle.drain_remaining_s()
+        return json_response(
+            {
+                "state": lifecycle.state.value,
+                "inflight": lifecycle.work.count,
+                "remaining_s": None if remaining is None else round(remaining, 1),
+            }
+        )
+
+    @app.post("/v1/resume")
+    async def resume() -> Response:
+        ops.resume()
+        return json_response({"state": lifecycle.state.value})
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.render(), content_type=CONTENT_TYPE)
+
+    @app.errorhandler(OpenclawdError)
+    async def refused(exc: OpenclawdError) -> Response:
+        return error(exc.http_status, exc.code, str(exc))
 
     @app.errorhandler(HTTPException)
-    async def http_error(exc: HTTPException) -> Any:
+    async def http_error(exc: HTTPException) -> Response:
         status = exc.code or 500
-        codes = {404: "not_found", 405: "method_not_allowed"}
         if status == 404:
             message = f"no route {request.method} {request.path}"
         elif status == 405:
             message = f"{request.path} does not take {request.method}"
+        elif status == 413:
+            message = f"the body is larger than {MAX_BODY_BYTES} bytes"
         else:
             message = exc.description or exc.name
-        return error(
-            status, codes.get(status, "bad_request" if status < 500 else "internal"), message
-        )
+        fallback = "bad_request" if status < 500 else "internal"
+        response = error(status, _ERROR_CODES.get(status, fallback), message)
+        if status == 405 and exc.get_headers():
+            for name, value in exc.get_headers():
+                if name.lower() == "allow":
+                    response.headers["Allow"] = value
+        return response
+
+    @app.errorhandler(Exception)
+    async def internal(exc: Exception) -> Response:
+        log.error("control.internal_error", error=type(exc).__name__)
+        return error(500, "internal", "internal error; see the daemon's log")
 
     return app
 
 
+class BearerAuth:
+    """An ASGI wrapper for the TCP listener: every request must carry
+    ``Authorization: Bearer <token>``, compared in constant time; anything else is 401.
+    The wrapped app's lifespan is left to the unix socket's server, which runs it."""
+
+    def __init__(self, app: ASGIFramework, token: str) -> None:
+        self._app = app
+        self._token = token.encode()
+
+    async def __call__(
+        self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
+    ) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                event = await receive()
+                if event["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                elif event["type"] == "lifespan.shutdown":
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        if scope["type"] == "http" and self._authorized(scope["headers"]):
+            await self._app(scope, receive, send)
+            return
+        client = scope.get("client")
+        log.warning("control.unauthorized", client=f"{client[0]}:{client[1]}" if client else None)
+        if scope["type"] != "http":
+            await send({"type": "websocket.close", "code": 1008, "reason": ""})
+            return
+        body = json.dumps(
+            {"error": "unauthorized", "message": "Authorization: Bearer <token> required"}
+        ).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 401,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                    (b"www-authenticate", b'Bearer realm="openclawd"'),
+                ],
+                "trailers": False,
+            }
+        )
+        await send({"type": "http.response.body", "body": body, "more_body": False})
+
+    def _authorized(self, headers: Any) -> bool:
+        given = [value for name, value in headers if name.lower() == b"authorization"]
+        if len(given) != 1:
+            return False
+        scheme, _, token = given[0].partition(b" ")
+        if scheme.lower() != b"bearer":
+            return False
+        return hmac.compare_digest(token.strip(), self._token)
+
+
 async def serve_control(
-    app: QuartTrio,
+    app: ASGIFramework,
     sock: socket.socket,
     *,
     backlog: int,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve ``app`` on the listening unix socket ``sock`` until cancelled.
+    """Serve ``app`` on the listening socket ``sock`` (unix or TCP) until cancelled.
 
     ``sock`` stays ours: hypercorn gets a duplicate of its descriptor and closes that.
     """

@@ -1,14 +1,20 @@
 """The daemon: wiring, signals, readiness, reload and drain. The only long-lived nurseries.
 
 Shaped like hypercorn's ``worker_serve``: a root nursery for what lives as long as the
-process (signals, the watchdog, state reports, and later the key manager and upstream
-pools); inside it a connection nursery that holds every app connection; inside that a
-front nursery for the listeners (data socket, control API). Shutdown (first SIGTERM or
-SIGINT) marks the daemon stopping, lets in-flight work finish until
-``[shutdown] drain_timeout_s``, then cancels the connections (their handlers close with
-1012) and the listeners, and returns: exit 0. A second signal cancels everything at once.
-SIGHUP reloads the config file; an invalid file is logged and the old config stays.
-The socket files are removed on every way out.
+process (signals, the watchdog, state reports, the key manager, an operator's drain);
+inside it a connection nursery that holds every app connection; inside that a front
+nursery for the listeners (data socket, control API on its socket and optional loopback
+TCP port). It is also what the control API operates (``control.Operations``): statistics,
+key rotation, drain and resume.
+
+A drain refuses new work on every entry point and lets work in flight (requests, realtime
+sessions) run until done or a deadline. The operator's drain (``POST /v1/drain``) then
+cuts what is left with 1001 and stays draining until ``POST /v1/resume``. Shutdown (first
+SIGTERM or SIGINT) is the same drain with ``[shutdown] drain_timeout_s``, after which the
+connections are cancelled (their handlers close with 1012) with the listeners, and the
+daemon returns: exit 0. A second signal cancels everything at once. SIGHUP reloads the
+config file; an invalid file is logged and the old config stays. The socket files are
+removed on every way out.
 """
 
 from __future__ import annotations
@@ -17,16 +23,18 @@ import dataclasses
 import functools
 import math
 import signal
-from collections.abc import AsyncIterator, Iterator
+import socket
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 
 import trio
 
+from openclawd import __version__, logs
 from openclawd import config as config_module
-from openclawd import logs
 from openclawd.config import Config, ControlConfig, ListenConfig
-from openclawd.control import create_app, serve_control
-from openclawd.errors import ConfigError, ListenError
+from openclawd.control import BearerAuth, create_app, serve_control
+from openclawd.credentials import CredentialError, read_credential
+from openclawd.errors import ConfigError, ListenError, StoppingError
 from openclawd.keys.manager import KeyManager
 from openclawd.keys.vault import Vault
 from openclawd.lifecycle import Lifecycle
@@ -38,6 +46,7 @@ from openclawd.local.server import LocalServer
 from openclawd.local.unix import UnixListenSocket, listen_backlog, resolve_group
 from openclawd.notify import Notifier
 from openclawd.protocol.ratelimit import RateLimiter
+from openclawd.statistics import Statistics
 from openclawd.upstream.http import Upstreams
 
 log = logs.get(__name__)
@@ -68,6 +77,7 @@ class Daemon:
         self._root: trio.Nursery | None = None
         self._reload_lock = trio.Lock()
         self._announced_ready = False
+        self._drain_running = False
 
     async def run(self) -> None:
         """Serve until a shutdown signal; return once everything is closed.
@@ -76,12 +86,7 @@ class Daemon:
             ListenError: a socket could not be created (e.g. a live daemon holds the path).
         """
         cfg = self.config
-        if cfg.control.tcp:
-            # Never run half-configured: the operator asked for a listener we do not have.
-            raise ListenError(
-                "control.tcp: the TCP control listener is not available in this version; "
-                "use the control socket"
-            )
+        token = _control_token(cfg.control)
         with (
             trio.open_signal_receiver(*HANDLED_SIGNALS) as signals,
             _signals_let_through(),
@@ -90,7 +95,8 @@ class Daemon:
             backlog = listen_backlog(cfg.listen.max_connections)
             data = sockets.enter_context(_listen(cfg.listen, "listen", backlog))
             control = sockets.enter_context(_listen(cfg.control, "control", backlog))
-            control_app = create_app(self.lifecycle)
+            tcp = sockets.enter_context(_listen_tcp(cfg.control.tcp)) if token else None
+            control_app = create_app(self)
 
             async with trio.open_nursery() as root:
                 self._root = root
@@ -103,14 +109,26 @@ class Daemon:
                     await front.start(
                         functools.partial(serve_control, control_app, control.sock, backlog=backlog)
                     )
+                    if tcp is not None and token:
+                        protected = BearerAuth(control_app, token)
+                        await front.start(
+                            functools.partial(serve_control, protected, tcp, backlog=backlog)
+                        )
                     log.info(
-                        "daemon.listening", socket=data.path, control=control.path, backlog=backlog
+                        "daemon.listening",
+                        socket=data.path,
+                        control=control.path,
+                        control_tcp=cfg.control.tcp or None,
+                        backlog=backlog,
                     )
                     self.lifecycle.set_listening()
                     root.start_soon(self._report_state)
 
                     await self._stop_requested.wait()
-                    await self._drain(self.config.shutdown.drain_timeout_s)
+                    if await self._wait_drained(lambda: False):
+                        log.info("daemon.drained")
+                    else:
+                        log.warning("daemon.drain_deadline", inflight=self.lifecycle.work.count)
                     # What is left is cut: handlers see `stopping` and close with 1012.
                     connections.cancel_scope.cancel()
                 root.cancel_scope.cancel()
@@ -127,31 +145,107 @@ class Daemon:
                 # In its own task: a slow config read must not hold up a stop signal.
                 self._root.start_soon(self.reload)
             elif not self._stop_requested.is_set():
+                timeout_s = self.config.shutdown.drain_timeout_s
                 log.info(
                     "daemon.stopping",
                     signal=name,
-                    drain_timeout_s=self.config.shutdown.drain_timeout_s,
+                    drain_timeout_s=timeout_s,
+                    inflight=self.lifecycle.work.count,
                 )
-                self.lifecycle.set_stopping()
+                self.lifecycle.set_stopping(trio.current_time() + timeout_s)
                 self.notifier.stopping(self.lifecycle.describe())
                 self._stop_requested.set()
             else:
                 log.warning("daemon.forced_stop", signal=name, inflight=self.lifecycle.work.count)
                 self._root.cancel_scope.cancel()
 
-    async def _drain(self, timeout_s: float) -> None:
-        """Wait for in-flight work to end, at most ``timeout_s``, reporting progress."""
-        work = self.lifecycle.work
-        deadline = trio.current_time() + timeout_s
+    # --- what the control API operates -----------------------------------------------------
+
+    def statistics(self) -> Statistics:
+        return Statistics(
+            state=self.lifecycle.state.value,
+            version=__version__,
+            uptime_s=self.lifecycle.uptime_s,
+            requests_inflight=self.channels.inflight + self.passthrough.inflight,
+            realtime_sessions=self.realtime.sessions,
+            work=self.lifecycle.work.count,
+            drain_remaining_s=self.lifecycle.drain_remaining_s(),
+            local=self.local.statistics(),
+            keys=self.keys.statistics(),
+            upstreams=self.upstreams.statistics(),
+        )
+
+    def redact(self, text: str) -> str:
+        return self.keys.redact(text)
+
+    async def rotate_keys(
+        self, provider: str | None
+    ) -> Mapping[str, tuple[int | None, int | None, bool]]:
+        return await self.keys.rotate_now(provider)
+
+    def drain(self, deadline_s: float | None) -> float:
+        """The operator's drain: new work is refused from now on; work in flight has
+        ``deadline_s`` (default ``[shutdown] drain_timeout_s``), then its connections are
+        closed with 1001. Draining again moves the deadline. Returns ``deadline_s``.
+
+        Raises:
+            StoppingError: the daemon is shutting down (its own drain runs).
+        """
+        if self.lifecycle.stopping:
+            raise StoppingError("openclawd is shutting down: its own drain is running")
+        if deadline_s is None:
+            deadline_s = self.config.shutdown.drain_timeout_s
+        self.lifecycle.set_draining(trio.current_time() + deadline_s)
+        log.info("daemon.draining", deadline_s=deadline_s, inflight=self.lifecycle.work.count)
+        if not self._drain_running:
+            assert self._root is not None
+            self._drain_running = True
+            self._root.start_soon(self._operator_drain)
+        return deadline_s
+
+    def resume(self) -> None:
+        """Undo the operator's drain: new work is taken again.
+
+        Raises:
+            StoppingError: the daemon is shutting down; that cannot be undone.
+        """
+        if self.lifecycle.stopping:
+            raise StoppingError("openclawd is shutting down: a shutdown cannot be resumed")
+        if self.lifecycle.draining:
+            self.lifecycle.set_draining(None)
+            log.info("daemon.resumed")
+
+    async def _operator_drain(self) -> None:
+        def over() -> bool:  # resumed, or a shutdown took over
+            return not self.lifecycle.draining or self.lifecycle.stopping
+
+        try:
+            if await self._wait_drained(over):
+                log.info("daemon.drained")
+                self.notifier.status(f"draining: drained, {self.lifecycle.work.count} in flight")
+            elif not over():
+                cut = self.local.cut_all()
+                log.warning(
+                    "daemon.drain_deadline", inflight=self.lifecycle.work.count, connections=cut
+                )
+        finally:
+            self._drain_running = False
+
+    async def _wait_drained(self, over: Callable[[], bool]) -> bool:
+        """Wait until no work is in flight (True), the drain's deadline passes or ``over()``
+        (False), reporting progress on sd_notify's STATUS line."""
+        lifecycle = self.lifecycle
+        work = lifecycle.work
         while work.count:
-            remaining = deadline - trio.current_time()
-            if remaining <= 0:
-                log.warning("daemon.drain_deadline", inflight=work.count)
-                return
-            self.notifier.status(f"stopping: {work.count} in flight, {math.ceil(remaining)}s left")
+            remaining = lifecycle.drain_remaining_s()
+            if over() or remaining is None or remaining <= 0:
+                return False
+            self.notifier.status(
+                f"{lifecycle.state.value}: {work.count} in flight, {math.ceil(remaining)}s left"
+            )
             with trio.move_on_after(min(1.0, remaining)):
                 await work.wait_idle()
-        log.info("daemon.drained")
+        return not over()
 
     async def reload(self) -> None:
         """Re-read the config file (SIGHUP). An invalid file leaves the old config in force.
@@ -261,6 +355,42 @@ def _signals_let_through() -> Iterator[None]:
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
+
+
+def _control_token(control: ControlConfig) -> str | None:
+    """The control TCP listener's bearer token, read at start; None without a listener.
+
+    Raises:
+        ListenError: the token file cannot be read (or is empty).
+    """
+    if not control.tcp:
+        return None
+    try:
+        return read_credential(control.token_file, what="control.token_file")
+    except CredentialError as exc:
+        raise ListenError(str(exc)) from None
+
+
+@contextmanager
+def _listen_tcp(address: str) -> Iterator[socket.socket]:
+    """The control API's loopback TCP socket (``[control] tcp``, checked to be loopback).
+
+    Raises:
+        ListenError: the address cannot be bound (e.g. the port is taken).
+    """
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, int(port)))
+        sock.listen(128)
+    except OSError as exc:
+        sock.close()
+        raise ListenError(f"control.tcp: cannot listen on {address}: {exc.strerror}") from None
+    with sock:
+        yield sock
 
 
 def _listen(section: ListenConfig | ControlConfig, name: str, backlog: int) -> UnixListenSocket:

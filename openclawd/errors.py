@@ -89,6 +89,13 @@ class DrainingError(OpenclawdError):
     http_status = 503
 
 
+class StoppingError(OpenclawdError):
+    """The daemon is shutting down: a drain can no longer be started or undone."""
+
+    code = "stopping"
+    http_status = 409
+
+
 class UpstreamError(OpenclawdError):
     """The provider or the network between us failed."""
 

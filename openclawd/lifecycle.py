@@ -64,6 +64,9 @@ class Lifecycle:
         self.listening = False
         self.draining = False
         self.stopping = False
+        # When a drain (the operator's, or the shutdown's) gives up on in-flight work, in
+        # trio time; None while no drain runs.
+        self.drain_deadline: float | None = None
         self._blockers: dict[str, str] = {}
         self._degradations: dict[str, str] = {}
         self._changed = trio.Event()
@@ -119,13 +122,24 @@ class Lifecycle:
         self.listening = True
         self._notify()
 
-    def set_draining(self, draining: bool) -> None:
-        self.draining = draining
+    def set_draining(self, deadline: float | None) -> None:
+        """Start a drain that ends at ``deadline`` (trio time), move its deadline, or with
+        None end it (the operator's resume)."""
+        self.draining = deadline is not None
+        self.drain_deadline = deadline
         self._notify()
 
-    def set_stopping(self) -> None:
+    def set_stopping(self, deadline: float) -> None:
+        """Shut down: new work is refused; work in flight has until ``deadline``."""
         self.stopping = True
+        self.drain_deadline = deadline
         self._notify()
+
+    def drain_remaining_s(self) -> float | None:
+        """Seconds left before the drain's deadline (0 once passed); None with no drain."""
+        if self.drain_deadline is None:
+            return None
+        return max(0.0, self.drain_deadline - trio.current_time())
 
     def describe(self) -> str:
         """A one-line status for sd_notify's STATUS= and for logs."""

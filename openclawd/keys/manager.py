@@ -344,6 +344,15 @@ class KeyManager:
             state.flight.set()
             state.flight = None
 
+    def redact(self, text: str) -> str:
+        """``text`` with every key held (any provider, any pool entry) replaced by its
+        fingerprint: a last line of defence for what the daemon shows operators."""
+        for state in self._providers.values():
+            for key in state.pool:
+                if key.secret in text:
+                    text = text.replace(key.secret, key.fingerprint)
+        return text
+
     def poll_soon(self) -> None:
         """Check Vault now rather than at the next interval."""
         self._poll_now.set()

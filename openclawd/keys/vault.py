@@ -24,6 +24,7 @@ import hvac.exceptions
 import requests
 import trio
 
+from openclawd import credentials
 from openclawd.config import VaultConfig
 from openclawd.errors import VaultError
 
@@ -75,28 +76,15 @@ class SecretVersion:
 
 
 def read_credential(path: str, *, what: str) -> str:
-    """Read a credential file: an absolute path, or a name in $CREDENTIALS_DIRECTORY.
+    """Read a Vault credential file (see ``openclawd.credentials``).
 
     Raises:
         VaultAuthError: the file is missing, unreadable or empty (its content never shows).
     """
-    if not os.path.isabs(path):
-        directory = os.environ.get("CREDENTIALS_DIRECTORY")
-        if not directory:
-            raise VaultAuthError(
-                f"{what} {path!r} is a credential name but CREDENTIALS_DIRECTORY is not set"
-            )
-        path = os.path.join(directory, path)
     try:
-        with open(path, encoding="utf-8") as f:
-            value = f.read().strip()
-    except OSError as exc:
-        raise VaultAuthError(f"cannot read {what} {path}: {exc.strerror}") from None
-    except UnicodeDecodeError:
-        raise VaultAuthError(f"{what} {path} is not UTF-8 text") from None
-    if not value:
-        raise VaultAuthError(f"{what} {path} is empty")
-    return value
+        return credentials.read_credential(path, what=what)
+    except credentials.CredentialError as exc:
+        raise VaultAuthError(str(exc)) from None
 
 
 class VaultClient:

@@ -35,7 +35,7 @@ from openclawd.protocol import messages
 from openclawd.protocol.messages import Request
 from openclawd.protocol.ratelimit import RateLimiter
 from openclawd.protocol.session import Abort, Send, Session, Start
-from openclawd.protocol.sse import SSEDecoder
+from openclawd.protocol.sse import SSEDecoder, usage_of
 from openclawd.upstream.http import UpstreamRequest, UpstreamResponse, Upstreams
 from openclawd.websocket import ConnectionClosed, WebSocketConnection
 
@@ -60,18 +60,6 @@ def shown_headers(headers: list[tuple[str, str]]) -> dict[str, str]:
         if name in _SHOWN_HEADERS or name.startswith(_SHOWN_PREFIXES):
             shown[name] = f"{shown[name]}, {value}" if name in shown else value
     return shown
-
-
-def usage_of(data: str) -> Any:
-    """The ``usage`` object of an SSE event's data, if it carries one that is not null."""
-    # Every chunk of an include_usage stream says "usage":null: not worth a parse.
-    if data.count('"usage"') == data.count('"usage":null'):
-        return None
-    try:
-        obj = json.loads(data)
-    except ValueError:
-        return None
-    return obj.get("usage") if isinstance(obj, dict) else None
 
 
 class Channels:

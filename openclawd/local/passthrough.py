@@ -9,14 +9,18 @@ so a slow app slows its upstream read. A request body up to ``REPLAYABLE_BYTES``
 a retry can send it again; a larger one is streamed through and never retried. Failures
 before the response head are answered with the contract's JSON error; after it, the
 connection is cut so the app sees a truncated response, never a silently short one.
+The token usage of a response (a JSON body's or an SSE stream's ``usage``) is read on the
+side as the bytes pass, for the metrics; the bytes themselves are not changed.
 Knows nothing of WebSockets.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import h11
 import trio
@@ -29,12 +33,14 @@ from openclawd.errors import (
     RateLimitedError,
     UnknownProviderError,
     UpstreamError,
+    UpstreamProtocolError,
 )
 from openclawd.lifecycle import Lifecycle
 from openclawd.local.server import Connection, error_body
 from openclawd.protocol.messages import CREDENTIAL_HEADERS, HOP_BY_HOP_HEADERS, has_dot_segment
 from openclawd.protocol.ratelimit import RateLimiter
-from openclawd.upstream.http import UpstreamRequest, Upstreams
+from openclawd.protocol.sse import SSEDecoder, usage_of
+from openclawd.upstream.http import UpstreamRequest, UpstreamResponse, Upstreams
 
 log = logs.get(__name__)
 
@@ -42,6 +48,8 @@ PREFIX = "/v1/http/"
 # A request body up to this size is held whole, so a retry can send it again.
 REPLAYABLE_BYTES = 1024 * 1024
 _RECEIVE_BYTES = 64 * 1024
+# The most of a JSON response body held on the side to read its token usage.
+USAGE_BODY_BYTES = 1024 * 1024
 # Request headers the upstream client sets itself, or that only this hop understands.
 _NOT_FORWARDED = HOP_BY_HOP_HEADERS | {"host", "content-length", "expect"}
 
@@ -187,14 +195,17 @@ class Passthrough:
                     reason=response.reason.encode("latin-1", "replace"),
                 )
                 await _send(conn, head)
+                usage = _UsageReader.of(response)
                 try:
                     async for chunk in response.aiter_raw():
+                        usage.feed(chunk)
                         await _send(conn, h11.Data(data=chunk))
                         sent += len(chunk)
                 except UpstreamError as exc:
                     pool.record_failure(exc)  # a drop or stall mid-body
                     raise
                 await _send(conn, h11.EndOfMessage())
+                pool.record_usage(usage.close())
         except OpenclawdError as exc:
             await self._fail(conn, exc)
             status = f"error {exc.code}"
@@ -310,6 +321,61 @@ class _AppBody:
                 raise ClientError(f"no request body bytes for {self._conn.timeout_s:g}s")
             http.receive_data(data)
         return None
+
+
+class _UsageReader:
+    """Reads a response's token usage as its raw bytes pass: the last ``usage`` object of
+    an SSE stream, or of a JSON body up to ``USAGE_BODY_BYTES``. Reads nothing of a body
+    with a content-encoding (it is passed on compressed), and gives up, quietly, on what
+    it cannot read: the usage is for the metrics, the response is the app's."""
+
+    def __init__(self, kind: str | None) -> None:
+        self._kind = kind
+        self._sse = SSEDecoder(max_event_bytes=USAGE_BODY_BYTES) if kind == "sse" else None
+        self._body = bytearray()
+        self._usage: Any = None
+
+    @classmethod
+    def of(cls, response: UpstreamResponse) -> _UsageReader:
+        encoding = (response.header("content-encoding") or "identity").strip().lower()
+        content_type = (response.header("content-type") or "").lower()
+        kind = None
+        if encoding == "identity":
+            if content_type.startswith("text/event-stream"):
+                kind = "sse"
+            elif "json" in content_type:
+                kind = "json"
+        return cls(kind)
+
+    def feed(self, chunk: bytes) -> None:
+        if self._sse is not None:
+            try:
+                for event in self._sse.feed(chunk):
+                    self._usage = usage_of(event.data) or self._usage
+            except UpstreamProtocolError:  # an event too large to read on the side
+                self._sse = None
+        elif self._kind == "json":
+            if len(self._body) + len(chunk) > USAGE_BODY_BYTES:
+                self._kind = None
+                self._body.clear()
+            else:
+                self._body += chunk
+
+    def close(self) -> Any:
+        """The usage object read, or None."""
+        if self._sse is not None:
+            try:
+                for event in self._sse.close():
+                    self._usage = usage_of(event.data) or self._usage
+            except UpstreamProtocolError:
+                pass
+        elif self._kind == "json" and self._body:
+            try:
+                body = json.loads(self._body)
+            except ValueError:
+                return None
+            return body.get("usage") if isinstance(body, dict) else None
+        return self._usage
 
 
 async def _watch_for_leaving(conn: Connection, gone: trio.CancelScope) -> None:

@@ -19,7 +19,8 @@ import contextlib
 import itertools
 import json
 import socket
-from collections.abc import Awaitable, Callable, Sequence
+from collections import Counter
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -75,6 +76,15 @@ class Close:
     reason: str
 
 
+@dataclass(frozen=True, slots=True)
+class LocalStatistics:
+    """A frozen snapshot of the data socket, for status and metrics."""
+
+    clients: int  # open app connections, whatever they are doing
+    connections: Mapping[str, int]  # kind ("ws", "realtime", "http", "pending") -> open
+    closes: Mapping[int, int]  # close code -> WebSockets closed with it
+
+
 Handler = Callable[[Connection], Awaitable[None]]
 WebSocketHandler = Callable[[Connection, WebSocketConnection], Awaitable[Close | None]]
 
@@ -97,7 +107,9 @@ class LocalServer:
     """Serves the data socket.
 
     ``routes`` and ``websocket_routes`` map a path prefix to an entry point's handler; a
-    prefix ending in "/" matches every path under it, any other only itself.
+    prefix ending in "/" matches every path under it, any other only itself. A WebSocket
+    connection's kind (in statistics) is its route's last path segment (``/v1/ws`` ->
+    ``ws``); a plain HTTP one is ``http``; one that has not sent a request yet ``pending``.
     """
 
     def __init__(self, config: ListenConfig, lifecycle: Lifecycle) -> None:
@@ -107,7 +119,24 @@ class LocalServer:
         self.websocket_routes: dict[str, WebSocketHandler] = {}
         self._ids = itertools.count(1)
         self.clients = 0
-        self.closes: dict[int, int] = {}  # close code -> WebSockets closed with it
+        self._kinds: Counter[str] = Counter()
+        self.closes: Counter[int] = Counter()  # close code -> WebSockets closed with it
+        self._cut_scopes: set[trio.CancelScope] = set()
+
+    def statistics(self) -> LocalStatistics:
+        kinds = Counter(dict.fromkeys(self._kinds_served(), 0))
+        kinds.update(self._kinds)
+        return LocalStatistics(self.clients, dict(kinds), dict(self.closes))
+
+    def cut_all(self) -> int:
+        """Cut every open connection (the end of a drain): a WebSocket is closed with
+        1001, or 1012 once the daemon is stopping. Returns how many were cut."""
+        for scope in self._cut_scopes:
+            scope.cancel()
+        return len(self._cut_scopes)
+
+    def _kinds_served(self) -> list[str]:
+        return ["pending", "http", *(_kind(prefix) for prefix in self.websocket_routes)]
 
     async def serve(
         self,
@@ -137,21 +166,41 @@ class LocalServer:
             await stream.aclose()
             return
         self.clients += 1
+        self._kinds["pending"] += 1
+        seen = _Seen()
         log.info("connection.open", peer_uid=peer.uid, peer_pid=peer.pid)
         outcome = "closed"
+        cut = trio.CancelScope()
+        self._cut_scopes.add(cut)
         try:
-            outcome = await self._serve_connection(conn_id, stream, peer)
+            with cut:
+                outcome = await self._serve_connection(conn_id, stream, peer, seen)
+            if cut.cancelled_caught:
+                outcome = "cut"
         finally:
+            self._cut_scopes.discard(cut)
             self.clients -= 1
+            self._kinds[seen.kind] -= 1
             await stream.aclose()
             log.info(
                 "connection.close",
+                kind=seen.kind,
+                peer_uid=peer.uid,
+                peer_pid=peer.pid,
                 outcome=outcome,
+                code=seen.code,
+                reason=seen.reason,
                 duration_s=round(trio.current_time() - started, 3),
             )
 
+    def _is(self, seen: _Seen, kind: str) -> None:
+        """The connection turns out to be of ``kind``."""
+        self._kinds[seen.kind] -= 1
+        self._kinds[kind] += 1
+        seen.kind = kind
+
     async def _serve_connection(
-        self, conn_id: str, stream: trio.SocketStream, peer: PeerCredentials
+        self, conn_id: str, stream: trio.SocketStream, peer: PeerCredentials, seen: _Seen
     ) -> str:
         """Serve one connection, request after request while the app keeps it alive (plain
         HTTP); returns how it ended, for the close log line."""
@@ -182,9 +231,12 @@ class LocalServer:
 
             conn = Connection(conn_id, stream, peer, http, request, head, timeout_s)
             path = request.target.decode("latin-1").split("?", 1)[0]
-            ws_handler = _match(self.websocket_routes, path)
+            ws_prefix, ws_handler = _match(self.websocket_routes, path)
             if ws_handler is not None and websocket.is_upgrade(request):
-                return await self._serve_websocket(conn, ws_handler)
+                self._is(seen, _kind(ws_prefix))
+                return await self._serve_websocket(conn, ws_handler, seen)
+            if seen.kind != "http":
+                self._is(seen, "http")
             # Refused before routing: a peer that is not allowed learns nothing of the routes.
             refusal = self._refusal(peer)
             if refusal is not None:
@@ -196,7 +248,7 @@ class LocalServer:
                     426, error_body("bad_request", f"{path} is a WebSocket endpoint")
                 )
                 return "bad request: not a WebSocket upgrade"
-            handler = _match(self.routes, path)
+            _, handler = _match(self.routes, path)
             if handler is None:
                 await conn.respond_json(404, error_body("not_found", f"no entry point at {path}"))
                 return "not found"
@@ -223,17 +275,19 @@ class LocalServer:
             return "busy", 503, f"over the connection limit ({self.config.max_connections})"
         return None
 
-    async def _serve_websocket(self, conn: Connection, handler: WebSocketHandler) -> str:
+    async def _serve_websocket(
+        self, conn: Connection, handler: WebSocketHandler, seen: _Seen
+    ) -> str:
         async with trio.open_nursery() as nursery:
             try:
-                return await self._run_websocket(nursery, conn, handler)
+                return await self._run_websocket(nursery, conn, handler, seen)
             finally:
                 # trio-websocket's reader may still wait on a peer that went quiet after the
                 # close: it must not hold the connection (and its slot) open.
                 nursery.cancel_scope.cancel()
 
     async def _run_websocket(
-        self, nursery: trio.Nursery, conn: Connection, handler: WebSocketHandler
+        self, nursery: trio.Nursery, conn: Connection, handler: WebSocketHandler, seen: _Seen
     ) -> str:
         ws: WebSocketConnection | None = None
         with trio.move_on_after(self.config.handshake_timeout_s):
@@ -252,7 +306,7 @@ class LocalServer:
         if refusal is not None:
             _, status, message = refusal
             refused = CloseCode.POLICY if status == 403 else CloseCode.TRY_AGAIN
-            return await self._close(ws, refused, message)
+            return await self._close(ws, refused, message, seen)
         outcome: tuple[int, str] | None = None
         try:
             try:
@@ -276,14 +330,15 @@ class LocalServer:
                     code, reason = CloseCode.DRAIN_DEADLINE, "drain deadline reached"
                 else:
                     code, reason = CloseCode.INTERNAL, "connection cancelled"
-                await self._close(ws, code, reason, wait_s=websocket.CUT_CLOSE_WAIT_S)
-        return await self._close(ws, *outcome)
+                await self._close(ws, code, reason, seen, wait_s=websocket.CUT_CLOSE_WAIT_S)
+        return await self._close(ws, *outcome, seen)
 
     async def _close(
         self,
         ws: WebSocketConnection,
         code: int,
         reason: str,
+        seen: _Seen,
         *,
         wait_s: float = websocket.CLOSE_TIMEOUT_S,
     ) -> str:
@@ -293,15 +348,30 @@ class LocalServer:
         closed = ws.closed
         if closed is not None and closed.code != code and closed.code != 1000:
             code, reason = closed.code, closed.reason or ""
-        self.closes[code] = self.closes.get(code, 0) + 1
+        if seen.code is None:
+            self.closes[code] += 1
+            seen.code, seen.reason = code, reason
         return f"closed {code} {reason}".rstrip()
 
 
-def _match(routes: dict[str, _H], path: str) -> _H | None:
+@dataclass(slots=True)
+class _Seen:
+    """What one connection turned out to be, and how it was closed (a WebSocket)."""
+
+    kind: str = "pending"
+    code: int | None = None
+    reason: str | None = None
+
+
+def _kind(prefix: str) -> str:
+    return prefix.strip("/").rsplit("/", 1)[-1]
+
+
+def _match(routes: Mapping[str, _H], path: str) -> tuple[str, _H | None]:
     for prefix, handler in routes.items():
         if path == prefix or (prefix.endswith("/") and path.startswith(prefix)):
-            return handler
-    return None
+            return prefix, handler
+    return "", None
 
 
 async def _receive_head(

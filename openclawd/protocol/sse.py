@@ -11,12 +11,13 @@ on the hot path of every streamed response.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from openclawd.errors import UpstreamProtocolError
 
-__all__ = ["Event", "SSEDecoder"]
+__all__ = ["Event", "SSEDecoder", "usage_of"]
 
 _BOM = b"\xef\xbb\xbf"
 
@@ -210,3 +211,16 @@ class SSEDecoder:
         self._data.clear()
         self._data_bytes = 0
         raise UpstreamProtocolError(f"SSE event larger than {self._max} bytes")
+
+
+def usage_of(data: str) -> Any:
+    """The ``usage`` object of an event's data (OpenAI's and Anthropic's JSON events carry
+    one), if it is there and not null."""
+    # Every chunk of an include_usage stream says "usage":null: not worth a parse.
+    if data.count('"usage"') == data.count('"usage":null'):
+        return None
+    try:
+        obj = json.loads(data)
+    except ValueError:
+        return None
+    return obj.get("usage") if isinstance(obj, dict) else None

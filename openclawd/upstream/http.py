@@ -12,6 +12,7 @@ sees an app: callers get an ``UpstreamResponse`` and relay it their own way.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import email.utils
 import math
@@ -27,7 +28,7 @@ from collections.abc import (
     Iterator,
     Mapping,
 )
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol, cast
 
 import httpx
@@ -38,6 +39,7 @@ from openclawd.config import Config, ProviderConfig
 from openclawd.errors import (
     CircuitOpenError,
     NoKeyError,
+    OpenclawdError,
     PoolBusyError,
     UnknownProviderError,
     UpstreamConnectionError,
@@ -62,6 +64,9 @@ _RATELIMIT_HEADERS = {
     ),
     "remaining_tokens": ("x-ratelimit-remaining-tokens", "anthropic-ratelimit-tokens-remaining"),
 }
+# Upper bounds of the upstream latency histogram's buckets: from a fast local model to a
+# provider thinking for minutes before its first byte.
+LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
 class KeySource(Protocol):
@@ -88,6 +93,17 @@ class UpstreamRequest:
 
 
 @dataclass(frozen=True, slots=True)
+class LatencySnapshot:
+    """The upstream latency histogram: ``counts[i]`` requests took at most
+    ``buckets[i]`` seconds and more than the bound before it; ``counts[-1]`` took longer
+    than every bound. Not cumulative."""
+
+    buckets: tuple[float, ...]
+    counts: tuple[int, ...]
+    sum_s: float
+
+
+@dataclass(frozen=True, slots=True)
 class UpstreamStatistics:
     """A frozen snapshot of one provider's upstream, for status and metrics."""
 
@@ -95,9 +111,28 @@ class UpstreamStatistics:
     last_error: str | None
     remaining_requests: int | None
     remaining_tokens: int | None
-    requests: Mapping[str, int]  # final status ("200", "429", "error", ...) -> count
+    # Final status ("200", "429", ...) or, with no response, the error code ("no_key",
+    # "upstream_unavailable", "upstream_timeout", "cancelled", ...) -> requests.
+    requests: Mapping[str, int]
     retries: int
     tokens: Mapping[str, int]  # "prompt" / "completion" -> count
+    latency: LatencySnapshot  # from sending to the response head, retries included
+
+
+@dataclass(slots=True)
+class _Figures:
+    """What a provider's pool counts; handed on to the pool that replaces it on reload,
+    so the counters of a provider never go back."""
+
+    requests: Counter[str] = field(default_factory=Counter)
+    retries: int = 0
+    tokens: Counter[str] = field(default_factory=Counter)
+    latency_counts: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS_S) + 1))
+    latency_sum_s: float = 0.0
+
+    def observe_latency(self, seconds: float) -> None:
+        self.latency_counts[bisect.bisect_left(LATENCY_BUCKETS_S, seconds)] += 1
+        self.latency_sum_s += seconds
 
 
 class UpstreamResponse:
@@ -166,6 +201,7 @@ class ProviderPool:
         *,
         transport: httpx.AsyncBaseTransport | None = None,
         jitter: Callable[[float], float] | None = None,
+        figures: _Figures | None = None,
     ) -> None:
         self.name = name
         self.config = config
@@ -189,9 +225,7 @@ class ProviderPool:
         )
         self._last_error: str | None = None
         self._ratelimit: dict[str, int | None] = dict.fromkeys(_RATELIMIT_HEADERS)
-        self._requests: Counter[str] = Counter()
-        self._retries = 0
-        self._tokens: Counter[str] = Counter()
+        self.figures = figures or _Figures()
         self._active = 0
         self._idle = trio.Event()
         self._idle.set()
@@ -226,39 +260,49 @@ class ProviderPool:
         if not self._active:
             self._idle = trio.Event()
         self._active += 1
-        status = "error"
+        status = "cancelled"  # unless something else is known when it ends
         attempts = 0
+        latency_s: float | None = None
         key: Key | None = None
         with trio.move_on_after(cfg.total_timeout_s) as deadline:
             try:
                 response, key, attempts = await self._send(request, deadline.deadline)
                 status = str(response.status_code)
+                latency_s = trio.current_time() - started
+                self.figures.observe_latency(latency_s)
                 try:
                     yield UpstreamResponse(response, key, attempts)
                 finally:
                     with trio.move_on_after(_CLOSE_TIMEOUT_S) as cleanup:
                         cleanup.shield = True
                         await response.aclose()
-            except UpstreamError as exc:
-                self._last_error = str(exc)
+            except OpenclawdError as exc:
+                if latency_s is None:
+                    status = exc.code
+                if isinstance(exc, UpstreamError):
+                    self._last_error = str(exc)
                 raise
             finally:
                 self._active -= 1
                 if not self._active:
                     self._idle.set()
-                self._requests[status] += 1
+                if deadline.cancel_called and latency_s is None:
+                    status = UpstreamTimeoutError.code
+                self.figures.requests[status] += 1
                 log.info(
                     "upstream.request",
                     provider=self.name,
                     method=request.method,
+                    target=request.target.split("?", 1)[0],
                     status=status,
                     attempts=attempts,
+                    latency_s=None if latency_s is None else round(latency_s, 4),
                     duration_s=round(trio.current_time() - started, 4),
                     key=key.fingerprint if key else None,
                     key_version=key.version if key else None,
                 )
         if deadline.cancelled_caught:
-            if status == "error":  # not even a response head in all that time
+            if latency_s is None:  # not even a response head in all that time
                 self.breaker.failure(trio.current_time())
             self._last_error = f"no complete answer within total_timeout_s={cfg.total_timeout_s}"
             raise UpstreamTimeoutError(self._last_error)
@@ -328,7 +372,7 @@ class ProviderPool:
                             reason=f"upstream {status}: retrying with key {fresh.fingerprint}",
                         )
                         key = fresh
-                        self._retries += 1
+                        self.figures.retries += 1
                         continue
                 if status not in RETRY_STATUSES or attempt > max_retries:
                     return response, key, attempt
@@ -344,7 +388,7 @@ class ProviderPool:
                     reason=f"upstream {status}",
                     delay_s=round(delay, 3),
                 )
-            self._retries += 1
+            self.figures.retries += 1
             await trio.sleep(delay)
 
     async def _attempt(self, request: UpstreamRequest, key: Key) -> httpx.Response:
@@ -370,12 +414,12 @@ class ProviderPool:
         return parse_retry_after(response.headers.get("retry-after"), now=time.time())
 
     def _record_headers(self, response: httpx.Response) -> None:
-        for field, names in _RATELIMIT_HEADERS.items():
+        for figure, names in _RATELIMIT_HEADERS.items():
             for name in names:
                 value = response.headers.get(name)
                 if value is not None:
                     with contextlib.suppress(ValueError):
-                        self._ratelimit[field] = int(value)
+                        self._ratelimit[figure] = int(value)
                     break
 
     def record_usage(self, usage: Any) -> None:
@@ -389,7 +433,7 @@ class ProviderPool:
             for name in names:
                 value = usage.get(name)
                 if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-                    self._tokens[kind] += value
+                    self.figures.tokens[kind] += value
                     break
 
     def record_failure(self, exc: UpstreamError) -> None:
@@ -406,9 +450,14 @@ class ProviderPool:
             last_error=self._last_error,
             remaining_requests=self._ratelimit["remaining_requests"],
             remaining_tokens=self._ratelimit["remaining_tokens"],
-            requests=dict(self._requests),
-            retries=self._retries,
-            tokens=dict(self._tokens),
+            requests=dict(self.figures.requests),
+            retries=self.figures.retries,
+            tokens=dict(self.figures.tokens),
+            latency=LatencySnapshot(
+                LATENCY_BUCKETS_S,
+                tuple(self.figures.latency_counts),
+                self.figures.latency_sum_s,
+            ),
         )
 
     async def aclose(self) -> None:
@@ -452,11 +501,18 @@ class Upstreams:
                 if pool is not None:
                     removed.append(pool)
                 self.pools[name] = ProviderPool(
-                    name, provider, self.keys, transport=self._transport
+                    name,
+                    provider,
+                    self.keys,
+                    transport=self._transport,
+                    figures=pool.figures if pool is not None else None,
                 )
             else:
                 pool.configure(provider)
         return removed
+
+    def statistics(self) -> dict[str, UpstreamStatistics]:
+        return {name: pool.statistics() for name, pool in self.pools.items()}
 
     async def aclose(self) -> None:
         for pool in self.pools.values():

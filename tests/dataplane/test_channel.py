@@ -336,7 +336,7 @@ async def test_draining_refuses_new_requests_and_lets_running_ones_finish(
             up.script(Reply(chunks=[b"data: 1\n\n", b"data: 2\n\n"], chunk_delay_s=0.2))
             await app.request("run", body=STREAM)
             assert (await app.receive_for("run"))["type"] == "response.start"
-            dp.lifecycle.set_draining(True)
+            dp.lifecycle.set_draining(trio.current_time() + 60)
             await app.request("new", body=STREAM)
             refused = await app.receive_for("new")
             assert (refused["type"], refused["code"]) == ("error", "draining")

@@ -163,7 +163,7 @@ async def test_shutdown_does_not_cut_a_message_in_half(shared_bao: Bao, runtime_
             await app.handshake()
             await up.wait_messages_sent(1)
             await trio.sleep(0.5)  # the daemon is now blocked part way into the frame
-            dp.lifecycle.set_stopping()
+            dp.lifecycle.set_stopping(trio.current_time() + 60)
             # The test body runs inside dp.connections too: shielded, it sees the end (and
             # asserts outside, where a Cancelled cannot replace a failed assert).
             dp.connections.cancel_scope.cancel()

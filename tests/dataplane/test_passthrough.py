@@ -450,7 +450,7 @@ async def test_draining_is_503_for_new_connections_and_new_requests(
         ):
             assert (await app.request("GET", MODELS)).status == 200
             assert app.kept_alive
-            dp.lifecycle.set_draining(True)
+            dp.lifecycle.set_draining(trio.current_time() + 60)
             assert_error(await app.request("GET", MODELS), 503, "draining")
             assert_error(await curl(dp.socket_path, MODELS), 503, "draining")
             assert len(up.requests) == 1

@@ -283,9 +283,9 @@ async def test_shutdown_is_1012_and_a_drain_deadline_1001(
                 await app.send("working")
                 assert await app.recv() == "working"
                 if mark == "stopping":
-                    dp.lifecycle.set_stopping()
+                    dp.lifecycle.set_stopping(trio.current_time() + 60)
                 else:
-                    dp.lifecycle.set_draining(True)
+                    dp.lifecycle.set_draining(trio.current_time() + 60)
                 dp.connections.cancel_scope.cancel()  # what the daemon does at the deadline
                 assert await app.closed() == (code, reason)
                 await up.wait_connections_closed(1)
@@ -319,7 +319,7 @@ async def test_refusals_before_the_upstream_is_opened(shared_bao: Bao, runtime_d
                 1008,
                 "unknown provider 'nope'",
             )
-            dp.lifecycle.set_draining(True)
+            dp.lifecycle.set_draining(trio.current_time() + 60)
             assert await close_of(dp.socket_path) == (1013, "openclawd is draining")
             assert len(up.handshakes) == 1  # only the one session that was let through
         async with (

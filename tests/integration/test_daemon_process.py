@@ -287,15 +287,13 @@ def test_reload_that_unrequires_a_provider_makes_the_daemon_ready(
     assert daemon.wait() == 0
 
 
-def test_control_tcp_is_refused_until_it_exists(
+def test_control_tcp_without_a_readable_token_file_stops_startup(
     start_daemon: StartDaemon, write_config: WriteConfig, runtime_dir: Path
 ) -> None:
     path = write_config(control={"tcp": "127.0.0.1:9477", "token_file": "/nonexistent"})
     daemon = start_daemon(path)
     assert daemon.wait() == 1
-    assert "control.tcp: the TCP control listener is not available in this version" in (
-        daemon.stderr
-    )
+    assert "cannot read control.token_file /nonexistent" in daemon.stderr
     assert list(runtime_dir.glob("*.sock")) == []
 
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from openclawd.local.channel import shown_headers, usage_of
+from openclawd.local.channel import shown_headers
+from openclawd.protocol.sse import usage_of
 
 USAGE = {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}
 

@@ -465,7 +465,7 @@ async def test_connect_errors_after_the_retries_raise_upstream_unavailable(
     assert "connection refused" in str(caught.value)
     assert_keyless(caught.value)
     assert upstream.times == [t0, t0 + 0.5, t0 + 1.5]
-    assert stats.requests == {"error": 1}
+    assert stats.requests == {"upstream_unavailable": 1}
     assert stats.last_error == str(caught.value)
 
 
@@ -510,7 +510,7 @@ async def test_a_read_timeout_before_the_head_is_not_retried(
     assert caught.value.code == "upstream_timeout"
     assert_keyless(caught.value)
     assert len(upstream.requests) == 1
-    assert stats.requests == {"error": 1}
+    assert stats.requests == {"upstream_timeout": 1}
     assert stats.retries == 0
 
 
@@ -577,7 +577,7 @@ async def test_no_key_raises_no_key_without_going_upstream(
         async with open_pool(upstream, FakeKeys(None)) as pool:
             with pytest.raises(NoKeyError) as caught:
                 await fetch(pool)
-            assert pool.statistics().requests == {"error": 1}
+            assert pool.statistics().requests == {"no_key": 1}
     assert caught.value.code == "no_key"
     assert upstream.requests == []
 
@@ -638,7 +638,7 @@ async def test_the_circuit_opens_and_a_successful_probe_closes_it(
             assert (await fetch(pool))[0] == 200
             stats = pool.statistics()
     assert upstream.times == [t0, t0, t0, t0 + 30, t0 + 30]
-    assert stats.requests == {"503": 3, "error": 2, "200": 2}
+    assert stats.requests == {"503": 3, "upstream_unavailable": 2, "200": 2}
 
 
 async def test_a_failing_probe_opens_the_circuit_for_another_reset_s(
@@ -884,7 +884,7 @@ async def test_cancelling_during_a_retry_wait_sends_nothing_more(
             with trio.move_on_after(0.25):
                 await fetch(pool)
             await trio.sleep(10)
-            assert pool.statistics().requests == {"error": 1}
+            assert pool.statistics().requests == {"cancelled": 1}
     assert body.closed
     assert len(upstream.requests) == 1
 
@@ -928,7 +928,7 @@ async def test_statistics_count_final_statuses(autojump_clock: trio.testing.Mock
                 await fetch(pool)
             assert (await fetch(pool))[:2] == (200, 1)
             stats = pool.statistics()
-    assert stats.requests == {"200": 2, "503": 1, "error": 1}
+    assert stats.requests == {"200": 2, "503": 1, "upstream_unavailable": 1}
     assert stats.retries == 4
     assert stats.last_error is not None
     assert "refused" in stats.last_error

@@ -1,0 +1,46 @@
+"""Credential files: the secrets the daemon reads from disk at its start (the Vault token or
+AppRole ids, the control API's bearer token), as systemd's ``LoadCredential=`` hands them.
+
+Owns reading one such file: an absolute path, or a bare name looked up in
+``$CREDENTIALS_DIRECTORY``. An error names the file and what is wrong with it, never what
+it holds. Provider keys are never read from disk: they come from Vault only.
+"""
+
+from __future__ import annotations
+
+import os
+
+from openclawd.errors import OpenclawdError
+
+
+class CredentialError(OpenclawdError):
+    """A credential file is missing, unreadable, not text, or empty."""
+
+    code = "bad_credential"
+
+
+def read_credential(path: str, *, what: str) -> str:
+    """The content of a credential file, stripped of surrounding whitespace.
+
+    ``what`` names the config key, for the error.
+
+    Raises:
+        CredentialError: the file is missing, unreadable or empty (its content never shows).
+    """
+    if not os.path.isabs(path):
+        directory = os.environ.get("CREDENTIALS_DIRECTORY")
+        if not directory:
+            raise CredentialError(
+                f"{what} {path!r} is a credential name but CREDENTIALS_DIRECTORY is not set"
+            )
+        path = os.path.join(directory, path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = f.read().strip()
+    except OSError as exc:
+        raise CredentialError(f"cannot read {what} {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise CredentialError(f"{what} {path} is not UTF-8 text") from None
+    if not value:
+        raise CredentialError(f"{what} {path} is empty")
+    return value

@@ -1,0 +1,30 @@
+"""The daemon's statistics: one frozen snapshot of everything status and metrics show.
+
+Owns only the shape. The daemon assembles a ``Statistics`` from its components'
+``statistics()`` (key manager, data socket, upstream pools) and counters at the moment it is
+asked; the control API renders it as ``/v1/status`` and the metrics module as Prometheus
+text, so both always agree. It holds no key: keys appear as version and fingerprint only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from openclawd.keys.manager import KeyStatistics
+from openclawd.local.server import LocalStatistics
+from openclawd.upstream.http import UpstreamStatistics
+
+
+@dataclass(frozen=True, slots=True)
+class Statistics:
+    state: str  # starting | ready | degraded | draining | stopping
+    version: str
+    uptime_s: float
+    requests_inflight: int  # /v1/ws and /v1/http requests between send and last byte
+    realtime_sessions: int
+    work: int  # what a drain waits for: requests in flight plus realtime sessions
+    drain_remaining_s: float | None  # None while no drain runs
+    local: LocalStatistics
+    keys: KeyStatistics
+    upstreams: Mapping[str, UpstreamStatistics]
