@@ -222,7 +222,7 @@ class Daemon:
         try:
             if await self._wait_drained(over):
                 log.info("daemon.drained")
-                self.notifier.status(f"draining: drained, {self.lifecycle.work.count} in flight")
+                self.notifier.status("draining: nothing in flight")
             elif not over():
                 cut = self.local.cut_all()
                 log.warning(

@@ -390,8 +390,7 @@ async def _watch_for_leaving(conn: Connection, gone: trio.CancelScope) -> None:
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             data = b""
         if not data:
-            log.info("http.app_gone")
-            gone.cancel()
+            gone.cancel()  # the request's log line says "app gone" if it was still running
             return
         conn.http.receive_data(data)
         kept += len(data)

@@ -350,7 +350,7 @@ class LocalServer:
             code, reason = closed.code, closed.reason or ""
         if seen.code is None:
             self.closes[code] += 1
-            seen.code, seen.reason = code, reason
+            seen.code, seen.reason = int(code), reason
         return f"closed {code} {reason}".rstrip()
 
 

@@ -13,33 +13,13 @@ import trio
 import trio_websocket
 
 from ..bao import BaoServer
-from ..conftest import DaemonProcess, daemon_tables, render_toml
+from ..conftest import DaemonProcess
 from ..fake_upstream import Reply, open_fake_upstream
 from ..fake_ws_upstream import open_fake_ws_upstream
+from .daemon_process import curl, write_config
 from .harness import open_app, open_realtime, unique_vault_path
 
 KEY = "sk-daemon-0001"
-
-
-def write_config(
-    runtime: Path, bao: BaoServer, upstream_url: str, vault_path: str, ws_url: str = ""
-) -> Path:
-    token_file = runtime / "vault-token"
-    token_file.write_text(bao.root_token + "\n")
-    tables = daemon_tables(
-        runtime,
-        vault={"addr": bao.addr, "auth": "token", "token_file": str(token_file)},
-        shutdown={"drain_timeout_s": 10.0},
-        logging={"level": "info"},
-    )
-    tables["providers.openai"] = {
-        "base_url": upstream_url,
-        "vault_path": vault_path,
-        "ws_url": ws_url,
-    }
-    path = runtime / "openclawd.toml"
-    path.write_text(render_toml(tables))
-    return path
 
 
 async def test_sigterm_finishes_the_stream_refuses_new_work_then_closes_1012(
@@ -66,6 +46,10 @@ async def test_sigterm_finishes_the_stream_refuses_new_work_then_closes_1012(
 
                 daemon.signal(signal.SIGTERM)
                 await trio.to_thread.run_sync(daemon.notify.wait_for, "STOPPING", "1")
+                # The drain's progress, on sd_notify's STATUS line.
+                await trio.to_thread.run_sync(
+                    daemon.notify.wait_for, "STATUS", "stopping: 1 in flight, 10s left"
+                )
                 await app.request("late", body={"model": "m"})
                 late = await app.receive_for("late")
                 assert (late["type"], late["code"]) == ("error", "draining")
@@ -85,26 +69,6 @@ async def test_sigterm_finishes_the_stream_refuses_new_work_then_closes_1012(
     assert "key=sha256:" in daemon.stderr  # the upstream log line names the fingerprint
 
 
-async def curl_status(socket_path: str, target: str) -> tuple[int, str]:
-    result = await trio.run_process(
-        [
-            "curl",
-            "-sS",
-            "-o",
-            "-",
-            "-w",
-            "\n%{http_code}",
-            "--unix-socket",
-            socket_path,
-            f"http://openclawd{target}",
-        ],
-        capture_stdout=True,
-        check=False,
-    )
-    body, _, status = result.stdout.decode().rpartition("\n")
-    return int(status), body
-
-
 async def test_sigterm_lets_a_realtime_session_run_on_while_new_work_is_refused(
     shared_bao: BaoServer,
     runtime_dir: Path,
@@ -121,7 +85,7 @@ async def test_sigterm_lets_a_realtime_session_run_on_while_new_work_is_refused(
             daemon = start_daemon(config)
             await trio.to_thread.run_sync(daemon.wait_ready)
             socket_path = str(runtime_dir / "data.sock")
-            status, body = await curl_status(socket_path, "/v1/http/openai/v1/models")
+            status, body = await curl("/v1/http/openai/v1/models", unix_socket=socket_path)
             assert status == 200
             assert "gpt-fake" in body
             async with open_realtime(socket_path) as session:
@@ -130,7 +94,7 @@ async def test_sigterm_lets_a_realtime_session_run_on_while_new_work_is_refused(
 
                 daemon.signal(signal.SIGTERM)
                 await trio.to_thread.run_sync(daemon.notify.wait_for, "STOPPING", "1")
-                status, body = await curl_status(socket_path, "/v1/http/openai/v1/models")
+                status, body = await curl("/v1/http/openai/v1/models", unix_socket=socket_path)
                 assert status == 503
                 assert '"code":"draining"' in body
                 async with open_realtime(socket_path) as late:
