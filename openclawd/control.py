@@ -141,7 +141,7 @@ async def _json_body() -> dict[str, Any]:
         return {}
     try:
         body = json.loads(data)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
         raise BadRequestError("the body is not JSON") from None
     if not isinstance(body, dict):
         raise BadRequestError("the body must be a JSON object")
@@ -153,6 +153,25 @@ def _only(body: dict[str, Any], *fields: str) -> None:
     if unknown:
         allowed = ", ".join(fields)
         raise BadRequestError(f"unknown field {unknown[0][:64]!r}; this route takes {allowed}")
+
+
+def _seconds(value: object, name: str) -> float | None:
+    """A JSON number of seconds, 0 or more (None if absent).
+
+    Raises:
+        BadRequestError: anything else (a bool, a string, NaN, infinite, too large).
+    """
+    if value is None:
+        return None
+    seconds = None
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        try:
+            seconds = float(value) + 0.0  # + 0.0: -0.0 is 0
+        except OverflowError:  # an int beyond any float
+            seconds = None
+    if seconds is None or not math.isfinite(seconds) or seconds < 0:
+        raise BadRequestError(f"{name} must be a number of seconds, 0 or more")
+    return seconds
 
 
 def create_app(ops: Operations) -> QuartTrio:
@@ -209,15 +228,8 @@ def create_app(ops: Operations) -> QuartTrio:
     async def drain() -> Response:
         body = await _json_body()
         _only(body, "deadline_s")
-        deadline_s = body.get("deadline_s")
-        if deadline_s is not None and (
-            isinstance(deadline_s, bool)
-            or not isinstance(deadline_s, int | float)
-            or not math.isfinite(deadline_s)
-            or deadline_s < 0
-        ):
-            raise BadRequestError("deadline_s must be a number of seconds, 0 or more")
-        deadline_s = ops.drain(None if deadline_s is None else float(deadline_s))
+        deadline_s = _seconds(body.get("deadline_s"), "deadline_s")
+        deadline_s = ops.drain(deadline_s)
         return json_response(
             {
                 "state": lifecycle.state.value,

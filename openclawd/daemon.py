@@ -168,8 +168,6 @@ class Daemon:
             uptime_s=self.lifecycle.uptime_s,
             requests_inflight=self.channels.inflight + self.passthrough.inflight,
             realtime_sessions=self.realtime.sessions,
-            work=self.lifecycle.work.count,
-            drain_remaining_s=self.lifecycle.drain_remaining_s(),
             local=self.local.statistics(),
             keys=self.keys.statistics(),
             upstreams=self.upstreams.statistics(),

@@ -23,8 +23,6 @@ class Statistics:
     uptime_s: float
     requests_inflight: int  # /v1/ws and /v1/http requests between send and last byte
     realtime_sessions: int
-    work: int  # what a drain waits for: requests in flight plus realtime sessions
-    drain_remaining_s: float | None  # None while no drain runs
     local: LocalStatistics
     keys: KeyStatistics
     upstreams: Mapping[str, UpstreamStatistics]
