@@ -195,17 +195,17 @@ class Passthrough:
                     reason=response.reason.encode("latin-1", "replace"),
                 )
                 await _send(conn, head)
-                usage = _UsageReader.of(response)
+                usage = _UsageReader.of(response, pool.record_usage)
                 try:
                     async for chunk in response.aiter_raw():
-                        usage.feed(chunk)
+                        usage.feed(chunk)  # before the send: the app may be done after it
                         await _send(conn, h11.Data(data=chunk))
                         sent += len(chunk)
                 except UpstreamError as exc:
                     pool.record_failure(exc)  # a drop or stall mid-body
                     raise
+                usage.close()
                 await _send(conn, h11.EndOfMessage())
-                pool.record_usage(usage.close())
         except OpenclawdError as exc:
             await self._fail(conn, exc)
             status = f"error {exc.code}"
@@ -324,19 +324,24 @@ class _AppBody:
 
 
 class _UsageReader:
-    """Reads a response's token usage as its raw bytes pass: the last ``usage`` object of
-    an SSE stream, or of a JSON body up to ``USAGE_BODY_BYTES``. Reads nothing of a body
-    with a content-encoding (it is passed on compressed), and gives up, quietly, on what
-    it cannot read: the usage is for the metrics, the response is the app's."""
+    """Reads a response's token usage as its raw bytes pass and hands it to ``record``:
+    the last ``usage`` object of an SSE stream, or that of a JSON body up to
+    ``USAGE_BODY_BYTES``. A JSON body with a Content-Length is read as soon as its last
+    byte is fed, so the usage is counted before the app has the whole response. Reads
+    nothing of a body with a content-encoding (it is passed on compressed), and gives up,
+    quietly, on what it cannot read: the usage is for the metrics, the response is the
+    app's."""
 
-    def __init__(self, kind: str | None) -> None:
+    def __init__(self, kind: str | None, length: int | None, record: Callable[[Any], None]) -> None:
         self._kind = kind
+        self._length = length
+        self._record = record
         self._sse = SSEDecoder(max_event_bytes=USAGE_BODY_BYTES) if kind == "sse" else None
         self._body = bytearray()
         self._usage: Any = None
 
     @classmethod
-    def of(cls, response: UpstreamResponse) -> _UsageReader:
+    def of(cls, response: UpstreamResponse, record: Callable[[Any], None]) -> _UsageReader:
         encoding = (response.header("content-encoding") or "identity").strip().lower()
         content_type = (response.header("content-type") or "").lower()
         kind = None
@@ -345,7 +350,8 @@ class _UsageReader:
                 kind = "sse"
             elif "json" in content_type:
                 kind = "json"
-        return cls(kind)
+        length = response.header("content-length")
+        return cls(kind, int(length) if length and length.isdigit() else None, record)
 
     def feed(self, chunk: bytes) -> None:
         if self._sse is not None:
@@ -358,24 +364,30 @@ class _UsageReader:
             if len(self._body) + len(chunk) > USAGE_BODY_BYTES:
                 self._kind = None
                 self._body.clear()
-            else:
-                self._body += chunk
+                return
+            self._body += chunk
+            if len(self._body) == self._length:
+                self.close()
 
-    def close(self) -> Any:
-        """The usage object read, or None."""
+    def close(self) -> None:
+        """The body has ended: count the usage read, if any (once)."""
         if self._sse is not None:
             try:
                 for event in self._sse.close():
                     self._usage = usage_of(event.data) or self._usage
             except UpstreamProtocolError:
                 pass
-        elif self._kind == "json" and self._body:
+            self._sse = None
+        elif self._kind == "json":
+            self._kind = None
             try:
                 body = json.loads(self._body)
             except ValueError:
-                return None
-            return body.get("usage") if isinstance(body, dict) else None
-        return self._usage
+                return
+            self._usage = body.get("usage") if isinstance(body, dict) else None
+        if self._usage is not None:
+            self._record(self._usage)
+            self._usage = None
 
 
 async def _watch_for_leaving(conn: Connection, gone: trio.CancelScope) -> None:

@@ -628,6 +628,40 @@ async def test_content_encoding_is_kept_and_identity_asked_by_default(
             assert up.requests[1].headers["accept-encoding"] == "gzip, br"
 
 
+async def test_token_usage_is_read_on_the_side_of_json_and_sse_bodies(
+    shared_bao: Bao, runtime_dir: Path
+) -> None:
+    with trio.fail_after(20):
+        async with (
+            open_fake_upstream() as up,
+            open_dataplane(shared_bao, runtime_dir, up.url) as dp,
+            open_http(dp.socket_path) as app,
+        ):
+            pool = dp.upstreams["openai"]
+            stream = {**COMPLETION, "stream": True, "stream_options": {"include_usage": True}}
+            answer = await app.request("POST", CHAT, body=json_body(stream))
+            assert answer.status == 200
+            assert answer.body == b"".join(default_stream_events(include_usage=True))
+            assert pool.statistics().tokens == {"prompt": 5, "completion": 3}
+
+            answer = await app.request("POST", CHAT, body=json_body(COMPLETION))
+            assert json.loads(answer.body)["usage"] == USAGE
+            assert pool.statistics().tokens == {"prompt": 10, "completion": 6}
+
+            # Not read: a compressed body (passed on as it is), a JSON body over 1 MiB.
+            usage = json_body({"usage": {"prompt_tokens": 100, "completion_tokens": 100}})
+            up.script(
+                Reply(
+                    body=gzip.compress(usage),
+                    headers=[("content-type", "application/json"), ("content-encoding", "gzip")],
+                ),
+                Reply(body=usage[:-1] + b', "pad": "' + b"x" * (1 << 20) + b'"}'),
+            )
+            assert (await app.request("GET", MODELS)).status == 200
+            assert (await app.request("GET", MODELS)).status == 200
+            assert pool.statistics().tokens == {"prompt": 10, "completion": 6}
+
+
 async def test_hop_by_hop_response_headers_are_dropped(shared_bao: Bao, runtime_dir: Path) -> None:
     with trio.fail_after(20):
         async with (
