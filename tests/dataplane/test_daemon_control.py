@@ -367,3 +367,37 @@ async def test_the_tcp_listener_takes_only_the_bearer_token(
             assert await trio.to_thread.run_sync(daemon.wait) == 0
     assert token not in daemon.stderr
     assert "event=control.unauthorized" in daemon.stderr
+
+
+async def test_rotate_with_vault_down_is_503_and_the_old_key_serves_on(
+    bao: BaoServer, runtime_dir: Path, start_daemon: StartDaemon
+) -> None:
+    vault_path = unique_vault_path()
+    await trio.to_thread.run_sync(lambda: bao.write(vault_path, api_key=KEY))
+    control = runtime_dir / "control.sock"
+    data = str(runtime_dir / "data.sock")
+    with trio.fail_after(60):
+        async with open_fake_upstream(expected_key=KEY) as up:
+            daemon = start_daemon(write_config(runtime_dir, bao, up.url, vault_path))
+            await trio.to_thread.run_sync(daemon.wait_ready)
+            await trio.to_thread.run_sync(bao.stop)
+
+            status, body = await curl_json(control, "/v1/keys/rotate", method="POST")
+            assert (status, body["error"]) == (503, "vault_unreachable")
+            assert body["message"].startswith("Vault did not answer, the keys in force are kept")
+            status, body = await curl_json(control, "/v1/status")
+            assert body["state"] == "degraded"
+            assert body["vault"]["reachable"] is False
+            assert body["vault"]["last_error"]
+            assert body["providers"]["openai"]["key"]["version"] == 1
+            assert await curl_json(control, "/readyz") == (200, {"ready": True})
+            status, _ = await curl("/v1/http/openai/v1/models", unix_socket=data)
+            assert status == 200  # served on the last good key
+            _, text = await curl("/metrics", unix_socket=control)
+            assert (metric(text, "openclawd_vault_errors_total") or 0) >= 1
+            assert metric(text, "openclawd_vault_reachable") == 0
+            assert metric(text, "openclawd_state", state="degraded") == 1
+            daemon.signal(signal.SIGTERM)
+            assert await trio.to_thread.run_sync(daemon.wait) == 0
+    assert "event=vault.error during=operator" in daemon.stderr
+    assert KEY not in daemon.stderr
