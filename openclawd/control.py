@@ -16,7 +16,7 @@ import logging
 import math
 import os
 import socket
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 import trio
@@ -71,11 +71,25 @@ class BadRequestError(OpenclawdError):
     http_status = 400
 
 
-def json_response(payload: object, status: int = 200, *, redact: Any = None) -> Response:
-    text = json.dumps(payload, separators=(",", ":"))
+def json_response(
+    payload: object, status: int = 200, *, redact: Callable[[str], str] | None = None
+) -> Response:
+    """``payload`` as JSON; with ``redact``, every string in it passes through that first
+    (before JSON escapes could hide a key from it)."""
     if redact is not None:
-        text = redact(text)
+        payload = _redacted(payload, redact)
+    text = json.dumps(payload, separators=(",", ":"))
     return Response(text, status=status, content_type="application/json")
+
+
+def _redacted(value: object, redact: Callable[[str], str]) -> object:
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, dict):
+        return {_redacted(k, redact): _redacted(v, redact) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_redacted(v, redact) for v in value]
+    return value
 
 
 def error(status: int, code: str, message: str) -> Response:
@@ -106,8 +120,6 @@ def status_body(stats: Statistics) -> dict[str, Any]:
                 "remaining_tokens": upstream.remaining_tokens if upstream else None,
             },
         }
-        if keyed.last_error is not None:
-            providers[name]["key_error"] = keyed.last_error
     keys = stats.keys
     return {
         "state": stats.state,
@@ -146,6 +158,15 @@ async def _json_body() -> dict[str, Any]:
     if not isinstance(body, dict):
         raise BadRequestError("the body must be a JSON object")
     return body
+
+
+def _caller() -> str:
+    """Who sent the request, for the log: the TCP client's address, or the unix socket
+    (whose mode and group decide who may connect)."""
+    client = request.scope.get("client")
+    if client and client[0]:
+        return f"{client[0]}:{client[1]}"
+    return "unix"
 
 
 def _only(body: dict[str, Any], *fields: str) -> None:
@@ -203,7 +224,7 @@ def create_app(ops: Operations) -> QuartTrio:
         provider = body.get("provider")
         if provider is not None and not isinstance(provider, str):
             raise BadRequestError("provider must be a string")
-        log.info("control.rotate", provider=provider)
+        log.info("control.rotate", provider=provider, via=_caller())
         try:
             result = await ops.rotate_keys(provider)
         except UnknownProviderError as exc:
@@ -229,6 +250,7 @@ def create_app(ops: Operations) -> QuartTrio:
         body = await _json_body()
         _only(body, "deadline_s")
         deadline_s = _seconds(body.get("deadline_s"), "deadline_s")
+        log.info("control.drain", deadline_s=deadline_s, via=_caller())
         deadline_s = ops.drain(deadline_s)
         return json_response(
             {
@@ -252,6 +274,7 @@ def create_app(ops: Operations) -> QuartTrio:
 
     @app.post("/v1/resume")
     async def resume() -> Response:
+        log.info("control.resume", via=_caller())
         ops.resume()
         return json_response({"state": lifecycle.state.value})
 
@@ -284,7 +307,7 @@ def create_app(ops: Operations) -> QuartTrio:
 
     @app.errorhandler(Exception)
     async def internal(exc: Exception) -> Response:
-        log.error("control.internal_error", error=type(exc).__name__)
+        log.exception("control.internal_error", error=type(exc).__name__)
         return error(500, "internal", "internal error; see the daemon's log")
 
     return app

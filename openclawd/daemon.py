@@ -24,7 +24,7 @@ import functools
 import math
 import signal
 import socket
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 
 import trio
@@ -125,7 +125,7 @@ class Daemon:
                     root.start_soon(self._report_state)
 
                     await self._stop_requested.wait()
-                    if await self._wait_drained(lambda: False):
+                    if await self._wait_drained():
                         log.info("daemon.drained")
                     else:
                         log.warning("daemon.drain_deadline", inflight=self.lifecycle.work.count)
@@ -214,36 +214,49 @@ class Daemon:
             log.info("daemon.resumed")
 
     async def _operator_drain(self) -> None:
-        def over() -> bool:  # resumed, or a shutdown took over
-            return not self.lifecycle.draining or self.lifecycle.stopping
-
+        """Run the operator's drain to its deadline, then cut every data-socket connection
+        still open (1001): work that came late, idle channels and kept-alive HTTP
+        connections alike. Ends early on a resume or a shutdown (which drains on its own)."""
+        lifecycle = self.lifecycle
+        work = lifecycle.work
+        told_idle = False
         try:
-            if await self._wait_drained(over):
-                log.info("daemon.drained")
-                self.notifier.status("draining: nothing in flight")
-            elif not over():
-                cut = self.local.cut_all()
-                log.warning(
-                    "daemon.drain_deadline", inflight=self.lifecycle.work.count, connections=cut
-                )
+            while lifecycle.draining and not lifecycle.stopping:
+                remaining = lifecycle.drain_remaining_s()
+                assert remaining is not None
+                if remaining <= 0:
+                    cut = self.local.cut_all()
+                    log.warning("daemon.drain_deadline", inflight=work.count, connections=cut)
+                    self.notifier.status(f"draining: deadline reached, {cut} connections closed")
+                    return
+                if work.count:
+                    told_idle = False
+                    self.notifier.status(
+                        f"draining: {work.count} in flight, {math.ceil(remaining)}s left"
+                    )
+                elif not told_idle:
+                    told_idle = True
+                    log.info("daemon.drained")
+                    self.notifier.status("draining: nothing in flight")
+                # Woken by a resume or a new deadline; else looks again within a second.
+                with trio.move_on_after(min(1.0, remaining)):
+                    await lifecycle.wait_changed()
         finally:
             self._drain_running = False
 
-    async def _wait_drained(self, over: Callable[[], bool]) -> bool:
-        """Wait until no work is in flight (True), the drain's deadline passes or ``over()``
+    async def _wait_drained(self) -> bool:
+        """Shutdown's drain: wait until no work is in flight (True) or the deadline passes
         (False), reporting progress on sd_notify's STATUS line."""
         lifecycle = self.lifecycle
         work = lifecycle.work
         while work.count:
             remaining = lifecycle.drain_remaining_s()
-            if over() or remaining is None or remaining <= 0:
+            if remaining is None or remaining <= 0:
                 return False
-            self.notifier.status(
-                f"{lifecycle.state.value}: {work.count} in flight, {math.ceil(remaining)}s left"
-            )
+            self.notifier.status(f"stopping: {work.count} in flight, {math.ceil(remaining)}s left")
             with trio.move_on_after(min(1.0, remaining)):
                 await work.wait_idle()
-        return not over()
+        return True
 
     async def reload(self) -> None:
         """Re-read the config file (SIGHUP). An invalid file leaves the old config in force.

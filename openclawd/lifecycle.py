@@ -39,15 +39,24 @@ class WorkTracker:
     @contextmanager
     def track(self) -> Iterator[None]:
         """Count the body of the ``with`` block as one piece of in-flight work."""
-        self._count += 1
-        if self._count == 1:
-            self._idle = trio.Event()
+        self.begin()
         try:
             yield
         finally:
-            self._count -= 1
-            if self._count == 0:
-                self._idle.set()
+            self.end()
+
+    def begin(self) -> None:
+        """Count one piece of work from now; ``end()`` must follow, whatever happens. For
+        work accepted in one task and done in another: counted from its acceptance, so a
+        drain that starts in between still waits for it."""
+        self._count += 1
+        if self._count == 1:
+            self._idle = trio.Event()
+
+    def end(self) -> None:
+        self._count -= 1
+        if self._count == 0:
+            self._idle.set()
 
     async def wait_idle(self) -> None:
         """Return once no work is in flight."""

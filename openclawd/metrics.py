@@ -156,13 +156,21 @@ def _keys(stats: Statistics) -> Iterator[Metric]:
         "auth_failure, reload).",
         labels=["provider", "trigger"],
     )
+    invalid = GaugeMetricFamily(
+        "openclawd_key_invalid",
+        "1 while the provider's secret in Vault cannot be used (field missing, empty, "
+        "version deleted): the last good key stays in use.",
+        labels=["provider"],
+    )
     for name, provider in sorted(keys.providers.items()):
         if provider.key is not None:
             version.add_metric([name], provider.key.version)
         for trigger in TRIGGERS:
             rotations.add_metric([name, trigger], keys.rotations.get((name, trigger), 0))
+        invalid.add_metric([name], 0 if provider.last_error is None else 1)
     yield version
     yield rotations
+    yield invalid
     yield CounterMetricFamily(
         "openclawd_vault_errors",
         "Failed calls to Vault (login, renewal, reads).",

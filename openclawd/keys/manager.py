@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import random
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -45,6 +45,8 @@ log = logs.get(__name__)
 BACKOFF_BASE_S = 1.0
 BACKOFF_CAP_S = 300.0
 TRIGGERS = ("vault", "operator", "auth_failure", "reload")
+# Keys rotated out are still withheld from what the daemon shows (``redact``): how many.
+_RETIRED_KEYS = 32
 
 
 class VaultAPI(Protocol):
@@ -151,6 +153,7 @@ class KeyManager:
         self._token_expires_at: float | None = None  # trio time; None = never
         self._relogin = trio.Event()
         self._poll_now = trio.Event()
+        self._retired: deque[Key] = deque(maxlen=_RETIRED_KEYS)
         self.rotations: Counter[tuple[str, str]] = Counter()
         self.vault_errors = 0
         self._publish()
@@ -345,12 +348,16 @@ class KeyManager:
             state.flight = None
 
     def redact(self, text: str) -> str:
-        """``text`` with every key held (any provider, any pool entry) replaced by its
-        fingerprint: a last line of defence for what the daemon shows operators."""
+        """``text`` with every key held (any provider, any pool entry, and the last ones
+        rotated out) replaced by its fingerprint: a last line of defence for what the
+        daemon shows operators."""
         for state in self._providers.values():
             for key in state.pool:
                 if key.secret in text:
                     text = text.replace(key.secret, key.fingerprint)
+        for key in self._retired:
+            if key.secret in text:
+                text = text.replace(key.secret, key.fingerprint)
         return text
 
     def poll_soon(self) -> None:
@@ -403,6 +410,7 @@ class KeyManager:
             return
         pool = self._parse(name, secret)
         before = state.version
+        self._retired.extend(state.pool)
         state.pool, state.cursor, state.last_error = pool, 0, None
         self._rotated(name, trigger, before, secret.version, pool[0])
 

@@ -35,7 +35,7 @@ from openclawd.protocol import messages
 from openclawd.protocol.messages import Request
 from openclawd.protocol.ratelimit import RateLimiter
 from openclawd.protocol.session import Abort, Send, Session, Start
-from openclawd.protocol.sse import SSEDecoder, usage_of
+from openclawd.protocol.sse import SSEDecoder, merge_usage, usage_of
 from openclawd.upstream.http import UpstreamRequest, UpstreamResponse, Upstreams
 from openclawd.websocket import ConnectionClosed, WebSocketConnection
 
@@ -142,6 +142,9 @@ class Channels:
                     await channel.send(_error_frame(rid, refusal))
                 else:
                     scope = channel.scopes[rid] = trio.CancelScope()
+                    # In flight from here: a drain that starts before the task runs waits
+                    # for it. The task ends the count.
+                    self.lifecycle.work.begin()
                     nursery.start_soon(self._request, channel, action.request, scope)
 
     def _refusal(self, conn: Connection) -> OpenclawdError | None:
@@ -151,7 +154,8 @@ class Channels:
 
     async def _request(self, channel: _Channel, request: Request, scope: trio.CancelScope) -> None:
         """One request, start to last frame. ``scope`` is the app's ``cancel``; it only
-        ever interrupts the upstream side or the queueing of a frame, never a write."""
+        ever interrupts the upstream side or the queueing of a frame, never a write. The
+        request was counted as work when it was accepted; this ends the count."""
         rid = request.id
         finished = False
 
@@ -168,27 +172,27 @@ class Channels:
 
         self.inflight += 1
         try:
-            with self.lifecycle.work.track():
-                error: OpenclawdError | None = None
-                with scope:
-                    try:
-                        await relay(self.upstreams, request, channel.send, finish)
-                    except OpenclawdError as exc:
-                        error = exc
-                    except Exception:
-                        log.exception("request.internal_error", request_id=rid)
-                        error = OpenclawdError("internal error")
-                if finished:
-                    if error is not None:  # e.g. the deadline, once the end was queued
-                        log.info("request.late_error", request_id=rid, error=str(error))
-                elif scope.cancelled_caught:
-                    await finish(messages.error(rid, "cancelled", "cancelled by the app"))
-                elif error is not None:
-                    await finish(_error_frame(rid, error))
+            error: OpenclawdError | None = None
+            with scope:
+                try:
+                    await relay(self.upstreams, request, channel.send, finish)
+                except OpenclawdError as exc:
+                    error = exc
+                except Exception:
+                    log.exception("request.internal_error", request_id=rid)
+                    error = OpenclawdError("internal error")
+            if finished:
+                if error is not None:  # e.g. the deadline, once the end was queued
+                    log.info("request.late_error", request_id=rid, error=str(error))
+            elif scope.cancelled_caught:
+                await finish(messages.error(rid, "cancelled", "cancelled by the app"))
+            elif error is not None:
+                await finish(_error_frame(rid, error))
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass  # the writer is gone: so is the app
         finally:
             self.inflight -= 1
+            self.lifecycle.work.end()
             if not finished:  # else the id may already belong to the app's next request
                 channel.session.finish(rid)
             if channel.scopes.get(rid) is scope:
@@ -319,10 +323,10 @@ async def _relay_body(rid: str, response: UpstreamResponse, send: Callable[[str]
         usage = None
         async for chunk in response.aiter_bytes():
             for event in decoder.feed(chunk):
-                usage = usage_of(event.data) or usage
+                usage = merge_usage(usage, usage_of(event.data))
                 await send(messages.response_event(rid, event.event, event.data))
         for event in decoder.close():
-            usage = usage_of(event.data) or usage
+            usage = merge_usage(usage, usage_of(event.data))
             await send(messages.response_event(rid, event.event, event.data))
         return usage
     raw = await response.read(MAX_BODY_BYTES)
@@ -331,7 +335,7 @@ async def _relay_body(rid: str, response: UpstreamResponse, send: Callable[[str]
     if "json" in content_type:
         try:
             body = json.loads(text)
-        except ValueError:
+        except (ValueError, RecursionError):  # relayed as the text it is
             body = text
     await send(messages.response_body(rid, body))
     return body.get("usage") if isinstance(body, dict) else None

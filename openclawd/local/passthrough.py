@@ -39,7 +39,7 @@ from openclawd.lifecycle import Lifecycle
 from openclawd.local.server import Connection, error_body
 from openclawd.protocol.messages import CREDENTIAL_HEADERS, HOP_BY_HOP_HEADERS, has_dot_segment
 from openclawd.protocol.ratelimit import RateLimiter
-from openclawd.protocol.sse import SSEDecoder, usage_of
+from openclawd.protocol.sse import SSEDecoder, merge_usage, usage_of
 from openclawd.upstream.http import UpstreamRequest, UpstreamResponse, Upstreams
 
 log = logs.get(__name__)
@@ -357,7 +357,7 @@ class _UsageReader:
         if self._sse is not None:
             try:
                 for event in self._sse.feed(chunk):
-                    self._usage = usage_of(event.data) or self._usage
+                    self._usage = merge_usage(self._usage, usage_of(event.data))
             except UpstreamProtocolError:  # an event too large to read on the side
                 self._sse = None
         elif self._kind == "json":
@@ -374,7 +374,7 @@ class _UsageReader:
         if self._sse is not None:
             try:
                 for event in self._sse.close():
-                    self._usage = usage_of(event.data) or self._usage
+                    self._usage = merge_usage(self._usage, usage_of(event.data))
             except UpstreamProtocolError:
                 pass
             self._sse = None
@@ -382,7 +382,7 @@ class _UsageReader:
             self._kind = None
             try:
                 body = json.loads(self._body)
-            except ValueError:
+            except (ValueError, RecursionError):
                 return
             self._usage = body.get("usage") if isinstance(body, dict) else None
         if self._usage is not None:

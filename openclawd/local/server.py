@@ -181,7 +181,8 @@ class LocalServer:
             self._cut_scopes.discard(cut)
             self.clients -= 1
             self._kinds[seen.kind] -= 1
-            await stream.aclose()
+            with trio.CancelScope(shield=True):  # a cut connection still gets its line
+                await stream.aclose()
             log.info(
                 "connection.close",
                 kind=seen.kind,

@@ -186,7 +186,6 @@ async def test_status_has_the_contract_shape_and_is_redacted(client: QuartClient
                 "key": None,
                 "upstream": {"circuit": "open", "last_error": "no_key"},
                 "ratelimit": {"remaining_requests": None, "remaining_tokens": None},
-                "key_error": "secret openclawd/anthropic not found",
             },
         },
         "vault": vault,
@@ -389,6 +388,8 @@ async def test_metrics(client: QuartClient) -> None:
     assert samples["openclawd_upstream_retries_total"] == {(): 3}  # 2 (openai) + 1
     assert samples["openclawd_closes_total"] == {("1000",): 4, ("1001",): 2}
     assert samples["openclawd_key_version"] == {("openai",): 4}  # none for a keyless provider
+    # The anthropic secret in Vault cannot be used (its last read failed).
+    assert samples["openclawd_key_invalid"] == {("anthropic",): 1, ("openai",): 0}
     rotated = {("openai", "vault"): 2, ("openai", "operator"): 1}
     assert samples["openclawd_key_rotations_total"] == {
         (p, t): rotated.get((p, t), 0) for p in ("anthropic", "openai") for t in TRIGGERS

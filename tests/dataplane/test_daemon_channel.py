@@ -16,7 +16,7 @@ from ..bao import BaoServer
 from ..conftest import DaemonProcess
 from ..fake_upstream import Reply, open_fake_upstream
 from ..fake_ws_upstream import open_fake_ws_upstream
-from .daemon_process import curl, write_config
+from .daemon_process import curl, curl_json, write_config
 from .harness import open_app, open_realtime, unique_vault_path
 
 KEY = "sk-daemon-0001"
@@ -53,6 +53,11 @@ async def test_sigterm_finishes_the_stream_refuses_new_work_then_closes_1012(
                 await app.request("late", body={"model": "m"})
                 late = await app.receive_for("late")
                 assert (late["type"], late["code"]) == ("error", "draining")
+                # A shutdown's drain is not the operator's to move or undo.
+                control = runtime_dir / "control.sock"
+                for route in ("/v1/drain", "/v1/resume"):
+                    status, body = await curl_json(control, route, method="POST")
+                    assert (status, body["error"]) == (409, "stopping")
 
                 frames = await app.exchange("long")
                 assert [f.get("data") for f in frames[:-1]] == ["1", "2", "3"]
@@ -65,8 +70,14 @@ async def test_sigterm_finishes_the_stream_refuses_new_work_then_closes_1012(
                         await client.receive()
                     assert closed.value.reason.code == 1012
             assert await trio.to_thread.run_sync(daemon.wait) == 0
-    assert KEY not in daemon.stderr
-    assert "key=sha256:" in daemon.stderr  # the upstream log line names the fingerprint
+    log = daemon.stderr
+    assert KEY not in log
+    assert "key=sha256:" in log  # the upstream log line names the fingerprint
+    # Every connection has its close line, those cut at the end with their 1012.
+    opened = log.count("event=connection.open")
+    assert opened >= 2
+    assert log.count("event=connection.close") == opened
+    assert log.count('code=1012 reason="openclawd is shutting down"') == 2
 
 
 async def test_sigterm_lets_a_realtime_session_run_on_while_new_work_is_refused(

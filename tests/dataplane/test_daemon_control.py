@@ -171,7 +171,12 @@ async def test_an_operator_session_with_curl(
             status, body = await curl_json(control, "/v1/nothing")
             assert (status, body["error"]) == (404, "not_found")
 
-            # Drain and resume, with nothing in flight.
+            # Drain and resume, with nothing in flight; by default the deadline is
+            # [shutdown] drain_timeout_s (10 s in this config).
+            assert await curl_json(control, "/v1/drain", method="POST") == (
+                202,
+                {"state": "draining", "inflight": 0, "deadline_s": 10},
+            )
             assert await curl_json(
                 control, "/v1/drain", method="POST", data='{"deadline_s": 30}'
             ) == (202, {"state": "draining", "inflight": 0, "deadline_s": 30})
@@ -282,14 +287,29 @@ async def test_the_drain_deadline_closes_a_stuck_stream_with_1001(
                 assert (await app.receive_for("stuck"))["status"] == 200
                 assert (await app.receive_for("stuck"))["data"] == "1"
 
+                # A drain undone before its deadline cuts nothing.
                 status, body = await curl_json(
-                    control, "/v1/drain", method="POST", data='{"deadline_s": 0.5}'
+                    control, "/v1/drain", method="POST", data='{"deadline_s": 0.3}'
                 )
                 assert (status, body["inflight"]) == (202, 1)
-                with pytest.raises(trio_websocket.ConnectionClosed) as closed:
-                    await app.receive_for("stuck")
-                assert closed.value.reason.code == 1001
-                assert closed.value.reason.reason == "drain deadline reached"
+                assert (await curl_json(control, "/v1/resume", method="POST"))[0] == 200
+                await trio.sleep(0.6)
+                assert (await app.call("alive", "/v1/models", method="GET"))[-1]["type"] == (
+                    "response.end"
+                )
+
+                # At the deadline every connection still open is closed with 1001: the one
+                # with stuck work, and an idle one.
+                async with open_app(data) as idle:
+                    status, body = await curl_json(
+                        control, "/v1/drain", method="POST", data='{"deadline_s": 0.5}'
+                    )
+                    assert (status, body["inflight"]) == (202, 1)
+                    for client in (app, idle):
+                        with pytest.raises(trio_websocket.ConnectionClosed) as closed:
+                            await client.receive_for("stuck")
+                        assert closed.value.reason.code == 1001
+                        assert closed.value.reason.reason == "drain deadline reached"
 
             await trio.to_thread.run_sync(daemon.wait_log, "event=daemon.drain_deadline")
             # The close's line comes once the daemon is done with the connection.
@@ -301,7 +321,7 @@ async def test_the_drain_deadline_closes_a_stuck_stream_with_1001(
                 {"state": "draining", "inflight": 0, "remaining_s": 0},
             )
             _, text = await curl("/metrics", unix_socket=control)
-            assert metric(text, "openclawd_closes_total", code="1001") == 1
+            assert metric(text, "openclawd_closes_total", code="1001") == 2
             assert await curl_json(control, "/v1/resume", method="POST") == (
                 200,
                 {"state": "ready"},

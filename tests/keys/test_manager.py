@@ -522,3 +522,21 @@ async def test_reload_dropping_a_keyless_optional_provider_clears_its_degradatio
         assert lifecycle.degradations() == []
         assert lifecycle.state.value == "ready"
         nursery.cancel_scope.cancel()
+
+
+async def test_redact_withholds_every_key_held_and_those_rotated_out(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    vault = FakeVault()
+    vault.write(PATH, api_key=["sk-pool-aaaa", "sk-pool-bbbb"])
+    manager, _ = make(vault)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(manager.serve)
+        vault.write(PATH, api_key="sk-new-cccc")
+        await manager.rotate_now()
+        text = "failed with sk-pool-aaaa, then sk-pool-bbbb, now sk-new-cccc; sk-other stays"
+        assert manager.redact(text) == (
+            f"failed with {fingerprint('sk-pool-aaaa')}, then {fingerprint('sk-pool-bbbb')}, "
+            f"now {fingerprint('sk-new-cccc')}; sk-other stays"
+        )
+        nursery.cancel_scope.cancel()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from openclawd.local.channel import shown_headers
-from openclawd.protocol.sse import usage_of
+from openclawd.protocol.sse import merge_usage, usage_of
 
 USAGE = {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}
 
@@ -30,6 +30,25 @@ USAGE = {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}
 )
 def test_usage_of(data: str, expected: object) -> None:
     assert usage_of(data) == expected
+
+
+def test_usage_nested_and_merged_across_a_stream() -> None:
+    """Anthropic gives its input tokens in message_start's message, its output tokens in
+    message_delta; OpenAI Responses gives its usage in response.completed's response."""
+    events = [
+        '{"type":"message_start","message":{"id":"m","usage":{"input_tokens":25,"output_tokens":1}}}',
+        '{"type":"content_block_delta","delta":{"text":"hi"}}',
+        '{"type":"message_delta","delta":{},"usage":{"output_tokens":15}}',
+    ]
+    usage = None
+    for data in events:
+        usage = merge_usage(usage, usage_of(data))
+    assert usage == {"input_tokens": 25, "output_tokens": 15}
+    completed = (
+        '{"type":"response.completed","response":{"usage":{"input_tokens":7,"output_tokens":2}}}'
+    )
+    assert usage_of(completed) == {"input_tokens": 7, "output_tokens": 2}
+    assert usage_of("[" * 100_000 + '"usage"') is None  # too deep to read: not an error
 
 
 def test_shown_headers_keep_what_apps_need_and_nothing_else() -> None:

@@ -1005,3 +1005,56 @@ async def test_record_usage_counts_openai_and_anthropic_tokens_and_ignores_junk(
                 pool.record_usage(junk)
             stats = pool.statistics()
     assert stats.tokens == {"prompt": 17, "completion": 8}
+
+
+# --- figures ------------------------------------------------------------------------------
+
+
+async def test_latency_to_the_head_is_bucketed_with_inclusive_bounds(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async def after(delay: float) -> httpx.Response:
+        await trio.sleep(delay)
+        return httpx.Response(200, content=b"ok")
+
+    upstream = Upstream(lambda _: after(0.05), lambda _: after(0.051), lambda _: after(61.0))
+    async with open_pool(upstream) as pool:
+        for _ in range(3):
+            assert (await fetch(pool))[0] == 200
+        latency = pool.statistics().latency
+    assert latency.buckets == upstream_http.LATENCY_BUCKETS_S
+    at = latency.buckets.index
+    expected = [0] * (len(latency.buckets) + 1)
+    expected[at(0.05)] = 1  # exactly on a bound: within it (Prometheus' le)
+    expected[at(0.1)] = 1
+    expected[-1] = 1  # past every bound: +Inf only
+    assert list(latency.counts) == expected
+    assert latency.sum_s == pytest.approx(0.05 + 0.051 + 61.0)
+
+
+async def test_a_pool_rebuilt_by_a_reload_keeps_its_providers_figures(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    def parse(base_url: str) -> config.Config:
+        return config.parse(
+            {
+                "vault": {"addr": "https://vault.test:8200", "token_file": "/run/vault-token"},
+                "providers": {"openai": {"base_url": base_url, "vault_path": "openclawd/openai"}},
+            },
+            environ={},
+        )
+
+    transport = httpx.MockTransport(Upstream(status(200, b"ok")))
+    upstreams = upstream_http.Upstreams(
+        parse("https://up.test/a"), FakeKeys(make_key()), transport=transport
+    )
+    before = upstreams["openai"]
+    assert (await fetch(before))[0] == 200
+    removed = upstreams.reload(parse("https://up.test/b"))
+    assert removed == [before]
+    assert upstreams["openai"] is not before
+    assert upstreams.statistics()["openai"].requests == {"200": 1}
+    assert (await fetch(upstreams["openai"]))[0] == 200
+    assert upstreams.statistics()["openai"].requests == {"200": 2}
+    assert upstreams.statistics()["openai"].latency.counts[0] == 2
+    await upstreams.aclose()
