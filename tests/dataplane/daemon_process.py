@@ -4,6 +4,8 @@ against its sockets (the operator's tool), and reading its Prometheus metrics.""
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +13,9 @@ import trio
 from prometheus_client.parser import text_string_to_metric_families
 
 from ..bao import BaoServer
-from ..conftest import daemon_tables, render_toml
+from ..conftest import DaemonProcess, daemon_tables, render_toml
+from ..fake_upstream import FakeUpstream, open_fake_upstream
+from .harness import unique_vault_path
 
 
 def write_config(
@@ -41,6 +45,25 @@ def write_config(
     path = runtime / "openclawd.toml"
     path.write_text(render_toml(config))
     return path
+
+
+@asynccontextmanager
+async def running_daemon(
+    bao: BaoServer,
+    runtime: Path,
+    start_daemon: Callable[..., DaemonProcess],
+    key: str,
+    **tables: dict[str, Any],
+) -> AsyncIterator[tuple[DaemonProcess, FakeUpstream, str]]:
+    """The daemon process, READY, with ``key`` in Vault (at the path it yields) for its
+    provider ``openai``, whose fake upstream takes that key only."""
+    vault_path = unique_vault_path()
+    await trio.to_thread.run_sync(lambda: bao.write(vault_path, api_key=key))
+    async with open_fake_upstream(expected_key=key) as upstream:
+        config = write_config(runtime, bao, upstream.url, vault_path, **tables)
+        daemon = start_daemon(config)
+        await trio.to_thread.run_sync(daemon.wait_ready)
+        yield daemon, upstream, vault_path
 
 
 async def curl(

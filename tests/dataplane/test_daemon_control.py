@@ -18,9 +18,9 @@ import trio_websocket
 
 from ..bao import BaoServer, free_port
 from ..conftest import DaemonProcess
-from ..fake_upstream import USAGE, Reply, open_fake_upstream
-from .daemon_process import curl, curl_json, metric, write_config
-from .harness import open_app, open_realtime, unique_vault_path
+from ..fake_upstream import USAGE, Reply
+from .daemon_process import curl, curl_json, metric, running_daemon
+from .harness import open_app, open_realtime
 
 KEY = "sk-control-0001-aaaaaaaaaaaaaaaa"
 NEW_KEY = "sk-control-0002-bbbbbbbbbbbbbbbb"
@@ -58,8 +58,6 @@ async def ws_close_of(socket_path: str) -> tuple[int, str | None]:
 async def test_an_operator_session_with_curl(
     shared_bao: BaoServer, runtime_dir: Path, start_daemon: StartDaemon
 ) -> None:
-    vault_path = unique_vault_path()
-    await trio.to_thread.run_sync(lambda: shared_bao.write(vault_path, api_key=KEY))
     control = runtime_dir / "control.sock"
     data = str(runtime_dir / "data.sock")
     shown: list[str] = []  # every status and metrics text the daemon produced
@@ -71,10 +69,11 @@ async def test_an_operator_session_with_curl(
         return text
 
     with trio.fail_after(60):
-        async with open_fake_upstream(expected_key=KEY) as up:
-            daemon = start_daemon(write_config(runtime_dir, shared_bao, up.url, vault_path))
-            await trio.to_thread.run_sync(daemon.wait_ready)
-
+        async with running_daemon(shared_bao, runtime_dir, start_daemon, KEY) as (
+            daemon,
+            up,
+            vault_path,
+        ):
             assert await curl_json(control, "/healthz") == (200, {"status": "ok"})
             assert await curl_json(control, "/readyz") == (200, {"ready": True})
             status, body = await curl_json(control, "/v1/status")
@@ -215,14 +214,10 @@ async def test_an_operator_session_with_curl(
 async def test_a_drain_lets_a_slow_stream_finish_while_new_work_is_refused(
     shared_bao: BaoServer, runtime_dir: Path, start_daemon: StartDaemon
 ) -> None:
-    vault_path = unique_vault_path()
-    await trio.to_thread.run_sync(lambda: shared_bao.write(vault_path, api_key=KEY))
     control = runtime_dir / "control.sock"
     data = str(runtime_dir / "data.sock")
     with trio.fail_after(60):
-        async with open_fake_upstream(expected_key=KEY) as up:
-            daemon = start_daemon(write_config(runtime_dir, shared_bao, up.url, vault_path))
-            await trio.to_thread.run_sync(daemon.wait_ready)
+        async with running_daemon(shared_bao, runtime_dir, start_daemon, KEY) as (daemon, up, _):
             async with open_app(data) as app:
                 chunks = [b"data: 1\n\n", b"data: 2\n\n", b"data: 3\n\n"]
                 up.script(Reply(chunks=chunks, chunk_delay_s=0.5))
@@ -273,14 +268,10 @@ async def test_a_drain_lets_a_slow_stream_finish_while_new_work_is_refused(
 async def test_the_drain_deadline_closes_a_stuck_stream_with_1001(
     shared_bao: BaoServer, runtime_dir: Path, start_daemon: StartDaemon
 ) -> None:
-    vault_path = unique_vault_path()
-    await trio.to_thread.run_sync(lambda: shared_bao.write(vault_path, api_key=KEY))
     control = runtime_dir / "control.sock"
     data = str(runtime_dir / "data.sock")
     with trio.fail_after(60):
-        async with open_fake_upstream(expected_key=KEY) as up:
-            daemon = start_daemon(write_config(runtime_dir, shared_bao, up.url, vault_path))
-            await trio.to_thread.run_sync(daemon.wait_ready)
+        async with running_daemon(shared_bao, runtime_dir, start_daemon, KEY) as (daemon, up, _):
             async with open_app(data) as app:
                 up.script(Reply(chunks=[b"data: 1\n\n", b"data: 2\n\n"], stall_after_chunks=1))
                 await app.request("stuck", body={"model": "m", "stream": True})
@@ -336,25 +327,18 @@ async def test_the_drain_deadline_closes_a_stuck_stream_with_1001(
 async def test_the_tcp_listener_takes_only_the_bearer_token(
     shared_bao: BaoServer, runtime_dir: Path, start_daemon: StartDaemon
 ) -> None:
-    vault_path = unique_vault_path()
-    await trio.to_thread.run_sync(lambda: shared_bao.write(vault_path, api_key=KEY))
     token = "tok-" + "7" * 40
     token_file = runtime_dir / "control-token"
     token_file.write_text(token + "\n")
     port = free_port()
     base = f"http://127.0.0.1:{port}"
+    tcp = {"tcp": f"127.0.0.1:{port}", "token_file": str(token_file)}
     with trio.fail_after(60):
-        async with open_fake_upstream(expected_key=KEY) as up:
-            config = write_config(
-                runtime_dir,
-                shared_bao,
-                up.url,
-                vault_path,
-                control={"tcp": f"127.0.0.1:{port}", "token_file": str(token_file)},
-            )
-            daemon = start_daemon(config)
-            await trio.to_thread.run_sync(daemon.wait_ready)
-
+        async with running_daemon(shared_bao, runtime_dir, start_daemon, KEY, control=tcp) as (
+            daemon,
+            _,
+            _,
+        ):
             for headers in (
                 (),
                 ("Authorization: Bearer wrong",),
@@ -392,14 +376,10 @@ async def test_the_tcp_listener_takes_only_the_bearer_token(
 async def test_rotate_with_vault_down_is_503_and_the_old_key_serves_on(
     bao: BaoServer, runtime_dir: Path, start_daemon: StartDaemon
 ) -> None:
-    vault_path = unique_vault_path()
-    await trio.to_thread.run_sync(lambda: bao.write(vault_path, api_key=KEY))
     control = runtime_dir / "control.sock"
     data = str(runtime_dir / "data.sock")
     with trio.fail_after(60):
-        async with open_fake_upstream(expected_key=KEY) as up:
-            daemon = start_daemon(write_config(runtime_dir, bao, up.url, vault_path))
-            await trio.to_thread.run_sync(daemon.wait_ready)
+        async with running_daemon(bao, runtime_dir, start_daemon, KEY) as (daemon, up, _):
             await trio.to_thread.run_sync(bao.stop)
 
             status, body = await curl_json(control, "/v1/keys/rotate", method="POST")
