@@ -350,8 +350,8 @@ class LocalServer:
         if closed is not None and closed.code != code and closed.code != 1000:
             code, reason = closed.code, closed.reason or ""
         if seen.code is None:
-            self.closes[code] += 1
             seen.code, seen.reason = int(code), reason
+            self.closes[seen.code] += 1
         return f"closed {code} {reason}".rstrip()
 
 
