@@ -28,7 +28,7 @@ from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
 from openclawd import logs
-from openclawd.errors import OpenclawdError, UnknownProviderError, VaultError
+from openclawd.errors import ClientError, OpenclawdError, UnknownProviderError, VaultError
 from openclawd.lifecycle import Lifecycle
 from openclawd.metrics import CONTENT_TYPE, Metrics
 from openclawd.statistics import Statistics
@@ -64,11 +64,6 @@ class Operations(Protocol):
         ...
 
     def resume(self) -> None: ...
-
-
-class BadRequestError(OpenclawdError):
-    code = "bad_request"
-    http_status = 400
 
 
 def json_response(
@@ -146,7 +141,7 @@ async def _json_body() -> dict[str, Any]:
     """The request's optional JSON object body ({} when empty).
 
     Raises:
-        BadRequestError: the body is not a JSON object.
+        ClientError: the body is not a JSON object.
     """
     data = await request.get_data()
     if not data.strip():
@@ -154,9 +149,9 @@ async def _json_body() -> dict[str, Any]:
     try:
         body = json.loads(data)
     except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
-        raise BadRequestError("the body is not JSON") from None
+        raise ClientError("the body is not JSON") from None
     if not isinstance(body, dict):
-        raise BadRequestError("the body must be a JSON object")
+        raise ClientError("the body must be a JSON object")
     return body
 
 
@@ -173,14 +168,14 @@ def _only(body: dict[str, Any], *fields: str) -> None:
     unknown = sorted(set(body) - set(fields))
     if unknown:
         allowed = ", ".join(fields)
-        raise BadRequestError(f"unknown field {unknown[0][:64]!r}; this route takes {allowed}")
+        raise ClientError(f"unknown field {unknown[0][:64]!r}; this route takes {allowed}")
 
 
 def _seconds(value: object, name: str) -> float | None:
     """A JSON number of seconds, 0 or more (None if absent).
 
     Raises:
-        BadRequestError: anything else (a bool, a string, NaN, infinite, too large).
+        ClientError: anything else (a bool, a string, NaN, infinite, too large).
     """
     if value is None:
         return None
@@ -191,7 +186,7 @@ def _seconds(value: object, name: str) -> float | None:
         except OverflowError:  # an int beyond any float
             seconds = None
     if seconds is None or not math.isfinite(seconds) or seconds < 0:
-        raise BadRequestError(f"{name} must be a number of seconds, 0 or more")
+        raise ClientError(f"{name} must be a number of seconds, 0 or more")
     return seconds
 
 
@@ -223,7 +218,7 @@ def create_app(ops: Operations) -> QuartTrio:
         _only(body, "provider")
         provider = body.get("provider")
         if provider is not None and not isinstance(provider, str):
-            raise BadRequestError("provider must be a string")
+            raise ClientError("provider must be a string")
         log.info("control.rotate", provider=provider, via=_caller())
         try:
             result = await ops.rotate_keys(provider)

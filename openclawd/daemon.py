@@ -97,6 +97,9 @@ class Daemon:
             control = sockets.enter_context(_listen(cfg.control, "control", backlog))
             tcp = sockets.enter_context(_listen_tcp(cfg.control.tcp)) if token else None
             control_app = create_app(self)
+            # The TCP listener serves the same app, behind the token; its lifespan runs
+            # once, on the unix socket's server.
+            protected = BearerAuth(control_app, token) if token else None
 
             async with trio.open_nursery() as root:
                 self._root = root
@@ -109,8 +112,7 @@ class Daemon:
                     await front.start(
                         functools.partial(serve_control, control_app, control.sock, backlog=backlog)
                     )
-                    if tcp is not None and token:
-                        protected = BearerAuth(control_app, token)
+                    if tcp is not None and protected is not None:
                         await front.start(
                             functools.partial(serve_control, protected, tcp, backlog=backlog)
                         )
