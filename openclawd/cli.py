@@ -8,6 +8,10 @@ unit keeps 2 out of its restart loop: a bad config does not get better by retryi
 from __future__ import annotations
 
 import argparse
+import functools
+import ipaddress
+import math
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -17,6 +21,7 @@ import trio
 from openclawd import __version__, logs
 from openclawd import config as config_module
 from openclawd.errors import ConfigError, ListenError
+from openclawd.mock.content import DEFAULT_CHUNK_DELAY_S
 from openclawd.notify import Notifier
 
 EXIT_OK = 0
@@ -48,7 +53,68 @@ def _parser() -> argparse.ArgumentParser:
             help=f"config file (default: {config_module.DEFAULT_CONFIG_PATH})",
         )
     sub.add_parser("version", help="print the version")
+    demo = sub.add_parser(
+        "demo",
+        help="run the daemon on a local Vault dev server and the built-in mock provider",
+        description="Start a Vault dev server (bao, from the `demo` extra) with a demo key, "
+        "the mock provider and the daemon, print how to use them, and stop them all on "
+        "Ctrl-C.",
+    )
+    demo.add_argument(
+        "--runtime-dir",
+        metavar="DIR",
+        help="where the sockets, config and logs go (default: a temporary directory, "
+        "removed at the end)",
+    )
+    mock = sub.add_parser(
+        "mock-provider",
+        help="run the built-in OpenAI-shaped mock provider on loopback",
+        description="An OpenAI-shaped provider on loopback: /v1/models, /v1/chat/completions "
+        "(streaming or not) and the /v1/realtime WebSocket. With --vault-path it accepts "
+        "only the key Vault holds there (VAULT_ADDR, VAULT_TOKEN); without, any key.",
+    )
+    mock.add_argument("--host", default="127.0.0.1", type=_loopback, help="default: 127.0.0.1")
+    mock.add_argument("--port", default=0, type=_port, help="default: 0, a free port")
+    mock.add_argument(
+        "--chunk-delay-s",
+        default=DEFAULT_CHUNK_DELAY_S,
+        type=_non_negative,
+        metavar="SECONDS",
+        help=f"pause before each streamed word (default: {DEFAULT_CHUNK_DELAY_S})",
+    )
+    mock.add_argument("--vault-path", metavar="PATH", help="the KV v2 secret holding the key")
+    mock.add_argument("--vault-mount", metavar="MOUNT", default="secret", help="default: secret")
+    mock.add_argument("--key-field", metavar="FIELD", default="api_key", help="default: api_key")
+    mock.add_argument(
+        "--vault-addr", metavar="URL", help="default: $VAULT_ADDR; the token is $VAULT_TOKEN"
+    )
     return parser
+
+
+def _loopback(value: str) -> str:
+    try:
+        loopback = value == "localhost" or ipaddress.ip_address(value).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a loopback address")
+    return value
+
+
+def _port(value: str) -> int:
+    if not value.isdigit() or int(value) > 65535:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a port number (0-65535)")
+    return int(value)
+
+
+def _non_negative(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        number = math.nan
+    if not math.isfinite(number) or number < 0:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number of seconds")
+    return number
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -58,7 +124,63 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_OK
     if args.command == "check-config":
         return _check_config(args.config)
+    if args.command == "demo":
+        return _demo(args.runtime_dir)
+    if args.command == "mock-provider":
+        return _mock_provider(args)
     return _run(args.config)
+
+
+def _demo(runtime_dir: str | None) -> int:
+    logs.configure()
+    from openclawd import demo
+
+    return demo.run(runtime_dir)
+
+
+def _mock_provider(args: argparse.Namespace) -> int:
+    logs.configure()
+    from openclawd.config import VaultConfig
+    from openclawd.errors import VaultError
+    from openclawd.keys.vault import Vault
+    from openclawd.mock.keys import AnyKey, KeyCheck, VaultKeys
+    from openclawd.mock.server import run_standalone
+
+    vault: Vault | None = None
+    keys: KeyCheck = AnyKey()
+    if args.vault_path:
+        addr = args.vault_addr or os.environ.get("VAULT_ADDR", "")
+        if not addr.startswith(("http://", "https://")):
+            print(
+                "openclawd mock-provider: --vault-path needs a Vault address "
+                "(--vault-addr or VAULT_ADDR, http:// or https://)",
+                file=sys.stderr,
+            )
+            return EXIT_CONFIG
+        vault = Vault(VaultConfig(addr=addr, auth="token", mount=args.vault_mount))
+        keys = VaultKeys(vault, args.vault_path, args.key_field)
+    else:
+        log.warning("mock.any_key", note="no --vault-path: any non-empty key is accepted")
+    failure: str | None = None
+    try:
+        trio.run(
+            functools.partial(
+                run_standalone,
+                keys,
+                host=args.host,
+                port=args.port,
+                chunk_delay_s=args.chunk_delay_s,
+                login=vault,
+            )
+        )
+    except* OSError as group:
+        failure = f"cannot listen on {args.host}:{args.port}: {group.exceptions[0]}"
+    except* VaultError as group:
+        failure = f"cannot read the key from Vault: {group.exceptions[0]}"
+    if failure is not None:
+        print(f"openclawd mock-provider: {failure}", file=sys.stderr)
+        return EXIT_FAILURE
+    return EXIT_OK
 
 
 def _check_config(path: str) -> int:

@@ -12,22 +12,16 @@ from __future__ import annotations
 
 import hmac
 import json
-import logging
 import math
-import os
-import socket
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
-import trio
-from hypercorn.config import Config as HypercornConfig
-from hypercorn.trio import serve as hypercorn_serve
-from hypercorn.typing import ASGIFramework, ASGIReceiveCallable, ASGISendCallable, Scope
 from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
 from openclawd import logs
+from openclawd.asgi import ASGIFramework, ASGIReceiveCallable, ASGISendCallable, Scope
 from openclawd.errors import ClientError, OpenclawdError, UnknownProviderError, VaultError
 from openclawd.lifecycle import Lifecycle
 from openclawd.metrics import CONTENT_TYPE, Metrics
@@ -361,27 +355,3 @@ class BearerAuth:
         if scheme.lower() != b"bearer":
             return False
         return hmac.compare_digest(token.strip(), self._token)
-
-
-async def serve_control(
-    app: ASGIFramework,
-    sock: socket.socket,
-    *,
-    backlog: int,
-    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    """Serve ``app`` on the listening socket ``sock`` (unix or TCP) until cancelled.
-
-    ``sock`` stays ours: hypercorn gets a duplicate of its descriptor and closes that.
-    """
-    config = HypercornConfig()
-    config.bind = [f"fd://{os.dup(sock.fileno())}"]
-    config.backlog = backlog
-    config.accesslog = None
-    # hypercorn's info lines name the descriptor's temporary bind path; keep its warnings.
-    errorlog = logging.getLogger("openclawd.control.server")
-    errorlog.setLevel(logging.WARNING)
-    config.errorlog = errorlog
-    config.graceful_timeout = 2.0
-    config.keep_alive_timeout = 30.0
-    await hypercorn_serve(app, config, task_status=task_status)  # type: ignore[arg-type]

@@ -31,8 +31,9 @@ import trio
 
 from openclawd import __version__, logs
 from openclawd import config as config_module
+from openclawd.asgi import serve_asgi
 from openclawd.config import Config, ControlConfig, ListenConfig
-from openclawd.control import BearerAuth, create_app, serve_control
+from openclawd.control import BearerAuth, create_app
 from openclawd.credentials import CredentialError, read_credential
 from openclawd.errors import ConfigError, ListenError, StoppingError
 from openclawd.keys.manager import KeyManager
@@ -50,6 +51,7 @@ from openclawd.statistics import Statistics
 from openclawd.upstream.http import Upstreams
 
 log = logs.get(__name__)
+_CONTROL_LOG = "openclawd.control.server"
 
 _SHUTDOWN_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 HANDLED_SIGNALS = frozenset({*_SHUTDOWN_SIGNALS, signal.SIGHUP})
@@ -110,11 +112,19 @@ class Daemon:
                 async with trio.open_nursery() as connections, trio.open_nursery() as front:
                     await front.start(self.local.serve, data.sock, connections)
                     await front.start(
-                        functools.partial(serve_control, control_app, control.sock, backlog=backlog)
+                        functools.partial(
+                            serve_asgi,
+                            control_app,
+                            control.sock,
+                            backlog=backlog,
+                            log_name=_CONTROL_LOG,
+                        )
                     )
                     if tcp is not None and protected is not None:
                         await front.start(
-                            functools.partial(serve_control, protected, tcp, backlog=backlog)
+                            functools.partial(
+                                serve_asgi, protected, tcp, backlog=backlog, log_name=_CONTROL_LOG
+                            )
                         )
                     log.info(
                         "daemon.listening",

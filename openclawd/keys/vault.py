@@ -138,6 +138,16 @@ class VaultClient:
         data = response["data"]
         return SecretVersion(version=int(data["metadata"]["version"]), data=data["data"] or {})
 
+    def write_secret(self, path: str, data: Mapping[str, Any]) -> int:
+        """Write a new version of a secret (the demo seeds its key so); returns its version."""
+        response = self._call(
+            self._client.secrets.kv.v2.create_or_update_secret,
+            path=path,
+            secret=dict(data),
+            mount_point=self._mount,
+        )
+        return int(response["data"]["version"])
+
     def _call(self, fn: Callable[..., Any], /, **kwargs: Any) -> Any:
         try:
             result = fn(**kwargs)
@@ -208,6 +218,10 @@ class Vault:
                 raise VaultAuthError(
                     "no Vault token: vault.token_file is empty and so is VAULT_TOKEN"
                 )
+        return await self.use_token(token)
+
+    async def use_token(self, token: str) -> TokenInfo:
+        """Authenticate with ``token``, given rather than read from the config's sources."""
         self._client.set_token(token)
         return await self._run(self._client.lookup_self)
 
@@ -219,3 +233,6 @@ class Vault:
 
     async def read_secret(self, path: str, version: int | None = None) -> SecretVersion:
         return await self._run(self._client.read_secret, path, version)
+
+    async def write_secret(self, path: str, data: Mapping[str, Any]) -> int:
+        return await self._run(self._client.write_secret, path, data)
