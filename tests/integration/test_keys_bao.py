@@ -32,13 +32,13 @@ from openclawd.lifecycle import Lifecycle
 from openclawd.logs import LogfmtFormatter
 
 from ..bao import BaoServer, bao  # noqa: F401 - bao is a fixture
+from ..conftest import readme_blocks
 
 PATH = "openclawd/openai"
 PROVIDER = "openai"
-READ_POLICY = """
-path "secret/data/openclawd/*" { capabilities = ["read"] }
-path "secret/metadata/openclawd/*" { capabilities = ["read"] }
-"""
+# The least-privilege policy exactly as the README gives it to operators, so the tests that
+# run the daemon on it prove the README's policy is enough.
+(READ_POLICY,) = readme_blocks("hcl", "Keys and Vault")
 
 _T = TypeVar("_T")
 
