@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import shlex
 import tomllib
+from pathlib import Path
 
+from openclawd import demo
 from openclawd.cli import _parser
 
 from .conftest import REPO, readme_blocks
@@ -63,3 +65,24 @@ def test_every_cli_command_is_in_the_readme_command_table() -> None:
     assert {"run", "demo", "mock-provider"} <= set(subcommands)
     for name in subcommands:
         assert f"| `openclawd {name}" in table, name
+
+
+def test_the_readme_shows_what_the_demo_prints() -> None:
+    text = (REPO / "README.md").read_text()
+    section = text.split("\n### What the demo shows\n", 1)[1]
+    excerpt = section.split("```\n", 2)[1]
+    printed = demo.guide(
+        demo.Layout(Path("/tmp/openclawd-demo-k2x8")),
+        vault_addr="http://127.0.0.1:41123",
+        root_token="demo-root-0123",
+        bao="/venv/bin/bao",
+        mock_port=43709,
+    )
+    printed_lines = {line.strip() for line in printed.splitlines()}
+    shown = [line for line in excerpt.splitlines() if line.startswith(("#", "openclawd"))]
+    assert len(shown) >= 4, excerpt
+    for line in shown:  # the headline and every command's comment, word for word
+        assert line.strip() in printed_lines, line
+    for line in excerpt.splitlines():
+        if line.strip().startswith(("data socket", "control socket", "daemon config")):
+            assert line.strip() in printed_lines, line
