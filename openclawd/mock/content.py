@@ -86,7 +86,8 @@ def parse_chat_request(body: bytes | str) -> ChatRequest:
     stream = data.get("stream", False)
     if not isinstance(stream, bool):
         raise MockRequestError(400, "'stream' must be a boolean", code=None, param="stream")
-    options = data.get("stream_options") or {}
+    options = data.get("stream_options")
+    options = {} if options is None else options  # not `or {}`: [] or 0 is no object
     if not isinstance(options, dict) or (options and not stream):
         raise MockRequestError(
             400,

@@ -115,5 +115,10 @@ class VaultKeys:
 
 
 def _keys_of(value: object) -> tuple[bytes, ...]:
+    """The keys of a field's value, read as the daemon reads them (``KeyManager._parse``):
+    a string or a list of strings, each stripped (the daemon sends the key stripped); a
+    value the daemon refuses (an empty or non-string member) gives none here either."""
     values: Sequence[object] = value if isinstance(value, list) else [value]
-    return tuple(v.encode() for v in values if isinstance(v, str) and v)
+    if not values or not all(isinstance(v, str) and v.strip() for v in values):
+        return ()
+    return tuple(str(v).strip().encode() for v in values)

@@ -25,13 +25,13 @@ from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import trio
-from quart import Response, request, websocket
+from quart import Response, has_websocket_context, request, websocket
 from quart_trio import QuartTrio
 from werkzeug.datastructures import Headers
 from werkzeug.exceptions import HTTPException
 
 from openclawd import logs
-from openclawd.asgi import serve_asgi
+from openclawd.asgi import ASGIFramework, ASGIReceiveCallable, ASGISendCallable, Scope, serve_asgi
 from openclawd.keys.vault import Vault
 from openclawd.mock import content
 from openclawd.mock.keys import KeyCheck, Verdict
@@ -39,6 +39,9 @@ from openclawd.mock.keys import KeyCheck, Verdict
 log = logs.get(__name__)
 
 RATE_LIMIT_REQUESTS = 10_000
+# How long the rest of a request body the app did not read is read and dropped (Quart's
+# BODY_TIMEOUT): see ``_drain_request_bodies``.
+BODY_TIMEOUT_S = 30.0
 
 
 def create_app(
@@ -48,7 +51,7 @@ def create_app(
     app = QuartTrio("openclawd.mock")
     app.config.update(
         MAX_CONTENT_LENGTH=content.MAX_REQUEST_BYTES,
-        BODY_TIMEOUT=30,
+        BODY_TIMEOUT=BODY_TIMEOUT_S,
         RESPONSE_TIMEOUT=None,  # a stream lasts as long as it has words to send
         PROVIDE_AUTOMATIC_OPTIONS=False,
     )
@@ -154,10 +157,12 @@ def create_app(
             await websocket.send(json.dumps(event))
         while True:
             message = await websocket.receive()
-            if isinstance(message, bytes):
-                events = session.receive_binary()
-            else:
+            # Not `isinstance(message, bytes)`: quart hands an empty binary message over
+            # as None (its `event.get("bytes") or event["text"]`).
+            if isinstance(message, str):
                 events = session.receive(message)
+            else:
+                events = session.receive_binary()
             for event in events:
                 if event["type"].endswith(".delta"):
                     await trio.sleep(chunk_delay_s)
@@ -166,9 +171,13 @@ def create_app(
     @app.errorhandler(HTTPException)
     async def http_error(exc: HTTPException) -> Response:
         status = exc.code or 500
+        # A WebSocket handshake to an unknown path lands here too, with no request context.
+        method, path = (
+            ("GET", websocket.path) if has_websocket_context() else (request.method, request.path)
+        )
         message = {
-            404: f"Invalid URL ({request.method} {request.path})",
-            405: f"Method {request.method} not allowed on {request.path}",
+            404: f"Invalid URL ({method} {path})",
+            405: f"Method {method} not allowed on {path}",
             413: f"Request body over {content.MAX_REQUEST_BYTES} bytes",
         }.get(status, exc.description or "error")
         body = content.error_body(message, code=None)
@@ -198,19 +207,69 @@ async def serve_mock(
         OSError: the address cannot be bound (the port is taken, say).
     """
     app = create_app(keys, chunk_delay_s=chunk_delay_s)
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+    ipv6 = ":" in host  # ::1, which the CLI accepts as a loopback address
+    with socket.socket(socket.AF_INET6 if ipv6 else socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
         sock.listen(128)
         async with trio.open_nursery() as nursery:
             await nursery.start(
                 functools.partial(
-                    serve_asgi, app, sock, backlog=128, log_name="openclawd.mock.hypercorn"
+                    serve_asgi,
+                    _drain_request_bodies(app),
+                    sock,
+                    backlog=128,
+                    log_name="openclawd.mock.hypercorn",
                 )
             )
             bound: int = sock.getsockname()[1]
-            log.info("mock.listening", url=f"http://{host}:{bound}")
+            shown = f"[{host}]" if ipv6 else host
+            log.info("mock.listening", url=f"http://{shown}:{bound}")
             task_status.started(bound)
+
+
+def _drain_request_bodies(app: ASGIFramework) -> ASGIFramework:
+    """``app``, reading and dropping what is left of a request body it answered without
+    reading (a 401, a 413) before the end of its response goes out.
+
+    Hypercorn queues at most 10 body chunks for an app, and nobody takes them once the
+    app has answered. Left unread, a body over about 640 KiB wedged the connection: the
+    server stopped reading it but never closed it (its close was cancelled midway), so a
+    client that reused it (a pooled httpx client) hung on its next request. Drained
+    before the response ends, the request is complete when the response is, and the
+    connection is reused as usual.
+    """
+
+    async def drained(scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
+        if scope["type"] != "http":
+            await app(scope, receive, send)
+            return
+        body_done = trio.Event()
+
+        async def tracked() -> Any:
+            event = await receive()
+            if event["type"] == "http.disconnect" or not event.get("more_body", False):
+                body_done.set()
+            return event
+
+        async def drain() -> None:
+            while True:
+                await tracked()
+
+        async def send_after_body(message: Any) -> None:
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                # quart's own reader takes events too, maybe the last one: wait for the
+                # body's end, whoever reads it, rather than for another event.
+                with trio.move_on_after(BODY_TIMEOUT_S):
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(drain)
+                        await body_done.wait()
+                        nursery.cancel_scope.cancel()
+            await send(message)
+
+        await app(scope, tracked, send_after_body)
+
+    return drained
 
 
 async def run_standalone(
