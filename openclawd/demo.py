@@ -62,12 +62,16 @@ class DemoError(Exception):
     """The demo cannot start; the message says why and what to do."""
 
 
-def find_bao(environ: Mapping[str, str] = os.environ, executable: str = sys.executable) -> str:
+def find_bao(environ: Mapping[str, str] | None = None, executable: str | None = None) -> str:
     """The ``bao`` binary: next to this Python (a venv's ``bin``), else on ``PATH``.
+
+    ``environ`` and ``executable`` default to this process's environment and Python.
 
     Raises:
         DemoError: neither has it; the message names the extra that installs it.
     """
+    environ = os.environ if environ is None else environ
+    executable = sys.executable if executable is None else executable
     beside = Path(executable).parent / "bao"
     if beside.is_file() and os.access(beside, os.X_OK):
         return str(beside)
@@ -90,11 +94,13 @@ def runtime_directory(given: str | None) -> Iterator[tuple[Path, bool]]:
     if given is None:
         path = Path(tempfile.mkdtemp(prefix="openclawd-demo-"))
         try:
+            Layout(path).check()
             yield path, True
         finally:
             shutil.rmtree(path, ignore_errors=True)
         return
     path = Path(given).absolute()
+    Layout(path).check()  # before anything is created
     try:
         path.mkdir(mode=0o700, parents=True, exist_ok=True)
     except OSError as exc:
@@ -402,8 +408,8 @@ async def _demo(layout: Layout, bao: str, out: TextIO) -> int:
                         hurry.set()
                         return
                     print(
-                        f"\n{signal.Signals(signum).name}: draining the daemon, then stopping "
-                        "the mock provider and Vault",
+                        f"\n{signal.Signals(signum).name}: stopping: the daemon drains first, "
+                        "then the mock provider and Vault stop (again: stop at once)",
                         file=out,
                         flush=True,
                     )
@@ -465,14 +471,19 @@ async def _run(
     vault_process, vault_addr = started
     try:
         vault = _vault(vault_addr)
-        await vault.use_token(root_token)
-        version = await vault.write_secret(VAULT_PATH, {"api_key": demo_key})
+        mock_vault = _vault(vault_addr)
+        try:
+            await vault.use_token(root_token)
+            version = await vault.write_secret(VAULT_PATH, {"api_key": demo_key})
+            await mock_vault.use_token(root_token)
+        except VaultError as exc:
+            raise DemoError(f"cannot write the demo key to the Vault dev server: {exc}") from None
         say(
             f"  Vault dev server at {vault_addr} (bao's log: {layout.bao_log}); demo key "
             f"written to {VAULT_MOUNT}/{VAULT_PATH}, version {version}, {fingerprint(demo_key)}"
         )
-        mock_vault = _vault(vault_addr)
-        await mock_vault.use_token(root_token)
+        if stopping.is_set():
+            return 0
         async with trio.open_nursery() as mock_nursery:
             mock_port = await mock_nursery.start(serve_mock, VaultKeys(mock_vault, VAULT_PATH))
             say(f"  mock provider at http://127.0.0.1:{mock_port}")
@@ -490,6 +501,9 @@ async def _run(
                 NOTIFY_SOCKET=str(layout.notify_socket), VAULT_TOKEN=root_token
             )
             write_config(layout, vault_addr=vault_addr, mock_port=mock_port, environ=environ)
+            if stopping.is_set():  # a signal while the mock started: no daemon to drain
+                mock_nursery.cancel_scope.cancel()
+                return 0
             code = await _run_daemon(layout, environ, guide_text(), stopping, hurry, out)
             mock_nursery.cancel_scope.cancel()
         return code
@@ -567,7 +581,6 @@ def run(runtime_dir: str | None, *, out: TextIO = sys.stdout) -> int:
         bao = find_bao()
         with runtime_directory(runtime_dir) as (root, _temporary):
             layout = Layout(root)
-            layout.check()
             try:
                 return trio.run(_demo, layout, bao, out)
             finally:
