@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import http.client
 import json
 import os
@@ -13,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,16 @@ from typing import Any
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def leak_forms(key: str) -> list[str]:
+    """A key as it could leak: plain, base64 (alone and as in a Basic header), URL-encoded."""
+    return [
+        key,
+        base64.b64encode(key.encode()).decode(),
+        base64.b64encode(f"user:{key}".encode()).decode(),
+        urllib.parse.quote(key, safe=""),
+    ]
 
 
 def readme_blocks(lang: str, section: str | None = None) -> list[str]:

@@ -5,10 +5,8 @@ listener, and no key in anything the daemon shows."""
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import signal
-import urllib.parse
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,6 +16,7 @@ import trio_websocket
 
 from ..bao import BaoServer, free_port
 from ..conftest import DaemonProcess
+from ..conftest import leak_forms as forms
 from ..fake_upstream import USAGE, Reply
 from .daemon_process import curl, curl_json, metric, running_daemon
 from .harness import open_app, open_realtime
@@ -30,16 +29,6 @@ StartDaemon = Callable[..., DaemonProcess]
 
 def fingerprint(key: str) -> str:
     return "sha256:" + hashlib.sha256(key.encode()).hexdigest()[:12]
-
-
-def forms(key: str) -> list[str]:
-    """A key as it could leak: plain, base64 (as in a Basic header), URL-encoded."""
-    return [
-        key,
-        base64.b64encode(key.encode()).decode(),
-        base64.b64encode(f"user:{key}".encode()).decode(),
-        urllib.parse.quote(key, safe=""),
-    ]
 
 
 async def ws_close_of(socket_path: str) -> tuple[int, str | None]:

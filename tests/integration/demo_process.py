@@ -13,7 +13,6 @@ left them behind, and never a process that merely reused a pid.
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import http.client
 import os
@@ -34,16 +33,6 @@ import pytest
 READY_LINE = "openclawd demo is ready."
 READY_TIMEOUT_S = 40.0
 EXIT_TIMEOUT_S = 30.0
-
-
-def forms(key: str) -> list[str]:
-    """A key as it could leak: plain, base64 (as in a Basic header), URL-encoded."""
-    return [
-        key,
-        base64.b64encode(key.encode()).decode(),
-        base64.b64encode(f"user:{key}".encode()).decode(),
-        urllib.parse.quote(key, safe=""),
-    ]
 
 
 def clean_environ(**extra: str) -> dict[str, str]:

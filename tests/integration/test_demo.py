@@ -34,6 +34,7 @@ import pytest
 
 from openclawd import demo
 
+from ..conftest import leak_forms
 from .demo_process import (
     DemoProcess,
     Guide,
@@ -42,7 +43,6 @@ from .demo_process import (
     children,
     clean_environ,
     cmdline,
-    forms,
     http_status,
     port_refuses,
     run_block,
@@ -282,7 +282,7 @@ def test_no_key_in_any_output_or_file(running: Running) -> None:
     assert running.guide.root_token not in config
     assert set(running.keys) == {1, 2}
     for version, key in running.keys.items():
-        for form in forms(key):
+        for form in leak_forms(key):
             assert form not in shown, f"key version {version} shown as {form!r}"
             assert form not in config
             assert form not in bao_log
