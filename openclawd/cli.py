@@ -133,9 +133,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _demo(runtime_dir: str | None) -> int:
     logs.configure()
-    from openclawd import demo
+    try:
+        from openclawd import demo  # trio, quart, hvac: a Ctrl-C may come while they load
 
-    return demo.run(runtime_dir)
+        return demo.run(runtime_dir)
+    except KeyboardInterrupt:  # before the demo's own signal handling, nothing started
+        return 130
 
 
 def _mock_provider(args: argparse.Namespace) -> int:
@@ -194,10 +197,19 @@ def _check_config(path: str) -> int:
     return EXIT_OK
 
 
+def _too_late(signum: int, frame: object) -> None:
+    """A stop or reload signal after the daemon's receiver closed: it is stopping."""
+
+
 def _run(path: str) -> int:
     # Until the daemon's signal receiver is installed, a SIGTERM or SIGHUP would kill the
     # process with no drain and no cleanup: hold them, the daemon lets them through.
     signal.pthread_sigmask(signal.SIG_BLOCK, _HELD_SIGNALS)
+    # And once its receiver is gone (trio puts these handlers back), a late one changes
+    # nothing: the daemon is stopping already. Not SIG_IGN, which would drop the held ones.
+    # Worker threads started while the receiver was there may still take a signal.
+    for signum in _HELD_SIGNALS:
+        signal.signal(signum, _too_late)
     logs.configure()
     notifier = Notifier.from_environ()
     try:
@@ -225,4 +237,9 @@ def _run(path: str) -> int:
         return EXIT_FAILURE
     finally:
         notifier.close()
+        # Python's exit puts SIG_DFL back for signals with a Python handler, and trio's
+        # idle worker threads still accept them: a late SIGTERM would then kill the
+        # process on its way out. Ignored, it cannot.
+        for signum in _HELD_SIGNALS:
+            signal.signal(signum, signal.SIG_IGN)
     return EXIT_OK

@@ -182,6 +182,9 @@ def test_ready_prints_a_guide_to_what_runs(running: Running) -> None:
         and f"-dev-listen-address=127.0.0.1:{guide.vault_port}" in argv
         for argv in argvs
     ), argvs
+    # The root token reaches bao and the daemon in their environments, never in an argv
+    # (which `ps` shows every local user).
+    assert not any(running.guide.root_token in part for argv in argvs for part in argv)
 
 
 def test_the_printed_status_command_shows_the_ready_daemon_on_key_version_1(
@@ -248,6 +251,26 @@ def test_a_key_rotated_with_the_printed_command_is_followed_and_the_old_one_refu
 # --- Ctrl-C ----------------------------------------------------------------------------------
 
 
+def test_a_second_demo_in_the_same_runtime_dir_is_refused_and_harms_nothing(
+    running: Running,
+) -> None:
+    config = running.guide.config.read_text()
+    second = subprocess.run(
+        [sys.executable, "-m", "openclawd", "demo", "--runtime-dir", str(running.runtime)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=clean_environ(),
+    )
+    assert second.returncode == 1, second
+    assert f"another demo (pid {running.process.proc.pid}) is running in" in second.stderr
+    assert second.stdout == ""
+    assert running.guide.config.read_text() == config
+    assert stat.S_ISSOCK((running.runtime / "notify.sock").stat().st_mode)
+    status = json.loads(run_block(running.guide.block(STATUS), running.shell_env))
+    assert status["state"] == "ready"
+
+
 def test_ctrl_c_drains_and_leaves_no_process_port_or_file(running: Running) -> None:
     guide, process = running.guide, running.process
     assert running.interrupt() == 0, process.output()
@@ -280,6 +303,8 @@ def test_no_key_in_any_output_or_file(running: Running) -> None:
     config = (running.runtime / "openclawd.toml").read_text()
     bao_log = (running.runtime / "bao.log").read_text()
     assert running.guide.root_token not in config
+    assert running.guide.root_token not in bao_log  # bao's banner, which prints it, is dropped
+    assert stat.S_IMODE((running.runtime / "bao.log").stat().st_mode) == 0o600
     assert set(running.keys) == {1, 2}
     for version, key in running.keys.items():
         for form in leak_forms(key):
@@ -291,7 +316,14 @@ def test_no_key_in_any_output_or_file(running: Running) -> None:
 # --- the default runtime directory -----------------------------------------------------------
 
 
-def test_without_runtime_dir_a_temporary_one_is_used_and_removed() -> None:
+@pytest.mark.parametrize(
+    ("signum", "times"),
+    [(signal.SIGTERM, 1), (signal.SIGHUP, 1), (signal.SIGINT, 2)],
+    ids=["sigterm", "sighup-terminal-closed", "ctrl-c-twice"],
+)
+def test_without_runtime_dir_a_temporary_one_is_used_and_removed(
+    signum: signal.Signals, times: int
+) -> None:
     home, tmp = short_dir("ocd-home-"), short_dir("ocd-tmp-")
     process = DemoProcess([], home=home, tmpdir=tmp)
     try:
@@ -302,9 +334,17 @@ def test_without_runtime_dir_a_temporary_one_is_used_and_removed() -> None:
         assert stat.S_ISSOCK(guide.data_socket.stat().st_mode)
         assert guide.control_socket.parent == root
         assert f"openclawd demo: working in {root}\n" in process.stdout
-        assert process.stop(signal.SIGTERM) == 0, process.output()
-        assert "SIGTERM: stopping: the daemon drains first" in process.stdout
+        children = process.children
+        for _ in range(times - 1):
+            process.proc.send_signal(signum)
+            time.sleep(0.05)
+        assert process.stop(signum) == 0, process.output()
+        assert f"{signum.name}: stopping: the daemon drains first" in process.stdout
+        if times > 1:
+            assert f"{signum.name} again: stopping at once" in process.stdout
+        # Stopped by its own second SIGTERM (exit 0), not killed.
         assert "  daemon stopped (exit 0)\n" in process.stdout
+        assert not any(alive(child) for child in children)
         assert tree(tmp) == []
         assert tree(home) == []
     finally:

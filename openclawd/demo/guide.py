@@ -1,0 +1,95 @@
+"""What the demo prints once the daemon is READY: where things are, and commands to paste.
+
+Pure text, built from the layout and the addresses; every path in a command is quoted for
+the shell, so a runtime directory or a venv with a space in its path still pastes right.
+A test runs each printed command as printed.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+
+from openclawd.demo.layout import (
+    MODEL,
+    PROVIDER,
+    REFRESH_INTERVAL_S,
+    VAULT_MOUNT,
+    VAULT_PATH,
+    Layout,
+)
+
+_WS_SNIPPET = """\
+{python} - <<'EOF'
+import json, trio, trio_websocket
+async def main():
+    stream = await trio.open_unix_socket({socket})
+    async with trio.open_nursery() as nursery:
+        ws = await trio_websocket.wrap_client_stream(nursery, stream, "openclawd", "/v1/ws")
+        print(json.loads(await ws.get_message()))
+        body = {{"model": "{model}", "stream": True, "stream_options": {{"include_usage": True}},
+                "messages": [{{"role": "user", "content": "Hi"}}]}}
+        await ws.send_message(json.dumps({{"type": "request", "id": "r1", "provider": "{provider}",
+                                          "path": "/v1/chat/completions", "body": body}}))
+        while True:
+            frame = json.loads(await ws.get_message())
+            print(frame)
+            if frame["type"] in ("response.end", "error"):
+                break
+        await ws.aclose()
+trio.run(main)
+EOF"""
+
+
+def guide(layout: Layout, *, vault_addr: str, root_token: str, bao: str, mock_port: int) -> str:
+    """The text printed on READY."""
+    data = shlex.quote(str(layout.data_socket))
+    control = shlex.quote(str(layout.control_socket))
+    body = json.dumps(
+        {
+            "model": MODEL,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            "messages": [{"role": "user", "content": "Hi"}],
+        }
+    )
+    ws = _WS_SNIPPET.format(
+        python=shlex.quote(sys.executable),
+        socket=json.dumps(str(layout.data_socket)),
+        model=MODEL,
+        provider=PROVIDER,
+    )
+    return f"""
+openclawd demo is ready.
+
+  data socket     {layout.data_socket}
+  control socket  {layout.control_socket}
+  Vault (dev)     {vault_addr}  root token {root_token}  key: {VAULT_MOUNT}/{VAULT_PATH}
+  mock provider   http://127.0.0.1:{mock_port}  accepts only the key Vault holds now
+  daemon config   {layout.config}
+
+Paste these into another terminal.
+
+# the daemon's status: state, key version and fingerprint, Vault, upstream
+curl -sS --unix-socket {control} http://openclawd/v1/status; echo
+
+# a streamed chat completion through /v1/http (curl and the openai SDK work unchanged)
+curl -sS -N --unix-socket {data} \\
+  http://openclawd/v1/http/{PROVIDER}/v1/chat/completions \\
+  -H 'content-type: application/json' -d '{body}'
+
+# the same over the /v1/ws channel, from Python
+{ws}
+
+# rotate the key in Vault: the mock refuses the old key from now on, and the daemon follows
+# (at its next poll, within {REFRESH_INTERVAL_S:g} s, or at once when the mock answers 401).
+# Run the curl lines again: the answer names key version 2; the log shows key.rotated.
+printf 'sk-demo-%s' "$(date +%s%N)" | BAO_ADDR={vault_addr} BAO_TOKEN={root_token} \\
+  {shlex.quote(bao)} kv put -mount={VAULT_MOUNT} {VAULT_PATH} api_key=-
+
+# metrics, as Prometheus scrapes them
+curl -sS --unix-socket {control} http://openclawd/metrics | grep ^openclawd_
+
+Press Ctrl-C to drain the daemon and stop everything the demo started.
+"""
