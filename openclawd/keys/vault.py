@@ -93,7 +93,13 @@ class VaultClient:
     def __init__(self, config: VaultConfig) -> None:
         self._mount = config.mount.strip("/")
         verify: bool | str = config.ca_cert or True
-        self._client = hvac.Client(url=config.addr, verify=verify, timeout=config.request_timeout_s)
+        # No proxy or netrc from the environment: an HTTP(S)_PROXY meant for other
+        # programs would otherwise see the token (and the keys Vault answers) in clear.
+        session = requests.Session()
+        session.trust_env = False
+        self._client = hvac.Client(
+            url=config.addr, verify=verify, timeout=config.request_timeout_s, session=session
+        )
 
     def set_token(self, token: str) -> None:
         self._client.token = token

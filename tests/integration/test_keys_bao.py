@@ -788,3 +788,22 @@ async def test_no_key_in_logs_or_statistics_during_a_rotation_run(
         for key in keys:
             assert key not in text, f"a key appears in {where}"
         assert "LOGTEST" not in text, f"part of a key appears in {where}"
+
+
+async def test_vault_is_reached_directly_whatever_proxy_the_environment_names(
+    bao: BaoServer,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    await admin(bao.write, PATH, api_key="sk-direct-0001")
+    # A proxy that would see the token and the secret in clear: nothing listens there, so
+    # a request sent through it fails.
+    dead = "http://127.0.0.1:9"
+    for name in ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "ALL_PROXY"):
+        monkeypatch.setenv(name, dead)
+    for name in ("NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    vault = Vault(config.VaultConfig(addr=bao.addr, auth="token", request_timeout_s=5.0))
+    with trio.fail_after(10):
+        await vault.use_token(bao.root_token)
+        secret = await vault.read_secret(PATH)
+    assert secret.data["api_key"] == "sk-direct-0001"
