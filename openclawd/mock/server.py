@@ -87,12 +87,19 @@ def create_app(
         body = content.error_body(verdict.message, code=verdict.code)
         return json_response(number, verdict.status, body)
 
+    async def admit(given: Headers, method: str, path: str) -> tuple[int, Verdict, Response | None]:
+        """Number the request and judge its key: the refusal to answer, if refused."""
+        number = next(counter)
+        verdict = await keys.check(_bearer(given))
+        if verdict.accepted:
+            return number, verdict, None
+        return number, verdict, refused(number, verdict, method, path)
+
     @app.get("/v1/models")
     async def models() -> Response:
-        number = next(counter)
-        verdict = await keys.check(_bearer(request.headers))
-        if not verdict.accepted:
-            return refused(number, verdict, request.method, request.path)
+        number, verdict, refusal = await admit(request.headers, request.method, request.path)
+        if refusal is not None:
+            return refusal
         log.info(
             "mock.request",
             request=number,
@@ -104,10 +111,9 @@ def create_app(
 
     @app.post("/v1/chat/completions")
     async def chat_completions() -> Response:
-        number = next(counter)
-        verdict = await keys.check(_bearer(request.headers))
-        if not verdict.accepted:
-            return refused(number, verdict, request.method, request.path)
+        number, verdict, refusal = await admit(request.headers, request.method, request.path)
+        if refusal is not None:
+            return refusal
         try:
             chat = content.parse_chat_request(await request.get_data(as_text=False))
         except content.MockRequestError as exc:
@@ -143,10 +149,9 @@ def create_app(
 
     @app.websocket("/v1/realtime")
     async def realtime() -> Response | None:
-        number = next(counter)
-        verdict = await keys.check(_bearer(websocket.headers))
-        if not verdict.accepted:
-            return refused(number, verdict, "GET", websocket.path)
+        number, verdict, refusal = await admit(websocket.headers, "GET", websocket.path)
+        if refusal is not None:
+            return refusal  # the handshake's answer: the WebSocket is never accepted
         model = websocket.args.get("model", "gpt-realtime")
         session = content.RealtimeSession(
             session_id=f"sess_mock{number}", model=model, key_version=verdict.version
