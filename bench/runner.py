@@ -1,0 +1,910 @@
+"""Runs the benchmarks: every scenario, direct and through openclawd, in one run.
+
+What runs, each in its own process, on loopback and unix sockets only:
+
+* a real Vault-compatible server (``bao server -dev``, the ``bench`` extra) holding the
+  key, written there by this runner;
+* the fast fake upstream (``bench/upstream.py``), which accepts only the keys the runner
+  tells it to (so a rotation can revoke the old key at once);
+* the daemon (``openclawd run``), configured like a production one (info-level logging to
+  a file, default limits) but for ``max_connections``, raised for the idle-connection
+  scenario, and started under a ``NOTIFY_SOCKET`` this runner reads;
+* the load client (``bench/client.py``), one process for every path, so that the
+  difference between paths is openclawd and not a difference between clients.
+
+Scenarios 1-4 alternate the paths (direct, /v1/ws, /v1/http) round after round, each
+round in a rotated order, so a drift of the machine (another process, frequency scaling)
+is spread over all of them; figures are medians over all samples of a path. The summary
+is printed as a Markdown table, and every figure, with the machine and the versions, is
+written as JSON.
+
+Usage: ``bench/run [--quick | --smoke] [--output PATH] [--profile DIR]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import hashlib
+import importlib.metadata
+import json
+import math
+import os
+import platform
+import secrets
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import trio
+
+from openclawd.config import VaultConfig
+from openclawd.demo.layout import DemoError, Layout, find_bao
+from openclawd.demo.supervise import start_vault, stop_process
+from openclawd.keys.vault import Vault
+
+REPO = Path(__file__).resolve().parent.parent
+PROVIDER = "bench"
+VAULT_PATH = "openclawd/bench"
+PATHS = ("direct", "ws", "http")
+READY_TIMEOUT_S = 30.0
+STOP_TIMEOUT_S = 10.0
+CLIENT_TIMEOUT_S = 600.0
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How much of each scenario a mode runs."""
+
+    rounds: int  # A/B rounds of scenarios 1-3
+    sequential: int  # (1) requests per path per round
+    first_event: int  # (2) streamed requests per path per round
+    stream_events: int  # (2) events in each of them
+    relay_events: int  # (3) events in the one long stream
+    throughput_rounds: int  # (4)
+    throughput_s: float  # (4) seconds per path, per round, per concurrency
+    concurrency: tuple[int, ...]  # (4)
+    idle: tuple[int, ...]  # (5) idle app connections, cumulative steps
+    starts: int  # (6) daemon starts
+    rotation_s: float  # (7) length of the load
+    rotate_every_s: float  # (7)
+    rotation_clients: int  # (7) half on /v1/ws, half on /v1/http
+
+
+PLANS = {
+    "full": Plan(
+        rounds=6,
+        sequential=1000,
+        first_event=500,
+        stream_events=16,
+        relay_events=20_000,
+        throughput_rounds=3,
+        throughput_s=5.0,
+        concurrency=(1, 16, 64),
+        idle=(1000, 10_000),
+        starts=10,
+        rotation_s=30.0,
+        rotate_every_s=5.0,
+        rotation_clients=64,
+    ),
+    "quick": Plan(
+        rounds=3,
+        sequential=300,
+        first_event=150,
+        stream_events=16,
+        relay_events=20_000,
+        throughput_rounds=1,
+        throughput_s=2.0,
+        concurrency=(1, 16, 64),
+        idle=(1000, 10_000),
+        starts=3,
+        rotation_s=10.0,
+        rotate_every_s=2.5,
+        rotation_clients=64,
+    ),
+    # Every scenario, tiny: for the test suite, which checks the runner works, not speed.
+    "smoke": Plan(
+        rounds=2,
+        sequential=10,
+        first_event=5,
+        stream_events=4,
+        relay_events=500,
+        throughput_rounds=1,
+        throughput_s=0.3,
+        concurrency=(1, 4),
+        idle=(20, 50),
+        starts=1,
+        rotation_s=2.0,
+        rotate_every_s=0.6,
+        rotation_clients=8,
+    ),
+}
+
+
+def say(text: str) -> None:
+    """Progress, on stderr (stdout is the summary)."""
+    print(text, file=sys.stderr, flush=True)
+
+
+class BenchError(Exception):
+    """The benchmark cannot go on; the message says why."""
+
+
+# --- processes ------------------------------------------------------------------------
+
+
+def _environ(**extra: str) -> dict[str, str]:
+    env = {
+        name: value
+        for name, value in os.environ.items()
+        if not name.startswith(("VAULT_", "BAO_"))
+        and name not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
+    }
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    env.update(extra)
+    return env
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time the process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _TICK
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise BenchError(f"no VmRSS for {pid}")
+
+
+class Lines:
+    """JSON lines read from a process's stdout."""
+
+    def __init__(self, stream: trio.abc.ReceiveStream) -> None:
+        self._stream = stream
+        self._pending = b""
+
+    async def next(self) -> dict[str, Any]:
+        while b"\n" not in self._pending:
+            data = await self._stream.receive_some(1 << 16)
+            if not data:
+                raise BenchError("the process closed its output")
+            self._pending += data
+        line, self._pending = self._pending.split(b"\n", 1)
+        value = json.loads(line)
+        if not isinstance(value, dict):
+            raise BenchError(f"expected an object, got {line[:80]!r}")
+        return value
+
+
+class ClientProcess:
+    """The load client (``bench/client.py``) and its command line protocol."""
+
+    def __init__(self, process: trio.Process) -> None:
+        self.process = process
+        assert process.stdout is not None
+        self._lines = Lines(process.stdout)
+
+    async def call(self, **command: Any) -> dict[str, Any]:
+        assert self.process.stdin is not None
+        await self.process.stdin.send_all(json.dumps(command).encode() + b"\n")
+        with trio.fail_after(CLIENT_TIMEOUT_S):
+            answer = await self._lines.next()
+        if "error" in answer:
+            raise BenchError(f"the load client failed: {answer['error']}")
+        return answer
+
+
+@contextlib.asynccontextmanager
+async def running(argv: Sequence[str], what: str, **options: Any) -> AsyncIterator[trio.Process]:
+    try:
+        process = await trio.lowlevel.open_process(list(argv), **options)
+    except OSError as exc:
+        raise BenchError(f"cannot start {what}: {exc}") from None
+    try:
+        yield process
+    finally:
+        await stop_process(process, STOP_TIMEOUT_S)
+
+
+# --- the daemon -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Setup:
+    root: Path
+    vault_addr: str
+    root_token: str
+    upstream_port: int
+
+    @property
+    def data_socket(self) -> Path:
+        return self.root / "openclawd.sock"
+
+    @property
+    def control_socket(self) -> Path:
+        return self.root / "control.sock"
+
+    @property
+    def config(self) -> Path:
+        return self.root / "openclawd.toml"
+
+    @property
+    def upstream_url(self) -> str:
+        return f"http://127.0.0.1:{self.upstream_port}"
+
+
+def write_config(setup: Setup, max_connections: int) -> None:
+    setup.config.write_text(
+        f"""\
+# Written by bench/runner.py: production defaults, but for max_connections.
+[listen]
+socket = {json.dumps(str(setup.data_socket))}
+mode = "0600"
+max_connections = {max_connections}
+
+[control]
+socket = {json.dumps(str(setup.control_socket))}
+mode = "0600"
+
+[vault]
+addr = {json.dumps(setup.vault_addr)}
+auth = "token"
+mount = "secret"
+
+[providers.{PROVIDER}]
+base_url = {json.dumps(setup.upstream_url)}
+vault_path = {json.dumps(VAULT_PATH)}
+"""
+    )
+
+
+class Daemon:
+    """A running ``openclawd run``; ``started_in_s``: from spawning it to READY=1."""
+
+    def __init__(self, process: trio.Process, started_in_s: float) -> None:
+        self.process = process
+        self.started_in_s = started_in_s
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def cpu(self) -> float:
+        return cpu_seconds(self.pid)
+
+    def rss(self) -> int:
+        return rss_bytes(self.pid)
+
+
+@contextlib.asynccontextmanager
+async def daemon(
+    setup: Setup, *, log_name: str = "daemon.log", profile: Path | None = None
+) -> AsyncIterator[Daemon]:
+    """Start the daemon and wait for READY=1; stop it (SIGTERM, drain) on the way out."""
+    notify_path = setup.root / "notify.sock"
+    notify_path.unlink(missing_ok=True)
+    notify = trio.socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    await notify.bind(str(notify_path))
+    argv = [sys.executable, "-m", "openclawd", "run", "--config", str(setup.config)]
+    log = (setup.root / log_name).open("ab")
+    env = _environ(VAULT_TOKEN=setup.root_token, NOTIFY_SOCKET=str(notify_path))
+    try:
+        spawned = time.monotonic()
+        async with running(
+            argv, "the daemon", stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env
+        ) as process:
+            with trio.move_on_after(READY_TIMEOUT_S) as waited:
+                while True:
+                    message = await notify.recv(4096)
+                    if b"READY=1" in message.split(b"\n"):
+                        break
+            if waited.cancelled_caught:
+                raise BenchError(f"no READY=1 within {READY_TIMEOUT_S:g} s; see {log.name}")
+            ready = Daemon(process, time.monotonic() - spawned)
+            if profile is None:
+                yield ready
+            else:
+                async with profiled(process.pid, profile):
+                    yield ready
+    finally:
+        log.close()
+        notify.close()
+
+
+@contextlib.asynccontextmanager
+async def profiled(pid: int, output: Path) -> AsyncIterator[None]:
+    """py-spy samples ``pid`` (collapsed stacks into ``output``) while the block runs."""
+    py_spy = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil.which("py-spy")
+    if py_spy is None:
+        raise BenchError("--profile needs py-spy: .venv/bin/pip install py-spy")
+    argv = [py_spy, "record", "--pid", str(pid), "--format", "raw", "--rate", "200"]
+    argv += ["--nonblocking", "--output", str(output)]
+    process = await trio.lowlevel.open_process(argv, stdin=subprocess.DEVNULL)
+    try:
+        yield
+    finally:
+        with trio.CancelScope(shield=True):
+            process.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
+            with trio.move_on_after(STOP_TIMEOUT_S):
+                await process.wait()
+            await stop_process(process, 1.0)
+
+
+def control_client(setup: Setup) -> httpx.AsyncClient:
+    transport = httpx.AsyncHTTPTransport(uds=str(setup.control_socket))
+    return httpx.AsyncClient(transport=transport, base_url="http://openclawd", timeout=10.0)
+
+
+# --- figures --------------------------------------------------------------------------
+
+
+def quantile(samples: Sequence[float], q: float) -> float:
+    """Nearest-rank quantile; NaN for no samples."""
+    if not samples:
+        return math.nan
+    ordered = sorted(samples)
+    return float(ordered[max(1, math.ceil(q * len(ordered))) - 1])
+
+
+def us(ns: float) -> float:
+    return round(ns / 1000.0, 1)
+
+
+def new_key() -> str:
+    return "sk-bench-" + secrets.token_urlsafe(32)
+
+
+def fingerprint(key: str) -> str:
+    return "sha256:" + hashlib.sha256(key.encode()).hexdigest()[:12]
+
+
+def rotated(order: Sequence[str], by: int) -> list[str]:
+    by %= len(order)
+    return [*order[by:], *order[:by]]
+
+
+# --- the scenarios --------------------------------------------------------------------
+
+
+class Bench:
+    def __init__(self, plan: Plan, setup: Setup, client: ClientProcess, main: Daemon) -> None:
+        self.plan = plan
+        self.setup = setup
+        self.client = client
+        self.daemon = main
+
+    async def sequential(self, stream: bool, n: int, events: int) -> dict[str, Any]:
+        """Scenarios 1 and 2: one request at a time, A/B alternated."""
+        samples: dict[str, list[int]] = {p: [] for p in PATHS}
+        firsts: dict[str, list[int]] = {p: [] for p in PATHS}
+        cpu: dict[str, float] = dict.fromkeys(PATHS, 0.0)
+        failures: dict[str, int] = dict.fromkeys(PATHS, 0)
+        for path in PATHS:  # warm-up: connections, caches, the pool
+            await self.client.call(op="sequential", target=path, n=20, stream=stream, events=events)
+        for round_ in range(self.plan.rounds):
+            for path in rotated(PATHS, round_):
+                before = self.daemon.cpu()
+                answer = await self.client.call(
+                    op="sequential", target=path, n=n, stream=stream, events=events
+                )
+                cpu[path] += self.daemon.cpu() - before
+                samples[path] += answer["latency_ns"][1:]  # the first opens the connection
+                firsts[path] += answer["first_event_ns"][1:]
+                failures[path] += sum(answer["failures"].values())
+        measure = firsts if stream else samples
+        out: dict[str, Any] = {}
+        for path in PATHS:
+            values = measure[path]
+            out[path] = {
+                "requests": len(samples[path]),
+                "failures": failures[path],
+                "p50_us": us(quantile(values, 0.5)),
+                "p99_us": us(quantile(values, 0.99)),
+                "daemon_cpu_us_per_request": round(cpu[path] * 1e6 / max(1, len(samples[path])), 1)
+                if path != "direct"
+                else None,
+            }
+        for path in ("ws", "http"):
+            out[path]["added_p50_us"] = round(out[path]["p50_us"] - out["direct"]["p50_us"], 1)
+            out[path]["added_p99_us"] = round(out[path]["p99_us"] - out["direct"]["p99_us"], 1)
+        return out
+
+    async def relay(self) -> dict[str, Any]:
+        """Scenario 3: one stream of many small events; events/s end to end."""
+        events = self.plan.relay_events
+        rates: dict[str, list[float]] = {p: [] for p in PATHS}
+        cpu: dict[str, float] = dict.fromkeys(PATHS, 0.0)
+        failures: dict[str, int] = dict.fromkeys(PATHS, 0)
+        for round_ in range(self.plan.rounds):
+            for path in rotated(PATHS, round_):
+                before = self.daemon.cpu()
+                answer = await self.client.call(
+                    op="sequential", target=path, n=2, stream=True, events=events
+                )
+                cpu[path] += self.daemon.cpu() - before
+                failures[path] += sum(answer["failures"].values())
+                for seen, latency in zip(answer["events"], answer["latency_ns"], strict=True):
+                    if seen < events:
+                        raise BenchError(f"{path}: {seen} events of {events}")
+                    rates[path].append(seen / (latency / 1e9))
+        out: dict[str, Any] = {}
+        for path in PATHS:
+            out[path] = {
+                "streams": len(rates[path]),
+                "failures": failures[path],
+                "events_per_s": round(statistics.median(rates[path])) if rates[path] else None,
+            }
+            if path != "direct":
+                out[path]["daemon_cpu_us_per_event"] = round(
+                    cpu[path] * 1e6 / max(1, len(rates[path]) * events), 2
+                )
+        for path in ("ws", "http"):
+            out[path]["ratio"] = round(out[path]["events_per_s"] / out["direct"]["events_per_s"], 3)
+        return out
+
+    async def throughput(self) -> dict[str, Any]:
+        """Scenario 4: closed-loop load at each concurrency; requests/s and daemon CPU."""
+        out: dict[str, Any] = {}
+        for clients in self.plan.concurrency:
+            rates: dict[str, list[float]] = {p: [] for p in PATHS}
+            p50: dict[str, list[float]] = {p: [] for p in PATHS}
+            p99: dict[str, list[float]] = {p: [] for p in PATHS}
+            cpu_share: dict[str, list[float]] = {p: [] for p in PATHS}
+            failures: dict[str, int] = dict.fromkeys(PATHS, 0)
+            for round_ in range(self.plan.throughput_rounds):
+                for path in rotated(PATHS, round_):
+                    before = self.daemon.cpu()
+                    answer = await self.client.call(
+                        op="load", clients={path: clients}, duration_s=self.plan.throughput_s
+                    )
+                    used = self.daemon.cpu() - before
+                    tally = answer["targets"][path]
+                    rates[path].append(tally["requests"] / answer["seconds"])
+                    p50[path].append(tally["p50_ns"])
+                    p99[path].append(tally["p99_ns"])
+                    cpu_share[path].append(used / answer["seconds"])
+                    failures[path] += tally["failures"]
+            row: dict[str, Any] = {}
+            for path in PATHS:
+                row[path] = {
+                    "requests_per_s": round(statistics.median(rates[path])),
+                    "p50_us": us(statistics.median(p50[path])),
+                    "p99_us": us(statistics.median(p99[path])),
+                    "failures": failures[path],
+                }
+                if path != "direct":
+                    row[path]["daemon_cpu_percent"] = round(
+                        100 * statistics.median(cpu_share[path])
+                    )
+            for path in ("ws", "http"):
+                row[path]["ratio"] = round(
+                    row[path]["requests_per_s"] / max(1, row["direct"]["requests_per_s"]), 3
+                )
+            out[str(clients)] = row
+        return out
+
+    async def memory(self, idle_rss: int) -> dict[str, Any]:
+        """Scenario 5: the daemon's RSS idle, and with idle app connections open."""
+        await trio.sleep(1.0)
+        out: dict[str, Any] = {
+            "idle_rss_mb_at_ready": round(idle_rss / 2**20, 1),
+            "idle_rss_mb_after_load": round(self.daemon.rss() / 2**20, 1),
+        }
+        base = self.daemon.rss()
+        opened = 0
+        steps = []
+        async with control_client(self.setup) as control:
+            for total in self.plan.idle:
+                answer = await self.client.call(op="idle", target="ws", n=total - opened)
+                if answer["failures"] or answer["open"] != total:
+                    raise BenchError(f"idle connections: {answer}")
+                opened = total
+                await trio.sleep(1.0)  # let the daemon's side settle
+                status = (await control.get("/v1/status")).json()
+                clients = status["connections"]["clients"]
+                if clients < total:
+                    raise BenchError(f"the daemon counts {clients} clients, {total} are open")
+                rss = self.daemon.rss()
+                steps.append(
+                    {
+                        "connections": total,
+                        "rss_mb": round(rss / 2**20, 1),
+                        "kb_per_connection": round((rss - base) / total / 1024, 1),
+                        "opened_in_s": round(answer["seconds"], 2),
+                    }
+                )
+            await self.client.call(op="release")
+        out["idle_connections"] = steps
+        return out
+
+    async def rotation(self, vault: Vault, first_key: str) -> dict[str, Any]:
+        """Scenario 7: load on both app paths while the key is rotated in Vault, the old
+        one revoked at the upstream as soon as Vault holds the new one."""
+        plan = self.plan
+        half = plan.rotation_clients // 2
+        rotations: list[dict[str, Any]] = []
+        current = first_key
+
+        async def rotate() -> None:
+            nonlocal current
+            deadline = trio.current_time() + plan.rotation_s - plan.rotate_every_s / 2
+            while True:
+                await trio.sleep(plan.rotate_every_s)
+                if trio.current_time() > deadline:
+                    return
+                key = new_key()
+                await upstream_accepts(self.setup.upstream_url, [current, key])
+                written_at = time.monotonic()
+                version = await vault.write_secret(VAULT_PATH, {"api_key": key})
+                await upstream_accepts(self.setup.upstream_url, [key])  # the old one: revoked
+                rotations.append({"version": version, "key": key, "written_at": written_at})
+                current = key
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(rotate)
+            answer = await self.client.call(
+                op="load", clients={"ws": half, "http": half}, duration_s=plan.rotation_s
+            )
+            nursery.cancel_scope.cancel()
+        stats = await upstream_stats(self.setup.upstream_url)
+        delays = []
+        for rotation in rotations:
+            seen = stats["first_seen"].get(fingerprint(rotation["key"]))
+            delays.append(None if seen is None else round((seen - rotation["written_at"]) * 1e3, 1))
+        async with control_client(self.setup) as control:
+            metrics = (await control.get("/metrics")).text
+        triggers = {
+            line.split('trigger="')[1].split('"')[0]: float(line.rsplit(" ", 1)[1])
+            for line in metrics.splitlines()
+            if line.startswith("openclawd_key_rotations_total{")
+        }
+        return {
+            "seconds": round(answer["seconds"], 1),
+            "rotations": len(rotations),
+            "ws": answer["targets"]["ws"],
+            "http": answer["targets"]["http"],
+            "failures": answer["targets"]["ws"]["failures"] + answer["targets"]["http"]["failures"],
+            "new_key_first_used_after_ms": delays,
+            "upstream_401s": stats["refused"],
+            "daemon_key_rotations": triggers,
+        }
+
+
+async def upstream_accepts(url: str, keys: list[str]) -> None:
+    """Tell the fake upstream which keys it accepts from now on."""
+    async with httpx.AsyncClient(base_url=url, trust_env=False) as http:
+        response = await http.post("/_bench/keys", json={"accept": keys})
+        response.raise_for_status()
+
+
+async def upstream_stats(url: str) -> dict[str, Any]:
+    async with httpx.AsyncClient(base_url=url, trust_env=False) as http:
+        response = await http.get("/_bench/stats")
+        response.raise_for_status()
+        stats: dict[str, Any] = response.json()
+        return stats
+
+
+async def startup(setup: Setup, starts: int) -> dict[str, Any]:
+    """Scenario 6: from spawning ``openclawd run`` to READY=1, keys read from Vault; and,
+    for scale, how long the interpreter takes to import the daemon and to do nothing."""
+    times = []
+    for _ in range(starts):
+        async with daemon(setup, log_name="startup.log") as started:
+            times.append(started.started_in_s)
+    imports: list[float] = []
+    bare: list[float] = []
+    for _ in range(starts):
+        for argv, into in (
+            ([sys.executable, "-c", "import openclawd.daemon"], imports),
+            ([sys.executable, "-c", "pass"], bare),
+        ):
+            begun = time.monotonic()
+            await trio.run_process(argv, env=_environ())
+            into.append(time.monotonic() - begun)
+    return {
+        "starts": starts,
+        "ready_ms_p50": round(statistics.median(times) * 1e3),
+        "ready_ms_max": round(max(times) * 1e3),
+        "python_import_daemon_ms_p50": round(statistics.median(imports) * 1e3),
+        "python_bare_ms_p50": round(statistics.median(bare) * 1e3),
+    }
+
+
+# --- the run --------------------------------------------------------------------------
+
+
+def machine() -> dict[str, Any]:
+    cpu = "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    memory = 0
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                memory = int(line.split()[1]) * 1024
+    return {
+        "platform": platform.platform(),
+        "cpu": cpu,
+        "cpus": os.cpu_count(),
+        "memory_gb": round(memory / 2**30, 1),
+        "python": platform.python_version(),
+    }
+
+
+def versions(bao: str) -> dict[str, str]:
+    found = {}
+    for name in (
+        "openclawd",
+        "trio",
+        "trio-websocket",
+        "wsproto",
+        "h11",
+        "httpx",
+        "httpcore",
+        "hypercorn",
+        "quart-trio",
+        "hvac",
+        "prometheus-client",
+    ):
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            found[name] = importlib.metadata.version(name)
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        found["bao"] = subprocess.run(
+            [bao, "version"], capture_output=True, text=True, check=True, timeout=10
+        ).stdout.strip()
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        commit = subprocess.run(
+            ["git", "-C", str(REPO), "describe", "--always", "--dirty"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        ).stdout.strip()
+        found["commit"] = commit
+    return found
+
+
+async def run(mode: str, profile: Path | None) -> dict[str, Any]:
+    plan = PLANS[mode]
+    bao = find_bao()
+    results: dict[str, Any] = {
+        "mode": mode,
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "machine": machine(),
+        "versions": versions(bao),
+        "plan": asdict(plan),
+    }
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="ocbench-") as tmp:
+        root = Path(tmp)
+        (root / "bao-home").mkdir()
+        token = secrets.token_urlsafe(24)
+        say("starting Vault (bao dev server) and the fake upstream")
+        vault_process, vault_addr = await start_vault(bao, Layout(root), token)
+        try:
+            vault = Vault(
+                VaultConfig(addr=vault_addr, auth="token", mount="secret", request_timeout_s=5.0)
+            )
+            await vault.use_token(token)
+            key = new_key()
+            await vault.write_secret(VAULT_PATH, {"api_key": key})
+            upstream_argv = [sys.executable, "-m", "bench.upstream"]
+            async with running(
+                upstream_argv,
+                "the fake upstream",
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                env=_environ(),
+                cwd=REPO,
+            ) as upstream:
+                assert upstream.stdout is not None
+                port = int((await Lines(upstream.stdout).next())["port"])
+                setup = Setup(root, vault_addr, token, port)
+                write_config(setup, max_connections=max(plan.idle) + 1000)
+                results["scenarios"] = await _scenarios(plan, setup, vault, key, upstream, profile)
+        finally:
+            await stop_process(vault_process, STOP_TIMEOUT_S)
+    results["seconds"] = round(time.monotonic() - started, 1)
+    return results
+
+
+async def _scenarios(
+    plan: Plan,
+    setup: Setup,
+    vault: Vault,
+    key: str,
+    upstream: trio.Process,
+    profile: Path | None,
+) -> dict[str, Any]:
+    scenarios: dict[str, Any] = {}
+    client_argv = [sys.executable, "-m", "bench.client"]
+    await upstream_accepts(setup.upstream_url, [key])
+    say("6/7 start to READY=1")
+    scenarios["startup"] = await startup(setup, plan.starts)
+    async with (
+        daemon(setup, profile=profile) as main,
+        running(
+            client_argv,
+            "the load client",
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env=_environ(),
+            cwd=REPO,
+        ) as client_process,
+    ):
+        idle_rss = main.rss()
+        client = ClientProcess(client_process)
+        await client.call(
+            op="targets",
+            targets={
+                "direct": {"kind": "http", "tcp": ["127.0.0.1", setup.upstream_port], "key": key},
+                "http": {
+                    "kind": "http",
+                    "unix": str(setup.data_socket),
+                    "path": f"/v1/http/{PROVIDER}/v1/chat/completions",
+                },
+                "ws": {"kind": "ws", "unix": str(setup.data_socket), "provider": PROVIDER},
+            },
+        )
+        bench = Bench(plan, setup, client, main)
+        say("1/7 added latency, non-streaming")
+        scenarios["latency"] = await bench.sequential(False, plan.sequential, 0)
+        say("2/7 time to first event, streaming")
+        scenarios["first_event"] = await bench.sequential(
+            True, plan.first_event, plan.stream_events
+        )
+        say(f"3/7 SSE relay, {plan.relay_events} events")
+        scenarios["relay"] = await bench.relay()
+        say("4/7 throughput")
+        scenarios["throughput"] = await bench.throughput()
+        say("5/7 memory, idle connections")
+        scenarios["memory"] = await bench.memory(idle_rss)
+        say("7/7 rotation under load")
+        scenarios["rotation"] = await bench.rotation(vault, key)
+        scenarios["daemon_cpu_s_total"] = round(main.cpu(), 1)
+        scenarios["upstream_cpu_s_total"] = round(cpu_seconds(upstream.pid), 1)
+        scenarios["client_cpu_s_total"] = round(cpu_seconds(client_process.pid), 1)
+    return scenarios
+
+
+# --- the summary ----------------------------------------------------------------------
+
+
+def summary(results: dict[str, Any]) -> str:
+    s = results["scenarios"]
+    m = results["machine"]
+    v = results["versions"]
+    lines = [
+        f"openclawd {v.get('openclawd', '?')} ({v.get('commit', '?')}), {results['mode']} run, "
+        f"{results['date']}: {m['cpu']}, {m['cpus']} CPUs, Python {m['python']}",
+        "",
+        "| scenario | direct | via /v1/ws | via /v1/http |",
+        "|---|---|---|---|",
+    ]
+
+    def row(name: str, direct: str, ws: str, http: str) -> None:
+        lines.append(f"| {name} | {direct} | {ws} | {http} |")
+
+    lat = s["latency"]
+    row(
+        "1 latency p50 / p99 (µs)",
+        f"{lat['direct']['p50_us']:g} / {lat['direct']['p99_us']:g}",
+        f"{lat['ws']['p50_us']:g} / {lat['ws']['p99_us']:g}",
+        f"{lat['http']['p50_us']:g} / {lat['http']['p99_us']:g}",
+    )
+    row(
+        "1 added p50 / p99 (µs)",
+        "",
+        f"+{lat['ws']['added_p50_us']:g} / +{lat['ws']['added_p99_us']:g}",
+        f"+{lat['http']['added_p50_us']:g} / +{lat['http']['added_p99_us']:g}",
+    )
+    row(
+        "1 daemon CPU per request (µs)",
+        "",
+        f"{lat['ws']['daemon_cpu_us_per_request']:g}",
+        f"{lat['http']['daemon_cpu_us_per_request']:g}",
+    )
+    fe = s["first_event"]
+    row(
+        "2 first event p50 / p99 (µs)",
+        f"{fe['direct']['p50_us']:g} / {fe['direct']['p99_us']:g}",
+        f"{fe['ws']['p50_us']:g} / {fe['ws']['p99_us']:g}",
+        f"{fe['http']['p50_us']:g} / {fe['http']['p99_us']:g}",
+    )
+    row(
+        "2 added p50 (µs)",
+        "",
+        f"+{fe['ws']['added_p50_us']:g}",
+        f"+{fe['http']['added_p50_us']:g}",
+    )
+    relay = s["relay"]
+    row(
+        f"3 relay, events/s ({results['plan']['relay_events']} events)",
+        f"{relay['direct']['events_per_s']:,}",
+        f"{relay['ws']['events_per_s']:,} (×{relay['ws']['ratio']:g})",
+        f"{relay['http']['events_per_s']:,} (×{relay['http']['ratio']:g})",
+    )
+    for clients, tp in s["throughput"].items():
+        row(
+            f"4 requests/s, {clients} clients (daemon CPU)",
+            f"{tp['direct']['requests_per_s']:,}",
+            f"{tp['ws']['requests_per_s']:,} (×{tp['ws']['ratio']:g}, "
+            f"{tp['ws']['daemon_cpu_percent']}%)",
+            f"{tp['http']['requests_per_s']:,} (×{tp['http']['ratio']:g}, "
+            f"{tp['http']['daemon_cpu_percent']}%)",
+        )
+    mem = s["memory"]
+    lines += [
+        "",
+        "| scenario | figure |",
+        "|---|---|",
+        f"| 5 idle RSS at READY / after the load | {mem['idle_rss_mb_at_ready']:g} MB / "
+        f"{mem['idle_rss_mb_after_load']:g} MB |",
+    ]
+    for step in mem["idle_connections"]:
+        lines.append(
+            f"| 5 RSS with {step['connections']:,} idle /v1/ws connections | "
+            f"{step['rss_mb']:g} MB ({step['kb_per_connection']:g} KB each) |"
+        )
+    st = s["startup"]
+    lines.append(
+        f"| 6 start to READY=1, keys from bao (median of {st['starts']}) | "
+        f"{st['ready_ms_p50']} ms (max {st['ready_ms_max']} ms; importing the daemon: "
+        f"{st['python_import_daemon_ms_p50']} ms, bare interpreter {st['python_bare_ms_p50']} ms) |"
+    )
+    rot = s["rotation"]
+    delays = [d for d in rot["new_key_first_used_after_ms"] if d is not None]
+    lines.append(
+        f"| 7 rotation under load: {rot['rotations']} rotations in {rot['seconds']:g} s, "
+        f"{rot['ws']['requests'] + rot['http']['requests']:,} requests | "
+        f"{rot['failures']} failed; new key first used {max(delays, default=math.nan):g} ms "
+        f"after the Vault write at most; upstream 401s: {rot['upstream_401s']} |"
+    )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="bench/run", description=__doc__.splitlines()[0])
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--quick", action="store_const", const="quick", dest="mode")
+    group.add_argument("--smoke", action="store_const", const="smoke", dest="mode")
+    parser.add_argument("--output", type=Path, help="where the JSON goes")
+    parser.add_argument(
+        "--profile", type=Path, help="record the daemon with py-spy (collapsed stacks) here"
+    )
+    args = parser.parse_args(argv)
+    mode = args.mode or "full"
+    output = args.output or REPO / "bench" / "results" / f"{mode}-latest.json"
+    try:
+        results = trio.run(run, mode, args.profile)
+    except (BenchError, DemoError) as exc:
+        print(f"bench: {exc}", file=sys.stderr)
+        return 1
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(results, indent=2) + "\n")
+    print(summary(results))
+    print(f"\n{results['seconds']:g} s; every figure: {output}")
+    failed = results["scenarios"]["rotation"]["failures"]
+    return 0 if not failed else 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,270 @@
+"""A fast OpenAI-shaped upstream for the benchmarks: its own process, loopback only.
+
+The tests' fake upstream (``tests/fake_upstream.py``) records every request and can be
+scripted to misbehave; that costs time on every request. This one does as little as an
+upstream can, so that what a benchmark measures is the client and openclawd, not it:
+stdlib asyncio, a small HTTP/1.1 parser for the requests openclawd and the load client
+send (Content-Length bodies, keep-alive), and responses rendered once and cached.
+
+Routes:
+
+* ``POST /v1/chat/completions`` -- ``{"stream": false}``: a JSON completion with usage;
+  ``{"stream": true, "max_tokens": N}``: N SSE chunk events (one HTTP chunk each, all
+  written at once, as fast as the reader takes them), a usage event, and ``[DONE]``.
+* ``POST /_bench/keys`` -- ``{"accept": [KEY, ...]}``: the keys it accepts from now on
+  (``Authorization: Bearer KEY``). A request with any other key gets an OpenAI-shaped 401.
+* ``GET /_bench/stats`` -- per key fingerprint: requests accepted and the
+  ``time.monotonic()`` of the first (CLOCK_MONOTONIC: comparable across processes on one
+  host); and the number of 401s. Keys never appear in it.
+
+It prints ``{"port": N}`` on stdout once it listens, and runs until SIGTERM or SIGINT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import hashlib
+import json
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from functools import cache
+
+MAX_HEAD_BYTES = 64 * 1024
+MAX_BODY_BYTES = 16 * 1024 * 1024
+MAX_STREAM_EVENTS = 1_000_000
+
+_COMPLETION = {
+    "id": "chatcmpl-bench",
+    "object": "chat.completion",
+    "created": 0,
+    "model": "bench",
+    "choices": [
+        {
+            "index": 0,
+            "message": {"role": "assistant", "content": "A benchmark answer of a few words."},
+            "finish_reason": "stop",
+        }
+    ],
+    "usage": {"prompt_tokens": 9, "completion_tokens": 8, "total_tokens": 17},
+}
+_USAGE_EVENT = {
+    "id": "chatcmpl-bench",
+    "object": "chat.completion.chunk",
+    "created": 0,
+    "model": "bench",
+    "choices": [],
+    "usage": {"prompt_tokens": 9, "completion_tokens": 1, "total_tokens": 10},
+}
+
+
+def fingerprint(key: str) -> str:
+    """How the daemon names a key: ``sha256:`` and 12 hex digits."""
+    return "sha256:" + hashlib.sha256(key.encode()).hexdigest()[:12]
+
+
+def _json(value: object) -> bytes:
+    return json.dumps(value, separators=(",", ":")).encode()
+
+
+def _response(status: int, reason: str, content_type: str, body: bytes) -> bytes:
+    return (
+        f"HTTP/1.1 {status} {reason}\r\ncontent-type: {content_type}\r\n"
+        f"content-length: {len(body)}\r\nx-request-id: req-bench\r\n"
+        "x-ratelimit-remaining-requests: 9999\r\n\r\n"
+    ).encode() + body
+
+
+def _error(status: int, reason: str, message: str, code: str) -> bytes:
+    body = {"error": {"message": message, "type": "invalid_request_error", "code": code}}
+    return _response(status, reason, "application/json", _json(body))
+
+
+@cache
+def completion() -> bytes:
+    return _response(200, "OK", "application/json", _json(_COMPLETION))
+
+
+def _chunk(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+@cache
+def stream(events: int) -> bytes:
+    """The whole streamed response: head, ``events`` content events (one HTTP chunk
+    each), the usage event, ``[DONE]``, and the end of the chunked body."""
+    head = (
+        b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+        b"transfer-encoding: chunked\r\nx-request-id: req-bench\r\n\r\n"
+    )
+    parts = [head]
+    for index in range(events):
+        event = {
+            "id": "chatcmpl-bench",
+            "object": "chat.completion.chunk",
+            "created": 0,
+            "model": "bench",
+            "choices": [{"index": 0, "delta": {"content": f"w{index}"}, "finish_reason": None}],
+        }
+        parts.append(_chunk(b"data: " + _json(event) + b"\n\n"))
+    parts.append(_chunk(b"data: " + _json(_USAGE_EVENT) + b"\n\n"))
+    parts.append(_chunk(b"data: [DONE]\n\n"))
+    parts.append(b"0\r\n\r\n")
+    return b"".join(parts)
+
+
+@dataclass
+class Keys:
+    """The keys accepted, and what was seen of each (by fingerprint)."""
+
+    accepted: set[str] = field(default_factory=set)
+    requests: dict[str, int] = field(default_factory=dict)
+    first_seen: dict[str, float] = field(default_factory=dict)
+    refused: int = 0
+
+    def admit(self, authorization: bytes | None) -> bool:
+        if authorization is None or not authorization.startswith(b"Bearer "):
+            self.refused += 1
+            return False
+        key = authorization[7:].decode("latin-1")
+        if key not in self.accepted:
+            self.refused += 1
+            return False
+        name = fingerprint(key)
+        if name not in self.requests:
+            self.requests[name] = 0
+            self.first_seen[name] = time.monotonic()
+        self.requests[name] += 1
+        return True
+
+    def stats(self) -> dict[str, object]:
+        return {
+            "requests": self.requests,
+            "first_seen": self.first_seen,
+            "refused": self.refused,
+        }
+
+
+class BadRequest(Exception):
+    """The bytes are not a request this server reads; the connection is closed."""
+
+
+class HttpProtocol(asyncio.Protocol):
+    """One connection: requests parsed from the buffer as they complete, answered in order."""
+
+    def __init__(self, keys: Keys) -> None:
+        self.keys = keys
+        self.buffer = bytearray()
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        try:
+            while self._one():
+                pass
+        except BadRequest as exc:
+            assert self.transport is not None
+            self.transport.write(_error(400, "Bad Request", str(exc), "bad_request"))
+            self.transport.close()
+
+    def _one(self) -> bool:
+        """Answer the request at the start of the buffer, if it is all there."""
+        end = self.buffer.find(b"\r\n\r\n")
+        if end < 0:
+            if len(self.buffer) > MAX_HEAD_BYTES:
+                raise BadRequest("request head too large")
+            return False
+        lines = bytes(self.buffer[:end]).split(b"\r\n")
+        try:
+            method, target, _version = lines[0].split(b" ", 2)
+        except ValueError:
+            raise BadRequest("malformed request line") from None
+        headers: dict[bytes, bytes] = {}
+        for line in lines[1:]:
+            name, sep, value = line.partition(b":")
+            if not sep:
+                raise BadRequest("malformed header line")
+            headers[name.strip().lower()] = value.strip()
+        if b"transfer-encoding" in headers:
+            raise BadRequest("chunked request bodies are not read here")
+        try:
+            length = int(headers.get(b"content-length", b"0"))
+        except ValueError:
+            raise BadRequest("bad content-length") from None
+        if not 0 <= length <= MAX_BODY_BYTES:
+            raise BadRequest("body too large")
+        start = end + 4
+        if len(self.buffer) < start + length:
+            return False
+        body = bytes(self.buffer[start : start + length])
+        del self.buffer[: start + length]
+        assert self.transport is not None
+        self.transport.write(self._answer(method, target, headers, body))
+        if headers.get(b"connection", b"").lower() == b"close":
+            self.transport.close()
+            return False
+        return True
+
+    def _answer(
+        self, method: bytes, target: bytes, headers: dict[bytes, bytes], body: bytes
+    ) -> bytes:
+        path = target.split(b"?", 1)[0]
+        if path == b"/v1/chat/completions" and method == b"POST":
+            if not self.keys.admit(headers.get(b"authorization")):
+                return _error(401, "Unauthorized", "Incorrect API key provided.", "invalid_api_key")
+            try:
+                request = json.loads(body)
+            except ValueError:
+                return _error(400, "Bad Request", "the body is not JSON", "bad_json")
+            if not isinstance(request, dict):
+                return _error(400, "Bad Request", "the body is not an object", "bad_json")
+            if request.get("stream") is True:
+                events = request.get("max_tokens", 16)
+                if not isinstance(events, int) or not 0 <= events <= MAX_STREAM_EVENTS:
+                    return _error(400, "Bad Request", "bad max_tokens", "bad_max_tokens")
+                return stream(events)
+            return completion()
+        if path == b"/_bench/keys" and method == b"POST":
+            try:
+                accept = json.loads(body)["accept"]
+            except (ValueError, KeyError, TypeError):
+                return _error(400, "Bad Request", 'expected {"accept": [...]}', "bad_json")
+            self.keys.accepted = {str(key) for key in accept}
+            return _response(200, "OK", "application/json", b"{}")
+        if path == b"/_bench/stats" and method == b"GET":
+            return _response(200, "OK", "application/json", _json(self.keys.stats()))
+        return _error(404, "Not Found", "no such route", "not_found")
+
+
+async def serve(host: str, port: int) -> None:
+    loop = asyncio.get_running_loop()
+    keys = Keys()
+    server = await loop.create_server(lambda: HttpProtocol(keys), host, port, backlog=1024)
+    stopped = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stopped.set)
+    bound = server.sockets[0].getsockname()[1]
+    print(json.dumps({"port": bound}), flush=True)
+    async with server:
+        await stopped.wait()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0)
+    args = parser.parse_args(argv)
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(serve(args.host, args.port))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
