@@ -18,7 +18,8 @@ is spread over all of them; figures are medians over all samples of a path. The 
 is printed as a Markdown table, and every figure, with the machine and the versions, is
 written as JSON.
 
-Usage: ``bench/run [--quick | --smoke] [--output PATH] [--profile DIR]``.
+Usage: ``bench/run [--quick | --smoke] [--scenarios A,B] [--output PATH]
+[--profile PATH | --cprofile PATH]``.
 """
 
 from __future__ import annotations
@@ -224,6 +225,15 @@ async def running(argv: Sequence[str], what: str, **options: Any) -> AsyncIterat
 
 
 @dataclass(frozen=True)
+class Profile:
+    """Profile the daemon (the main one, scenarios 1-5 and 7) with ``tool``: ``py-spy``
+    (sampling, collapsed stacks) or ``cprofile`` (every call, a pstats file)."""
+
+    tool: str
+    output: Path
+
+
+@dataclass(frozen=True)
 class Setup:
     root: Path
     vault_addr: str
@@ -292,7 +302,10 @@ class Daemon:
 
 @contextlib.asynccontextmanager
 async def daemon(
-    setup: Setup, *, log_name: str = "daemon.log", profile: Path | None = None
+    setup: Setup,
+    *,
+    log_name: str = "daemon.log",
+    profile: Profile | None = None,
 ) -> AsyncIterator[Daemon]:
     """Start the daemon and wait for READY=1; stop it (SIGTERM, drain) on the way out."""
     notify_path = setup.root / "notify.sock"
@@ -300,6 +313,9 @@ async def daemon(
     notify = trio.socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     await notify.bind(str(notify_path))
     argv = [sys.executable, "-m", "openclawd", "run", "--config", str(setup.config)]
+    if profile is not None and profile.tool == "cprofile":
+        # In-process: the daemon's pid is still the one measured; written as it exits.
+        argv[1:1] = ["-m", "cProfile", "-o", str(profile.output)]
     log = (setup.root / log_name).open("ab")
     env = _environ(VAULT_TOKEN=setup.root_token, NOTIFY_SOCKET=str(notify_path))
     try:
@@ -315,10 +331,10 @@ async def daemon(
             if waited.cancelled_caught:
                 raise BenchError(f"no READY=1 within {READY_TIMEOUT_S:g} s; see {log.name}")
             ready = Daemon(process, time.monotonic() - spawned)
-            if profile is None:
+            if profile is None or profile.tool != "py-spy":
                 yield ready
             else:
-                async with profiled(process.pid, profile):
+                async with py_spy(process.pid, profile.output):
                     yield ready
     finally:
         log.close()
@@ -326,7 +342,7 @@ async def daemon(
 
 
 @contextlib.asynccontextmanager
-async def profiled(pid: int, output: Path) -> AsyncIterator[None]:
+async def py_spy(pid: int, output: Path) -> AsyncIterator[None]:
     """py-spy samples ``pid`` (collapsed stacks into ``output``) while the block runs."""
     py_spy = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil.which("py-spy")
     if py_spy is None:
@@ -682,7 +698,7 @@ def versions(bao: str) -> dict[str, str]:
     return found
 
 
-async def run(mode: str, profile: Path | None) -> dict[str, Any]:
+async def run(mode: str, only: frozenset[str], profile: Profile | None) -> dict[str, Any]:
     plan = PLANS[mode]
     bao = find_bao()
     results: dict[str, Any] = {
@@ -691,6 +707,7 @@ async def run(mode: str, profile: Path | None) -> dict[str, Any]:
         "machine": machine(),
         "versions": versions(bao),
         "plan": asdict(plan),
+        "scenarios_run": sorted(only),
     }
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="ocbench-") as tmp:
@@ -719,11 +736,16 @@ async def run(mode: str, profile: Path | None) -> dict[str, Any]:
                 port = int((await Lines(upstream.stdout).next())["port"])
                 setup = Setup(root, vault_addr, token, port)
                 write_config(setup, max_connections=max(plan.idle) + 1000)
-                results["scenarios"] = await _scenarios(plan, setup, vault, key, upstream, profile)
+                results["scenarios"] = await _scenarios(
+                    plan, setup, vault, key, upstream, only, profile
+                )
         finally:
             await stop_process(vault_process, STOP_TIMEOUT_S)
     results["seconds"] = round(time.monotonic() - started, 1)
     return results
+
+
+SCENARIOS = ("latency", "first_event", "relay", "throughput", "memory", "startup", "rotation")
 
 
 async def _scenarios(
@@ -732,13 +754,17 @@ async def _scenarios(
     vault: Vault,
     key: str,
     upstream: trio.Process,
-    profile: Path | None,
+    only: frozenset[str],
+    profile: Profile | None,
 ) -> dict[str, Any]:
     scenarios: dict[str, Any] = {}
     client_argv = [sys.executable, "-m", "bench.client"]
     await upstream_accepts(setup.upstream_url, [key])
-    say("6/7 start to READY=1")
-    scenarios["startup"] = await startup(setup, plan.starts)
+    if "startup" in only:
+        say("6/7 start to READY=1")
+        scenarios["startup"] = await startup(setup, plan.starts)
+    if not only - {"startup"}:
+        return scenarios
     async with (
         daemon(setup, profile=profile) as main,
         running(
@@ -765,23 +791,31 @@ async def _scenarios(
             },
         )
         bench = Bench(plan, setup, client, main)
-        say("1/7 added latency, non-streaming")
-        scenarios["latency"] = await bench.sequential(False, plan.sequential, 0)
-        say("2/7 time to first event, streaming")
-        scenarios["first_event"] = await bench.sequential(
-            True, plan.first_event, plan.stream_events
-        )
-        say(f"3/7 SSE relay, {plan.relay_events} events")
-        scenarios["relay"] = await bench.relay()
-        say("4/7 throughput")
-        scenarios["throughput"] = await bench.throughput()
-        say("5/7 memory, idle connections")
-        scenarios["memory"] = await bench.memory(idle_rss)
-        say("7/7 rotation under load")
-        scenarios["rotation"] = await bench.rotation(vault, key)
-        scenarios["daemon_cpu_s_total"] = round(main.cpu(), 1)
-        scenarios["upstream_cpu_s_total"] = round(cpu_seconds(upstream.pid), 1)
-        scenarios["client_cpu_s_total"] = round(cpu_seconds(client_process.pid), 1)
+        if "latency" in only:
+            say("1/7 added latency, non-streaming")
+            scenarios["latency"] = await bench.sequential(False, plan.sequential, 0)
+        if "first_event" in only:
+            say("2/7 time to first event, streaming")
+            scenarios["first_event"] = await bench.sequential(
+                True, plan.first_event, plan.stream_events
+            )
+        if "relay" in only:
+            say(f"3/7 SSE relay, {plan.relay_events} events")
+            scenarios["relay"] = await bench.relay()
+        if "throughput" in only:
+            say("4/7 throughput")
+            scenarios["throughput"] = await bench.throughput()
+        if "memory" in only:
+            say("5/7 memory, idle connections")
+            scenarios["memory"] = await bench.memory(idle_rss)
+        if "rotation" in only:
+            say("7/7 rotation under load")
+            scenarios["rotation"] = await bench.rotation(vault, key)
+        scenarios["cpu_s_total"] = {
+            "daemon": round(main.cpu(), 1),
+            "upstream": round(cpu_seconds(upstream.pid), 1),
+            "client": round(cpu_seconds(client_process.pid), 1),
+        }
     return scenarios
 
 
@@ -789,6 +823,7 @@ async def _scenarios(
 
 
 def summary(results: dict[str, Any]) -> str:
+    """The figures as two Markdown tables: the A/B scenarios, then the daemon's own."""
     s = results["scenarios"]
     m = results["machine"]
     v = results["versions"]
@@ -803,46 +838,35 @@ def summary(results: dict[str, Any]) -> str:
     def row(name: str, direct: str, ws: str, http: str) -> None:
         lines.append(f"| {name} | {direct} | {ws} | {http} |")
 
-    lat = s["latency"]
-    row(
-        "1 latency p50 / p99 (µs)",
-        f"{lat['direct']['p50_us']:g} / {lat['direct']['p99_us']:g}",
-        f"{lat['ws']['p50_us']:g} / {lat['ws']['p99_us']:g}",
-        f"{lat['http']['p50_us']:g} / {lat['http']['p99_us']:g}",
-    )
-    row(
-        "1 added p50 / p99 (µs)",
-        "",
-        f"+{lat['ws']['added_p50_us']:g} / +{lat['ws']['added_p99_us']:g}",
-        f"+{lat['http']['added_p50_us']:g} / +{lat['http']['added_p99_us']:g}",
-    )
-    row(
-        "1 daemon CPU per request (µs)",
-        "",
-        f"{lat['ws']['daemon_cpu_us_per_request']:g}",
-        f"{lat['http']['daemon_cpu_us_per_request']:g}",
-    )
-    fe = s["first_event"]
-    row(
-        "2 first event p50 / p99 (µs)",
-        f"{fe['direct']['p50_us']:g} / {fe['direct']['p99_us']:g}",
-        f"{fe['ws']['p50_us']:g} / {fe['ws']['p99_us']:g}",
-        f"{fe['http']['p50_us']:g} / {fe['http']['p99_us']:g}",
-    )
-    row(
-        "2 added p50 (µs)",
-        "",
-        f"+{fe['ws']['added_p50_us']:g}",
-        f"+{fe['http']['added_p50_us']:g}",
-    )
-    relay = s["relay"]
-    row(
-        f"3 relay, events/s ({results['plan']['relay_events']} events)",
-        f"{relay['direct']['events_per_s']:,}",
-        f"{relay['ws']['events_per_s']:,} (×{relay['ws']['ratio']:g})",
-        f"{relay['http']['events_per_s']:,} (×{relay['http']['ratio']:g})",
-    )
-    for clients, tp in s["throughput"].items():
+    def p50_p99(figures: dict[str, Any]) -> str:
+        return f"{figures['p50_us']:g} / {figures['p99_us']:g}"
+
+    def added(figures: dict[str, Any]) -> str:
+        return f"+{figures['added_p50_us']:g} / +{figures['added_p99_us']:g}"
+
+    if "latency" in s:
+        lat = s["latency"]
+        row("1 latency p50 / p99 (µs)", *(p50_p99(lat[p]) for p in PATHS))
+        row("1 added p50 / p99 (µs)", "", added(lat["ws"]), added(lat["http"]))
+        row(
+            "1 daemon CPU per request (µs)",
+            "",
+            f"{lat['ws']['daemon_cpu_us_per_request']:g}",
+            f"{lat['http']['daemon_cpu_us_per_request']:g}",
+        )
+    if "first_event" in s:
+        fe = s["first_event"]
+        row("2 first event p50 / p99 (µs)", *(p50_p99(fe[p]) for p in PATHS))
+        row("2 added p50 / p99 (µs)", "", added(fe["ws"]), added(fe["http"]))
+    if "relay" in s:
+        relay = s["relay"]
+        row(
+            f"3 relay, events/s ({results['plan']['relay_events']:,} events)",
+            f"{relay['direct']['events_per_s']:,}",
+            f"{relay['ws']['events_per_s']:,} (×{relay['ws']['ratio']:g})",
+            f"{relay['http']['events_per_s']:,} (×{relay['http']['ratio']:g})",
+        )
+    for clients, tp in s.get("throughput", {}).items():
         row(
             f"4 requests/s, {clients} clients (daemon CPU)",
             f"{tp['direct']['requests_per_s']:,}",
@@ -851,33 +875,35 @@ def summary(results: dict[str, Any]) -> str:
             f"{tp['http']['requests_per_s']:,} (×{tp['http']['ratio']:g}, "
             f"{tp['http']['daemon_cpu_percent']}%)",
         )
-    mem = s["memory"]
-    lines += [
-        "",
-        "| scenario | figure |",
-        "|---|---|",
-        f"| 5 idle RSS at READY / after the load | {mem['idle_rss_mb_at_ready']:g} MB / "
-        f"{mem['idle_rss_mb_after_load']:g} MB |",
-    ]
-    for step in mem["idle_connections"]:
+    lines += ["", "| scenario | figure |", "|---|---|"]
+    if "memory" in s:
+        mem = s["memory"]
         lines.append(
-            f"| 5 RSS with {step['connections']:,} idle /v1/ws connections | "
-            f"{step['rss_mb']:g} MB ({step['kb_per_connection']:g} KB each) |"
+            f"| 5 idle RSS at READY / after the load | {mem['idle_rss_mb_at_ready']:g} MB / "
+            f"{mem['idle_rss_mb_after_load']:g} MB |"
         )
-    st = s["startup"]
-    lines.append(
-        f"| 6 start to READY=1, keys from bao (median of {st['starts']}) | "
-        f"{st['ready_ms_p50']} ms (max {st['ready_ms_max']} ms; importing the daemon: "
-        f"{st['python_import_daemon_ms_p50']} ms, bare interpreter {st['python_bare_ms_p50']} ms) |"
-    )
-    rot = s["rotation"]
-    delays = [d for d in rot["new_key_first_used_after_ms"] if d is not None]
-    lines.append(
-        f"| 7 rotation under load: {rot['rotations']} rotations in {rot['seconds']:g} s, "
-        f"{rot['ws']['requests'] + rot['http']['requests']:,} requests | "
-        f"{rot['failures']} failed; new key first used {max(delays, default=math.nan):g} ms "
-        f"after the Vault write at most; upstream 401s: {rot['upstream_401s']} |"
-    )
+        for step in mem["idle_connections"]:
+            lines.append(
+                f"| 5 RSS with {step['connections']:,} idle /v1/ws connections | "
+                f"{step['rss_mb']:g} MB ({step['kb_per_connection']:g} KB each) |"
+            )
+    if "startup" in s:
+        st = s["startup"]
+        lines.append(
+            f"| 6 start to READY=1, keys from bao (median of {st['starts']}) | "
+            f"{st['ready_ms_p50']} ms (max {st['ready_ms_max']} ms; importing the daemon: "
+            f"{st['python_import_daemon_ms_p50']} ms, bare interpreter "
+            f"{st['python_bare_ms_p50']} ms) |"
+        )
+    if "rotation" in s:
+        rot = s["rotation"]
+        delays = [d for d in rot["new_key_first_used_after_ms"] if d is not None]
+        lines.append(
+            f"| 7 rotation under load: {rot['rotations']} rotations in {rot['seconds']:g} s, "
+            f"{rot['ws']['requests'] + rot['http']['requests']:,} requests | "
+            f"{rot['failures']} failed; new key first used at most {max(delays, default=0):g} ms "
+            f"after the Vault write; upstream 401s: {rot['upstream_401s']} |"
+        )
     return "\n".join(lines)
 
 
@@ -888,13 +914,31 @@ def main(argv: list[str] | None = None) -> int:
     group.add_argument("--smoke", action="store_const", const="smoke", dest="mode")
     parser.add_argument("--output", type=Path, help="where the JSON goes")
     parser.add_argument(
-        "--profile", type=Path, help="record the daemon with py-spy (collapsed stacks) here"
+        "--profile", type=Path, help="sample the daemon with py-spy (collapsed stacks) into this"
+    )
+    parser.add_argument(
+        "--cprofile", type=Path, help="run the daemon under cProfile (a pstats file) into this"
+    )
+    parser.add_argument(
+        "--scenarios",
+        default=",".join(SCENARIOS),
+        help=f"a comma-separated subset of: {', '.join(SCENARIOS)} (default: all)",
     )
     args = parser.parse_args(argv)
     mode = args.mode or "full"
+    only = frozenset(name.strip() for name in args.scenarios.split(",") if name.strip())
+    if not only or only - set(SCENARIOS):
+        parser.error(f"--scenarios: choose from {', '.join(SCENARIOS)}")
+    if args.profile and args.cprofile:
+        parser.error("--profile and --cprofile: one at a time")
+    profile = None
+    if args.profile or args.cprofile:
+        profile = (
+            Profile("py-spy", args.profile) if args.profile else Profile("cprofile", args.cprofile)
+        )
     output = args.output or REPO / "bench" / "results" / f"{mode}-latest.json"
     try:
-        results = trio.run(run, mode, args.profile)
+        results = trio.run(run, mode, only, profile)
     except (BenchError, DemoError) as exc:
         print(f"bench: {exc}", file=sys.stderr)
         return 1
@@ -902,7 +946,7 @@ def main(argv: list[str] | None = None) -> int:
     output.write_text(json.dumps(results, indent=2) + "\n")
     print(summary(results))
     print(f"\n{results['seconds']:g} s; every figure: {output}")
-    failed = results["scenarios"]["rotation"]["failures"]
+    failed = results["scenarios"].get("rotation", {}).get("failures", 0)
     return 0 if not failed else 3
 
 

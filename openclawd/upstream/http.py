@@ -57,6 +57,12 @@ AUTH_STATUSES = frozenset({401, 403})
 _MAX_RETRY_AFTER_S = 60.0
 # How long closing an abandoned response may take (it runs shielded from cancellation).
 _CLOSE_TIMEOUT_S = 2.0
+# What httpx.AsyncClient would have added to every request, unless the app sent its own.
+_DEFAULT_HEADERS = (
+    ("accept", "*/*"),
+    ("accept-encoding", "gzip, deflate"),
+    ("user-agent", f"python-httpx/{httpx.__version__}"),
+)
 _RATELIMIT_HEADERS = {
     "remaining_requests": (
         "x-ratelimit-remaining-requests",
@@ -208,21 +214,24 @@ class ProviderPool:
         self.keys = keys
         self._jitter = jitter or (lambda high: random.uniform(0.0, high))
         self.breaker = CircuitBreaker(config.circuit_failure_threshold, config.circuit_reset_s)
-        self.client = httpx.AsyncClient(
-            base_url=config.base_url,
+        # The transport (httpcore's pool) is used without httpx.AsyncClient around it: the
+        # client's layers (auth, redirects, cookies, event hooks, URL merging) cost more
+        # than the pool itself on every request (bench/, README "Performance"), and the
+        # cookie jar would carry one app's upstream cookies into another app's requests.
+        self._transport = transport or httpx.AsyncHTTPTransport(
             http1=True,
             http2=False,  # httpx's HTTP/2 fails requests when a server sends GOAWAY
             limits=httpx.Limits(
                 max_connections=config.max_connections,
                 max_keepalive_connections=config.max_connections,
             ),
-            timeout=_timeouts(config),
             # The system's CA store, verified; never the environment's proxies or netrc.
             verify=ssl.create_default_context(),
             trust_env=False,
-            follow_redirects=False,
-            transport=transport,
+            retries=0,
         )
+        self._base = _UrlBase(config.base_url)
+        self._timeout = _timeouts(config)
         self._last_error: str | None = None
         self._ratelimit: dict[str, int | None] = dict.fromkeys(_RATELIMIT_HEADERS)
         self.figures = figures or _Figures()
@@ -237,7 +246,7 @@ class ProviderPool:
         self.config = config
         self.breaker.failure_threshold = config.circuit_failure_threshold
         self.breaker.reset_s = config.circuit_reset_s
-        self.client.timeout = _timeouts(config)
+        self._timeout = _timeouts(config)
 
     @contextlib.asynccontextmanager
     async def open(self, request: UpstreamRequest) -> AsyncIterator[UpstreamResponse]:
@@ -399,11 +408,18 @@ class ProviderPool:
         headers.append(
             (cfg.auth_header, f"{cfg.auth_scheme} {key.secret}" if cfg.auth_scheme else key.secret)
         )
-        built = self.client.build_request(
-            request.method, request.target, headers=headers, content=request.content
+        for name, value in _DEFAULT_HEADERS:
+            if not any(k.lower() == name for k, _ in headers):
+                headers.append((name, value))
+        built = httpx.Request(
+            request.method,
+            self._base.join(request.target),
+            headers=headers,
+            content=request.content,
+            extensions={"timeout": self._timeout},
         )
         with _translated("waiting for the response", before_response=True):
-            return await self.client.send(built, stream=True)
+            return await self._transport.handle_async_request(built)
 
     def _backoff(self, attempt: int) -> float:
         """Full jitter: uniform in [0, min(max, base * 2^(attempt-1))]."""
@@ -461,12 +477,12 @@ class ProviderPool:
         )
 
     async def aclose(self) -> None:
-        await self.client.aclose()
+        await self._transport.aclose()
 
     async def aclose_when_idle(self) -> None:
         """Close once no request uses the pool (a provider removed by a reload)."""
         await self._idle.wait()
-        await self.client.aclose()
+        await self._transport.aclose()
 
 
 class Upstreams:
@@ -519,14 +535,40 @@ class Upstreams:
             await pool.aclose()
 
 
-def _timeouts(config: ProviderConfig) -> httpx.Timeout:
-    """connect, read gap (and write), and the wait for a pooled connection."""
+def _timeouts(config: ProviderConfig) -> dict[str, float | None]:
+    """connect, read gap (and write), and the wait for a pooled connection, as the
+    transport takes them (a request's ``timeout`` extension)."""
     return httpx.Timeout(
         connect=config.connect_timeout_s,
         read=config.read_timeout_s,
         write=config.read_timeout_s,
         pool=config.connect_timeout_s,
-    )
+    ).as_dict()
+
+
+class _UrlBase:
+    """``base_url`` joined with request targets as httpx.AsyncClient joins them (the
+    target's path appended to the base's), with the parsed URLs of recent targets kept:
+    parsing one costs more than the rest of building a request."""
+
+    _CACHED = 256
+
+    def __init__(self, base_url: str) -> None:
+        base = httpx.URL(base_url)
+        self._base = base.copy_with(raw_path=base.raw_path.rstrip(b"/") + b"/")
+        self._cache: dict[str, httpx.URL] = {}
+
+    def join(self, target: str) -> httpx.URL:
+        url = self._cache.get(target)
+        if url is None:
+            relative = httpx.URL(target)
+            url = self._base.copy_with(
+                raw_path=self._base.raw_path + relative.raw_path.lstrip(b"/")
+            )
+            if len(self._cache) >= self._CACHED:
+                self._cache.clear()
+            self._cache[target] = url
+        return url
 
 
 def parse_retry_after(value: str | None, *, now: float) -> float | None:
