@@ -48,6 +48,7 @@ from openclawd.errors import (
 )
 from openclawd.keys.manager import Key
 from openclawd.upstream.circuit import CircuitBreaker, CircuitState, Ticket
+from openclawd.upstream.transport import PoolTransport
 
 log = logs.get(__name__)
 
@@ -214,21 +215,14 @@ class ProviderPool:
         self.keys = keys
         self._jitter = jitter or (lambda high: random.uniform(0.0, high))
         self.breaker = CircuitBreaker(config.circuit_failure_threshold, config.circuit_reset_s)
-        # The transport (httpcore's pool) is used without httpx.AsyncClient around it: the
+        # Our own pool (upstream/transport.py), without httpx.AsyncClient around it: the
         # client's layers (auth, redirects, cookies, event hooks, URL merging) cost more
-        # than the pool itself on every request (bench/, README "Performance"), and the
-        # cookie jar would carry one app's upstream cookies into another app's requests.
-        self._transport = transport or httpx.AsyncHTTPTransport(
-            http1=True,
-            http2=False,  # httpx's HTTP/2 fails requests when a server sends GOAWAY
-            limits=httpx.Limits(
-                max_connections=config.max_connections,
-                max_keepalive_connections=config.max_connections,
-            ),
+        # than a pool on every request (bench/, README "Performance"), and its cookie jar
+        # would carry one app's upstream cookies into another app's requests.
+        self._transport = transport or PoolTransport(
+            max_connections=config.max_connections,
             # The system's CA store, verified; never the environment's proxies or netrc.
-            verify=ssl.create_default_context(),
-            trust_env=False,
-            retries=0,
+            ssl_context=ssl.create_default_context(),
         )
         self._base = _UrlBase(config.base_url)
         self._timeout = _timeouts(config)
