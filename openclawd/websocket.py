@@ -12,7 +12,11 @@ bounded time. Knows nothing of what runs over the WebSockets.
 
 from __future__ import annotations
 
+import fcntl
+import functools
 import math
+import struct
+import termios
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -60,19 +64,53 @@ class Activity:
 
     def __init__(self) -> None:
         self.last = trio.current_time()
+        self._backlog: Callable[[], int | None] | None = None
+        self._last_backlog: int | None = None
 
     def touch(self) -> None:
         self.last = trio.current_time()
 
+    def observe(self, backlog: Callable[[], int | None]) -> None:
+        """``backlog()``: the bytes sent that the peer has not taken yet (None: unknown).
+        A send may wait long behind a slow reader; the backlog shrinking in the meantime
+        shows that reader alive all the same."""
+        self._backlog = backlog
+
+    def check(self) -> None:
+        """Touch if the peer has taken some of its backlog since the last check."""
+        if self._backlog is None:
+            return
+        backlog = self._backlog()
+        if backlog is not None and self._last_backlog is not None and backlog < self._last_backlog:
+            self.touch()
+        self._last_backlog = backlog
+
 
 class ActivityStream(trio.abc.Stream):
     """``stream``, with ``prefix`` (bytes already read from it) received first; every
-    byte that moves either way is noted in ``activity``."""
+    byte that moves either way is noted in ``activity``.
+
+    Between ``hold()`` and ``release()`` what is sent is gathered (up to
+    ``_SEND_SLICE_BYTES``, past which it goes out at once) and goes out with the first
+    send after ``release()``: a burst of small messages costs one system call, not one
+    each (``Sender.send_batch``)."""
 
     def __init__(self, stream: trio.abc.Stream, activity: Activity, prefix: bytes = b"") -> None:
         self._stream = stream
         self._prefix = prefix
         self.activity = activity
+        self._held = bytearray()
+        self._holding = False
+        socket_ = _socket_of(stream)
+        if socket_ is not None:
+            activity.observe(functools.partial(_unsent_bytes, socket_))
+
+    def hold(self) -> None:
+        self._holding = True
+
+    def release(self) -> None:
+        """Stop gathering; what was gathered goes out with the next send."""
+        self._holding = False
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
         if self._prefix:
@@ -84,6 +122,12 @@ class ActivityStream(trio.abc.Stream):
         return data
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        if self._holding and len(self._held) + len(data) <= _SEND_SLICE_BYTES:
+            self._held += data
+            return
+        if self._held:
+            data = bytes(self._held) + data
+            self._held.clear()
         # In slices, so a peer slowly reading a large frame still counts as alive.
         view = memoryview(data)
         for start in range(0, len(view), _SEND_SLICE_BYTES):
@@ -105,8 +149,11 @@ class Sender:
     ``stop()`` is called, a send under way has ``CLOSE_TIMEOUT_S`` left to finish; a peer
     that takes longer than that is not reading, and its frame is cut after all."""
 
-    def __init__(self, ws: WebSocketConnection) -> None:
+    def __init__(self, ws: WebSocketConnection, wire: ActivityStream | None = None) -> None:
+        """``wire`` is the stream under ``ws``: given, ``send_batch`` gathers its
+        messages into one write."""
         self.ws = ws
+        self._wire = wire
         self._sending: trio.CancelScope | None = None
         self._stop_at = math.inf
 
@@ -125,11 +172,48 @@ class Sender:
                 self._sending = None
         await trio.lowlevel.checkpoint_if_cancelled()
 
+    async def send_batch(self, messages: Sequence[str | bytes]) -> None:
+        """``send`` each of ``messages``, in order, in as few writes as they fit in.
+
+        Raises and cancellation: as ``send``.
+        """
+        with trio.CancelScope(shield=True, deadline=self._stop_at) as scope:
+            self._sending = scope
+            wire = self._wire if len(messages) > 1 else None
+            try:
+                if wire is not None:
+                    wire.hold()
+                for index, message in enumerate(messages):
+                    if wire is not None and index == len(messages) - 1:
+                        wire.release()  # the last one takes the others with it
+                    await self.ws.send_message(message)
+            finally:
+                if wire is not None:
+                    wire.release()
+                self._sending = None
+        await trio.lowlevel.checkpoint_if_cancelled()
+
     def stop(self) -> None:
         """The session is ending: bound the send under way, and any after it."""
         self._stop_at = min(self._stop_at, trio.current_time() + CLOSE_TIMEOUT_S)
         if self._sending is not None:
             self._sending.deadline = self._stop_at
+
+
+def _socket_of(stream: trio.abc.Stream) -> trio.socket.SocketType | None:
+    if isinstance(stream, trio.SSLStream):
+        stream = stream.transport_stream
+    return stream.socket if isinstance(stream, trio.SocketStream) else None
+
+
+def _unsent_bytes(sock: trio.socket.SocketType) -> int | None:
+    """What the socket holds that the peer has not read yet (SIOCOUTQ), if it can tell."""
+    try:
+        raw = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+    except (OSError, ValueError):  # closed, or not a kind that says
+        return None
+    value: int = struct.unpack("i", raw)[0]
+    return value
 
 
 def over_limit(message: str | bytes, limit: int) -> bool:
@@ -152,14 +236,9 @@ def is_upgrade(request: h11.Request) -> bool:
 
 
 async def accept(
-    nursery: trio.Nursery,
-    stream: trio.abc.Stream,
-    head: bytes,
-    *,
-    max_message_bytes: int,
-    activity: Activity,
+    nursery: trio.Nursery, wire: ActivityStream, *, max_message_bytes: int
 ) -> WebSocketConnection:
-    """Complete the handshake of the request whose bytes ``head`` were already read.
+    """Complete the handshake over ``wire``, whose prefix is the request already read.
 
     ``nursery`` runs the connection's reader task; it must outlive the WebSocket.
     Raises:
@@ -167,7 +246,7 @@ async def accept(
     """
     request = await wrap_server_stream(
         nursery,
-        ActivityStream(stream, activity, head),
+        wire,
         message_queue_size=QUEUE_SIZE,
         max_message_size=max_message_bytes,
     )
@@ -280,6 +359,7 @@ async def watch(
             if trio.current_time() - activity.last < interval_s:
                 continue
             answered = trio.Event()
+            activity.check()  # the backlog now, to compare with at the deadline
             nursery.start_soon(_ping, ws, answered)
             deadline = trio.current_time() + timeout_s
             while not answered.is_set() and ws.closed is None:
@@ -288,6 +368,7 @@ async def watch(
                 now = trio.current_time()
                 if answered.is_set() or now < deadline:
                     continue
+                activity.check()
                 if now - activity.last < timeout_s:
                     deadline = activity.last + timeout_s
                 elif excused():

@@ -221,7 +221,7 @@ class _Channel:
     def __init__(self, conn: Connection, ws: WebSocketConnection, session: Session) -> None:
         self.conn = conn
         self.ws = ws
-        self.sender = websocket.Sender(ws)
+        self.sender = websocket.Sender(ws, conn.wire)
         self.session = session
         self.activity = conn.activity or websocket.Activity()
         self.scopes: dict[str, trio.CancelScope] = {}
@@ -248,20 +248,32 @@ class _Channel:
         await written.wait()
 
     async def write_frames(self) -> None:
-        """The channel's one writer. Ends when the app is gone; queueing then fails."""
-        written: trio.Event | None = None
+        """The channel's one writer. Ends when the app is gone; queueing then fails.
+
+        The frames queued by the time it wakes go out together, in one write (a stream's
+        events come in bursts: all those one upstream read brought)."""
+        batch: list[tuple[str, trio.Event | None]] = []
         try:
-            async for text, written in self._frames:
-                await self.sender.send(text)
-                if written is not None:
-                    written.set()
+            async for first in self._frames:
+                batch.append(first)
+                while len(batch) < _OUTBOX_FRAMES:
+                    try:
+                        batch.append(self._frames.receive_nowait())
+                    except (trio.WouldBlock, trio.EndOfChannel):
+                        break
+                await self.sender.send_batch([text for text, _ in batch])
+                for _, written in batch:
+                    if written is not None:
+                        written.set()
+                batch.clear()
         except ConnectionClosed:
             pass
         finally:
             # Whoever waits on a frame that will never be written is let go; after the
             # close (no checkpoint in between), queueing fails at once.
-            if written is not None:
-                written.set()
+            for _, written in batch:
+                if written is not None:
+                    written.set()
             while True:
                 try:
                     _, written = self._frames.receive_nowait()

@@ -57,6 +57,7 @@ class Connection:
     head: bytes  # every byte read so far (the head, maybe more), for a WebSocket handshake
     timeout_s: float  # longest wait for the app's next bytes (head, body)
     activity: websocket.Activity | None = None  # a WebSocket's last sign of life
+    wire: websocket.ActivityStream | None = None  # the stream under a WebSocket
 
     async def respond_json(
         self, status: int, payload: object, headers: Sequence[tuple[str, str]] = ()
@@ -293,13 +294,10 @@ class LocalServer:
         ws: WebSocketConnection | None = None
         with trio.move_on_after(self.config.handshake_timeout_s):
             conn.activity = websocket.Activity()
+            conn.wire = websocket.ActivityStream(conn.stream, conn.activity, conn.head)
             with contextlib.suppress(websocket.ConnectionClosed):
                 ws = await websocket.accept(
-                    nursery,
-                    conn.stream,
-                    conn.head,
-                    max_message_bytes=self.config.max_message_bytes,
-                    activity=conn.activity,
+                    nursery, conn.wire, max_message_bytes=self.config.max_message_bytes
                 )
         if ws is None:
             return "websocket handshake failed"
