@@ -53,7 +53,16 @@ class _Connection:
 
     @property
     def reusable(self) -> bool:
-        return self.http.our_state is h11.DONE and self.http.their_state is h11.DONE
+        """Is the exchange over, cleanly? Both sides done, and nothing read past the end
+        of the response: bytes the server sent beyond it (a body on a HEAD answer, a
+        wrong Content-Length, an early 408) would be taken for the next answer, and a
+        body that ended with the connection leaves nothing to reuse."""
+        http = self.http
+        return (
+            http.our_state is h11.DONE
+            and http.their_state is h11.DONE
+            and http.trailing_data == (b"", False)
+        )
 
     def readable(self) -> bool:
         """Has the server sent something (or closed) while the connection sat idle?"""
@@ -78,6 +87,14 @@ class _Connection:
         if waited.cancelled_caught:
             raise httpx.WriteTimeout(f"no progress writing to the upstream for {gap_s:g}s")
 
+    def buffered_event(self) -> Any:
+        """The next h11 event if the bytes already read make one, else None."""
+        try:
+            event = self.http.next_event()
+        except h11.RemoteProtocolError as exc:
+            raise httpx.RemoteProtocolError(str(exc)) from exc
+        return None if event is h11.NEED_DATA else event
+
     async def next_event(self, gap_s: float) -> Any:
         """The next h11 event from the server, reading as needed; no byte for ``gap_s``
         is a ReadTimeout."""
@@ -100,25 +117,44 @@ class _Connection:
 
 class _Body(httpx.AsyncByteStream):
     """A response body, read from its connection as it is iterated; closing it hands the
-    connection back to the pool (read to the end) or closes it (anything else)."""
+    connection back to the pool (read to the end) or closes it (anything else).
+
+    Its own iterator, not an async generator: httpx never closes the iterator of a body
+    left early, and a generator would be left for the garbage collector to finalize.
+    Each step returns every body byte that has arrived, not one HTTP chunk: an SSE stream
+    sends a chunk per event, and thousands of tiny steps cost more than the relay."""
 
     def __init__(self, pool: PoolTransport, conn: _Connection, read_timeout: float) -> None:
         self._pool = pool
         self._conn: _Connection | None = conn
         self._read_timeout = read_timeout
+        self._ended = False
 
-    async def __aiter__(self) -> AsyncIterator[bytes]:
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self
+
+    async def __anext__(self) -> bytes:
         conn = self._conn
         if conn is None:
             raise httpx.StreamClosed()
+        if self._ended:
+            raise StopAsyncIteration
+        parts: list[bytes] = []
+        event = await conn.next_event(self._read_timeout)
         while True:
-            event = await conn.next_event(self._read_timeout)
             if isinstance(event, h11.Data):
-                yield bytes(event.data)
+                parts.append(bytes(event.data))
             elif isinstance(event, h11.EndOfMessage):
-                return
+                self._ended = True
+                break
             else:  # ConnectionClosed before the end: h11 raised for a framed body
                 raise httpx.RemoteProtocolError("the upstream closed the connection mid-body")
+            event = conn.buffered_event()
+            if event is None:
+                break
+        if not parts:
+            raise StopAsyncIteration
+        return b"".join(parts) if len(parts) > 1 else parts[0]
 
     async def aclose(self) -> None:
         conn, self._conn = self._conn, None
