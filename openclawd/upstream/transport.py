@@ -72,11 +72,16 @@ class _Connection:
         assert isinstance(stream, trio.SocketStream)
         return stream.socket.is_readable()
 
-    async def send(self, event: h11.Event, gap_s: float) -> None:
+    def encode(self, event: h11.Event) -> bytes:
         try:
-            data = self.http.send(event)
+            return self.http.send(event) or b""
         except h11.LocalProtocolError as exc:
             raise httpx.LocalProtocolError(str(exc)) from exc
+
+    async def send(self, event: h11.Event, gap_s: float) -> None:
+        await self.write(self.encode(event), gap_s)
+
+    async def write(self, data: bytes, gap_s: float) -> None:
         if not data:
             return
         with trio.move_on_after(gap_s) as waited:
@@ -195,11 +200,18 @@ class PoolTransport(httpx.AsyncBaseTransport):
         try:
             target = request.url.raw_path
             head = h11.Request(method=request.method, target=target, headers=request.headers.raw)
-            await conn.send(head, write_s)
-            assert isinstance(request.stream, httpx.AsyncByteStream)
-            async for chunk in request.stream:
-                await conn.send(h11.Data(data=chunk), write_s)
-            await conn.send(h11.EndOfMessage(), write_s)
+            body = request.stream
+            if isinstance(body, httpx.ByteStream):  # all there: one write, one system call
+                data = conn.encode(head)
+                for chunk in body:
+                    data += conn.encode(h11.Data(data=chunk))
+                await conn.write(data + conn.encode(h11.EndOfMessage()), write_s)
+            else:  # streamed from the app: each piece goes on as it comes
+                assert isinstance(body, httpx.AsyncByteStream)
+                await conn.send(head, write_s)
+                async for chunk in body:
+                    await conn.send(h11.Data(data=chunk), write_s)
+                await conn.send(h11.EndOfMessage(), write_s)
             while True:
                 event = await conn.next_event(read_s)
                 if isinstance(event, h11.Response):
