@@ -86,7 +86,9 @@ class Target:
         return stream
 
 
-def request_body(*, stream: bool, events: int) -> dict[str, Any]:
+def request_body(*, stream: bool, events: int, gap_ms: float = 0) -> dict[str, Any]:
+    """What every path sends. Streamed: ``events`` events; with ``gap_ms`` the upstream
+    sends the first at once and the others that much later (bench/upstream.py)."""
     body: dict[str, Any] = {
         "model": "bench",
         "messages": [{"role": "user", "content": "Say a few words."}],
@@ -94,6 +96,8 @@ def request_body(*, stream: bool, events: int) -> dict[str, Any]:
     if stream:
         body["stream"] = True
         body["max_tokens"] = events
+        if gap_ms:
+            body["bench_gap_ms"] = gap_ms
     return body
 
 
@@ -363,6 +367,7 @@ class Client:
                 command["n"],
                 stream=command.get("stream", False),
                 events=command.get("events", 16),
+                gap_ms=command.get("gap_ms", 0),
             )
         if op == "load":
             return await self.load(
@@ -376,11 +381,11 @@ class Client:
         raise ValueError(f"unknown op {op!r}")
 
     async def sequential(
-        self, target: Target, n: int, *, stream: bool, events: int
+        self, target: Target, n: int, *, stream: bool, events: int, gap_ms: float = 0
     ) -> dict[str, Any]:
         """``n`` requests one after the other on one connection: every latency (and time
         to first event, streamed), and the failures."""
-        body = json.dumps(request_body(stream=stream, events=events)).encode()
+        body = json.dumps(request_body(stream=stream, events=events, gap_ms=gap_ms)).encode()
         latencies: list[int] = []
         first_events: list[int] = []
         events_seen: list[int] = []

@@ -60,6 +60,8 @@ PROVIDER = "bench"
 VAULT_PATH = "openclawd/bench"
 PATHS = ("direct", "ws", "http")
 READY_TIMEOUT_S = 30.0
+# (2): the upstream sends the first event, and the others this long after it.
+FIRST_EVENT_GAP_MS = 5
 STOP_TIMEOUT_S = 10.0
 CLIENT_TIMEOUT_S = 600.0
 _TICK = os.sysconf("SC_CLK_TCK")
@@ -403,19 +405,28 @@ class Bench:
         self.client = client
         self.daemon = main
 
-    async def sequential(self, stream: bool, n: int, events: int) -> dict[str, Any]:
+    async def sequential(
+        self, stream: bool, n: int, events: int, gap_ms: float = 0
+    ) -> dict[str, Any]:
         """Scenarios 1 and 2: one request at a time, A/B alternated."""
         samples: dict[str, list[int]] = {p: [] for p in PATHS}
         firsts: dict[str, list[int]] = {p: [] for p in PATHS}
         cpu: dict[str, float] = dict.fromkeys(PATHS, 0.0)
         failures: dict[str, int] = dict.fromkeys(PATHS, 0)
         for path in PATHS:  # warm-up: connections, caches, the pool
-            await self.client.call(op="sequential", target=path, n=20, stream=stream, events=events)
+            await self.client.call(
+                op="sequential", target=path, n=20, stream=stream, events=events, gap_ms=gap_ms
+            )
         for round_ in range(self.plan.rounds):
             for path in rotated(PATHS, round_):
                 before = self.daemon.cpu()
                 answer = await self.client.call(
-                    op="sequential", target=path, n=n, stream=stream, events=events
+                    op="sequential",
+                    target=path,
+                    n=n,
+                    stream=stream,
+                    events=events,
+                    gap_ms=gap_ms,
                 )
                 cpu[path] += self.daemon.cpu() - before
                 samples[path] += answer["latency_ns"][1:]  # the first opens the connection
@@ -797,7 +808,7 @@ async def _scenarios(
         if "first_event" in only:
             say("2/7 time to first event, streaming")
             scenarios["first_event"] = await bench.sequential(
-                True, plan.first_event, plan.stream_events
+                True, plan.first_event, plan.stream_events, FIRST_EVENT_GAP_MS
             )
         if "relay" in only:
             say(f"3/7 SSE relay, {plan.relay_events} events")

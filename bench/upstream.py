@@ -11,6 +11,9 @@ Routes:
 * ``POST /v1/chat/completions`` -- ``{"stream": false}``: a JSON completion with usage;
   ``{"stream": true, "max_tokens": N}``: N SSE chunk events (one HTTP chunk each, all
   written at once, as fast as the reader takes them), a usage event, and ``[DONE]``.
+  With ``"bench_gap_ms": G`` the head and the first event go at once and the rest G ms
+  later, as a model's first token comes before the others: the time to the first event
+  is then that of the first event alone, not of a burst.
 * ``POST /_bench/keys`` -- ``{"accept": [KEY, ...]}``: the keys it accepts from now on
   (``Authorization: Bearer KEY``). A request with any other key gets an OpenAI-shaped 401.
 * ``GET /_bench/stats`` -- per key fingerprint: requests accepted and the
@@ -116,6 +119,14 @@ def stream(events: int) -> bytes:
     return b"".join(parts)
 
 
+@cache
+def stream_parts(events: int) -> tuple[bytes, bytes]:
+    """``stream(events)`` cut after its first event: what a model sends first, the rest."""
+    whole = stream(events)
+    first = whole.index(b"\n\n\r\n") + 4  # the end of the first event's chunk
+    return whole[:first], whole[first:]
+
+
 @dataclass
 class Keys:
     """The keys accepted, and what was seen of each (by fingerprint)."""
@@ -159,6 +170,7 @@ class HttpProtocol(asyncio.Protocol):
         self.keys = keys
         self.buffer = bytearray()
         self.transport: asyncio.Transport | None = None
+        self.delayed = False  # the rest of a response is still to be written
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -166,8 +178,18 @@ class HttpProtocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data
+        self._serve()
+
+    def _write_rest(self, rest: bytes) -> None:
+        assert self.transport is not None
+        self.delayed = False
+        if not self.transport.is_closing():
+            self.transport.write(rest)
+            self._serve()  # a request that came meanwhile
+
+    def _serve(self) -> None:
         try:
-            while self._one():
+            while not self.delayed and self._one():
                 pass
         except BadRequest as exc:
             assert self.transport is not None
@@ -206,7 +228,12 @@ class HttpProtocol(asyncio.Protocol):
         body = bytes(self.buffer[start : start + length])
         del self.buffer[: start + length]
         assert self.transport is not None
-        self.transport.write(self._answer(method, target, headers, body))
+        answer, rest, gap_s = self._answer(method, target, headers, body)
+        self.transport.write(answer)
+        if rest:
+            self.delayed = True
+            asyncio.get_running_loop().call_later(gap_s, self._write_rest, rest)
+            return False
         if headers.get(b"connection", b"").lower() == b"close":
             self.transport.close()
             return False
@@ -214,7 +241,14 @@ class HttpProtocol(asyncio.Protocol):
 
     def _answer(
         self, method: bytes, target: bytes, headers: dict[bytes, bytes], body: bytes
-    ) -> bytes:
+    ) -> tuple[bytes, bytes, float]:
+        """What to write now, what to write later (maybe nothing), and when."""
+        answer = self._respond(method, target, headers, body)
+        return answer if isinstance(answer, tuple) else (answer, b"", 0.0)
+
+    def _respond(
+        self, method: bytes, target: bytes, headers: dict[bytes, bytes], body: bytes
+    ) -> bytes | tuple[bytes, bytes, float]:
         path = target.split(b"?", 1)[0]
         if path == b"/v1/chat/completions" and method == b"POST":
             if not self.keys.admit(headers.get(b"authorization")):
@@ -229,6 +263,11 @@ class HttpProtocol(asyncio.Protocol):
                 events = request.get("max_tokens", 16)
                 if not isinstance(events, int) or not 0 <= events <= MAX_STREAM_EVENTS:
                     return _error(400, "Bad Request", "bad max_tokens", "bad_max_tokens")
+                gap_ms = request.get("bench_gap_ms", 0)
+                if not isinstance(gap_ms, int | float) or not 0 <= gap_ms <= 60_000:
+                    return _error(400, "Bad Request", "bad bench_gap_ms", "bad_gap")
+                if gap_ms and events:
+                    return (*stream_parts(events), gap_ms / 1000)
                 return stream(events)
             return completion()
         if path == b"/_bench/keys" and method == b"POST":

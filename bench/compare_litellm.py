@@ -1,0 +1,755 @@
+"""Compares openclawd's direct baseline with a LiteLLM proxy: scenarios 1, 2 and 4.
+
+The optional comparison of the README: the same fake upstream (``bench/upstream.py``) and
+the same load client (``bench/client.py``) as ``bench/run``, with two paths:
+
+* ``direct`` -- the client to the upstream, with the upstream key, as in ``bench/run``;
+* ``litellm`` -- the client to a LiteLLM proxy (``litellm --config``, its defaults: uvicorn,
+  one worker) on loopback, with LiteLLM's master key; LiteLLM relays to the upstream as
+  the ``openai/bench`` model, with a key of its own (so the upstream counts what LiteLLM
+  sent it apart from what the client sent it directly).
+
+Both keys reach LiteLLM in its environment (``os.environ/...`` in its config), never on
+disk. It runs offline (``LITELLM_LOCAL_MODEL_COST_MAP=True``), logging errors only.
+
+Scenarios 1 (latency, non-streaming), 2 (time to first event, streaming) and 4
+(throughput at each concurrency, with the proxy's CPU) alternate the paths round after
+round, as ``bench/run`` does; the proxy's CPU is that of its whole process tree (LiteLLM
+may run worker processes). Before measuring, a check: the client's requests through
+LiteLLM must succeed, streamed ones through ``[DONE]``.
+
+LiteLLM lives in a venv of its own, outside the repo; ``bench/compare-litellm`` installs it
+and passes its ``litellm`` executable. Usage: ``bench/compare-litellm [--quick]
+[--output PATH] [--workers N]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import importlib.metadata
+import json
+import os
+import re
+import secrets
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import AsyncIterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import httpx
+import trio
+
+from bench.runner import (
+    READY_TIMEOUT_S,
+    REPO,
+    BenchError,
+    ClientProcess,
+    Lines,
+    _environ,
+    cpu_seconds,
+    fingerprint,
+    machine,
+    new_key,
+    quantile,
+    rotated,
+    rss_bytes,
+    running,
+    upstream_accepts,
+    upstream_stats,
+    us,
+)
+
+PATHS = ("direct", "litellm")
+MODEL = "bench"  # what bench.client.request_body asks for
+DEFAULT_UPSTREAM_MODEL = f"openai/{MODEL}"
+LITELLM_READY_TIMEOUT_S = 180.0  # it imports a lot: about 8 s on a small machine
+WARM_UP = 50  # requests per path before each sequential scenario
+CHECK = 3  # requests per path and kind in the check
+LOG_TAIL_LINES = 30
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+@dataclass(frozen=True)
+class Plan:
+    rounds: int  # A/B rounds of scenarios 1 and 2
+    sequential: int  # (1) requests per path per round
+    first_event: int  # (2) streamed requests per path per round
+    stream_events: int  # (2) events in each of them
+    throughput_rounds: int  # (4)
+    throughput_s: float  # (4) seconds per path, per round, per concurrency
+    concurrency: tuple[int, ...]  # (4)
+
+
+PLANS = {
+    # bench/run's quick plan, with more throughput rounds.
+    "default": Plan(
+        rounds=3,
+        sequential=300,
+        first_event=150,
+        stream_events=16,
+        throughput_rounds=2,
+        throughput_s=3.0,
+        concurrency=(1, 16, 64),
+    ),
+    # A few minutes at most, the install aside.
+    "quick": Plan(
+        rounds=2,
+        sequential=100,
+        first_event=50,
+        stream_events=16,
+        throughput_rounds=1,
+        throughput_s=2.0,
+        concurrency=(1, 16, 64),
+    ),
+}
+
+
+def say(text: str) -> None:
+    """Progress, on stderr (stdout is the summary)."""
+    print(text, file=sys.stderr, flush=True)
+
+
+# --- LiteLLM --------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError as exc:
+        return f"(no log: {exc})"
+    tail = [_ANSI.sub("", line).rstrip() for line in text.splitlines()[-lines:]]
+    return "\n".join(f"  | {line}" for line in tail) or "  | (empty)"
+
+
+def litellm_config(upstream_port: int, upstream_model: str) -> dict[str, Any]:
+    """LiteLLM's config (JSON is YAML): the keys are names of environment variables."""
+    return {
+        "model_list": [
+            {
+                "model_name": MODEL,
+                "litellm_params": {
+                    "model": upstream_model,
+                    "api_base": f"http://127.0.0.1:{upstream_port}/v1",
+                    "api_key": "os.environ/BENCH_UPSTREAM_KEY",
+                },
+            }
+        ],
+        "litellm_settings": {"set_verbose": False, "suppress_debug_info": True},
+        "general_settings": {"master_key": "os.environ/BENCH_MASTER_KEY"},
+    }
+
+
+def litellm_environ(upstream_key: str, master_key: str) -> dict[str, str]:
+    """The environment of the proxy: this one without anything that would change how
+    LiteLLM runs (its own settings, a database, proxies, Vault), offline, quiet."""
+    env = {
+        name: value
+        for name, value in os.environ.items()
+        if not name.startswith(("LITELLM_", "VAULT_", "BAO_", "PYTHON"))
+        and name.lower() not in ("http_proxy", "https_proxy", "all_proxy", "no_proxy")
+        and name
+        not in ("DATABASE_URL", "DIRECT_URL", "REDIS_HOST", "REDIS_URL", "STORE_MODEL_IN_DB")
+    }
+    env.update(
+        BENCH_UPSTREAM_KEY=upstream_key,
+        BENCH_MASTER_KEY=master_key,
+        LITELLM_LOCAL_MODEL_COST_MAP="True",
+        LITELLM_LOG="ERROR",
+        LITELLM_DONT_SHOW_FEEDBACK_BOX="True",
+        PYTHONUNBUFFERED="1",
+    )
+    return env
+
+
+def descendants(pid: int) -> list[int]:
+    """``pid`` and every live process below it (from the parent pids in ``/proc``)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            children.setdefault(parent, []).append(int(entry.name))
+    found = [pid]
+    index = 0
+    while index < len(found):
+        found += children.get(found[index], [])
+        index += 1
+    return found
+
+
+def _reaped_cpu_seconds(pid: int) -> float:
+    """CPU time of the children ``pid`` has waited for (cutime + cstime)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[13]) + int(fields[14])) / os.sysconf("SC_CLK_TCK")
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU time of a process tree: every live process's, and that of the ones reaped."""
+    total = 0.0
+    for member in descendants(pid):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            total += cpu_seconds(member) + _reaped_cpu_seconds(member)
+    return total
+
+
+def tree_rss_bytes(pid: int) -> int:
+    total = 0
+    for member in descendants(pid):
+        with contextlib.suppress(OSError, BenchError):
+            total += rss_bytes(member)
+    return total
+
+
+class Proxy:
+    """A running LiteLLM proxy: its process, port and log."""
+
+    def __init__(self, process: trio.Process, port: int, log: Path, started_in_s: float):
+        self.process = process
+        self.port = port
+        self.log = log
+        self.started_in_s = started_in_s
+
+    def cpu(self) -> float:
+        return tree_cpu_seconds(self.process.pid)
+
+    def rss(self) -> int:
+        return tree_rss_bytes(self.process.pid)
+
+    def processes(self) -> int:
+        return len(descendants(self.process.pid))
+
+    def tail(self) -> str:
+        return log_tail(self.log)
+
+
+@contextlib.asynccontextmanager
+async def litellm_proxy(
+    litellm: Path,
+    root: Path,
+    upstream_port: int,
+    upstream_key: str,
+    master_key: str,
+    workers: int,
+    upstream_model: str,
+) -> AsyncIterator[Proxy]:
+    """Start the proxy, wait until it answers; stop it, and whatever it started, after."""
+    config = root / "litellm.yaml"
+    config.write_text(json.dumps(litellm_config(upstream_port, upstream_model), indent=2) + "\n")
+    port = free_port()
+    argv = [str(litellm), "--config", str(config), "--host", "127.0.0.1", "--port", str(port)]
+    argv += ["--num_workers", str(workers)]
+    log_path = root / "litellm.log"
+    spawned = time.monotonic()
+    with log_path.open("ab") as log:
+        async with running(
+            argv,
+            "the LiteLLM proxy",
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            env=litellm_environ(upstream_key, master_key),
+            cwd=root,
+        ) as process:
+            seen: set[int] = set()
+            try:
+                await _wait_ready(process, port, log_path)
+                proxy = Proxy(process, port, log_path, time.monotonic() - spawned)
+                yield proxy
+            finally:
+                seen.update(descendants(process.pid)[1:])
+        # The proxy has been stopped (SIGTERM, then SIGKILL); a worker it left behind is
+        # killed here (only those seen in its tree, by pid).
+        for pid in seen:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+
+
+async def _wait_ready(process: trio.Process, port: int, log: Path) -> None:
+    url = f"http://127.0.0.1:{port}/health/liveliness"
+    async with httpx.AsyncClient(trust_env=False, timeout=2.0) as http:
+        with trio.move_on_after(LITELLM_READY_TIMEOUT_S):
+            while process.returncode is None:
+                with contextlib.suppress(httpx.HTTPError):
+                    if (await http.get(url)).status_code == 200:
+                        return
+                await trio.sleep(0.1)
+            raise BenchError(
+                f"the LiteLLM proxy exited (status {process.returncode}) before it answered; "
+                f"the end of its log:\n{log_tail(log)}"
+            )
+    raise BenchError(
+        f"the LiteLLM proxy did not answer {url} within {LITELLM_READY_TIMEOUT_S:g} s; "
+        f"the end of its log:\n{log_tail(log)}"
+    )
+
+
+def litellm_versions(litellm: Path) -> dict[str, str]:
+    """Versions in LiteLLM's venv (the python next to its executable)."""
+    script = (
+        "import importlib.metadata as m, json, platform\n"
+        "found = {'python': platform.python_version()}\n"
+        "for name in ('litellm', 'fastapi', 'starlette', 'uvicorn', 'uvloop', 'aiohttp',"
+        " 'httpx', 'pydantic', 'openai'):\n"
+        "    try:\n"
+        "        found[name] = m.version(name)\n"
+        "    except m.PackageNotFoundError:\n"
+        "        pass\n"
+        "print(json.dumps(found))\n"
+    )
+    python = litellm.parent / "python"
+    try:
+        done = subprocess.run(
+            [str(python), "-c", script], capture_output=True, text=True, check=True, timeout=60
+        )
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise BenchError(f"cannot read the versions in LiteLLM's venv ({python}): {exc}") from None
+    found: dict[str, str] = json.loads(done.stdout)
+    if "litellm" not in found:
+        raise BenchError(f"litellm is not installed in {litellm.parent.parent}")
+    return found
+
+
+def our_versions() -> dict[str, str]:
+    found = {}
+    for name in ("openclawd", "trio", "h11", "httpx"):
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            found[name] = importlib.metadata.version(name)
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        found["commit"] = subprocess.run(
+            ["git", "-C", str(REPO), "describe", "--always", "--dirty"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        ).stdout.strip()
+    return found
+
+
+# --- the scenarios --------------------------------------------------------------------
+
+
+class Compare:
+    def __init__(self, plan: Plan, client: ClientProcess, proxy: Proxy) -> None:
+        self.plan = plan
+        self.client = client
+        self.proxy = proxy
+        self.sent: Counter[str] = Counter()  # requests the client sent (or tried), per path
+
+    async def _sequential(self, path: str, n: int, stream: bool, events: int) -> dict[str, Any]:
+        answer = await self.client.call(
+            op="sequential", target=path, n=n, stream=stream, events=events
+        )
+        self.sent[path] += len(answer["latency_ns"]) + sum(answer["failures"].values())
+        return answer
+
+    async def check(self) -> dict[str, Any]:
+        """The client's requests, plain and streamed, must go through every path whole."""
+        out: dict[str, Any] = {}
+        for stream in (False, True):
+            kind = "stream" if stream else "plain"
+            for path in PATHS:
+                answer = await self._sequential(path, CHECK, stream, self.plan.stream_events)
+                if answer["failures"]:
+                    reasons = ", ".join(f"{n}× {why}" for why, n in answer["failures"].items())
+                    raise BenchError(
+                        f"the check failed: {kind} requests on the {path} path: {reasons}; "
+                        f"the end of LiteLLM's log:\n{self.proxy.tail()}"
+                    )
+                out.setdefault(path, {})[f"{kind}_events_per_response"] = answer["events"][0]
+        return out
+
+    async def sequential(self, stream: bool, n: int, events: int) -> dict[str, Any]:
+        """Scenarios 1 and 2: one request at a time, A/B alternated."""
+        samples: dict[str, list[int]] = {p: [] for p in PATHS}
+        firsts: dict[str, list[int]] = {p: [] for p in PATHS}
+        seen: dict[str, list[int]] = {p: [] for p in PATHS}
+        cpu: dict[str, float] = dict.fromkeys(PATHS, 0.0)
+        failures: dict[str, Counter[str]] = {p: Counter() for p in PATHS}
+        for path in PATHS:  # warm-up: connections, caches, pools
+            await self._sequential(path, WARM_UP, stream, events)
+        for round_ in range(self.plan.rounds):
+            for path in rotated(PATHS, round_):
+                before = self.proxy.cpu()
+                answer = await self._sequential(path, n, stream, events)
+                cpu[path] += self.proxy.cpu() - before
+                samples[path] += answer["latency_ns"][1:]  # the first opens the connection
+                firsts[path] += answer["first_event_ns"][1:]
+                seen[path] += answer["events"]
+                failures[path].update(answer["failures"])
+        measure = firsts if stream else samples
+        out: dict[str, Any] = {}
+        for path in PATHS:
+            values = measure[path]
+            out[path] = {
+                "requests": len(samples[path]),
+                "failures": sum(failures[path].values()),
+                "failure_reasons": dict(failures[path].most_common(10)),
+                "p50_us": us(quantile(values, 0.5)),
+                "p99_us": us(quantile(values, 0.99)),
+                "proxy_cpu_us_per_request": round(cpu[path] * 1e6 / max(1, len(samples[path])), 1),
+            }
+            if stream:
+                out[path]["events_per_response"] = (
+                    statistics.median(seen[path]) if seen[path] else None
+                )
+        litellm = out["litellm"]
+        litellm["added_p50_us"] = round(litellm["p50_us"] - out["direct"]["p50_us"], 1)
+        litellm["added_p99_us"] = round(litellm["p99_us"] - out["direct"]["p99_us"], 1)
+        return out
+
+    async def throughput(self) -> dict[str, Any]:
+        """Scenario 4: closed-loop load at each concurrency; requests/s and proxy CPU."""
+        out: dict[str, Any] = {}
+        for clients in self.plan.concurrency:
+            rates: dict[str, list[float]] = {p: [] for p in PATHS}
+            p50: dict[str, list[float]] = {p: [] for p in PATHS}
+            p99: dict[str, list[float]] = {p: [] for p in PATHS}
+            cpu_share: dict[str, list[float]] = {p: [] for p in PATHS}
+            failures: dict[str, Counter[str]] = {p: Counter() for p in PATHS}
+            for round_ in range(self.plan.throughput_rounds):
+                for path in rotated(PATHS, round_):
+                    before = self.proxy.cpu()
+                    answer = await self.client.call(
+                        op="load", clients={path: clients}, duration_s=self.plan.throughput_s
+                    )
+                    used = self.proxy.cpu() - before
+                    tally = answer["targets"][path]
+                    self.sent[path] += tally["requests"] + tally["failures"]
+                    rates[path].append(tally["requests"] / answer["seconds"])
+                    p50[path].append(tally["p50_ns"])
+                    p99[path].append(tally["p99_ns"])
+                    cpu_share[path].append(used / answer["seconds"])
+                    failures[path].update(tally["failure_reasons"])
+            row: dict[str, Any] = {}
+            for path in PATHS:
+                row[path] = {
+                    "requests_per_s": round(statistics.median(rates[path])),
+                    "p50_us": us(statistics.median(p50[path])),
+                    "p99_us": us(statistics.median(p99[path])),
+                    "failures": sum(failures[path].values()),
+                    "failure_reasons": dict(failures[path].most_common(10)),
+                    "proxy_cpu_percent": round(100 * statistics.median(cpu_share[path])),
+                }
+            row["litellm"]["ratio"] = round(
+                row["litellm"]["requests_per_s"] / max(1, row["direct"]["requests_per_s"]), 3
+            )
+            out[str(clients)] = row
+        return out
+
+
+# --- the run --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Options:
+    mode: str
+    litellm: Path
+    workers: int
+    upstream_model: str
+    install_s: float | None
+    requirement: str | None
+
+
+async def run(options: Options) -> dict[str, Any]:
+    plan = PLANS[options.mode]
+    results: dict[str, Any] = {
+        "tool": "bench/compare-litellm",
+        "mode": options.mode,
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "machine": machine(),
+        "versions": our_versions(),
+        "litellm_versions": litellm_versions(options.litellm),
+        "plan": asdict(plan),
+    }
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="ocbench-litellm-") as tmp:
+        root = Path(tmp)
+        port = 0
+        direct_key, litellm_key = new_key(), new_key()
+        master_key = "sk-" + secrets.token_urlsafe(24)
+        say("starting the fake upstream")
+        async with running(
+            [sys.executable, "-m", "bench.upstream"],
+            "the fake upstream",
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            env=_environ(),
+            cwd=REPO,
+        ) as upstream:
+            assert upstream.stdout is not None
+            with trio.move_on_after(READY_TIMEOUT_S):
+                port = int((await Lines(upstream.stdout).next())["port"])
+            if not port:
+                raise BenchError(f"the fake upstream did not say its port in {READY_TIMEOUT_S:g} s")
+            upstream_url = f"http://127.0.0.1:{port}"
+            await upstream_accepts(upstream_url, [direct_key, litellm_key])
+            say(f"starting the LiteLLM proxy {results['litellm_versions']['litellm']}")
+            async with litellm_proxy(
+                options.litellm,
+                root,
+                port,
+                litellm_key,
+                master_key,
+                options.workers,
+                options.upstream_model,
+            ) as proxy:
+                say(f"LiteLLM answers after {proxy.started_in_s:.1f} s")
+                results["litellm"] = {
+                    "install_s": options.install_s,
+                    "requirement": options.requirement,
+                    "executable": str(options.litellm),
+                    "workers": options.workers,
+                    "config": litellm_config(port, options.upstream_model),
+                    "ready_s": round(proxy.started_in_s, 2),
+                    "rss_mb_at_ready": round(proxy.rss() / 2**20, 1),
+                }
+                async with running(
+                    [sys.executable, "-m", "bench.client"],
+                    "the load client",
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    env=_environ(),
+                    cwd=REPO,
+                    # Its own process group: the terminal's Ctrl-C is for this runner,
+                    # which stops it (it also stops when its stdin closes).
+                    start_new_session=True,
+                ) as client_process:
+                    client = ClientProcess(client_process)
+                    await client.call(
+                        op="targets",
+                        targets={
+                            "direct": {
+                                "kind": "http",
+                                "tcp": ["127.0.0.1", port],
+                                "key": direct_key,
+                            },
+                            "litellm": {
+                                "kind": "http",
+                                "tcp": ["127.0.0.1", proxy.port],
+                                "path": "/v1/chat/completions",
+                                "key": master_key,
+                            },
+                        },
+                    )
+                    compare = Compare(plan, client, proxy)
+                    keys = {"direct": direct_key, "litellm": litellm_key}
+                    await _measure(compare, results, upstream_url, keys)
+                    results["cpu_s_total"] = {
+                        "litellm": round(proxy.cpu(), 1),
+                        "upstream": round(cpu_seconds(upstream.pid), 1),
+                        "client": round(cpu_seconds(client_process.pid), 1),
+                    }
+                results["litellm"]["rss_mb_after_load"] = round(proxy.rss() / 2**20, 1)
+                results["litellm"]["processes"] = proxy.processes()
+    results["seconds"] = round(time.monotonic() - started, 1)
+    return results
+
+
+async def _upstream_counts(url: str, keys: dict[str, str]) -> dict[str, Any]:
+    """Requests the upstream accepted with each path's key, and the 401s."""
+    stats = await upstream_stats(url)
+    received = {path: stats["requests"].get(fingerprint(key), 0) for path, key in keys.items()}
+    return {"received": received, "refused": stats["refused"]}
+
+
+async def _measure(
+    compare: Compare, results: dict[str, Any], upstream_url: str, keys: dict[str, str]
+) -> None:
+    """The check, then the scenarios, into ``results``."""
+    plan = compare.plan
+    say("checking the client's requests through LiteLLM")
+    results["check"] = await compare.check()
+    before, at = compare.proxy.cpu(), time.monotonic()
+    await trio.sleep(2.0)
+    results["litellm"]["idle_cpu_percent"] = round(
+        100 * (compare.proxy.cpu() - before) / (time.monotonic() - at), 1
+    )
+    scenarios: dict[str, Any] = {}
+    results["scenarios"] = scenarios
+    say("1 added latency, non-streaming")
+    scenarios["latency"] = await compare.sequential(False, plan.sequential, 0)
+    say("2 time to first event, streaming")
+    scenarios["first_event"] = await compare.sequential(True, plan.first_event, plan.stream_events)
+    # Up to here every request the client sent is one it counted, so a difference from
+    # what reached the upstream is LiteLLM's (a retry, or a request it did not relay).
+    # Under load (4), the requests in flight when a run ends are not counted by the
+    # client, but may reach the upstream: the totals differ by up to the concurrency.
+    sequential_sent = dict(compare.sent)
+    sequential_upstream = await _upstream_counts(upstream_url, keys)
+    say("4 throughput")
+    scenarios["throughput"] = await compare.throughput()
+    total_upstream = await _upstream_counts(upstream_url, keys)
+    results["requests"] = {
+        "sequential": {
+            "client_sent": sequential_sent,
+            "upstream_received": sequential_upstream["received"],
+        },
+        "total": {
+            "client_counted": dict(compare.sent),
+            "upstream_received": total_upstream["received"],
+        },
+        "upstream_401s": total_upstream["refused"],
+    }
+
+
+# --- the summary ----------------------------------------------------------------------
+
+
+def summary(results: dict[str, Any]) -> str:
+    """The figures as Markdown tables: the A/B scenarios, then LiteLLM's own."""
+    s = results["scenarios"]
+    m = results["machine"]
+    v = results["versions"]
+    lv = results["litellm_versions"]
+    ll = results["litellm"]
+    lines = [
+        f"LiteLLM {lv['litellm']} (uvicorn {lv.get('uvicorn', '?')}, {ll['workers']} worker"
+        f"{'s' if ll['workers'] != 1 else ''}) vs direct; openclawd bench "
+        f"{v.get('openclawd', '?')} ({v.get('commit', '?')}), {results['mode']} run, "
+        f"{results['date']}: {m['cpu']}, {m['cpus']} CPUs, Python {m['python']}",
+        "",
+        "| scenario | direct | via LiteLLM |",
+        "|---|---|---|",
+    ]
+
+    def row(name: str, direct: str, litellm: str) -> None:
+        lines.append(f"| {name} | {direct} | {litellm} |")
+
+    def p50_p99(figures: dict[str, Any]) -> str:
+        return f"{figures['p50_us']:g} / {figures['p99_us']:g}"
+
+    def added(figures: dict[str, Any]) -> str:
+        return f"+{figures['added_p50_us']:g} / +{figures['added_p99_us']:g}"
+
+    def failed(figures: dict[str, Any]) -> str:
+        return f"; {figures['failures']:,} failed" if figures["failures"] else ""
+
+    lat = s["latency"]
+    row(
+        "1 latency p50 / p99 (µs)",
+        p50_p99(lat["direct"]) + failed(lat["direct"]),
+        p50_p99(lat["litellm"]) + failed(lat["litellm"]),
+    )
+    row("1 added p50 / p99 (µs)", "", added(lat["litellm"]))
+    row("1 proxy CPU per request (µs)", "", f"{lat['litellm']['proxy_cpu_us_per_request']:g}")
+    fe = s["first_event"]
+    row(
+        "2 first event p50 / p99 (µs)",
+        p50_p99(fe["direct"]) + failed(fe["direct"]),
+        p50_p99(fe["litellm"]) + failed(fe["litellm"]),
+    )
+    row("2 added p50 / p99 (µs)", "", added(fe["litellm"]))
+    for clients, tp in s["throughput"].items():
+        d, t = tp["direct"], tp["litellm"]
+        row(
+            f"4 requests/s, {clients} clients (proxy CPU)",
+            f"{d['requests_per_s']:,}{failed(d)}",
+            f"{t['requests_per_s']:,} (×{t['ratio']:g}, {t['proxy_cpu_percent']}%){failed(t)}",
+        )
+    requests = results["requests"]
+    install = f"{ll['install_s']:g} s" if ll.get("install_s") is not None else "?"
+    lines += [
+        "",
+        "| LiteLLM | figure |",
+        "|---|---|",
+        f"| install (pip, this run) | {install} |",
+        f"| start to answering /health/liveliness | {ll['ready_s']:g} s |",
+        f"| RSS at start / after the load | {ll['rss_mb_at_ready']:g} MB / "
+        f"{ll['rss_mb_after_load']:g} MB ({ll['processes']} process"
+        f"{'es' if ll['processes'] != 1 else ''}) |",
+        f"| CPU idle | {ll['idle_cpu_percent']:g}% |",
+        f"| requests sent to it / it sent upstream (check, 1, 2) | "
+        f"{requests['sequential']['client_sent']['litellm']:,} / "
+        f"{requests['sequential']['upstream_received']['litellm']:,} |",
+        f"| streamed events per response, direct / via LiteLLM | "
+        f"{fe['direct']['events_per_response']} / {fe['litellm']['events_per_response']} |",
+    ]
+    return "\n".join(lines)
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    """SIGTERM and SIGHUP stop the run as Ctrl-C does: trio raises KeyboardInterrupt where
+    it is safe, and every process is stopped on the way out."""
+    os.kill(os.getpid(), signal.SIGINT)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="bench/compare-litellm", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument(
+        "--quick", action="store_const", const="quick", dest="mode", default="default"
+    )
+    parser.add_argument("--output", type=Path, help="where the JSON goes")
+    parser.add_argument(
+        "--litellm", type=Path, required=True, help="the litellm executable (in its own venv)"
+    )
+    parser.add_argument(
+        "--workers", type=int, default=1, help="LiteLLM's --num_workers (default: 1, its own)"
+    )
+    parser.add_argument(
+        "--upstream-model",
+        default=DEFAULT_UPSTREAM_MODEL,
+        help="the model LiteLLM is told the upstream serves, as provider/model (default: "
+        f"{DEFAULT_UPSTREAM_MODEL}; the fake upstream answers any)",
+    )
+    parser.add_argument("--install-seconds", type=float, help=argparse.SUPPRESS)
+    parser.add_argument("--requirement", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if not os.access(args.litellm, os.X_OK):
+        parser.error(f"--litellm: {args.litellm} is not an executable")
+    if args.workers < 1:
+        parser.error("--workers: at least 1")
+    options = Options(
+        mode=args.mode,
+        litellm=args.litellm.absolute(),
+        workers=args.workers,
+        upstream_model=args.upstream_model,
+        install_s=args.install_seconds,
+        requirement=args.requirement,
+    )
+    output = args.output or REPO / "bench" / "results" / "litellm-latest.json"
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _interrupt)
+    try:
+        results = trio.run(run, options)
+    except BenchError as exc:
+        print(f"compare-litellm: {exc}", file=sys.stderr)
+        return 1
+    except httpx.HTTPError as exc:
+        print(f"compare-litellm: talking to the fake upstream: {exc}", file=sys.stderr)
+        return 1
+    except trio.TooSlowError:
+        print("compare-litellm: the load client did not answer in time", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("compare-litellm: interrupted; everything it started is stopped", file=sys.stderr)
+        return 130
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(results, indent=2) + "\n")
+    print(summary(results))
+    print(f"\n{results['seconds']:g} s; every figure: {output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
