@@ -886,7 +886,8 @@ def summary(results: dict[str, Any]) -> str:
             f"{tp['http']['requests_per_s']:,} (×{tp['http']['ratio']:g}, "
             f"{tp['http']['daemon_cpu_percent']}%)",
         )
-    lines += ["", "| scenario | figure |", "|---|---|"]
+    if {"memory", "startup", "rotation"} & set(s):
+        lines += ["", "| scenario | figure |", "|---|---|"]
     if "memory" in s:
         mem = s["memory"]
         lines.append(
