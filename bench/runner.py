@@ -19,7 +19,7 @@ is printed as a Markdown table, and every figure, with the machine and the versi
 written as JSON.
 
 Usage: ``bench/run [--quick | --smoke] [--scenarios A,B] [--output PATH]
-[--profile PATH | --cprofile PATH]``.
+[--profile PATH | --cprofile PATH] [--daemon-from CHECKOUT]``.
 """
 
 from __future__ import annotations
@@ -148,14 +148,16 @@ class BenchError(Exception):
 # --- processes ------------------------------------------------------------------------
 
 
-def _environ(**extra: str) -> dict[str, str]:
+def _environ(source: Path = REPO, **extra: str) -> dict[str, str]:
+    """Our environment for a child, minus Vault's and systemd's variables; ``source`` (a
+    checkout) first on its path, so its ``openclawd`` and ``bench`` are the ones run."""
     env = {
         name: value
         for name, value in os.environ.items()
         if not name.startswith(("VAULT_", "BAO_"))
         and name not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
     }
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(source), env.get("PYTHONPATH")]))
     env.update(extra)
     return env
 
@@ -241,6 +243,7 @@ class Setup:
     vault_addr: str
     root_token: str
     upstream_port: int
+    daemon_source: Path = REPO  # the checkout whose openclawd runs as the daemon
 
     @property
     def data_socket(self) -> Path:
@@ -319,7 +322,9 @@ async def daemon(
         # In-process: the daemon's pid is still the one measured; written as it exits.
         argv[1:1] = ["-m", "cProfile", "-o", str(profile.output)]
     log = (setup.root / log_name).open("ab")
-    env = _environ(VAULT_TOKEN=setup.root_token, NOTIFY_SOCKET=str(notify_path))
+    env = _environ(
+        setup.daemon_source, VAULT_TOKEN=setup.root_token, NOTIFY_SOCKET=str(notify_path)
+    )
     try:
         spawned = time.monotonic()
         async with running(
@@ -641,7 +646,7 @@ async def startup(setup: Setup, starts: int) -> dict[str, Any]:
             ([sys.executable, "-c", "pass"], bare),
         ):
             begun = time.monotonic()
-            await trio.run_process(argv, env=_environ())
+            await trio.run_process(argv, env=_environ(setup.daemon_source))
             into.append(time.monotonic() - begun)
     return {
         "starts": starts,
@@ -676,7 +681,7 @@ def machine() -> dict[str, Any]:
     }
 
 
-def versions(bao: str) -> dict[str, str]:
+def versions(bao: str, daemon_source: Path = REPO) -> dict[str, str]:
     found = {}
     for name in (
         "openclawd",
@@ -697,28 +702,31 @@ def versions(bao: str) -> dict[str, str]:
         found["bao"] = subprocess.run(
             [bao, "version"], capture_output=True, text=True, check=True, timeout=10
         ).stdout.strip()
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        commit = subprocess.run(
-            ["git", "-C", str(REPO), "describe", "--always", "--dirty"],
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=10,
-        ).stdout.strip()
-        found["commit"] = commit
+    for name, checkout in (("commit", REPO), ("daemon_commit", daemon_source)):
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            found[name] = subprocess.run(
+                ["git", "-C", str(checkout), "describe", "--always", "--dirty"],
+                capture_output=True,
+                text=True,
+                check=True,
+                timeout=10,
+            ).stdout.strip()
     return found
 
 
-async def run(mode: str, only: frozenset[str], profile: Profile | None) -> dict[str, Any]:
+async def run(
+    mode: str, only: frozenset[str], profile: Profile | None, daemon_source: Path = REPO
+) -> dict[str, Any]:
     plan = PLANS[mode]
     bao = find_bao()
     results: dict[str, Any] = {
         "mode": mode,
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "machine": machine(),
-        "versions": versions(bao),
+        "versions": versions(bao, daemon_source),
         "plan": asdict(plan),
         "scenarios_run": sorted(only),
+        "daemon_from": str(daemon_source),
     }
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="ocbench-") as tmp:
@@ -745,7 +753,7 @@ async def run(mode: str, only: frozenset[str], profile: Profile | None) -> dict[
             ) as upstream:
                 assert upstream.stdout is not None
                 port = int((await Lines(upstream.stdout).next())["port"])
-                setup = Setup(root, vault_addr, token, port)
+                setup = Setup(root, vault_addr, token, port, daemon_source)
                 write_config(setup, max_connections=max(plan.idle) + 1000)
                 results["scenarios"] = await _scenarios(
                     plan, setup, vault, key, upstream, only, profile
@@ -839,7 +847,8 @@ def summary(results: dict[str, Any]) -> str:
     m = results["machine"]
     v = results["versions"]
     lines = [
-        f"openclawd {v.get('openclawd', '?')} ({v.get('commit', '?')}), {results['mode']} run, "
+        f"openclawd {v.get('openclawd', '?')} (daemon {v.get('daemon_commit', '?')}, bench "
+        f"{v.get('commit', '?')}), {results['mode']} run, "
         f"{results['date']}: {m['cpu']}, {m['cpus']} CPUs, Python {m['python']}",
         "",
         "| scenario | direct | via /v1/ws | via /v1/http |",
@@ -932,6 +941,13 @@ def main(argv: list[str] | None = None) -> int:
         "--cprofile", type=Path, help="run the daemon under cProfile (a pstats file) into this"
     )
     parser.add_argument(
+        "--daemon-from",
+        type=Path,
+        metavar="CHECKOUT",
+        help="run the daemon from another checkout (a git worktree of an older commit): "
+        "the same benchmark, before and after a change",
+    )
+    parser.add_argument(
         "--scenarios",
         default=",".join(SCENARIOS),
         help=f"a comma-separated subset of: {', '.join(SCENARIOS)} (default: all)",
@@ -941,6 +957,9 @@ def main(argv: list[str] | None = None) -> int:
     only = frozenset(name.strip() for name in args.scenarios.split(",") if name.strip())
     if not only or only - set(SCENARIOS):
         parser.error(f"--scenarios: choose from {', '.join(SCENARIOS)}")
+    daemon_source = (args.daemon_from or REPO).resolve()
+    if not (daemon_source / "openclawd" / "__init__.py").is_file():
+        parser.error(f"--daemon-from: no openclawd package in {daemon_source}")
     if args.profile and args.cprofile:
         parser.error("--profile and --cprofile: one at a time")
     profile = None
@@ -950,7 +969,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     output = args.output or REPO / "bench" / "results" / f"{mode}-latest.json"
     try:
-        results = trio.run(run, mode, only, profile)
+        results = trio.run(run, mode, only, profile, daemon_source)
     except (BenchError, DemoError) as exc:
         print(f"bench: {exc}", file=sys.stderr)
         return 1
