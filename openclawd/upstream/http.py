@@ -1,8 +1,9 @@
-"""Upstream HTTP: one pooled httpx client per provider, retries, the circuit breaker.
+"""Upstream HTTP: one connection pool per provider, retries, the circuit breaker.
 
-The only module that imports httpx, and the one place that translates its exceptions into
-ours (``UpstreamError``, ``UpstreamTimeoutError``), as httpx itself maps httpcore's. Owns,
-per provider: the connection pool (HTTP/1.1; keep-alive for every pooled connection), the
+Requests are httpx's, sent on a transport (``upstream/transport.py``, our pool; tests
+give ``httpx.MockTransport``) without ``httpx.AsyncClient`` around it. This is the one
+place that translates httpx's exceptions into ours (``UpstreamError``,
+``UpstreamTimeoutError``). Owns, per provider: the pool (HTTP/1.1, keep-alive), the
 connect / read-gap / total timeouts, the key in the provider's auth header, retries before
 the first byte is relayed (429, 502, 503, 504, connection failures; ``Retry-After`` or
 backoff with full jitter), one retry with a fresh key after 401/403, the circuit breaker,
