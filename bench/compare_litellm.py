@@ -14,13 +14,15 @@ disk. It runs offline (``LITELLM_LOCAL_MODEL_COST_MAP=True``), logging errors on
 
 Scenarios 1 (latency, non-streaming), 2 (time to first event, streaming) and 4
 (throughput at each concurrency, with the proxy's CPU) alternate the paths round after
-round, as ``bench/run`` does; the proxy's CPU is that of its whole process tree (LiteLLM
-may run worker processes). Before measuring, a check: the client's requests through
-LiteLLM must succeed, streamed ones through ``[DONE]``.
+round, as ``bench/run`` does (in 2, as there, the upstream sends the first event and the
+rest ``FIRST_EVENT_GAP_MS`` later); the proxy's CPU is that of its whole process tree
+(LiteLLM may run worker processes). Before measuring, a check: the client's requests
+through LiteLLM must succeed, streamed ones through ``[DONE]``, and ``bench_gap_ms`` must
+reach the upstream through it.
 
 LiteLLM lives in a venv of its own, outside the repo; ``bench/compare-litellm`` installs it
 and passes its ``litellm`` executable. Usage: ``bench/compare-litellm [--quick]
-[--output PATH] [--workers N]``.
+[--output PATH] [--workers N] [--upstream-model PROVIDER/MODEL]``.
 """
 
 from __future__ import annotations
@@ -51,12 +53,13 @@ import httpx
 import trio
 
 from bench.runner import (
+    FIRST_EVENT_GAP_MS,
     READY_TIMEOUT_S,
     REPO,
     BenchError,
     ClientProcess,
     Lines,
-    _environ,
+    child_environ,
     cpu_seconds,
     fingerprint,
     machine,
@@ -73,9 +76,10 @@ from bench.runner import (
 PATHS = ("direct", "litellm")
 MODEL = "bench"  # what bench.client.request_body asks for
 DEFAULT_UPSTREAM_MODEL = f"openai/{MODEL}"
-LITELLM_READY_TIMEOUT_S = 180.0  # it imports a lot: about 8 s on a small machine
+LITELLM_READY_TIMEOUT_S = 180.0  # it imports a lot: 6 s on 2 cores
 WARM_UP = 50  # requests per path before each sequential scenario
 CHECK = 3  # requests per path and kind in the check
+CHECK_GAP_MS = 100  # the check's gap after a stream's first event
 LOG_TAIL_LINES = 30
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
@@ -354,30 +358,54 @@ class Compare:
         self.proxy = proxy
         self.sent: Counter[str] = Counter()  # requests the client sent (or tried), per path
 
-    async def _sequential(self, path: str, n: int, stream: bool, events: int) -> dict[str, Any]:
+    async def _sequential(
+        self, path: str, n: int, stream: bool, events: int, gap_ms: float = 0
+    ) -> dict[str, Any]:
         answer = await self.client.call(
-            op="sequential", target=path, n=n, stream=stream, events=events
+            op="sequential", target=path, n=n, stream=stream, events=events, gap_ms=gap_ms
         )
         self.sent[path] += len(answer["latency_ns"]) + sum(answer["failures"].values())
         return answer
 
     async def check(self) -> dict[str, Any]:
-        """The client's requests, plain and streamed, must go through every path whole."""
-        out: dict[str, Any] = {}
-        for stream in (False, True):
-            kind = "stream" if stream else "plain"
+        """The client's requests, plain and streamed, must go through every path whole; and
+        ``bench_gap_ms`` must reach the upstream (scenario 2 needs it): a stream with a long
+        gap after its first event must take at least that long."""
+        out: dict[str, Any] = {p: {} for p in PATHS}
+        events = self.plan.stream_events
+        for kind, stream, gap_ms in (
+            ("plain", False, 0),
+            ("stream", True, 0),
+            ("gap", True, CHECK_GAP_MS),
+        ):
             for path in PATHS:
-                answer = await self._sequential(path, CHECK, stream, self.plan.stream_events)
+                answer = await self._sequential(path, CHECK, stream, events, gap_ms)
                 if answer["failures"]:
                     reasons = ", ".join(f"{n}× {why}" for why, n in answer["failures"].items())
                     raise BenchError(
                         f"the check failed: {kind} requests on the {path} path: {reasons}; "
                         f"the end of LiteLLM's log:\n{self.proxy.tail()}"
                     )
-                out.setdefault(path, {})[f"{kind}_events_per_response"] = answer["events"][0]
+                if kind == "gap":
+                    shortest_ms = min(answer["latency_ns"]) / 1e6
+                    if shortest_ms < 0.9 * gap_ms:
+                        raise BenchError(
+                            f"the check failed: on the {path} path a stream took "
+                            f"{shortest_ms:.1f} ms, less than the {gap_ms} ms gap asked of the "
+                            "upstream (bench_gap_ms): it did not reach the upstream"
+                        )
+                    out[path]["gap_check"] = {
+                        "gap_ms": gap_ms,
+                        "first_event_ms": [round(ns / 1e6, 2) for ns in answer["first_event_ns"]],
+                        "latency_ms": [round(ns / 1e6, 2) for ns in answer["latency_ns"]],
+                    }
+                else:
+                    out[path][f"{kind}_events_per_response"] = answer["events"][0]
         return out
 
-    async def sequential(self, stream: bool, n: int, events: int) -> dict[str, Any]:
+    async def sequential(
+        self, stream: bool, n: int, events: int, gap_ms: float = 0
+    ) -> dict[str, Any]:
         """Scenarios 1 and 2: one request at a time, A/B alternated."""
         samples: dict[str, list[int]] = {p: [] for p in PATHS}
         firsts: dict[str, list[int]] = {p: [] for p in PATHS}
@@ -385,11 +413,11 @@ class Compare:
         cpu: dict[str, float] = dict.fromkeys(PATHS, 0.0)
         failures: dict[str, Counter[str]] = {p: Counter() for p in PATHS}
         for path in PATHS:  # warm-up: connections, caches, pools
-            await self._sequential(path, WARM_UP, stream, events)
+            await self._sequential(path, WARM_UP, stream, events, gap_ms)
         for round_ in range(self.plan.rounds):
             for path in rotated(PATHS, round_):
                 before = self.proxy.cpu()
-                answer = await self._sequential(path, n, stream, events)
+                answer = await self._sequential(path, n, stream, events, gap_ms)
                 cpu[path] += self.proxy.cpu() - before
                 samples[path] += answer["latency_ns"][1:]  # the first opens the connection
                 firsts[path] += answer["first_event_ns"][1:]
@@ -476,6 +504,8 @@ async def run(options: Options) -> dict[str, Any]:
         "mode": options.mode,
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "machine": machine(),
+        # Other work on the machine disturbs every figure; here is how much there was.
+        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
         "versions": our_versions(),
         "litellm_versions": litellm_versions(options.litellm),
         "plan": asdict(plan),
@@ -492,7 +522,7 @@ async def run(options: Options) -> dict[str, Any]:
             "the fake upstream",
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
-            env=_environ(),
+            env=child_environ(),
             cwd=REPO,
         ) as upstream:
             assert upstream.stdout is not None
@@ -527,7 +557,7 @@ async def run(options: Options) -> dict[str, Any]:
                     "the load client",
                     stdin=subprocess.PIPE,
                     stdout=subprocess.PIPE,
-                    env=_environ(),
+                    env=child_environ(),
                     cwd=REPO,
                     # Its own process group: the terminal's Ctrl-C is for this runner,
                     # which stops it (it also stops when its stdin closes).
@@ -560,6 +590,7 @@ async def run(options: Options) -> dict[str, Any]:
                     }
                 results["litellm"]["rss_mb_after_load"] = round(proxy.rss() / 2**20, 1)
                 results["litellm"]["processes"] = proxy.processes()
+    results["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     results["seconds"] = round(time.monotonic() - started, 1)
     return results
 
@@ -588,7 +619,9 @@ async def _measure(
     say("1 added latency, non-streaming")
     scenarios["latency"] = await compare.sequential(False, plan.sequential, 0)
     say("2 time to first event, streaming")
-    scenarios["first_event"] = await compare.sequential(True, plan.first_event, plan.stream_events)
+    scenarios["first_event"] = await compare.sequential(
+        True, plan.first_event, plan.stream_events, FIRST_EVENT_GAP_MS
+    )
     # Up to here every request the client sent is one it counted, so a difference from
     # what reached the upstream is LiteLLM's (a retry, or a request it did not relay).
     # Under load (4), the requests in flight when a run ends are not counted by the
@@ -653,7 +686,7 @@ def summary(results: dict[str, Any]) -> str:
     row("1 proxy CPU per request (µs)", "", f"{lat['litellm']['proxy_cpu_us_per_request']:g}")
     fe = s["first_event"]
     row(
-        "2 first event p50 / p99 (µs)",
+        f"2 first event p50 / p99 (µs), the rest {FIRST_EVENT_GAP_MS} ms later",
         p50_p99(fe["direct"]) + failed(fe["direct"]),
         p50_p99(fe["litellm"]) + failed(fe["litellm"]),
     )
@@ -666,6 +699,8 @@ def summary(results: dict[str, Any]) -> str:
             f"{t['requests_per_s']:,} (×{t['ratio']:g}, {t['proxy_cpu_percent']}%){failed(t)}",
         )
     requests = results["requests"]
+    gap = results["check"]["litellm"]["gap_check"]
+    held = statistics.median(gap["first_event_ms"])
     install = f"{ll['install_s']:g} s" if ll.get("install_s") is not None else "?"
     lines += [
         "",
@@ -680,6 +715,8 @@ def summary(results: dict[str, Any]) -> str:
         f"| requests sent to it / it sent upstream (check, 1, 2) | "
         f"{requests['sequential']['client_sent']['litellm']:,} / "
         f"{requests['sequential']['upstream_received']['litellm']:,} |",
+        f"| first streamed event relayed before the rest (check: {gap['gap_ms']} ms gap) | "
+        f"{'yes' if held < gap['gap_ms'] else 'no'}: {held:g} ms after the request (median) |",
         f"| streamed events per response, direct / via LiteLLM | "
         f"{fe['direct']['events_per_response']} / {fe['litellm']['events_per_response']} |",
     ]
@@ -728,6 +765,9 @@ def main(argv: list[str] | None = None) -> int:
         requirement=args.requirement,
     )
     output = args.output or REPO / "bench" / "results" / "litellm-latest.json"
+    # trio turns SIGINT into KeyboardInterrupt only if its handler is Python's default,
+    # which a shell leaves ignored in a background job.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     for signum in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, _interrupt)
     try:

@@ -148,7 +148,7 @@ class BenchError(Exception):
 # --- processes ------------------------------------------------------------------------
 
 
-def _environ(source: Path = REPO, **extra: str) -> dict[str, str]:
+def child_environ(source: Path = REPO, **extra: str) -> dict[str, str]:
     """Our environment for a child, minus Vault's and systemd's variables; ``source`` (a
     checkout) first on its path, so its ``openclawd`` and ``bench`` are the ones run."""
     env = {
@@ -322,7 +322,7 @@ async def daemon(
         # In-process: the daemon's pid is still the one measured; written as it exits.
         argv[1:1] = ["-m", "cProfile", "-o", str(profile.output)]
     log = (setup.root / log_name).open("ab")
-    env = _environ(
+    env = child_environ(
         setup.daemon_source, VAULT_TOKEN=setup.root_token, NOTIFY_SOCKET=str(notify_path)
     )
     try:
@@ -646,7 +646,7 @@ async def startup(setup: Setup, starts: int) -> dict[str, Any]:
             ([sys.executable, "-c", "pass"], bare),
         ):
             begun = time.monotonic()
-            await trio.run_process(argv, env=_environ(setup.daemon_source))
+            await trio.run_process(argv, env=child_environ(setup.daemon_source))
             into.append(time.monotonic() - begun)
     return {
         "starts": starts,
@@ -748,7 +748,7 @@ async def run(
                 "the fake upstream",
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
-                env=_environ(),
+                env=child_environ(),
                 cwd=REPO,
             ) as upstream:
                 assert upstream.stdout is not None
@@ -791,7 +791,7 @@ async def _scenarios(
             "the load client",
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
-            env=_environ(),
+            env=child_environ(),
             cwd=REPO,
         ) as client_process,
     ):
