@@ -327,8 +327,16 @@ async def daemon(
     )
     try:
         spawned = time.monotonic()
+        # Run where the daemon has no code (as under systemd, in /): its openclawd then
+        # comes from PYTHONPATH (--daemon-from), not from the directory it started in.
         async with running(
-            argv, "the daemon", stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env
+            argv,
+            "the daemon",
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            env=env,
+            cwd=setup.root,
         ) as process:
             with trio.move_on_after(READY_TIMEOUT_S) as waited:
                 while True:
@@ -560,6 +568,15 @@ class Bench:
                     }
                 )
             await self.client.call(op="release")
+            # The next scenario starts once the daemon has closed them all (10k closes
+            # take it a while), not during.
+            with trio.fail_after(120):
+                while True:  # polled: another process's state, no event to wait on
+                    status = (await control.get("/v1/status")).json()
+                    if not status["connections"]["clients"]:
+                        break
+                    await trio.sleep(0.2)
+            await trio.sleep(1.0)
         out["idle_connections"] = steps
         return out
 
@@ -646,7 +663,7 @@ async def startup(setup: Setup, starts: int) -> dict[str, Any]:
             ([sys.executable, "-c", "pass"], bare),
         ):
             begun = time.monotonic()
-            await trio.run_process(argv, env=child_environ(setup.daemon_source))
+            await trio.run_process(argv, env=child_environ(setup.daemon_source), cwd=setup.root)
             into.append(time.monotonic() - begun)
     return {
         "starts": starts,
