@@ -42,7 +42,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -53,6 +52,7 @@ import httpx
 import trio
 
 from bench.runner import (
+    AB,
     FIRST_EVENT_GAP_MS,
     READY_TIMEOUT_S,
     REPO,
@@ -64,13 +64,10 @@ from bench.runner import (
     fingerprint,
     machine,
     new_key,
-    quantile,
-    rotated,
     rss_bytes,
     running,
     upstream_accepts,
     upstream_stats,
-    us,
 )
 
 PATHS = ("direct", "litellm")
@@ -351,21 +348,23 @@ def our_versions() -> dict[str, str]:
 # --- the scenarios --------------------------------------------------------------------
 
 
-class Compare:
-    def __init__(self, plan: Plan, client: ClientProcess, proxy: Proxy) -> None:
-        self.plan = plan
-        self.client = client
-        self.proxy = proxy
-        self.sent: Counter[str] = Counter()  # requests the client sent (or tried), per path
+class Compare(AB):
+    """Scenarios 1, 2 and 4 (``AB``), direct and through LiteLLM, and the check first."""
 
-    async def _sequential(
-        self, path: str, n: int, stream: bool, events: int, gap_ms: float = 0
-    ) -> dict[str, Any]:
-        answer = await self.client.call(
-            op="sequential", target=path, n=n, stream=stream, events=events, gap_ms=gap_ms
+    def __init__(self, plan: Plan, client: ClientProcess, proxy: Proxy) -> None:
+        super().__init__(
+            client,
+            PATHS,
+            proxy.cpu,
+            "proxy",
+            rounds=plan.rounds,
+            throughput_rounds=plan.throughput_rounds,
+            throughput_s=plan.throughput_s,
+            concurrency=plan.concurrency,
+            warm_up=WARM_UP,
         )
-        self.sent[path] += len(answer["latency_ns"]) + sum(answer["failures"].values())
-        return answer
+        self.plan = plan
+        self.proxy = proxy
 
     async def check(self) -> dict[str, Any]:
         """The client's requests, plain and streamed, must go through every path whole; and
@@ -379,7 +378,7 @@ class Compare:
             ("gap", True, CHECK_GAP_MS),
         ):
             for path in PATHS:
-                answer = await self._sequential(path, CHECK, stream, events, gap_ms)
+                answer = await self.call_sequential(path, CHECK, stream, events, gap_ms)
                 if answer["failures"]:
                     reasons = ", ".join(f"{n}× {why}" for why, n in answer["failures"].items())
                     raise BenchError(
@@ -401,86 +400,6 @@ class Compare:
                     }
                 else:
                     out[path][f"{kind}_events_per_response"] = answer["events"][0]
-        return out
-
-    async def sequential(
-        self, stream: bool, n: int, events: int, gap_ms: float = 0
-    ) -> dict[str, Any]:
-        """Scenarios 1 and 2: one request at a time, A/B alternated."""
-        samples: dict[str, list[int]] = {p: [] for p in PATHS}
-        firsts: dict[str, list[int]] = {p: [] for p in PATHS}
-        seen: dict[str, list[int]] = {p: [] for p in PATHS}
-        cpu: dict[str, float] = dict.fromkeys(PATHS, 0.0)
-        failures: dict[str, Counter[str]] = {p: Counter() for p in PATHS}
-        for path in PATHS:  # warm-up: connections, caches, pools
-            await self._sequential(path, WARM_UP, stream, events, gap_ms)
-        for round_ in range(self.plan.rounds):
-            for path in rotated(PATHS, round_):
-                before = self.proxy.cpu()
-                answer = await self._sequential(path, n, stream, events, gap_ms)
-                cpu[path] += self.proxy.cpu() - before
-                samples[path] += answer["latency_ns"][1:]  # the first opens the connection
-                firsts[path] += answer["first_event_ns"][1:]
-                seen[path] += answer["events"]
-                failures[path].update(answer["failures"])
-        measure = firsts if stream else samples
-        out: dict[str, Any] = {}
-        for path in PATHS:
-            values = measure[path]
-            out[path] = {
-                "requests": len(samples[path]),
-                "failures": sum(failures[path].values()),
-                "failure_reasons": dict(failures[path].most_common(10)),
-                "p50_us": us(quantile(values, 0.5)),
-                "p99_us": us(quantile(values, 0.99)),
-                "proxy_cpu_us_per_request": round(cpu[path] * 1e6 / max(1, len(samples[path])), 1),
-            }
-            if stream:
-                out[path]["events_per_response"] = (
-                    statistics.median(seen[path]) if seen[path] else None
-                )
-        litellm = out["litellm"]
-        litellm["added_p50_us"] = round(litellm["p50_us"] - out["direct"]["p50_us"], 1)
-        litellm["added_p99_us"] = round(litellm["p99_us"] - out["direct"]["p99_us"], 1)
-        return out
-
-    async def throughput(self) -> dict[str, Any]:
-        """Scenario 4: closed-loop load at each concurrency; requests/s and proxy CPU."""
-        out: dict[str, Any] = {}
-        for clients in self.plan.concurrency:
-            rates: dict[str, list[float]] = {p: [] for p in PATHS}
-            p50: dict[str, list[float]] = {p: [] for p in PATHS}
-            p99: dict[str, list[float]] = {p: [] for p in PATHS}
-            cpu_share: dict[str, list[float]] = {p: [] for p in PATHS}
-            failures: dict[str, Counter[str]] = {p: Counter() for p in PATHS}
-            for round_ in range(self.plan.throughput_rounds):
-                for path in rotated(PATHS, round_):
-                    before = self.proxy.cpu()
-                    answer = await self.client.call(
-                        op="load", clients={path: clients}, duration_s=self.plan.throughput_s
-                    )
-                    used = self.proxy.cpu() - before
-                    tally = answer["targets"][path]
-                    self.sent[path] += tally["requests"] + tally["failures"]
-                    rates[path].append(tally["requests"] / answer["seconds"])
-                    p50[path].append(tally["p50_ns"])
-                    p99[path].append(tally["p99_ns"])
-                    cpu_share[path].append(used / answer["seconds"])
-                    failures[path].update(tally["failure_reasons"])
-            row: dict[str, Any] = {}
-            for path in PATHS:
-                row[path] = {
-                    "requests_per_s": round(statistics.median(rates[path])),
-                    "p50_us": us(statistics.median(p50[path])),
-                    "p99_us": us(statistics.median(p99[path])),
-                    "failures": sum(failures[path].values()),
-                    "failure_reasons": dict(failures[path].most_common(10)),
-                    "proxy_cpu_percent": round(100 * statistics.median(cpu_share[path])),
-                }
-            row["litellm"]["ratio"] = round(
-                row["litellm"]["requests_per_s"] / max(1, row["direct"]["requests_per_s"]), 3
-            )
-            out[str(clients)] = row
         return out
 
 

@@ -42,7 +42,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -411,57 +412,156 @@ def rotated(order: Sequence[str], by: int) -> list[str]:
 # --- the scenarios --------------------------------------------------------------------
 
 
-class Bench:
-    def __init__(self, plan: Plan, setup: Setup, client: ClientProcess, main: Daemon) -> None:
-        self.plan = plan
-        self.setup = setup
+class AB:
+    """Scenarios 1, 2 and 4: the same workload on every path in turn, round after round,
+    in a rotated order. ``paths[0]`` is the direct path, every other one is compared with
+    it; ``cpu()`` is the CPU time of the process under test, named ``name`` in the figures
+    (``daemon_cpu_us_per_request``, ...). Also used by ``bench/compare_litellm.py``."""
+
+    def __init__(
+        self,
+        client: ClientProcess,
+        paths: Sequence[str],
+        cpu: Callable[[], float],
+        name: str,
+        *,
+        rounds: int,
+        throughput_rounds: int,
+        throughput_s: float,
+        concurrency: Sequence[int],
+        warm_up: int = 20,
+    ) -> None:
         self.client = client
-        self.daemon = main
+        self.paths = tuple(paths)
+        self.cpu = cpu
+        self.name = name
+        self.rounds = rounds
+        self.throughput_rounds = throughput_rounds
+        self.throughput_s = throughput_s
+        self.concurrency = tuple(concurrency)
+        self.warm_up = warm_up
+        self.sent: Counter[str] = Counter()  # requests the client sent (or tried), per path
+
+    @property
+    def through(self) -> tuple[str, ...]:
+        return self.paths[1:]
+
+    async def call_sequential(
+        self, path: str, n: int, stream: bool, events: int, gap_ms: float = 0
+    ) -> dict[str, Any]:
+        """The client's ``sequential`` command, counted in ``sent``."""
+        answer = await self.client.call(
+            op="sequential", target=path, n=n, stream=stream, events=events, gap_ms=gap_ms
+        )
+        self.sent[path] += len(answer["latency_ns"]) + sum(answer["failures"].values())
+        return answer
 
     async def sequential(
         self, stream: bool, n: int, events: int, gap_ms: float = 0
     ) -> dict[str, Any]:
-        """Scenarios 1 and 2: one request at a time, A/B alternated."""
-        samples: dict[str, list[int]] = {p: [] for p in PATHS}
-        firsts: dict[str, list[int]] = {p: [] for p in PATHS}
-        cpu: dict[str, float] = dict.fromkeys(PATHS, 0.0)
-        failures: dict[str, int] = dict.fromkeys(PATHS, 0)
-        for path in PATHS:  # warm-up: connections, caches, the pool
-            await self.client.call(
-                op="sequential", target=path, n=20, stream=stream, events=events, gap_ms=gap_ms
-            )
-        for round_ in range(self.plan.rounds):
-            for path in rotated(PATHS, round_):
-                before = self.daemon.cpu()
-                answer = await self.client.call(
-                    op="sequential",
-                    target=path,
-                    n=n,
-                    stream=stream,
-                    events=events,
-                    gap_ms=gap_ms,
-                )
-                cpu[path] += self.daemon.cpu() - before
+        """Scenarios 1 and 2: one request at a time; latency, or time to first event."""
+        paths = self.paths
+        samples: dict[str, list[int]] = {p: [] for p in paths}
+        firsts: dict[str, list[int]] = {p: [] for p in paths}
+        seen: dict[str, list[int]] = {p: [] for p in paths}
+        cpu: dict[str, float] = dict.fromkeys(paths, 0.0)
+        failures: dict[str, Counter[str]] = {p: Counter() for p in paths}
+        for path in paths:  # warm-up: connections, caches, the pool
+            await self.call_sequential(path, self.warm_up, stream, events, gap_ms)
+        for round_ in range(self.rounds):
+            for path in rotated(paths, round_):
+                before = self.cpu()
+                answer = await self.call_sequential(path, n, stream, events, gap_ms)
+                cpu[path] += self.cpu() - before
                 samples[path] += answer["latency_ns"][1:]  # the first opens the connection
                 firsts[path] += answer["first_event_ns"][1:]
-                failures[path] += sum(answer["failures"].values())
+                seen[path] += answer["events"]
+                failures[path].update(answer["failures"])
         measure = firsts if stream else samples
         out: dict[str, Any] = {}
-        for path in PATHS:
+        for path in paths:
             values = measure[path]
             out[path] = {
                 "requests": len(samples[path]),
-                "failures": failures[path],
+                "failures": sum(failures[path].values()),
+                "failure_reasons": dict(failures[path].most_common(10)),
                 "p50_us": us(quantile(values, 0.5)),
                 "p99_us": us(quantile(values, 0.99)),
-                "daemon_cpu_us_per_request": round(cpu[path] * 1e6 / max(1, len(samples[path])), 1)
-                if path != "direct"
-                else None,
             }
-        for path in ("ws", "http"):
-            out[path]["added_p50_us"] = round(out[path]["p50_us"] - out["direct"]["p50_us"], 1)
-            out[path]["added_p99_us"] = round(out[path]["p99_us"] - out["direct"]["p99_us"], 1)
+            if path in self.through:
+                out[path][f"{self.name}_cpu_us_per_request"] = round(
+                    cpu[path] * 1e6 / max(1, len(samples[path])), 1
+                )
+                out[path]["added_p50_us"] = round(out[path]["p50_us"] - out[paths[0]]["p50_us"], 1)
+                out[path]["added_p99_us"] = round(out[path]["p99_us"] - out[paths[0]]["p99_us"], 1)
+            if stream:
+                out[path]["events_per_response"] = (
+                    statistics.median(seen[path]) if seen[path] else None
+                )
         return out
+
+    async def throughput(self) -> dict[str, Any]:
+        """Scenario 4: closed-loop load at each concurrency; requests/s, and the CPU of the
+        process under test (100 = one core)."""
+        paths = self.paths
+        out: dict[str, Any] = {}
+        for clients in self.concurrency:
+            rates: dict[str, list[float]] = {p: [] for p in paths}
+            p50: dict[str, list[float]] = {p: [] for p in paths}
+            p99: dict[str, list[float]] = {p: [] for p in paths}
+            cpu_share: dict[str, list[float]] = {p: [] for p in paths}
+            failures: dict[str, Counter[str]] = {p: Counter() for p in paths}
+            for round_ in range(self.throughput_rounds):
+                for path in rotated(paths, round_):
+                    before = self.cpu()
+                    answer = await self.client.call(
+                        op="load", clients={path: clients}, duration_s=self.throughput_s
+                    )
+                    used = self.cpu() - before
+                    tally = answer["targets"][path]
+                    self.sent[path] += tally["requests"] + tally["failures"]
+                    rates[path].append(tally["requests"] / answer["seconds"])
+                    p50[path].append(tally["p50_ns"])
+                    p99[path].append(tally["p99_ns"])
+                    cpu_share[path].append(used / answer["seconds"])
+                    failures[path].update(tally["failure_reasons"])
+            row: dict[str, Any] = {}
+            for path in paths:
+                row[path] = {
+                    "requests_per_s": round(statistics.median(rates[path])),
+                    "p50_us": us(statistics.median(p50[path])),
+                    "p99_us": us(statistics.median(p99[path])),
+                    "failures": sum(failures[path].values()),
+                    "failure_reasons": dict(failures[path].most_common(10)),
+                }
+                if path in self.through:
+                    row[path][f"{self.name}_cpu_percent"] = round(
+                        100 * statistics.median(cpu_share[path])
+                    )
+                    row[path]["ratio"] = round(
+                        row[path]["requests_per_s"] / max(1, row[paths[0]]["requests_per_s"]), 3
+                    )
+            out[str(clients)] = row
+        return out
+
+
+class Bench(AB):
+    """Every scenario but 6, against the main daemon."""
+
+    def __init__(self, plan: Plan, setup: Setup, client: ClientProcess, main: Daemon) -> None:
+        super().__init__(
+            client,
+            PATHS,
+            main.cpu,
+            "daemon",
+            rounds=plan.rounds,
+            throughput_rounds=plan.throughput_rounds,
+            throughput_s=plan.throughput_s,
+            concurrency=plan.concurrency,
+        )
+        self.plan = plan
+        self.setup = setup
+        self.daemon = main
 
     async def relay(self) -> dict[str, Any]:
         """Scenario 3: one stream of many small events; events/s end to end."""
@@ -494,47 +594,6 @@ class Bench:
                 )
         for path in ("ws", "http"):
             out[path]["ratio"] = round(out[path]["events_per_s"] / out["direct"]["events_per_s"], 3)
-        return out
-
-    async def throughput(self) -> dict[str, Any]:
-        """Scenario 4: closed-loop load at each concurrency; requests/s and daemon CPU."""
-        out: dict[str, Any] = {}
-        for clients in self.plan.concurrency:
-            rates: dict[str, list[float]] = {p: [] for p in PATHS}
-            p50: dict[str, list[float]] = {p: [] for p in PATHS}
-            p99: dict[str, list[float]] = {p: [] for p in PATHS}
-            cpu_share: dict[str, list[float]] = {p: [] for p in PATHS}
-            failures: dict[str, int] = dict.fromkeys(PATHS, 0)
-            for round_ in range(self.plan.throughput_rounds):
-                for path in rotated(PATHS, round_):
-                    before = self.daemon.cpu()
-                    answer = await self.client.call(
-                        op="load", clients={path: clients}, duration_s=self.plan.throughput_s
-                    )
-                    used = self.daemon.cpu() - before
-                    tally = answer["targets"][path]
-                    rates[path].append(tally["requests"] / answer["seconds"])
-                    p50[path].append(tally["p50_ns"])
-                    p99[path].append(tally["p99_ns"])
-                    cpu_share[path].append(used / answer["seconds"])
-                    failures[path] += tally["failures"]
-            row: dict[str, Any] = {}
-            for path in PATHS:
-                row[path] = {
-                    "requests_per_s": round(statistics.median(rates[path])),
-                    "p50_us": us(statistics.median(p50[path])),
-                    "p99_us": us(statistics.median(p99[path])),
-                    "failures": failures[path],
-                }
-                if path != "direct":
-                    row[path]["daemon_cpu_percent"] = round(
-                        100 * statistics.median(cpu_share[path])
-                    )
-            for path in ("ws", "http"):
-                row[path]["ratio"] = round(
-                    row[path]["requests_per_s"] / max(1, row["direct"]["requests_per_s"]), 3
-                )
-            out[str(clients)] = row
         return out
 
     async def memory(self, idle_rss: int) -> dict[str, Any]:

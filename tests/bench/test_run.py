@@ -55,7 +55,8 @@ def test_a_smoke_run_reports_every_scenario_and_leaks_no_key(tmp_path: Path) -> 
         for path in ("ws", "http"):
             added = s[name][path]["added_p50_us"]
             assert added == round(s[name][path]["p50_us"] - s[name]["direct"]["p50_us"], 1)
-            assert s[name][path]["daemon_cpu_us_per_request"] > 0
+            # CPU time comes in clock ticks (10 ms): a smoke run's few requests may show 0.
+            assert s[name][path]["daemon_cpu_us_per_request"] >= 0
     for path in PATHS:
         assert s["relay"][path]["failures"] == 0
         assert s["relay"][path]["events_per_s"] > 0
