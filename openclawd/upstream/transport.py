@@ -32,7 +32,7 @@ import h11
 import httpx
 import trio
 
-__all__ = ["PoolTransport"]
+__all__ = ["PoolTransport", "tls_failure"]
 
 KEEPALIVE_EXPIRY_S = 5.0  # as httpcore: servers close idle connections, often soon
 MAX_HEAD_BYTES = 100 * 1024  # a response head larger than this is refused
@@ -240,9 +240,10 @@ class PoolTransport(httpx.AsyncBaseTransport):
                 conn = await self._take_idle(origin)
                 if conn is not None:
                     return conn
-                if self._open < self._max or await self._evict_idle():
-                    break
-                await self._freed.wait()
+                if self._open < self._max:
+                    break  # no await between this check and taking the slot
+                if not await self._evict_idle():
+                    await self._freed.wait()
         if waited.cancelled_caught:
             raise httpx.PoolTimeout(f"no upstream connection free within {pool_s:g}s")
         self._open += 1
@@ -291,11 +292,7 @@ class PoolTransport(httpx.AsyncBaseTransport):
                 done = True
                 return secure
             except trio.BrokenResourceError as exc:
-                cause = exc.__cause__
-                detail = getattr(cause, "verify_message", None) or getattr(cause, "reason", None)
-                raise httpx.ConnectError(
-                    f"TLS handshake failed: {detail or type(cause).__name__}"
-                ) from exc
+                raise httpx.ConnectError(tls_failure(exc)) from exc
             finally:
                 if not done:  # failed, or timed out: never used, never pooled
                     await trio.aclose_forcefully(tcp)
@@ -332,6 +329,14 @@ class PoolTransport(httpx.AsyncBaseTransport):
             while stack:
                 await self._close(stack.pop())
         self._idle.clear()
+
+
+def tls_failure(exc: trio.BrokenResourceError) -> str:
+    """What a failed TLS handshake says, named by its cause (``certificate verify failed:
+    self-signed certificate``), never a fallback to an unverified connection."""
+    cause = exc.__cause__
+    detail = getattr(cause, "verify_message", None) or getattr(cause, "reason", None)
+    return f"TLS handshake failed: {detail or type(cause).__name__}"
 
 
 def _seconds(value: float | None) -> float:

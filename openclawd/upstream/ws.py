@@ -22,6 +22,7 @@ from openclawd import websocket
 from openclawd.config import ProviderConfig
 from openclawd.errors import UpstreamConnectionError, UpstreamTimeoutError
 from openclawd.keys.manager import Key
+from openclawd.upstream.transport import tls_failure
 from openclawd.websocket import Activity, WebSocketConnection
 
 _DEFAULT_PORTS = {"ws": 80, "wss": 443}
@@ -149,11 +150,7 @@ async def _open_stream(to: Target, tls: ssl.SSLContext) -> trio.abc.Stream:
         await secure.do_handshake()
         done = True
     except trio.BrokenResourceError as exc:
-        cause = exc.__cause__
-        detail = getattr(cause, "verify_message", None) or getattr(cause, "reason", None)
-        raise UpstreamConnectionError(
-            f"upstream TLS handshake failed: {detail or type(cause).__name__}"
-        ) from exc
+        raise UpstreamConnectionError(f"upstream {tls_failure(exc)}") from exc
     finally:
         if not done:  # failed, or timed out: the caller never sees this connection
             await trio.aclose_forcefully(tcp)

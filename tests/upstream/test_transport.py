@@ -965,3 +965,46 @@ async def test_chunks_already_received_come_out_together_and_unchanged() -> None
     assert b"".join(steps) == b"".join(events) + b"last\n"
     assert len(steps) < len(events) // 10, len(steps)
     assert steps[-1] == b"last\n"
+
+
+async def test_two_requests_racing_for_an_evicted_slot_never_exceed_max_connections() -> None:
+    """One request evicts an idle connection to make room; while the close yields, a
+    second request must not take that same room too: the limit holds at every moment."""
+    most = 0
+
+    async def held(peer: Peer) -> None:  # answers, then keeps the body open
+        nonlocal most
+        most = max(most, transport.connections)
+        await peer.read_request()
+        await peer.send(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhel")
+        await peer.wait_eof()
+
+    with trio.fail_after(10):
+        async with (
+            upstream() as a,
+            upstream(held) as b,
+            make_pool(max_connections=1) as transport,
+        ):
+            assert await fetch(transport, a.url()) == (200, b"hello")  # idle, to a
+            responses: list[httpx.Response] = []
+            timeouts: list[str] = []
+
+            async def one() -> None:
+                try:
+                    responses.append(
+                        await transport.handle_async_request(request(b.url(), pool=0.5))
+                    )
+                except httpx.PoolTimeout as exc:
+                    timeouts.append(str(exc))
+                most_now = transport.connections
+                assert most_now <= 1, most_now
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(one)
+                nursery.start_soon(one)
+            assert len(responses) == 1
+            assert len(timeouts) == 1
+            assert b.accepted == 1
+            assert most <= 1
+            for response in responses:
+                await response.aclose()
