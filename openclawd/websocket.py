@@ -164,13 +164,7 @@ class Sender:
         Cancellation: deferred until the message is out (bounded once ``stop()`` is
         called), then raised.
         """
-        with trio.CancelScope(shield=True, deadline=self._stop_at) as scope:
-            self._sending = scope
-            try:
-                await self.ws.send_message(message)
-            finally:
-                self._sending = None
-        await trio.lowlevel.checkpoint_if_cancelled()
+        await self.send_batch((message,))
 
     async def send_batch(self, messages: Sequence[str | bytes]) -> None:
         """``send`` each of ``messages``, in order, in as few writes as they fit in.
