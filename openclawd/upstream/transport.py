@@ -23,9 +23,10 @@ cancellation closes the connection instead, so nothing half-read is ever reused.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import h11
@@ -73,10 +74,8 @@ class _Connection:
         return stream.socket.is_readable()
 
     def encode(self, event: h11.Event) -> bytes:
-        try:
+        with _refused_by_h11():
             return self.http.send(event) or b""
-        except h11.LocalProtocolError as exc:
-            raise httpx.LocalProtocolError(str(exc)) from exc
 
     async def send(self, event: h11.Event, gap_s: float) -> None:
         await self.write(self.encode(event), gap_s)
@@ -198,8 +197,10 @@ class PoolTransport(httpx.AsyncBaseTransport):
         write_s = _seconds(timeouts.get("write"))
         conn = await self._checkout(request.url, _seconds(timeouts.get("pool")), connect_s)
         try:
-            target = request.url.raw_path
-            head = h11.Request(method=request.method, target=target, headers=request.headers.raw)
+            with _refused_by_h11():
+                head = h11.Request(
+                    method=request.method, target=request.url.raw_path, headers=request.headers.raw
+                )
             body = request.stream
             if isinstance(body, httpx.ByteStream):  # all there: one write, one system call
                 data = conn.encode(head)
@@ -329,6 +330,19 @@ class PoolTransport(httpx.AsyncBaseTransport):
             while stack:
                 await self._close(stack.pop())
         self._idle.clear()
+
+
+@contextlib.contextmanager
+def _refused_by_h11() -> Iterator[None]:
+    """h11 refusing what we would send (an invalid header, a framing it cannot do) as
+    httpx's error; its own text quotes the offending header's value, which may be the
+    key's, so it is dropped (``from None``) and never reaches a log or an app."""
+    try:
+        yield
+    except h11.LocalProtocolError:
+        raise httpx.LocalProtocolError(
+            "the request cannot be sent as HTTP/1.1 (an invalid header or framing)"
+        ) from None
 
 
 def tls_failure(exc: trio.BrokenResourceError) -> str:

@@ -1008,3 +1008,18 @@ async def test_two_requests_racing_for_an_evicted_slot_never_exceed_max_connecti
             assert most <= 1
             for response in responses:
                 await response.aclose()
+
+
+async def test_a_header_h11_refuses_is_named_without_its_value() -> None:
+    """h11 quotes an invalid header's value in its error: that value may be a key."""
+    secret = "sk-secret-value\r\nx: y"
+    with trio.fail_after(10):
+        async with upstream() as up, make_pool() as transport:
+            bad = request(up.url())
+            bad.headers["authorization"] = f"Bearer {secret}"
+            with pytest.raises(httpx.LocalProtocolError) as caught:
+                await transport.handle_async_request(bad)
+            assert "sk-secret" not in str(caught.value)
+            assert caught.value.__cause__ is None
+            assert caught.value.__suppress_context__
+            assert transport.connections == 0
