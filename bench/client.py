@@ -368,6 +368,7 @@ class Client:
                 stream=command.get("stream", False),
                 events=command.get("events", 16),
                 gap_ms=command.get("gap_ms", 0),
+                pause_ms=command.get("pause_ms", 0),
             )
         if op == "load":
             return await self.load(
@@ -381,17 +382,27 @@ class Client:
         raise ValueError(f"unknown op {op!r}")
 
     async def sequential(
-        self, target: Target, n: int, *, stream: bool, events: int, gap_ms: float = 0
+        self,
+        target: Target,
+        n: int,
+        *,
+        stream: bool,
+        events: int,
+        gap_ms: float = 0,
+        pause_ms: float = 0,
     ) -> dict[str, Any]:
-        """``n`` requests one after the other on one connection: every latency (and time
-        to first event, streamed), and the failures."""
+        """``n`` requests one after the other on one connection, ``pause_ms`` of quiet
+        before each but the first: every latency (and time to first event, streamed), and
+        the failures."""
         body = json.dumps(request_body(stream=stream, events=events, gap_ms=gap_ms)).encode()
         latencies: list[int] = []
         first_events: list[int] = []
         events_seen: list[int] = []
         failures: Counter[str] = Counter()
         peer: Peer | None = None
-        for _ in range(n):
+        for index in range(n):
+            if pause_ms and index:
+                await trio.sleep(pause_ms / 1000)
             try:
                 if peer is None or not peer.usable:
                     peer = await open_peer(target)

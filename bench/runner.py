@@ -447,19 +447,32 @@ class AB:
         return self.paths[1:]
 
     async def call_sequential(
-        self, path: str, n: int, stream: bool, events: int, gap_ms: float = 0
+        self,
+        path: str,
+        n: int,
+        stream: bool,
+        events: int,
+        gap_ms: float = 0,
+        pause_ms: float = 0,
     ) -> dict[str, Any]:
         """The client's ``sequential`` command, counted in ``sent``."""
         answer = await self.client.call(
-            op="sequential", target=path, n=n, stream=stream, events=events, gap_ms=gap_ms
+            op="sequential",
+            target=path,
+            n=n,
+            stream=stream,
+            events=events,
+            gap_ms=gap_ms,
+            pause_ms=pause_ms,
         )
         self.sent[path] += len(answer["latency_ns"]) + sum(answer["failures"].values())
         return answer
 
     async def sequential(
-        self, stream: bool, n: int, events: int, gap_ms: float = 0
+        self, stream: bool, n: int, events: int, gap_ms: float = 0, pause_ms: float = 0
     ) -> dict[str, Any]:
-        """Scenarios 1 and 2: one request at a time; latency, or time to first event."""
+        """Scenarios 1 and 2: one request at a time (``pause_ms`` apart); latency, or time
+        to first event."""
         paths = self.paths
         samples: dict[str, list[int]] = {p: [] for p in paths}
         firsts: dict[str, list[int]] = {p: [] for p in paths}
@@ -471,7 +484,7 @@ class AB:
         for round_ in range(self.rounds):
             for path in rotated(paths, round_):
                 before = self.cpu()
-                answer = await self.call_sequential(path, n, stream, events, gap_ms)
+                answer = await self.call_sequential(path, n, stream, events, gap_ms, pause_ms)
                 cpu[path] += self.cpu() - before
                 samples[path] += answer["latency_ns"][1:]  # the first opens the connection
                 firsts[path] += answer["first_event_ns"][1:]
@@ -889,6 +902,11 @@ async def _scenarios(
         if "latency" in only:
             say("1/7 added latency, non-streaming")
             scenarios["latency"] = await bench.sequential(False, plan.sequential, 0)
+            # The same after as much quiet as scenario 2's gap: a CPU that waited is slower
+            # (caches, clock), and scenario 2's first events all come after such a wait.
+            scenarios["latency_after_idle"] = await bench.sequential(
+                False, plan.first_event, 0, pause_ms=FIRST_EVENT_GAP_MS
+            )
         if "first_event" in only:
             say("2/7 time to first event, streaming")
             scenarios["first_event"] = await bench.sequential(
@@ -949,6 +967,18 @@ def summary(results: dict[str, Any]) -> str:
             "",
             f"{lat['ws']['daemon_cpu_us_per_request']:g}",
             f"{lat['http']['daemon_cpu_us_per_request']:g}",
+        )
+    if "latency_after_idle" in s:
+        idle = s["latency_after_idle"]
+        row(
+            f"1 after {FIRST_EVENT_GAP_MS} ms idle: latency p50 / p99 (µs)",
+            *(p50_p99(idle[p]) for p in PATHS),
+        )
+        row(
+            f"1 after {FIRST_EVENT_GAP_MS} ms idle: added (µs)",
+            "",
+            added(idle["ws"]),
+            added(idle["http"]),
         )
     if "first_event" in s:
         fe = s["first_event"]
