@@ -41,7 +41,7 @@ def test_a_smoke_run_reports_every_scenario_and_leaks_no_key(tmp_path: Path) -> 
     s = results["scenarios"]
     plan = results["plan"]
 
-    for name in ("latency", "first_event"):
+    for name in ("latency", "latency_after_idle", "first_event"):
         for path in PATHS:
             figures = s[name][path]
             assert figures["failures"] == 0, (name, path, figures)
