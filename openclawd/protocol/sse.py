@@ -179,6 +179,11 @@ class SSEDecoder:
                 self._event = None
                 self._id = None
                 continue
+            # Any line counts while it is read (the partial-line check in ``feed``), so a
+            # line of any kind counts whole too: the limit must not depend on where the
+            # chunks were cut (found by tests/faults/test_fuzz.py).
+            if self._data_bytes + len(line) > limit:
+                self._fail()
             # The common line first: one startswith instead of a partition and a compare.
             if line.startswith(b"data:"):
                 value = line[6:] if line[5:6] == b" " else line[5:]
@@ -200,8 +205,6 @@ class SSEDecoder:
                     continue
             data.append(value.decode("utf-8", "replace"))
             self._data_bytes += len(line)
-            if self._data_bytes > limit:
-                self._fail()
         return events
 
     def _fail(self) -> NoReturn:

@@ -364,3 +364,19 @@ def test_matches_the_reference_on_random_streams_and_splits() -> None:
         rng = random.Random(seed)
         raw = b"".join(rng.choices(FRAGMENTS, k=rng.randint(0, 80)))
         assert decode(*random_splits(raw, rng)) == reference(raw), (seed, raw)
+
+
+def test_a_long_line_of_any_kind_fails_alike_whole_or_split() -> None:
+    """The limit counts the line being read, whatever its field; a line that arrives
+    whole must count the same (found by tests/faults/test_fuzz.py: an "event:" line over
+    the limit passed whole and failed when cut)."""
+    line = b"event: " + b"x" * 20 + b"\n"
+    whole = SSEDecoder(max_event_bytes=10)
+    with pytest.raises(UpstreamProtocolError):
+        whole.feed(line)
+    split = SSEDecoder(max_event_bytes=10)
+    assert split.feed(line[:8]) == []  # within the limit so far
+    with pytest.raises(UpstreamProtocolError):
+        split.feed(line[8:])
+    fine = SSEDecoder(max_event_bytes=64)
+    assert fine.feed(line + b"data: ok\n\n")[0].event == "x" * 20
