@@ -12,6 +12,7 @@ bounded time. Knows nothing of what runs over the WebSockets.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import functools
 import math
@@ -28,8 +29,10 @@ from trio_websocket import (
     ConnectionRejected,
     WebSocketConnection,
     wrap_client_stream,
-    wrap_server_stream,
 )
+from wsproto import ConnectionType, WSConnection
+from wsproto.connection import ConnectionState
+from wsproto.events import CloseConnection
 
 from openclawd.errors import UpstreamConnectionError, UpstreamRejectedError
 from openclawd.protocol.closecodes import close_reason, handshake_refusal
@@ -229,21 +232,43 @@ def is_upgrade(request: h11.Request) -> bool:
     )
 
 
+class _AppConnection(WebSocketConnection):
+    """trio-websocket's server connection, telling an app whose bytes break the protocol
+    why it is closed.
+
+    When wsproto finds an app's frame invalid (text that is not UTF-8: 1007; any other
+    protocol error: 1002) it hands trio-websocket a close event the app never sent, and
+    trio-websocket then drops the TCP connection without a close frame: the app saw 1006
+    and no reason. Here our close frame, with wsproto's code and reason, goes out first.
+    (A close the app did send leaves wsproto in REMOTE_CLOSING, never OPEN.)
+    """
+
+    async def _handle_close_connection_event(self, event: CloseConnection) -> None:
+        if self._wsproto.state is ConnectionState.OPEN:
+            with contextlib.suppress(ConnectionClosed):
+                await self._send(CloseConnection(event.code, close_reason(event.reason or "")))
+        await super()._handle_close_connection_event(event)
+
+
 async def accept(
     nursery: trio.Nursery, wire: ActivityStream, *, max_message_bytes: int
 ) -> WebSocketConnection:
     """Complete the handshake over ``wire``, whose prefix is the request already read.
 
-    ``nursery`` runs the connection's reader task; it must outlive the WebSocket.
+    ``nursery`` runs the connection's reader task; it must outlive the WebSocket. (Built
+    as trio-websocket's ``wrap_server_stream`` builds it, with ``_AppConnection``.)
     Raises:
         ConnectionClosed: the peer left during the handshake.
     """
-    request = await wrap_server_stream(
-        nursery,
+    connection = _AppConnection(
         wire,
+        WSConnection(ConnectionType.SERVER),
         message_queue_size=QUEUE_SIZE,
         max_message_size=max_message_bytes,
+        receive_buffer_size=_RECEIVE_BYTES,
     )
+    nursery.start_soon(connection._reader_task)
+    request = await connection._get_request()
     return await request.accept()
 
 

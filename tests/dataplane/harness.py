@@ -419,3 +419,14 @@ async def call(
     """One request on a connection of its own."""
     async with open_http(socket_path) as app:
         return await app.request(method, target, headers, body)
+
+
+def server_frames(data: bytes) -> tuple[list[int], bytes]:
+    """Opcodes of the (unmasked, short) frames a server sent, and the last payload."""
+    opcodes, payload = [], b""
+    while data:
+        length = data[1] & 0x7F
+        assert length < 126
+        opcodes.append(data[0] & 0x0F)
+        payload, data = data[2 : 2 + length], data[2 + length :]
+    return opcodes, payload

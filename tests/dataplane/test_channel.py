@@ -14,7 +14,7 @@ import trio_websocket
 
 from ..bao import BaoServer
 from ..fake_upstream import Reply, open_fake_upstream
-from .harness import current_rss, open_app, open_dataplane
+from .harness import current_rss, open_app, open_dataplane, server_frames
 
 KEY = "sk-test-0001"
 STREAM = {"model": "m", "stream": True, "stream_options": {"include_usage": True}}
@@ -527,17 +527,6 @@ async def test_silent_peer_is_closed_after_ping_timeout(shared_bao: Bao, runtime
                 assert opcodes[-1] == 0x8
                 assert int.from_bytes(close[:2], "big") == 1011
                 assert close[2:] == b"no pong within 0.3s"
-
-
-def server_frames(data: bytes) -> tuple[list[int], bytes]:
-    """Opcodes of the (unmasked, short) frames a server sent, and the last payload."""
-    opcodes, payload = [], b""
-    while data:
-        length = data[1] & 0x7F
-        assert length < 126
-        opcodes.append(data[0] & 0x0F)
-        payload, data = data[2 : 2 + length], data[2 + length :]
-    return opcodes, payload
 
 
 async def test_not_a_websocket_upgrade_gets_426(shared_bao: Bao, runtime_dir: Path) -> None:

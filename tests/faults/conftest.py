@@ -1,0 +1,1 @@
+from ..bao import bao, shared_bao  # noqa: F401 - fixtures
