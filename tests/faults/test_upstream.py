@@ -1,0 +1,121 @@
+"""What an upstream can do wrong, and what the app gets: a bounded wait, a clear error
+code, a retry only where nothing was relayed yet."""
+
+from __future__ import annotations
+
+import math
+import socket
+import struct
+from functools import partial
+from pathlib import Path
+
+import trio
+
+from ..bao import BaoServer
+from ..dataplane.harness import call, open_app, open_dataplane
+from ..fake_upstream import Reply, open_fake_upstream
+
+STREAM = {"model": "m", "stream": True}
+READ_GAP_S = 0.5
+NO_BACKOFF = {"retry_backoff_s": 0.01, "retry_backoff_max_s": 0.01}
+
+
+async def test_an_upstream_silent_before_its_head_is_upstream_timeout_after_the_read_gap(
+    shared_bao: BaoServer, runtime_dir: Path
+) -> None:
+    """No byte at all: the app hears ``upstream_timeout`` (/v1/ws) or 504 (/v1/http) once
+    ``read_timeout_s`` has passed, not before and not much after; never retried (the
+    provider may be working on it)."""
+    with trio.fail_after(20):
+        async with (
+            open_fake_upstream() as up,
+            open_dataplane(
+                shared_bao, runtime_dir, up.url, provider={"read_timeout_s": READ_GAP_S}
+            ) as dp,
+            open_app(dp.socket_path) as app,
+        ):
+            up.script(Reply(head_delay_s=math.inf), Reply(head_delay_s=math.inf))
+            started = trio.current_time()
+            frames = await app.call("w", body={})
+            waited = trio.current_time() - started
+            assert [f["type"] for f in frames] == ["error"]
+            assert frames[0]["code"] == "upstream_timeout"
+            assert READ_GAP_S <= waited < READ_GAP_S + 1.0
+            started = trio.current_time()
+            answer = await call(dp.socket_path, "POST", "/v1/http/openai/v1/x", body=b"{}")
+            waited = trio.current_time() - started
+            assert answer.status == 504
+            assert answer.json()["error"]["code"] == "upstream_timeout"
+            assert READ_GAP_S <= waited < READ_GAP_S + 1.0
+            assert len(up.requests) == 2  # one each: no retry
+
+
+async def resetting_upstream(nursery: trio.Nursery) -> tuple[int, list[int]]:
+    """Reads each request head, then resets the connection (TCP RST) before any byte of
+    an answer. Returns the port and a list that grows by one per connection."""
+    seen: list[int] = []
+
+    async def handle(stream: trio.SocketStream) -> None:
+        seen.append(len(seen))
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = await stream.receive_some(65536)
+            if not chunk:
+                return
+            data += chunk
+        stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        await stream.aclose()
+
+    listeners = await nursery.start(partial(trio.serve_tcp, handle, 0, host="127.0.0.1"))
+    return listeners[0].socket.getsockname()[1], seen
+
+
+async def test_a_reset_before_the_first_byte_is_retried_then_upstream_unavailable(
+    shared_bao: BaoServer, runtime_dir: Path
+) -> None:
+    """Nothing was relayed, so it is safe to try again (max_retries); then the app hears
+    ``upstream_unavailable`` (/v1/ws) or 502 (/v1/http)."""
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            port, seen = await resetting_upstream(nursery)
+            async with (
+                open_dataplane(
+                    shared_bao,
+                    runtime_dir,
+                    f"http://127.0.0.1:{port}",
+                    provider={"max_retries": 2, **NO_BACKOFF},
+                ) as dp,
+                open_app(dp.socket_path) as app,
+            ):
+                frames = await app.call("r", body={})
+                assert [f["type"] for f in frames] == ["error"]
+                assert frames[0]["code"] == "upstream_unavailable"
+                assert len(seen) == 3  # the first try and two retries
+                answer = await call(dp.socket_path, "POST", "/v1/http/openai/v1/x", body=b"{}")
+                assert answer.status == 502
+                assert answer.json()["error"]["code"] == "upstream_unavailable"
+                assert len(seen) == 6
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_reset_after_the_first_byte_ends_the_request_and_is_not_retried(
+    shared_bao: BaoServer, runtime_dir: Path
+) -> None:
+    """Bytes were relayed: a retry would send them twice. The request ends with an error
+    frame in place of ``response.end``; /v1/http cuts the app's response short."""
+    with trio.fail_after(20):
+        async with (
+            open_fake_upstream() as up,
+            open_dataplane(shared_bao, runtime_dir, up.url, provider=NO_BACKOFF) as dp,
+            open_app(dp.socket_path) as app,
+        ):
+            up.script(Reply(drop_after_chunks=1, drop_with_reset=True, chunk_delay_s=0.05))
+            frames = await app.call("d", body=STREAM)
+            assert frames[0]["type"] == "response.start"
+            assert frames[-1]["type"] == "error"
+            assert frames[-1]["code"] == "upstream_unavailable"
+            assert "response.end" not in [f["type"] for f in frames]
+            assert len(up.requests) == 1
+            await up.wait_connections_closed(1)
+            # The channel and the daemon serve on.
+            assert (await app.call("next", body={}))[-1]["type"] == "response.end"
