@@ -12,6 +12,7 @@ from pathlib import Path
 import trio
 
 from ..bao import BaoServer
+from ..conftest import server_tls
 from ..dataplane.harness import call, open_app, open_dataplane
 from ..fake_upstream import Reply, open_fake_upstream
 
@@ -119,3 +120,48 @@ async def test_a_reset_after_the_first_byte_ends_the_request_and_is_not_retried(
             await up.wait_connections_closed(1)
             # The channel and the daemon serve on.
             assert (await app.call("next", body={}))[-1]["type"] == "response.end"
+
+
+async def test_an_https_upstream_with_an_untrusted_certificate_is_refused_never_plain(
+    shared_bao: BaoServer, runtime_dir: Path, certificate: tuple[Path, Path]
+) -> None:
+    """TLS to a self-signed upstream fails the handshake: the app hears
+    ``upstream_unavailable`` / 502 naming the certificate; no byte of a request (so no key)
+    ever reaches the server, in the clear or otherwise."""
+    received = bytearray()
+    handshakes_failed = 0
+
+    async def handle(tcp: trio.SocketStream) -> None:
+        nonlocal handshakes_failed
+        stream = trio.SSLStream(tcp, server_tls(certificate), server_side=True)
+        try:
+            while data := await stream.receive_some(65536):
+                received.extend(data)
+        except trio.BrokenResourceError:
+            handshakes_failed += 1
+        finally:
+            await trio.aclose_forcefully(tcp)
+
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            listeners = await nursery.start(partial(trio.serve_tcp, handle, 0, host="127.0.0.1"))
+            port = listeners[0].socket.getsockname()[1]
+            async with (
+                open_dataplane(
+                    shared_bao,
+                    runtime_dir,
+                    f"https://127.0.0.1:{port}",
+                    provider={"max_retries": 0},
+                ) as dp,
+                open_app(dp.socket_path) as app,
+            ):
+                frames = await app.call("t", body={})
+                assert [f["type"] for f in frames] == ["error"]
+                assert frames[0]["code"] == "upstream_unavailable"
+                assert "certificate" in frames[0]["message"]
+                answer = await call(dp.socket_path, "POST", "/v1/http/openai/v1/x", body=b"{}")
+                assert answer.status == 502
+                assert "certificate" in answer.json()["error"]["message"]
+            nursery.cancel_scope.cancel()
+    assert received == b""
+    assert handshakes_failed >= 2

@@ -13,9 +13,7 @@ blocked, loopback I/O included, so a timeout is exact virtual time and costs not
 from __future__ import annotations
 
 import gc
-import shutil
 import ssl
-import subprocess
 import warnings
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextlib import aclosing, asynccontextmanager
@@ -30,6 +28,8 @@ import trio
 import trio.testing
 
 from openclawd.upstream.transport import PoolTransport
+
+from ..conftest import server_tls
 
 Handler = Callable[["Peer"], Awaitable[None]]
 Body = AsyncGenerator[bytes, None]  # how httpx (and _Body) iterate a body
@@ -671,46 +671,6 @@ async def test_a_server_that_does_not_read_is_write_timeout(
 
 
 # --- TLS ---------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """A self-signed certificate for 127.0.0.1 (and its key)."""
-    if shutil.which("openssl") is None:
-        pytest.skip("the openssl CLI is not installed")
-    directory = tmp_path_factory.mktemp("tls")
-    cert, key = directory / "cert.pem", directory / "key.pem"
-    subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-days",
-            "1",
-            "-subj",
-            "/CN=127.0.0.1",
-            "-addext",
-            "subjectAltName=IP:127.0.0.1",
-            "-keyout",
-            str(key),
-            "-out",
-            str(cert),
-        ],
-        check=True,
-        capture_output=True,
-    )
-    return cert, key
-
-
-def server_tls(certificate: tuple[Path, Path]) -> ssl.SSLContext:
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(*certificate)
-    return context
 
 
 async def test_a_self_signed_certificate_is_refused_before_any_request(
