@@ -151,6 +151,7 @@ class DaemonProcess:
     def __init__(self, config: Path, runtime: Path, env: dict[str, str] | None = None) -> None:
         self.config = config
         self.stderr_path = runtime / f"stderr-{time.monotonic_ns()}.log"
+        self.stdout_path = runtime / f"stdout-{time.monotonic_ns()}.log"
         self.notify = NotifyReceiver(runtime / f"notify-{time.monotonic_ns() % 10**9}")
         environ = {
             k: v
@@ -160,10 +161,11 @@ class DaemonProcess:
         environ["NOTIFY_SOCKET"] = str(self.notify.path)
         environ.update(env or {})
         self._stderr = open(self.stderr_path, "wb")  # noqa: SIM115 - closed in close()
+        self._stdout = open(self.stdout_path, "wb")  # noqa: SIM115 - closed in close()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "openclawd", "run", "--config", str(config)],
             stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
+            stdout=self._stdout,  # nothing is expected there; kept to be searched
             stderr=self._stderr,
             env=environ,
         )
@@ -171,6 +173,10 @@ class DaemonProcess:
     @property
     def stderr(self) -> str:
         return self.stderr_path.read_text()
+
+    @property
+    def stdout(self) -> str:
+        return self.stdout_path.read_text()
 
     def signal(self, signum: int) -> None:
         self.proc.send_signal(signum)
@@ -192,6 +198,7 @@ class DaemonProcess:
             self.proc.send_signal(signal.SIGKILL)
             self.proc.wait()
         self._stderr.close()
+        self._stdout.close()
         self.notify.close()
 
 
