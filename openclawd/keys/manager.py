@@ -17,6 +17,7 @@ daemon), so the schedules can be tested with an in-memory Vault under a fake clo
 from __future__ import annotations
 
 import hashlib
+import math
 import random
 import time
 from collections import Counter, deque
@@ -44,6 +45,10 @@ log = logs.get(__name__)
 
 BACKOFF_BASE_S = 1.0
 BACKOFF_CAP_S = 300.0
+# Upstream 401/403s re-read Vault at most this often per provider: an app hammering a
+# refused key (revoked, with nothing newer in Vault, or while Vault fails) must not
+# hammer Vault with it. A rotation is still seen at once: the first 401 reads.
+AUTH_REREAD_INTERVAL_S = 1.0
 TRIGGERS = ("vault", "operator", "auth_failure", "reload")
 # Keys rotated out are still withheld from what the daemon shows (``redact``): how many.
 _RETIRED_KEYS = 32
@@ -119,6 +124,7 @@ class _Provider:
     cursor: int = 0
     last_error: str | None = None
     flight: trio.Event | None = None  # set when an auth_failure re-read is done
+    auth_read_at: float = -math.inf  # when an auth_failure last read Vault
 
     @property
     def current(self) -> Key | None:
@@ -330,6 +336,12 @@ class KeyManager:
         if state.flight is not None:
             await state.flight.wait()
             return state.current
+        now = trio.current_time()
+        if now - state.auth_read_at < AUTH_REREAD_INTERVAL_S:
+            # Vault was just read for this: nothing newer there. The pool's next key.
+            self._next_in_pool(provider, state, failed, state.version)
+            return state.current
+        state.auth_read_at = now
         state.flight = trio.Event()
         try:
             before = state.version
@@ -339,13 +351,20 @@ class KeyManager:
                 self._secret_failed(provider, exc)
             except VaultError as exc:
                 self._vault_failed("auth_failure", exc)
-            if state.version == before and len(state.pool) > 1 and state.current is failed:
-                state.cursor = (state.cursor + 1) % len(state.pool)
-                self._rotated(provider, "auth_failure", before, state.version, state.current)
+            if state.version == before:
+                self._next_in_pool(provider, state, failed, before)
             return state.current
         finally:
             state.flight.set()
             state.flight = None
+
+    def _next_in_pool(
+        self, provider: str, state: _Provider, failed: Key, before: int | None
+    ) -> None:
+        """``failed`` was refused and Vault has nothing newer: the pool's next key, if any."""
+        if len(state.pool) > 1 and state.current is failed:
+            state.cursor = (state.cursor + 1) % len(state.pool)
+            self._rotated(provider, "auth_failure", before, state.version, state.current)
 
     def redact(self, text: str) -> str:
         """``text`` with every key held (any provider, any pool entry, and the last ones

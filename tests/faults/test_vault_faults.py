@@ -33,7 +33,13 @@ import pytest
 import trio
 
 from openclawd import config
-from openclawd.keys.manager import BACKOFF_BASE_S, BACKOFF_CAP_S, Key, KeyManager
+from openclawd.keys.manager import (
+    AUTH_REREAD_INTERVAL_S,
+    BACKOFF_BASE_S,
+    BACKOFF_CAP_S,
+    Key,
+    KeyManager,
+)
 from openclawd.keys.vault import Vault
 from openclawd.lifecycle import Lifecycle
 
@@ -441,7 +447,9 @@ async def test_an_upstream_401_burst_while_vault_answers_500_reads_vault_once(
             data = f"/v1/{KV_MOUNT}/data/{rig.path}"
             rig.proxy.mode = FAIL_500
             reads = []
-            for _ in range(2):  # two bursts, one after the other
+            for burst in range(2):  # two bursts, the re-read interval apart
+                if burst:
+                    await trio.sleep(AUTH_REREAD_INTERVAL_S)
                 before = paths(rig.proxy.seen)[data]
                 results: list[Key | None] = []
 
@@ -467,3 +475,23 @@ async def test_an_upstream_401_burst_while_vault_answers_500_reads_vault_once(
 def test_most_attempts_follows_the_schedule(window_s: float) -> None:
     # Attempts at 0, 0.5, 1.5, 3.5, 7.5 s after the first (waits 0.5, 1, 2, 4 s).
     assert most_attempts(window_s) == {1.0: 2, 3.5: 4, 6.0: 4}[window_s]
+
+
+async def test_upstream_401s_one_after_another_while_vault_answers_500_are_bounded(
+    shared_bao: BaoServer, tmp_path: Path
+) -> None:
+    """An app at 20 requests/s on a key the provider refuses, while Vault fails: each 401
+    may re-read Vault only once per AUTH_REREAD_INTERVAL_S (it was one read per request)."""
+    with trio.fail_after(25):
+        async with open_rig(shared_bao, tmp_path) as rig:
+            key = rig.key()
+            data = f"/v1/{KV_MOUNT}/data/{rig.path}"
+            rig.proxy.mode = FAIL_500
+            start = trio.current_time()
+            for _ in range(20):
+                assert await rig.manager.auth_failure(PROVIDER, key) is key
+                await trio.sleep(0.05)
+            window = trio.current_time() - start
+            reads = paths(rig.proxy.during(FAIL_500))[data]
+            assert reads <= 1 + window / AUTH_REREAD_INTERVAL_S, (reads, window)
+            assert_kept(rig, key)

@@ -16,7 +16,7 @@ import trio.testing
 
 from openclawd import config
 from openclawd.errors import UnknownProviderError
-from openclawd.keys.manager import Key, KeyManager, fingerprint
+from openclawd.keys.manager import AUTH_REREAD_INTERVAL_S, Key, KeyManager, fingerprint
 from openclawd.keys.vault import (
     SecretMetadata,
     SecretVersion,
@@ -407,7 +407,12 @@ async def test_pool_and_auth_failure(autojump_clock: trio.testing.MockClock) -> 
         assert {r.secret for r in results if r is not None} == {"k2"}  # the pool's next key
         assert len(results) == 50
         assert manager.rotations[("openai", "auth_failure")] == 1
-        # A new version in Vault wins over the pool.
+        # Right after that read, another refusal reads nothing: the pool's next key.
+        reads = len(vault.times("secret"))
+        assert await manager.auth_failure("openai", results[0]) is first  # type: ignore[arg-type]
+        assert len(vault.times("secret")) == reads
+        # A new version in Vault wins over the pool (once the re-read interval is over).
+        await trio.sleep(AUTH_REREAD_INTERVAL_S)
         vault.write(PATH, api_key=["k3"])
         second = manager.current("openai")
         assert second is not None
