@@ -45,9 +45,10 @@ log = logs.get(__name__)
 
 BACKOFF_BASE_S = 1.0
 BACKOFF_CAP_S = 300.0
-# Upstream 401/403s re-read Vault at most this often per provider: an app hammering a
-# refused key (revoked, with nothing newer in Vault, or while Vault fails) must not
-# hammer Vault with it. A rotation is still seen at once: the first 401 reads.
+# After an upstream 401/403 re-read Vault and found nothing newer (or failed), the next
+# refusals wait this long before reading again: an app hammering a refused key (revoked
+# with nothing newer in Vault, or while Vault fails) must not hammer Vault with it. A
+# read that found a new version leaves the next refusal free to read (another rotation).
 AUTH_REREAD_INTERVAL_S = 1.0
 TRIGGERS = ("vault", "operator", "auth_failure", "reload")
 # Keys rotated out are still withheld from what the daemon shows (``redact``): how many.
@@ -124,7 +125,8 @@ class _Provider:
     cursor: int = 0
     last_error: str | None = None
     flight: trio.Event | None = None  # set when an auth_failure re-read is done
-    auth_read_at: float = -math.inf  # when an auth_failure last read Vault
+    auth_read_at: float = -math.inf  # when an auth_failure last read Vault ...
+    auth_read_fruitless: bool = False  # ... and found nothing newer there
 
     @property
     def current(self) -> Key | None:
@@ -337,8 +339,8 @@ class KeyManager:
             await state.flight.wait()
             return state.current
         now = trio.current_time()
-        if now - state.auth_read_at < AUTH_REREAD_INTERVAL_S:
-            # Vault was just read for this: nothing newer there. The pool's next key.
+        if state.auth_read_fruitless and now - state.auth_read_at < AUTH_REREAD_INTERVAL_S:
+            # Vault was just read for this, in vain. The pool's next key.
             self._next_in_pool(provider, state, failed, state.version)
             return state.current
         state.auth_read_at = now
@@ -351,6 +353,7 @@ class KeyManager:
                 self._secret_failed(provider, exc)
             except VaultError as exc:
                 self._vault_failed("auth_failure", exc)
+            state.auth_read_fruitless = state.version == before
             if state.version == before:
                 self._next_in_pool(provider, state, failed, before)
             return state.current

@@ -545,3 +545,40 @@ async def test_redact_withholds_every_key_held_and_those_rotated_out(
             f"now {fingerprint('sk-new-cccc')}; sk-other stays"
         )
         nursery.cancel_scope.cancel()
+
+
+async def test_refusals_after_a_fruitless_re_read_wait_but_rotations_are_followed(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A 401 re-read that found nothing newer holds the next ones back for
+    AUTH_REREAD_INTERVAL_S (no Vault read per request of an app on a revoked key); one that
+    found a new version does not (two rotations a moment apart are both followed)."""
+    vault = FakeVault()
+    vault.write(PATH, api_key="k1")
+    manager, _ = make(vault)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(manager.serve)
+        k1 = manager.current("openai")
+        assert k1 is not None
+        vault.write(PATH, api_key="k2")
+        k2 = await manager.auth_failure("openai", k1)
+        assert k2 is not None
+        assert k2.secret == "k2"
+        vault.write(PATH, api_key="k3")  # rotated again, at once
+        k3 = await manager.auth_failure("openai", k2)
+        assert k3 is not None
+        assert k3.secret == "k3"
+        reads = len(vault.times("secret"))
+        assert await manager.auth_failure("openai", k3) is k3  # refused, nothing newer
+        reads += 1  # that one read Vault, in vain
+        assert len(vault.times("secret")) == reads
+        for _ in range(10):  # the app goes on with the refused key: no more reads ...
+            await trio.sleep(AUTH_REREAD_INTERVAL_S / 20)
+            assert await manager.auth_failure("openai", k3) is k3
+        assert len(vault.times("secret")) == reads
+        await trio.sleep(AUTH_REREAD_INTERVAL_S)  # ... until the interval is over
+        vault.write(PATH, api_key="k4")
+        k4 = await manager.auth_failure("openai", k3)
+        assert k4 is not None
+        assert k4.secret == "k4"
+        nursery.cancel_scope.cancel()
