@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import ssl
 from functools import partial
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from openclawd.upstream import http as upstream_http
 from openclawd.upstream import ws as upstream_ws
 
 from ..bao import BaoServer
+from ..conftest import server_tls as shared_server_tls
 from ..fake_upstream import Reply, open_fake_upstream
 from ..fake_ws_upstream import Session, open_fake_ws_upstream
 from .harness import (
@@ -241,35 +241,11 @@ async def test_coverage_what_the_upstream_sent_before_its_close_reaches_a_slow_a
 
 
 async def test_coverage_an_upstream_certificate_not_in_the_system_store_is_refused(
-    shared_bao: Bao, runtime_dir: Path, tmp_path: Path
+    shared_bao: Bao, runtime_dir: Path, certificate: tuple[Path, Path]
 ) -> None:
     """wss:// is verified against the system CA store; a self-signed upstream is
     1014 with the TLS failure named, and the key is never sent to it."""
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    await trio.run_process(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "1",
-            "-subj",
-            "/CN=127.0.0.1",
-            "-addext",
-            "subjectAltName=IP:127.0.0.1",
-            "-keyout",
-            str(key),
-            "-out",
-            str(cert),
-        ],
-        capture_stdout=True,
-        capture_stderr=True,
-    )
-    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    server_tls.load_cert_chain(cert, key)
+    server_tls = shared_server_tls(certificate)
     received = bytearray()
 
     async def handle(tcp: trio.SocketStream) -> None:
