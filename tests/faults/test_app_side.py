@@ -37,6 +37,15 @@ async def handshake(stream: trio.SocketStream) -> bytes:
     return received
 
 
+def complete_opcodes(data: bytes) -> list[int]:
+    """The opcodes of the whole (short, unmasked) server frames at the start of ``data``."""
+    opcodes = []
+    while len(data) >= 2 and len(data) >= 2 + (data[1] & 0x7F):
+        opcodes.append(data[0] & 0x0F)
+        data = data[2 + (data[1] & 0x7F) :]
+    return opcodes
+
+
 async def read_to_end(stream: trio.SocketStream) -> bytes:
     received = b""
     while data := await stream.receive_some():
@@ -71,3 +80,34 @@ async def test_a_text_frame_that_is_not_utf8_is_closed_1007_with_a_close_frame(
                     await trio.sleep(0.01)
             async with open_app(dp.socket_path) as app:  # and the daemon serves on
                 assert (await app.call("a", body={}))[-1]["type"] == "response.end"
+
+
+async def test_a_half_open_app_is_closed_within_ping_interval_plus_timeout(
+    shared_bao: BaoServer, runtime_dir: Path
+) -> None:
+    """An app that completed the handshake and then went silent, reading nothing and
+    answering no ping (a half-open connection): closed 1011 once ``ping_interval_s`` and
+    then ``ping_timeout_s`` have passed, not much later."""
+    interval_s, timeout_s = 0.3, 0.4
+    with trio.fail_after(20):
+        async with (
+            open_fake_upstream() as up,
+            open_dataplane(
+                shared_bao,
+                runtime_dir,
+                up.url,
+                listen={"ping_interval_s": interval_s, "ping_timeout_s": timeout_s},
+            ) as dp,
+        ):
+            stream = await trio.open_unix_socket(dp.socket_path)
+            async with stream:
+                head, _, frames = (await handshake(stream)).partition(b"\r\n\r\n")
+                assert head.startswith(b"HTTP/1.1 101")
+                opened = trio.current_time()
+                while 0x8 not in complete_opcodes(frames):  # until the close frame is in
+                    frames += await stream.receive_some()
+                closed = trio.current_time() - opened
+            opcodes, close = server_frames(frames)
+            assert opcodes[-1] == 0x8
+            assert int.from_bytes(close[:2], "big") == 1011
+            assert interval_s + timeout_s <= closed < interval_s + timeout_s + 1.0

@@ -165,3 +165,46 @@ async def test_an_https_upstream_with_an_untrusted_certificate_is_refused_never_
             nursery.cancel_scope.cancel()
     assert received == b""
     assert handshakes_failed >= 2
+
+
+async def test_garbage_for_an_sse_stream_ends_the_request_cleanly_and_the_channel_serves_on(
+    shared_bao: BaoServer, runtime_dir: Path
+) -> None:
+    """Bytes that are no SSE (binary noise, stray fields, broken UTF-8): the app gets
+    well-formed frames whatever came, its request ends, and the next one is served."""
+    garbage = [
+        b"\x00\xff\xfe garbage \r\r\n",
+        b"event\n: x\nid: \x00\nretry: nope\ndata: \xc3\x28 half a character\n\n",
+        bytes(range(256)) + b"\n\n",  # ends its line: the next event stands alone
+        b"data: [DONE]\n\n",
+    ]
+    with trio.fail_after(20):
+        async with (
+            open_fake_upstream() as up,
+            open_dataplane(shared_bao, runtime_dir, up.url) as dp,
+            open_app(dp.socket_path) as app,
+        ):
+            up.script(Reply(chunks=garbage))
+            frames = await app.call("g", body=STREAM)
+            assert frames[0]["type"] == "response.start"
+            assert frames[-1]["type"] == "response.end"
+            events = [f["data"] for f in frames if f["type"] == "response.event"]
+            assert events[-1] == "[DONE]"
+            assert all(isinstance(data, str) for data in events)
+            assert (await app.call("next", body={}))[-1]["type"] == "response.end"
+
+
+async def test_a_10mb_sse_event_passes_whole_through_v1_http(
+    shared_bao: BaoServer, runtime_dir: Path
+) -> None:
+    """/v1/http relays the bytes as they come: one 10 MB event arrives whole and exact."""
+    event = b"data: " + b"x" * (10 * 1024 * 1024) + b"\n\n"
+    with trio.fail_after(30):
+        async with (
+            open_fake_upstream() as up,
+            open_dataplane(shared_bao, runtime_dir, up.url) as dp,
+        ):
+            up.script(Reply(chunks=[event, b"data: [DONE]\n\n"]))
+            answer = await call(dp.socket_path, "POST", "/v1/http/openai/v1/x", body=b"{}")
+            assert answer.status == 200
+            assert answer.body == event + b"data: [DONE]\n\n"
