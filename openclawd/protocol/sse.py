@@ -48,9 +48,10 @@ class SSEDecoder:
     and events completed earlier in the failing chunk are lost with the stream.
 
     Args:
-        max_event_bytes: The most bytes one event may hold: the raw bytes of its ``data``
-            lines as received (line endings excluded) plus the line not yet ended. It also
-            bounds memory when an upstream never sends a newline.
+        max_event_bytes: The most bytes one event may hold: the raw bytes of its data
+            lines as received (line endings excluded) plus the line being read, whatever
+            its field, whole or not yet ended. It also bounds memory when an upstream
+            never sends a newline.
 
     Raises:
         ValueError: If ``max_event_bytes`` is not positive.
