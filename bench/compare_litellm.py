@@ -43,7 +43,7 @@ import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -69,6 +69,12 @@ from bench.runner import (
     upstream_accepts,
     upstream_stats,
 )
+from bench.runner import (
+    PLANS as RUNNER_PLANS,
+)
+from bench.runner import (
+    Plan as RunnerPlan,
+)
 
 PATHS = ("direct", "litellm")
 MODEL = "bench"  # what bench.client.request_body asks for
@@ -92,27 +98,17 @@ class Plan:
     concurrency: tuple[int, ...]  # (4)
 
 
+def _plan(base: RunnerPlan, **changes: Any) -> Plan:
+    """``base`` (one of bench/run's plans), cut to scenarios 1, 2 and 4, with ``changes``."""
+    taken = {f.name: getattr(base, f.name) for f in fields(Plan)}
+    return Plan(**(taken | changes))
+
+
 PLANS = {
     # bench/run's quick plan, with more throughput rounds.
-    "default": Plan(
-        rounds=3,
-        sequential=300,
-        first_event=150,
-        stream_events=16,
-        throughput_rounds=2,
-        throughput_s=3.0,
-        concurrency=(1, 16, 64),
-    ),
+    "default": _plan(RUNNER_PLANS["quick"], throughput_rounds=2, throughput_s=3.0),
     # A few minutes at most, the install aside.
-    "quick": Plan(
-        rounds=2,
-        sequential=100,
-        first_event=50,
-        stream_events=16,
-        throughput_rounds=1,
-        throughput_s=2.0,
-        concurrency=(1, 16, 64),
-    ),
+    "quick": _plan(RUNNER_PLANS["quick"], rounds=2, sequential=100, first_event=50),
 }
 
 

@@ -238,25 +238,15 @@ class Profile:
     output: Path
 
 
-@dataclass(frozen=True)
-class Setup:
-    root: Path
+@dataclass(frozen=True, slots=True)
+class Setup(Layout):
+    """Where a run lives (the demo's layout: sockets, config, bao's home and log), and
+    what it runs against."""
+
     vault_addr: str
     root_token: str
     upstream_port: int
     daemon_source: Path = REPO  # the checkout whose openclawd runs as the daemon
-
-    @property
-    def data_socket(self) -> Path:
-        return self.root / "openclawd.sock"
-
-    @property
-    def control_socket(self) -> Path:
-        return self.root / "control.sock"
-
-    @property
-    def config(self) -> Path:
-        return self.root / "openclawd.toml"
 
     @property
     def upstream_url(self) -> str:
@@ -314,7 +304,7 @@ async def daemon(
     profile: Profile | None = None,
 ) -> AsyncIterator[Daemon]:
     """Start the daemon and wait for READY=1; stop it (SIGTERM, drain) on the way out."""
-    notify_path = setup.root / "notify.sock"
+    notify_path = setup.notify_socket
     notify_path.unlink(missing_ok=True)
     notify = trio.socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     await notify.bind(str(notify_path))
