@@ -59,6 +59,11 @@ CUT_CLOSE_WAIT_S = 0.2
 # Messages trio-websocket holds for us before it stops reading the socket (back-pressure).
 QUEUE_SIZE = 4
 _SEND_SLICE_BYTES = 64 * 1024
+# How often, per ping timeout, a peer that owes a pong has its backlog looked at. While a
+# writer is blocked on it, the backlog is a sawtooth: it falls as the peer reads, and jumps
+# back when the writer refills it (after half the buffer is free, for a unix socket). Two
+# looks a timeout apart can see the same height; looks closer together see it fall.
+_BACKLOG_SAMPLES = 8
 _RECEIVE_BYTES = 64 * 1024
 
 
@@ -378,19 +383,21 @@ async def watch(
             if trio.current_time() - activity.last < interval_s:
                 continue
             answered = trio.Event()
-            activity.check()  # the backlog now, to compare with at the deadline
+            activity.check()  # the backlog now, to compare with from here on
             nursery.start_soon(_ping, ws, answered)
             deadline = trio.current_time() + timeout_s
+            step = timeout_s / _BACKLOG_SAMPLES
             while not answered.is_set() and ws.closed is None:
-                with trio.move_on_at(deadline):
+                with trio.move_on_at(min(deadline, trio.current_time() + step)):
                     await answered.wait()
-                now = trio.current_time()
-                if answered.is_set() or now < deadline:
-                    continue
+                if answered.is_set():
+                    break
                 activity.check()
-                if now - activity.last < timeout_s:
-                    deadline = activity.last + timeout_s
-                elif excused():
+                deadline = max(deadline, activity.last + timeout_s)
+                now = trio.current_time()
+                if now < deadline:
+                    continue
+                if excused():
                     deadline = now + timeout_s
                 else:
                     nursery.cancel_scope.cancel()

@@ -333,10 +333,11 @@ async def _relay_body(rid: str, response: UpstreamResponse, send: Callable[[str]
     if content_type.startswith("text/event-stream"):
         decoder = SSEDecoder(max_event_bytes=MAX_EVENT_BYTES)
         usage = None
-        async for chunk in response.aiter_bytes():
-            for event in decoder.feed(chunk):
-                usage = merge_usage(usage, usage_of(event.data))
-                await send(messages.response_event(rid, event.event, event.data))
+        async with contextlib.aclosing(response.aiter_bytes()) as chunks:
+            async for chunk in chunks:
+                for event in decoder.feed(chunk):
+                    usage = merge_usage(usage, usage_of(event.data))
+                    await send(messages.response_event(rid, event.event, event.data))
         for event in decoder.close():
             usage = merge_usage(usage, usage_of(event.data))
             await send(messages.response_event(rid, event.event, event.data))

@@ -16,6 +16,7 @@ Knows nothing of WebSockets.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -197,10 +198,11 @@ class Passthrough:
                 await _send(conn, head)
                 usage = _UsageReader.of(response, pool.record_usage)
                 try:
-                    async for chunk in response.aiter_raw():
-                        usage.feed(chunk)  # before the send: the app may be done after it
-                        await _send(conn, h11.Data(data=chunk))
-                        sent += len(chunk)
+                    async with contextlib.aclosing(response.aiter_raw()) as chunks:
+                        async for chunk in chunks:
+                            usage.feed(chunk)  # before the send: the app may be done after it
+                            await _send(conn, h11.Data(data=chunk))
+                            sent += len(chunk)
                 except UpstreamError as exc:
                     pool.record_failure(exc)  # a drop or stall mid-body
                     raise

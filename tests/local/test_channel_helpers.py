@@ -1,11 +1,16 @@
-"""The /v1/ws relay's small pure helpers: which usage to report, which headers to show."""
+"""The /v1/ws relay's small helpers: which usage to report, which headers to show, and
+the body relay's cleanup."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncGenerator
+from typing import cast
+
 import pytest
 
-from openclawd.local.channel import shown_headers
+from openclawd.local.channel import _relay_body, shown_headers
 from openclawd.protocol.sse import merge_usage, usage_of
+from openclawd.upstream.http import UpstreamResponse
 
 USAGE = {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}
 
@@ -69,3 +74,32 @@ def test_shown_headers_keep_what_apps_need_and_nothing_else() -> None:
         "x-ratelimit-remaining-tokens": "9000, 8999",
         "anthropic-ratelimit-requests-remaining": "5",
     }
+
+
+class _Gone(Exception):
+    """The app went away while its stream was being relayed."""
+
+
+async def test_a_relay_cut_short_closes_the_upstream_body_at_once() -> None:
+    """The body's generator is closed before the relay's error leaves it, not left to the
+    garbage collector (which runs its cleanup outside any task: an unraisable error)."""
+    closed: list[bool] = []
+
+    class Response:
+        def header(self, name: str) -> str | None:
+            return "text/event-stream" if name == "content-type" else None
+
+        async def aiter_bytes(self) -> AsyncGenerator[bytes, None]:
+            try:
+                yield b"data: one\n\n"
+                yield b"data: two\n\n"
+            finally:
+                closed.append(True)
+
+    async def send(frame: str) -> None:
+        raise _Gone
+
+    with pytest.raises(_Gone) as caught:
+        await _relay_body("r1", cast(UpstreamResponse, Response()), send)
+    assert caught.value is not None  # the traceback, and the relay's frame, still held
+    assert closed == [True]

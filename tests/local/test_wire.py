@@ -410,6 +410,30 @@ async def test_watch_spares_a_peer_that_reads_but_never_answers(
             nursery.cancel_scope.cancel()
 
 
+async def test_watch_sees_a_backlog_that_falls_between_refills(
+    pair: Pair, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A writer blocked on a slow reader refills the socket as soon as it may: the backlog
+    is a sawtooth, falling as the peer reads and jumping back up. With its period equal to
+    the ping timeout, two looks a timeout apart see the same height every time; the reader
+    is alive all the same (the CI flake of the slow-reader channel test)."""
+    ours, theirs = pair
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            ws, activity, _ = await accept_raw_peer(nursery, ours, theirs)
+            start = trio.current_time()
+
+            def sawtooth() -> int:
+                phase = round((trio.current_time() - start) * 1000) % 1000  # period: 1 s
+                return 200_000 - phase * 100
+
+            activity.observe(sawtooth)
+            with trio.move_on_after(5) as scope:
+                await websocket.watch(ws, activity, interval_s=1, timeout_s=1)
+            assert scope.cancelled_caught, "declared dead while its backlog kept falling"
+            nursery.cancel_scope.cancel()
+
+
 async def test_watch_gives_up_on_a_peer_that_neither_reads_nor_answers(
     pair: Pair, autojump_clock: trio.testing.MockClock
 ) -> None:
