@@ -200,6 +200,7 @@ class ListenConfig:
     ping_interval_s: float = _opt(20.0, _seconds())
     ping_timeout_s: float = _opt(20.0, _seconds())
     handshake_timeout_s: float = _opt(10.0, _seconds())
+    message_timeout_s: float = _opt(30.0, _seconds())
 
 
 @dataclass(frozen=True, slots=True)

@@ -55,6 +55,12 @@ class PeerTimeoutError(ClientError):
     close_code = 1011
 
 
+class UnfinishedMessageError(ClientError):
+    """The app began a WebSocket message, or a /v1/http request body, and did not finish
+    it within ``[listen] message_timeout_s`` (a slowloris, or a hung app). Closes 1008:
+    it breaks the daemon's policy, as an oversize message would if it were not 1009's."""
+
+
 class MessageTooBigError(ClientError):
     """A WebSocket message over ``max_message_bytes`` (counted in bytes, UTF-8 for text)."""
 

@@ -18,8 +18,8 @@ import functools
 import math
 import struct
 import termios
-from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from typing import Any, Literal
 
 import h11
 import trio
@@ -32,7 +32,7 @@ from trio_websocket import (
 )
 from wsproto import ConnectionType, WSConnection
 from wsproto.connection import ConnectionState
-from wsproto.events import CloseConnection
+from wsproto.events import BytesMessage, CloseConnection, Ping, Pong, TextMessage
 
 from openclawd.errors import UpstreamConnectionError, UpstreamRejectedError
 from openclawd.protocol.closecodes import close_reason, handshake_refusal
@@ -40,6 +40,7 @@ from openclawd.protocol.closecodes import close_reason, handshake_refusal
 __all__ = [
     "Activity",
     "Sender",
+    "Verdict",
     "CloseReason",
     "ConnectionClosed",
     "WebSocketConnection",
@@ -68,15 +69,69 @@ _RECEIVE_BYTES = 64 * 1024
 
 
 class Activity:
-    """When the peer last showed it is alive: sent us bytes, or took some of ours."""
+    """When the peer last showed it is alive: sent us bytes, or took some of ours; and,
+    for an app's connection, since when it has left a message unfinished.
 
-    def __init__(self) -> None:
+    A peer that sends a message a byte at a time (slowloris) is alive by every byte, so
+    liveness alone never cuts it off: a message must also be finished within
+    ``message_timeout_s`` of its first byte (``watch`` enforces both). Only a connection
+    that reports its messages (``message_part``, ``control_frame``: ``_AppConnection``)
+    is held to it; for any other, bytes received start a message that never ends, so its
+    ``message_timeout_s`` must stay infinite.
+    """
+
+    def __init__(self, *, message_timeout_s: float = math.inf) -> None:
         self.last = trio.current_time()
+        self.message_timeout_s = message_timeout_s
+        self.unfinished_since = math.inf  # the first byte of what is not finished yet
+        self._in_message = False  # a data message has begun (a frame of it was parsed)
+        self._alarm: trio.CancelScope | None = None  # the waiting watch's, if it waits
         self._backlog: Callable[[], int | None] | None = None
         self._last_backlog: int | None = None
 
     def touch(self) -> None:
         self.last = trio.current_time()
+
+    def received(self) -> None:
+        """Bytes came: a sign of life, and the start of a message if none was under way
+        (they may be a whole message: ``message_part`` then ends it at once)."""
+        self.last = trio.current_time()
+        self._begin()
+
+    def message_part(self, *, finished: bool) -> None:
+        """A data frame, or part of one, was parsed; ``finished``: its message is whole."""
+        self._in_message = not finished
+        if finished:
+            self.unfinished_since = math.inf
+        else:
+            self._begin()
+
+    def control_frame(self) -> None:
+        """A ping, pong or close was parsed: finished, unless it came inside a message."""
+        if not self._in_message:
+            self.unfinished_since = math.inf
+
+    @property
+    def message_deadline(self) -> float:
+        """When what the peer began must be finished by (inf: nothing under way)."""
+        return self.unfinished_since + self.message_timeout_s
+
+    @contextlib.contextmanager
+    def waiting_until(self, deadline: float) -> Iterator[trio.CancelScope]:
+        """``trio.move_on_at(deadline)``, moved earlier to ``message_deadline`` as soon as
+        it comes first, even if the message begins during the wait."""
+        with trio.move_on_at(min(deadline, self.message_deadline)) as scope:
+            self._alarm = scope
+            try:
+                yield scope
+            finally:
+                self._alarm = None
+
+    def _begin(self) -> None:
+        if self.unfinished_since == math.inf:
+            self.unfinished_since = trio.current_time()
+            if self._alarm is not None:
+                self._alarm.deadline = min(self._alarm.deadline, self.message_deadline)
 
     def observe(self, backlog: Callable[[], int | None]) -> None:
         """``backlog()``: the bytes sent that the peer has not taken yet (None: unknown).
@@ -126,7 +181,7 @@ class ActivityStream(trio.abc.Stream):
             await trio.lowlevel.checkpoint()
             return head
         data = await self._stream.receive_some(max_bytes)
-        self.activity.touch()
+        self.activity.received()
         return data
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
@@ -239,7 +294,13 @@ def is_upgrade(request: h11.Request) -> bool:
 
 class _AppConnection(WebSocketConnection):
     """trio-websocket's server connection, telling an app whose bytes break the protocol
-    why it is closed.
+    why it is closed, and reporting where its messages begin and end to the wire's
+    ``Activity`` (for ``message_timeout_s``).
+
+    wsproto hands over a data frame's payload as it arrives, so ``_handle_message_event``
+    sees a message under way as well as its end. The state is noted before trio-websocket
+    queues a whole message: the time it then waits for room in the queue is ours, not the
+    app's.
 
     When wsproto finds an app's frame invalid (text that is not UTF-8: 1007; any other
     protocol error: 1002) it hands trio-websocket a close event the app never sent, and
@@ -248,7 +309,24 @@ class _AppConnection(WebSocketConnection):
     (A close the app did send leaves wsproto in REMOTE_CLOSING, never OPEN.)
     """
 
+    def __init__(self, wire: ActivityStream, ws_connection: WSConnection, **kwargs: Any) -> None:
+        super().__init__(wire, ws_connection, **kwargs)
+        self._activity = wire.activity
+
+    async def _handle_message_event(self, event: BytesMessage | TextMessage) -> None:
+        self._activity.message_part(finished=event.message_finished)
+        await super()._handle_message_event(event)
+
+    async def _handle_ping_event(self, event: Ping) -> None:
+        self._activity.control_frame()
+        await super()._handle_ping_event(event)
+
+    async def _handle_pong_event(self, event: Pong) -> None:
+        self._activity.control_frame()
+        await super()._handle_pong_event(event)
+
     async def _handle_close_connection_event(self, event: CloseConnection) -> None:
+        self._activity.control_frame()
         if self._wsproto.state is ConnectionState.OPEN:
             with contextlib.suppress(ConnectionClosed):
                 await self._send(CloseConnection(event.code, close_reason(event.reason or "")))
@@ -359,6 +437,9 @@ async def connect(
     return ws  # maybe closed already: what it sent, and its close, are still to be read
 
 
+Verdict = Literal["closed", "silent", "unfinished"]
+
+
 async def watch(
     ws: WebSocketConnection,
     activity: Activity,
@@ -366,9 +447,11 @@ async def watch(
     interval_s: float,
     timeout_s: float,
     excused: Callable[[], bool] = lambda: False,
-) -> bool:
-    """Ping ``ws`` whenever it has been quiet for ``interval_s``; return True once it has
-    not answered for ``timeout_s``, False if it closed. Runs until then.
+) -> Verdict:
+    """Ping ``ws`` whenever it has been quiet for ``interval_s``. Runs until it returns:
+    ``"silent"`` once the peer has not answered for ``timeout_s``, ``"unfinished"`` once
+    it has left a message unfinished for ``activity.message_timeout_s``, ``"closed"`` if
+    it closed while a ping waited.
 
     Any sign of life counts, both ways (``activity``): a peer slowly reading a backlog is
     alive. While ``excused()`` is true a missing pong is not held against the peer: its
@@ -378,34 +461,52 @@ async def watch(
     Cancellation: safe; a ping is never cut off half sent (it is sent in its own task).
     """
     async with trio.open_nursery() as nursery:
-        while True:
-            await trio.sleep_until(activity.last + interval_s)
-            if trio.current_time() - activity.last < interval_s:
+        verdict = await _watch(nursery, ws, activity, interval_s, timeout_s, excused)
+        nursery.cancel_scope.cancel()
+        return verdict
+
+
+async def _watch(
+    nursery: trio.Nursery,
+    ws: WebSocketConnection,
+    activity: Activity,
+    interval_s: float,
+    timeout_s: float,
+    excused: Callable[[], bool],
+) -> Verdict:
+    def overdue() -> bool:
+        return trio.current_time() >= activity.message_deadline
+
+    while True:
+        with activity.waiting_until(activity.last + interval_s):
+            await trio.sleep_forever()
+        if overdue():
+            return "unfinished"
+        if trio.current_time() - activity.last < interval_s:
+            continue
+        answered = trio.Event()
+        activity.check()  # the backlog now, to compare with from here on
+        nursery.start_soon(_ping, ws, answered)
+        deadline = trio.current_time() + timeout_s
+        step = timeout_s / _BACKLOG_SAMPLES
+        while not answered.is_set() and ws.closed is None:
+            with activity.waiting_until(min(deadline, trio.current_time() + step)):
+                await answered.wait()
+            if overdue():
+                return "unfinished"
+            if answered.is_set():
+                break
+            activity.check()
+            deadline = max(deadline, activity.last + timeout_s)
+            now = trio.current_time()
+            if now < deadline:
                 continue
-            answered = trio.Event()
-            activity.check()  # the backlog now, to compare with from here on
-            nursery.start_soon(_ping, ws, answered)
-            deadline = trio.current_time() + timeout_s
-            step = timeout_s / _BACKLOG_SAMPLES
-            while not answered.is_set() and ws.closed is None:
-                with trio.move_on_at(min(deadline, trio.current_time() + step)):
-                    await answered.wait()
-                if answered.is_set():
-                    break
-                activity.check()
-                deadline = max(deadline, activity.last + timeout_s)
-                now = trio.current_time()
-                if now < deadline:
-                    continue
-                if excused():
-                    deadline = now + timeout_s
-                else:
-                    nursery.cancel_scope.cancel()
-                    return True
-            if ws.closed is not None:
-                nursery.cancel_scope.cancel()
-                return False
-            activity.touch()
+            if not excused():
+                return "silent"
+            deadline = now + timeout_s
+        if ws.closed is not None:
+            return "closed"
+        activity.touch()
 
 
 async def _ping(ws: WebSocketConnection, answered: trio.Event) -> None:

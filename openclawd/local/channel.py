@@ -27,6 +27,7 @@ from openclawd.errors import (
     OpenclawdError,
     PeerTimeoutError,
     RateLimitedError,
+    UnfinishedMessageError,
     UpstreamError,
 )
 from openclawd.lifecycle import Lifecycle
@@ -201,17 +202,24 @@ class Channels:
     async def _keepalive(self, channel: _Channel, connection: trio.CancelScope) -> None:
         """Ping a peer that has been quiet for ``ping_interval_s``; if it does not answer
         within ``ping_timeout_s``, end the channel (``serve`` raises ``PeerTimeoutError``
-        and the front door closes with its close code, 1011)."""
+        and the front door closes with its close code, 1011). So too for a message left
+        unfinished for ``message_timeout_s`` (``UnfinishedMessageError``, 1008)."""
         listen = self.config.listen
-        silent = await websocket.watch(
+        verdict = await websocket.watch(
             channel.ws,
             channel.activity,
             interval_s=listen.ping_interval_s,
             timeout_s=listen.ping_timeout_s,
         )
-        if silent:
+        if verdict == "silent":
             log.info("connection.ping_timeout", timeout_s=listen.ping_timeout_s)
             channel.failure = PeerTimeoutError(f"no pong within {listen.ping_timeout_s:g}s")
+            connection.cancel()
+        elif verdict == "unfinished":
+            log.info("connection.message_timeout", timeout_s=listen.message_timeout_s)
+            channel.failure = UnfinishedMessageError(
+                f"message not finished within {listen.message_timeout_s:g}s"
+            )
             connection.cancel()
 
 

@@ -32,6 +32,7 @@ from openclawd.errors import (
     ClientError,
     OpenclawdError,
     RateLimitedError,
+    UnfinishedMessageError,
     UnknownProviderError,
     UpstreamError,
     UpstreamProtocolError,
@@ -235,7 +236,7 @@ class Passthrough:
         headers, length = request_headers(conn.request.headers, provider.auth_header)
         if conn.http.they_are_waiting_for_100_continue:
             await _send(conn, h11.InformationalResponse(status_code=100, headers=[]))
-        body = _AppBody(conn, on_complete)
+        body = _AppBody(conn, on_complete, self.config.listen.message_timeout_s)
         held = await body.hold(REPLAYABLE_BYTES)
         content: bytes | AsyncIterator[bytes] | None
         if body.complete:
@@ -271,11 +272,15 @@ def _bad_segment(path: str) -> str | None:
 
 
 class _AppBody:
-    """The app's request body, read from its connection as the upstream takes it."""
+    """The app's request body, read from its connection as the upstream takes it. It must
+    all have come within ``timeout_s`` of the head (a body trickled in, a byte just
+    inside every gap the connection allows, holds an upstream connection too)."""
 
-    def __init__(self, conn: Connection, on_complete: Callable[[], None]) -> None:
+    def __init__(self, conn: Connection, on_complete: Callable[[], None], timeout_s: float) -> None:
         self._conn = conn
         self._on_complete = on_complete
+        self._timeout_s = timeout_s
+        self._deadline = trio.current_time() + timeout_s
         self.complete = False
 
     async def hold(self, limit: int) -> bytes:
@@ -300,8 +305,9 @@ class _AppBody:
         """The next piece of the body, or None at its end.
 
         Raises:
-            ClientError: the body is malformed, stops coming for the timeout, or the app
-                closed the connection before its end.
+            ClientError: the body is malformed, stops coming for the connection's timeout,
+                or the app closed the connection before its end.
+            UnfinishedMessageError: the body is not all there ``timeout_s`` after the head.
         """
         http = self._conn.http
         while not self.complete:
@@ -317,9 +323,14 @@ class _AppBody:
                 break
             if event is not h11.NEED_DATA:
                 raise ClientError("the app closed the connection before the end of its body")
-            with trio.move_on_after(self._conn.timeout_s) as waited:
+            gap_ends = trio.current_time() + self._conn.timeout_s
+            with trio.move_on_at(min(gap_ends, self._deadline)) as waited:
                 data = await self._conn.stream.receive_some(_RECEIVE_BYTES)
             if waited.cancelled_caught:
+                if trio.current_time() >= self._deadline:
+                    raise UnfinishedMessageError(
+                        f"request body not finished within {self._timeout_s:g}s"
+                    )
                 raise ClientError(f"no request body bytes for {self._conn.timeout_s:g}s")
             http.receive_data(data)
         return None

@@ -7,7 +7,8 @@ nothing is held beyond the libraries' small queues. Both legs are pinged; a leg 
 answering ends the session. When one side closes, what it sent before closing is still
 delivered to the other, which is then closed with the code the contract names: the
 upstream's own code and reason, or 1014 for a drop, 1009 for an oversize message, 1011
-for a silent app. The session keeps the key it connected with: a rotation does not cut it.
+for a silent app, 1008 for an app that leaves a message unfinished for
+``message_timeout_s``. The session keeps the key it connected with: a rotation does not cut it.
 Knows nothing of HTTP upstreams or of the /v1/ws frames.
 """
 
@@ -19,7 +20,7 @@ from dataclasses import dataclass, field
 import trio
 
 from openclawd import logs, websocket
-from openclawd.config import Config, ProviderConfig
+from openclawd.config import Config, ListenConfig, ProviderConfig
 from openclawd.errors import (
     ClientError,
     NoKeyError,
@@ -56,7 +57,8 @@ class _Relay:
     ended: trio.Event = field(default_factory=trio.Event)
     first: str | None = None  # "app" or "upstream": the side that closed first
     first_close: CloseReason | None = None  # and how it closed
-    silent: str | None = None  # the side that stopped answering pings
+    silent: str | None = None  # the side that stopped answering pings (or finishing)
+    unfinished: bool = False  # it was cut for a message left unfinished, not a lost pong
     pumped: dict[str, trio.Event] = field(
         default_factory=lambda: {"app": trio.Event(), "upstream": trio.Event()}
     )
@@ -118,7 +120,7 @@ class _Relay:
     ) -> None:
         """Ping one side; if it stops answering, note it and end the session."""
         other = "upstream" if side == "app" else "app"
-        if await websocket.watch(
+        verdict = await websocket.watch(
             ws,
             activity,
             interval_s=interval_s,
@@ -127,8 +129,9 @@ class _Relay:
             # Not when this side's own queue waits on the other: two stuck peers must not
             # excuse each other for ever.
             excused=lambda: other in self.blocked_on and side not in self.blocked_on,
-        ):
-            self.silent = self.silent or side
+        )
+        if verdict != "closed" and self.silent is None:
+            self.silent, self.unfinished = side, verdict == "unfinished"
             self.ended.set()
 
 
@@ -259,7 +262,7 @@ class Realtime:
             # answer to our close frame.
             wait_s = websocket.CUT_CLOSE_WAIT_S if cut else websocket.CLOSE_TIMEOUT_S
             await session.aclose(*_upstream_close(relay, cut=cut), wait_s=wait_s)
-        return _app_close(relay, key, listen.ping_timeout_s), relay
+        return _app_close(relay, key, listen), relay
 
     async def _relay(self, relay: _Relay, app_activity: Activity, up_activity: Activity) -> None:
         listen = self.config.listen
@@ -287,10 +290,12 @@ class Realtime:
                 nursery.cancel_scope.cancel()
 
 
-def _app_close(relay: _Relay, key: Key, ping_timeout_s: float) -> Close:
+def _app_close(relay: _Relay, key: Key, listen: ListenConfig) -> Close:
     """How the app is closed, now that the session is over."""
+    if relay.silent == "app" and relay.unfinished:
+        return Close(CloseCode.POLICY, f"message not finished within {listen.message_timeout_s:g}s")
     if relay.silent == "app":
-        return Close(CloseCode.INTERNAL, f"no pong within {ping_timeout_s:g}s")
+        return Close(CloseCode.INTERNAL, f"no pong within {listen.ping_timeout_s:g}s")
     if relay.silent == "upstream":
         return Close(CloseCode.BAD_GATEWAY, "upstream stopped answering pings")
     closed = relay.first_close
@@ -333,6 +338,8 @@ def _upstream_close(relay: _Relay, *, cut: bool) -> tuple[int, str]:
     """How the upstream is closed: with the app's code when the app closed first."""
     if cut:
         return CloseCode.GOING_AWAY, "openclawd ended the session"
+    if relay.silent == "app" and relay.unfinished:
+        return CloseCode.GOING_AWAY, "the app left a message unfinished"
     if relay.silent == "app":
         return CloseCode.GOING_AWAY, "the app stopped answering pings"
     closed = relay.first_close

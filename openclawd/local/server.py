@@ -293,7 +293,7 @@ class LocalServer:
     ) -> str:
         ws: WebSocketConnection | None = None
         with trio.move_on_after(self.config.handshake_timeout_s):
-            conn.activity = websocket.Activity()
+            conn.activity = websocket.Activity(message_timeout_s=self.config.message_timeout_s)
             conn.wire = websocket.ActivityStream(conn.stream, conn.activity, conn.head)
             with contextlib.suppress(websocket.ConnectionClosed):
                 ws = await websocket.accept(

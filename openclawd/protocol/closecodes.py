@@ -15,7 +15,7 @@ class CloseCode(enum.IntEnum):
     NORMAL = 1000  # normal end
     DRAIN_DEADLINE = 1001  # the operator's drain reached its deadline
     GOING_AWAY = 1001  # (to an upstream) the daemon ends the session
-    POLICY = 1008  # peer not allowed; upstream refused the key (401/403)
+    POLICY = 1008  # peer not allowed; upstream refused the key (401/403); an unfinished message
     TOO_BIG = 1009  # a message over max_message_bytes
     INTERNAL = 1011  # internal error (also: the peer stopped answering pings)
     SHUTDOWN = 1012  # daemon shutting down (SIGTERM)

@@ -12,6 +12,7 @@ import itertools
 import json
 import os
 import socket
+import struct
 from collections.abc import AsyncIterator, Sequence
 from contextlib import ExitStack, asynccontextmanager
 from dataclasses import dataclass
@@ -419,6 +420,14 @@ async def call(
     """One request on a connection of its own."""
     async with open_http(socket_path) as app:
         return await app.request(method, target, headers, body)
+
+
+def client_frame(opcode: int, payload: bytes, *, fin: bool = True) -> bytes:
+    """One masked client frame, payload under 126 bytes (``fin``: its message's last)."""
+    assert len(payload) < 126
+    mask = os.urandom(4)
+    masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    return struct.pack("!BB", (0x80 if fin else 0) | opcode, 0x80 | len(payload)) + mask + masked
 
 
 def server_frames(data: bytes) -> tuple[list[int], bytes]:

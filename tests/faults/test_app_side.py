@@ -2,35 +2,33 @@
 
 from __future__ import annotations
 
-import os
-import struct
 from pathlib import Path
 
+import pytest
 import trio
 
 from ..bao import BaoServer
-from ..dataplane.harness import open_app, open_dataplane, server_frames
+from ..dataplane.harness import (
+    client_frame,
+    open_app,
+    open_dataplane,
+    open_http,
+    server_frames,
+)
 from ..fake_upstream import open_fake_upstream
+from ..fake_ws_upstream import open_fake_ws_upstream
 
 HANDSHAKE = (
-    b"GET /v1/ws HTTP/1.1\r\nHost: openclawd\r\nUpgrade: websocket\r\n"
+    b"GET {path} HTTP/1.1\r\nHost: openclawd\r\nUpgrade: websocket\r\n"
     b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
     b"Sec-WebSocket-Version: 13\r\n\r\n"
 )
 
 
-def client_frame(opcode: int, payload: bytes) -> bytes:
-    """One masked client frame (FIN set), payload under 126 bytes."""
-    assert len(payload) < 126
-    mask = os.urandom(4)
-    masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-    return struct.pack("!BB", 0x80 | opcode, 0x80 | len(payload)) + mask + masked
-
-
-async def handshake(stream: trio.SocketStream) -> bytes:
-    """Open /v1/ws and wait for the 101 (a client may send no frame before it); returns
+async def handshake(stream: trio.SocketStream, path: str = "/v1/ws") -> bytes:
+    """Open ``path`` and wait for the 101 (a client may send no frame before it); returns
     what was received so far."""
-    await stream.send_all(HANDSHAKE)
+    await stream.send_all(HANDSHAKE.replace(b"{path}", path.encode()))
     received = b""
     while b"\r\n\r\n" not in received:
         received += await stream.receive_some()
@@ -111,3 +109,100 @@ async def test_a_half_open_app_is_closed_within_ping_interval_plus_timeout(
             assert opcodes[-1] == 0x8
             assert int.from_bytes(close[:2], "big") == 1011
             assert interval_s + timeout_s <= closed < interval_s + timeout_s + 1.0
+
+
+# -- slowloris: what an app begins sending it must finish --------------------------------
+
+CHAT = "/v1/http/openai/v1/chat/completions"
+MESSAGE_TIMEOUT_S = 1.0
+TRICKLE_S = 0.2  # a byte this often: a sign of life far more often than any ping asks
+
+
+async def trickle(stream: trio.SocketStream, data: bytes) -> None:
+    for byte in data:
+        await stream.send_all(bytes([byte]))
+        await trio.sleep(TRICKLE_S)
+
+
+@pytest.mark.parametrize("path", ["/v1/ws", "/v1/realtime/openai"])
+async def test_a_frame_trickled_a_byte_at_a_time_is_cut_1008_while_others_are_served(
+    shared_bao: BaoServer, runtime_dir: Path, path: str
+) -> None:
+    """A message sent a byte every 0.2 s (it would take 7 s) is alive by every byte, so
+    pings never catch it: it is closed 1008, with the reason, once it has been unfinished
+    for ``message_timeout_s``. Another app is served meanwhile."""
+    frame = client_frame(0x1, b'{"type":"ping","id":"slow-loris"}')
+    assert len(frame) * TRICKLE_S > 5 * MESSAGE_TIMEOUT_S
+    with trio.fail_after(20):
+        async with (
+            open_fake_upstream() as up,
+            open_fake_ws_upstream() as ws_up,
+            open_dataplane(
+                shared_bao,
+                runtime_dir,
+                up.url,
+                listen={"message_timeout_s": MESSAGE_TIMEOUT_S, "ping_interval_s": 0.3},
+                provider={"ws_url": ws_up.url},
+            ) as dp,
+        ):
+            stream = await trio.open_unix_socket(dp.socket_path)
+            async with stream, trio.open_nursery() as nursery:
+                head, _, frames = (await handshake(stream, path)).partition(b"\r\n\r\n")
+                assert head.startswith(b"HTTP/1.1 101")
+                if path.startswith("/v1/realtime"):
+                    await ws_up.wait_handshakes(1)  # the session is relaying
+                began = trio.current_time()
+                nursery.start_soon(trickle, stream, frame)
+                async with open_app(dp.socket_path) as app:  # served meanwhile
+                    assert (await app.call("other", body={}))[-1]["type"] == "response.end"
+                while 0x8 not in complete_opcodes(frames):
+                    frames += await stream.receive_some()
+                cut_after = trio.current_time() - began
+                nursery.cancel_scope.cancel()
+            opcodes, close = server_frames(frames)
+            assert opcodes[-1] == 0x8
+            assert int.from_bytes(close[:2], "big") == 1008
+            assert close[2:] == b"message not finished within 1s"
+            assert MESSAGE_TIMEOUT_S <= cut_after < MESSAGE_TIMEOUT_S + 1.0
+            if path.startswith("/v1/realtime"):
+                await ws_up.wait_connections_closed(1)
+                assert ws_up.close_codes == [(1001, "the app left a message unfinished")]
+                assert ws_up.received == []  # nothing of the unfinished message went on
+            with trio.fail_after(2):
+                while dp.local.closes[1008] != 1:  # noqa: ASYNC110 - a counter, no event
+                    await trio.sleep(0.01)
+
+
+async def test_a_request_body_trickled_a_byte_at_a_time_is_cut_400(
+    shared_bao: BaoServer, runtime_dir: Path
+) -> None:
+    """Each byte comes well inside the gap the connection allows (0.5 s), but the body
+    must be all there ``message_timeout_s`` after the head: 400, naming the limit, and the
+    upstream never asked."""
+    with trio.fail_after(20):
+        async with (
+            open_fake_upstream() as up,
+            open_dataplane(
+                shared_bao,
+                runtime_dir,
+                up.url,
+                listen={"message_timeout_s": MESSAGE_TIMEOUT_S, "handshake_timeout_s": 0.5},
+            ) as dp,
+            open_http(dp.socket_path) as app,
+            trio.open_nursery() as nursery,
+        ):
+            body = b'{"model":"m","messages":[]}' * 2
+            assert len(body) * TRICKLE_S > 5 * MESSAGE_TIMEOUT_S
+            await app.send_head("POST", CHAT, [("content-length", str(len(body)))])
+            began = trio.current_time()
+            nursery.start_soon(trickle, app.stream, body)
+            answer = await app.read_response()
+            cut_after = trio.current_time() - began
+            nursery.cancel_scope.cancel()
+            assert answer.status == 400
+            assert answer.json()["error"] == {
+                "code": "bad_request",
+                "message": "request body not finished within 1s",
+            }
+            assert MESSAGE_TIMEOUT_S <= cut_after < MESSAGE_TIMEOUT_S + 1.0
+            assert up.requests == []

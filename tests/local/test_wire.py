@@ -8,6 +8,7 @@ pairs (what the data socket is) where the kernel's count of unread bytes does.
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Iterator
 
@@ -18,6 +19,8 @@ from trio_websocket import WebSocketConnection, wrap_client_stream
 
 from openclawd import websocket
 from openclawd.websocket import Activity, ActivityStream, Sender
+
+from ..dataplane.harness import client_frame
 
 SLICE = 64 * 1024
 MAX_MESSAGE = 1 << 20
@@ -367,11 +370,15 @@ async def test_check_without_a_backlog_to_observe_is_a_no_op(
 
 
 async def accept_raw_peer(
-    nursery: trio.Nursery, ours: trio.socket.SocketType, theirs: trio.socket.SocketType
+    nursery: trio.Nursery,
+    ours: trio.socket.SocketType,
+    theirs: trio.socket.SocketType,
+    *,
+    message_timeout_s: float = math.inf,
 ) -> tuple[WebSocketConnection, Activity, trio.SocketStream]:
     """Our WebSocket over ``ours``, and its peer over ``theirs``: a raw stream that has done
     the handshake and will never answer a ping (nor parse anything)."""
-    activity = Activity()
+    activity = Activity(message_timeout_s=message_timeout_s)
     wire = ActivityStream(trio.SocketStream(ours), activity)
     peer = trio.SocketStream(theirs)
     await peer.send_all(UPGRADE)
@@ -444,10 +451,10 @@ async def test_watch_gives_up_on_a_peer_that_neither_reads_nor_answers(
             for _ in range(40):
                 await ws.send_message("x" * 1000)
             started = trio.current_time()
-            dead: bool | None = None
+            verdict: websocket.Verdict | None = None
             with trio.move_on_after(5):
-                dead = await websocket.watch(ws, activity, interval_s=1, timeout_s=1)
-            assert dead is True
+                verdict = await websocket.watch(ws, activity, interval_s=1, timeout_s=1)
+            assert verdict == "silent"
             # Quiet for the interval, then no answer for the timeout.
             assert trio.current_time() - started == pytest.approx(2)
             nursery.cancel_scope.cancel()
@@ -470,7 +477,7 @@ async def test_watch_spares_a_peer_that_answers_and_ends_when_it_closes(
             async with trio.open_nursery() as handshake:
                 handshake.start_soon(serve)
                 client = await wrap_client_stream(nursery, trio.SocketStream(theirs), "oc", "/")
-            result: list[bool] = []
+            result: list[websocket.Verdict] = []
             ended = trio.Event()
 
             async def run_watch() -> None:
@@ -485,5 +492,128 @@ async def test_watch_spares_a_peer_that_answers_and_ends_when_it_closes(
             await client.aclose()
             with trio.move_on_after(3):
                 await ended.wait()
-            assert result == [False]
+            assert result == ["closed"]
+            nursery.cancel_scope.cancel()
+
+
+# -- unfinished messages (slowloris) -------------------------------------------------------
+
+
+async def test_a_message_begun_while_waiting_moves_the_wait_s_end_earlier(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    activity = Activity(message_timeout_s=3)
+    assert activity.message_deadline == math.inf
+    started = trio.current_time()
+    with activity.waiting_until(started + 100) as scope:
+        await trio.sleep(1)
+        activity.received()  # the first byte of a message, a second into the wait
+        await trio.sleep_forever()
+    assert scope.cancelled_caught
+    assert trio.current_time() - started == pytest.approx(4)
+
+
+async def test_only_a_finished_message_or_a_control_frame_outside_one_ends_it(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    activity = Activity(message_timeout_s=3)
+    activity.received()
+    begun = trio.current_time()
+    await trio.sleep(1)
+    activity.received()  # more bytes of the same: the clock is not reset
+    activity.message_part(finished=False)
+    activity.control_frame()  # a ping inside a fragmented message
+    assert activity.message_deadline == begun + 3
+    activity.message_part(finished=True)
+    assert activity.message_deadline == math.inf
+    activity.received()
+    activity.control_frame()  # bytes that were a whole ping
+    assert activity.message_deadline == math.inf
+
+
+async def test_watch_cuts_a_message_trickled_a_byte_a_second(
+    pair: Pair, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Every byte is a sign of life, so liveness alone would keep it for ever (the frame
+    takes 106 s); the message must be finished 5 s after its first byte."""
+    ours, theirs = pair
+    with trio.fail_after(200):
+        async with trio.open_nursery() as nursery:
+            ws, activity, peer = await accept_raw_peer(nursery, ours, theirs, message_timeout_s=5)
+            frame = client_frame(0x1, b"x" * 100)
+            started = trio.current_time()
+
+            async def trickle() -> None:
+                for byte in frame:
+                    await peer.send_all(bytes([byte]))
+                    await trio.sleep(1)
+
+            nursery.start_soon(trickle)
+            verdict = await websocket.watch(ws, activity, interval_s=2, timeout_s=2)
+            assert verdict == "unfinished"
+            assert trio.current_time() - started == pytest.approx(5)
+            nursery.cancel_scope.cancel()
+
+
+async def test_watch_spares_messages_each_finished_in_time(
+    pair: Pair, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Messages (and pings between them) for 30 s, each split across two writes 1 s apart,
+    a fragmented one among them: each is finished within 5 s, none is cut."""
+    ours, theirs = pair
+    with trio.fail_after(100):
+        async with trio.open_nursery() as nursery:
+            ws, activity, peer = await accept_raw_peer(nursery, ours, theirs, message_timeout_s=5)
+            received: list[str | bytes] = []
+
+            async def send() -> None:
+                while True:
+                    for _ in range(3):  # 4.5 s of messages alone: each is finished in time
+                        frame = client_frame(0x1, b"whole")
+                        await peer.send_all(frame[:3])
+                        await trio.sleep(1)
+                        await peer.send_all(frame[3:])
+                        await trio.sleep(0.5)
+                    await peer.send_all(client_frame(0x1, b"frag", fin=False))
+                    await trio.sleep(2)
+                    await peer.send_all(client_frame(0x9, b"p") + client_frame(0x0, b"ment"))
+                    await trio.sleep(0.5)
+
+            async def take() -> None:
+                while True:
+                    received.append(await ws.get_message())
+
+            nursery.start_soon(send)
+            nursery.start_soon(take)
+            with trio.move_on_after(30) as scope:
+                verdict = await websocket.watch(ws, activity, interval_s=3, timeout_s=3)
+            assert scope.cancelled_caught, f"cut: {verdict}"
+            assert len(received) > 10
+            assert set(received) == {"whole", "fragment"}
+            nursery.cancel_scope.cancel()
+
+
+async def test_watch_cuts_a_fragmented_message_that_never_ends(
+    pair: Pair, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Whole frames, and pings between them, keep coming; the message they make never
+    ends."""
+    ours, theirs = pair
+    with trio.fail_after(100):
+        async with trio.open_nursery() as nursery:
+            ws, activity, peer = await accept_raw_peer(nursery, ours, theirs, message_timeout_s=5)
+            started = trio.current_time()
+
+            async def send() -> None:
+                await peer.send_all(client_frame(0x2, b"first", fin=False))
+                while True:
+                    await trio.sleep(1)
+                    await peer.send_all(
+                        client_frame(0x9, b"p") + client_frame(0x0, b"more", fin=False)
+                    )
+
+            nursery.start_soon(send)
+            verdict = await websocket.watch(ws, activity, interval_s=2, timeout_s=2)
+            assert verdict == "unfinished"
+            assert trio.current_time() - started == pytest.approx(5)
             nursery.cancel_scope.cancel()
