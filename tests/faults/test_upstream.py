@@ -208,3 +208,38 @@ async def test_a_10mb_sse_event_passes_whole_through_v1_http(
             answer = await call(dp.socket_path, "POST", "/v1/http/openai/v1/x", body=b"{}")
             assert answer.status == 200
             assert answer.body == event + b"data: [DONE]\n\n"
+
+
+async def test_a_10mb_sse_event_is_one_frame_on_v1_ws_and_one_over_16mib_is_an_error(
+    shared_bao: BaoServer, runtime_dir: Path
+) -> None:
+    """/v1/ws relays one frame per event: a 10 MB event is one ``response.event`` with its
+    data exact (``max_message_bytes`` bounds what the app sends, not what it is sent). An
+    event over 16 MiB ends the request with ``upstream_unavailable`` naming the limit, and
+    the channel serves on."""
+    data = "x" * (10 * 1024 * 1024)
+    huge = b"data: " + b"y" * (17 * 1024 * 1024) + b"\n\n"
+    with trio.fail_after(60):
+        async with (
+            open_fake_upstream() as up,
+            open_dataplane(shared_bao, runtime_dir, up.url) as dp,
+            open_app(dp.socket_path) as app,
+        ):
+            up.script(
+                Reply(chunks=[f"data: {data}\n\n".encode(), b"data: [DONE]\n\n"]),
+                Reply(chunks=[b"data: small\n\n", huge]),
+            )
+            frames = await app.call("big", body=STREAM)
+            assert [f["type"] for f in frames] == [
+                "response.start",
+                "response.event",
+                "response.event",
+                "response.end",
+            ]
+            assert frames[1]["data"] == data
+            assert frames[2]["data"] == "[DONE]"
+            frames = await app.call("huge", body=STREAM)
+            assert [f["type"] for f in frames] == ["response.start", "response.event", "error"]
+            assert frames[-1]["code"] == "upstream_unavailable"
+            assert frames[-1]["message"] == f"SSE event larger than {16 * 1024 * 1024} bytes"
+            assert (await app.call("after", body={}))[-1]["type"] == "response.end"
