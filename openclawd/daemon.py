@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import resource
 import signal
 import socket
 from collections.abc import AsyncIterator, Iterator, Mapping
@@ -43,7 +44,7 @@ from openclawd.local import passthrough, realtime
 from openclawd.local.channel import Channels
 from openclawd.local.passthrough import Passthrough
 from openclawd.local.realtime import Realtime
-from openclawd.local.server import LocalServer
+from openclawd.local.server import REFUSING_AT_ONCE, LocalServer
 from openclawd.local.unix import UnixListenSocket, listen_backlog, resolve_group
 from openclawd.notify import Notifier
 from openclawd.protocol.ratelimit import RateLimiter
@@ -88,6 +89,7 @@ class Daemon:
             ListenError: a socket could not be created (e.g. a live daemon holds the path).
         """
         cfg = self.config
+        raise_file_limit(files_needed(cfg))
         token = _control_token(cfg.control)
         with (
             trio.open_signal_receiver(*HANDLED_SIGNALS) as signals,
@@ -422,6 +424,36 @@ def _listen(section: ListenConfig | ControlConfig, name: str, backlog: int) -> U
     return UnixListenSocket(
         section.socket, mode=section.mode, gid=gid, backlog=backlog, key=f"{name}.socket"
     )
+
+
+# Files besides connections: Vault's, the log, the sockets, the interpreter's own.
+_FILES_SPARE = 64
+
+
+def files_needed(config: Config) -> int:
+    """Open files the daemon may need at its limits: two per app connection (a realtime
+    session is one upstream connection too), the connections being refused, every
+    provider's pool, and some spare."""
+    pools = sum(p.max_connections for p in config.providers.values())
+    return 2 * config.listen.max_connections + REFUSING_AT_ONCE + pools + _FILES_SPARE
+
+
+def raise_file_limit(needed: int) -> int:
+    """Raise the soft limit on open files to the hard one, as far as the system allows,
+    and return it; warn if it is below ``needed``. (systemd's default soft limit, 1024,
+    is below what the default ``max_connections`` needs; the daemon uses epoll, never
+    select, so a high limit costs nothing.)"""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):  # over the kernel's nr_open: keep the soft limit
+            pass
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        log.warning("daemon.file_limit_low", limit=soft, needed=needed)
+    return soft
 
 
 async def run(config: Config, notifier: Notifier) -> None:

@@ -9,6 +9,10 @@ entry points (``/v1/ws``, ``/v1/realtime/``) and plain HTTP ones (``/v1/http/``)
 path is answered 404. The refusals every entry point shares are made here, each in its own
 kind (CONTRACT.md 3.4): a peer not allowed gets close 1008 or HTTP 403, a connection over
 ``max_connections`` close 1013 or 503, a new connection during a drain close 1013 or 503.
+Whether a connection is within ``max_connections`` is decided once, when it is accepted: a
+flood of new ones never turns an app already served away. While a flood is being refused,
+at most ``REFUSING_AT_ONCE`` connections over the limit are open; the rest wait in the
+listen backlog, so a flood cannot take the file descriptors upstream connections need.
 When the daemon cuts a WebSocket it closes it here too: 1012 at shutdown, 1001 at the end
 of an operator's drain. Knows nothing of upstreams or keys.
 """
@@ -16,6 +20,7 @@ of an operator's drain. Knows nothing of upstreams or keys.
 from __future__ import annotations
 
 import contextlib
+import errno
 import itertools
 import json
 import socket
@@ -43,6 +48,12 @@ _RECEIVE_BYTES = 64 * 1024
 # What is read (and dropped) of a request body the daemon answered without reading it.
 _DISCARD_BYTES = 1024 * 1024
 _DISCARD_TIMEOUT_S = 1.0
+# Connections over max_connections open at once (each being told 1013 or 503); past this,
+# accepting pauses until one closes.
+REFUSING_AT_ONCE = 64
+# accept() failing for want of resources (as trio.serve_listeners): wait, and try again.
+_ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+_ACCEPT_RETRY_S = 0.1
 
 
 @dataclass(slots=True)
@@ -119,7 +130,9 @@ class LocalServer:
         self.routes: dict[str, Handler] = {}
         self.websocket_routes: dict[str, WebSocketHandler] = {}
         self._ids = itertools.count(1)
-        self.clients = 0
+        self.clients = 0  # open connections, refused ones included
+        self._admitted = 0  # of which within max_connections
+        self._room = trio.lowlevel.ParkingLot()  # the accept loop, waiting for a close
         self._kinds: Counter[str] = Counter()
         self.closes: Counter[int] = Counter()  # close code -> WebSockets closed with it
         self._cut_scopes: set[trio.CancelScope] = set()
@@ -154,9 +167,31 @@ class LocalServer:
         listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
         async with listener:
             task_status.started()
-            await trio.serve_listeners(self._handle, [listener], handler_nursery=handler_nursery)
+            while True:
+                while self.clients - self._admitted >= REFUSING_AT_ONCE:
+                    await self._room.park()
+                try:
+                    stream = await listener.accept()
+                except OSError as exc:
+                    if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
+                        raise
+                    log.error("connection.accept_failed", error=exc.strerror)
+                    await trio.sleep(_ACCEPT_RETRY_S)
+                    continue
+                seen = _Seen(admitted=self._admitted < self.config.max_connections)
+                self._admitted += seen.admitted
+                self.clients += 1
+                handler_nursery.start_soon(self._handle, stream, seen)
 
-    async def _handle(self, stream: trio.SocketStream) -> None:
+    async def _handle(self, stream: trio.SocketStream, seen: _Seen) -> None:
+        try:
+            await self._handle_counted(stream, seen)
+        finally:
+            self.clients -= 1
+            self._admitted -= seen.admitted
+            self._room.unpark_all()
+
+    async def _handle_counted(self, stream: trio.SocketStream, seen: _Seen) -> None:
         conn_id = f"c{next(self._ids)}"
         logs.connection_id.set(conn_id)
         started = trio.current_time()
@@ -166,9 +201,7 @@ class LocalServer:
             log.warning("connection.no_peer_credentials", error=exc.strerror)
             await stream.aclose()
             return
-        self.clients += 1
         self._kinds["pending"] += 1
-        seen = _Seen()
         log.info("connection.open", peer_uid=peer.uid, peer_pid=peer.pid)
         outcome = "closed"
         cut = trio.CancelScope()
@@ -180,7 +213,6 @@ class LocalServer:
                 outcome = "cut"
         finally:
             self._cut_scopes.discard(cut)
-            self.clients -= 1
             self._kinds[seen.kind] -= 1
             with trio.CancelScope(shield=True):  # a cut connection still gets its line
                 await stream.aclose()
@@ -240,7 +272,7 @@ class LocalServer:
             if seen.kind != "http":
                 self._is(seen, "http")
             # Refused before routing: a peer that is not allowed learns nothing of the routes.
-            refusal = self._refusal(peer)
+            refusal = self._refusal(peer, seen)
             if refusal is not None:
                 code, status, message = refusal
                 await conn.respond_json(status, error_body(code, message))
@@ -267,13 +299,14 @@ class LocalServer:
                 return f"served {served} requests"
             http.start_next_cycle()
 
-    def _refusal(self, peer: PeerCredentials) -> tuple[str, int, str] | None:
-        """Why a new connection is refused: (error code, HTTP status, message), or None."""
+    def _refusal(self, peer: PeerCredentials, seen: _Seen) -> tuple[str, int, str] | None:
+        """Why a connection's request is refused: (error code, HTTP status, message), or
+        None."""
         if not peer_allowed(peer, self.config):
             return "forbidden", 403, f"peer uid {peer.uid} gid {peer.gid} is not allowed"
         if self.lifecycle.draining or self.lifecycle.stopping:
             return "draining", 503, "openclawd is draining"
-        if self.clients > self.config.max_connections:
+        if not seen.admitted:
             return "busy", 503, f"over the connection limit ({self.config.max_connections})"
         return None
 
@@ -301,7 +334,7 @@ class LocalServer:
                 )
         if ws is None:
             return "websocket handshake failed"
-        refusal = self._refusal(conn.peer)
+        refusal = self._refusal(conn.peer, seen)
         if refusal is not None:
             _, status, message = refusal
             refused = CloseCode.POLICY if status == 403 else CloseCode.TRY_AGAIN
@@ -357,6 +390,7 @@ class LocalServer:
 class _Seen:
     """What one connection turned out to be, and how it was closed (a WebSocket)."""
 
+    admitted: bool  # within max_connections when accepted
     kind: str = "pending"
     code: int | None = None
     reason: str | None = None
