@@ -344,6 +344,7 @@ class Daemon:
             assert self._root is not None
             self._root.start_soon(pool.aclose_when_idle)  # in-flight requests run on
         self.config = new
+        raise_file_limit(files_needed(new))  # more connections or pools may need more
 
     async def _report_state(self) -> None:
         """READY=1 once ready, then a STATUS= line at every change of state."""

@@ -60,6 +60,10 @@ class UnfinishedMessageError(ClientError):
     it within ``[listen] message_timeout_s`` (a slowloris, or a hung app). Closes 1008:
     it breaks the daemon's policy, as an oversize message would if it were not 1009's."""
 
+    @classmethod
+    def of(cls, what: str, timeout_s: float) -> UnfinishedMessageError:
+        return cls(f"{what} not finished within {timeout_s:g}s")
+
 
 class MessageTooBigError(ClientError):
     """A WebSocket message over ``max_message_bytes`` (counted in bytes, UTF-8 for text)."""

@@ -131,6 +131,9 @@ class FakeUpstream:
         self.connections_closed = 0
         self.close_reasons: dict[int, str] = {}
         self.bytes_sent = 0
+        # Slept after each request head before its body is read: an upstream slow to take
+        # an upload (the client's writes block once the socket's buffers are full).
+        self.body_read_delay_s = 0.0
         self._script: deque[Reply] = deque()
         self._changed = trio.Event()
 
@@ -245,6 +248,8 @@ class FakeUpstream:
         if isinstance(head, h11.ConnectionClosed):
             return None
         assert isinstance(head, h11.Request), head
+        if self.body_read_delay_s:
+            await trio.sleep(self.body_read_delay_s)
         body = bytearray()
         while True:
             if conn.they_are_waiting_for_100_continue:

@@ -217,9 +217,7 @@ class Channels:
             connection.cancel()
         elif verdict == "unfinished":
             log.info("connection.message_timeout", timeout_s=listen.message_timeout_s)
-            channel.failure = UnfinishedMessageError(
-                f"message not finished within {listen.message_timeout_s:g}s"
-            )
+            channel.failure = UnfinishedMessageError.of("message", listen.message_timeout_s)
             connection.cancel()
 
 

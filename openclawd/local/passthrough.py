@@ -272,15 +272,16 @@ def _bad_segment(path: str) -> str | None:
 
 
 class _AppBody:
-    """The app's request body, read from its connection as the upstream takes it. It must
-    all have come within ``timeout_s`` of the head (a body trickled in, a byte just
-    inside every gap the connection allows, holds an upstream connection too)."""
+    """The app's request body, read from its connection as the upstream takes it. The
+    daemon may wait for its bytes ``timeout_s`` in all (a body trickled in, a byte just
+    inside every gap the connection allows, holds an upstream connection too). Only that
+    wait counts: not the time the upstream takes to take what was read."""
 
     def __init__(self, conn: Connection, on_complete: Callable[[], None], timeout_s: float) -> None:
         self._conn = conn
         self._on_complete = on_complete
         self._timeout_s = timeout_s
-        self._deadline = trio.current_time() + timeout_s
+        self._waited_s = 0.0  # for the app's bytes, so far
         self.complete = False
 
     async def hold(self, limit: int) -> bytes:
@@ -296,10 +297,10 @@ class _AppBody:
             size += len(data)
         return b"".join(parts)
 
-    async def stream(self, held: bytes) -> AsyncIterator[bytes]:
-        yield held
-        while (data := await self._next()) is not None:
-            yield data
+    def stream(self, held: bytes) -> AsyncIterator[bytes]:
+        """``held``, then the rest as it comes. An iterator, not a generator: when the
+        upstream stops taking it midway there is nothing left open to close."""
+        return _BodyRest(self, held)
 
     async def _next(self) -> bytes | None:
         """The next piece of the body, or None at its end.
@@ -307,7 +308,7 @@ class _AppBody:
         Raises:
             ClientError: the body is malformed, stops coming for the connection's timeout,
                 or the app closed the connection before its end.
-            UnfinishedMessageError: the body is not all there ``timeout_s`` after the head.
+            UnfinishedMessageError: ``timeout_s`` spent waiting for the body in all.
         """
         http = self._conn.http
         while not self.complete:
@@ -323,17 +324,37 @@ class _AppBody:
                 break
             if event is not h11.NEED_DATA:
                 raise ClientError("the app closed the connection before the end of its body")
-            gap_ends = trio.current_time() + self._conn.timeout_s
-            with trio.move_on_at(min(gap_ends, self._deadline)) as waited:
+            left_s = self._timeout_s - self._waited_s
+            started = trio.current_time()
+            with trio.move_on_after(min(self._conn.timeout_s, left_s)) as waited:
                 data = await self._conn.stream.receive_some(_RECEIVE_BYTES)
+            self._waited_s += trio.current_time() - started
             if waited.cancelled_caught:
-                if trio.current_time() >= self._deadline:
-                    raise UnfinishedMessageError(
-                        f"request body not finished within {self._timeout_s:g}s"
-                    )
+                if self._waited_s >= self._timeout_s:
+                    raise UnfinishedMessageError.of("request body", self._timeout_s)
                 raise ClientError(f"no request body bytes for {self._conn.timeout_s:g}s")
             http.receive_data(data)
         return None
+
+
+class _BodyRest:
+    """``_AppBody.stream``'s iterator."""
+
+    def __init__(self, body: _AppBody, held: bytes) -> None:
+        self._body = body
+        self._held: bytes | None = held
+
+    def __aiter__(self) -> _BodyRest:
+        return self
+
+    async def __anext__(self) -> bytes:
+        if self._held is not None:
+            held, self._held = self._held, None
+            return held
+        data = await self._body._next()
+        if data is None:
+            raise StopAsyncIteration
+        return data
 
 
 class _UsageReader:

@@ -25,6 +25,7 @@ from openclawd.errors import (
     ClientError,
     NoKeyError,
     OpenclawdError,
+    UnfinishedMessageError,
     UnknownProviderError,
     UpstreamRejectedError,
 )
@@ -293,7 +294,8 @@ class Realtime:
 def _app_close(relay: _Relay, key: Key, listen: ListenConfig) -> Close:
     """How the app is closed, now that the session is over."""
     if relay.silent == "app" and relay.unfinished:
-        return Close(CloseCode.POLICY, f"message not finished within {listen.message_timeout_s:g}s")
+        unfinished = UnfinishedMessageError.of("message", listen.message_timeout_s)
+        return Close(unfinished.close_code, str(unfinished))
     if relay.silent == "app":
         return Close(CloseCode.INTERNAL, f"no pong within {listen.ping_timeout_s:g}s")
     if relay.silent == "upstream":

@@ -51,6 +51,9 @@ _DISCARD_TIMEOUT_S = 1.0
 # Connections over max_connections open at once (each being told 1013 or 503); past this,
 # accepting pauses until one closes.
 REFUSING_AT_ONCE = 64
+# A connection over max_connections has this long to send its request head, and to answer
+# the close frame: a flood of silent ones must not hold the accept loop up for long.
+_REFUSED_WAIT_S = 1.0
 # accept() failing for want of resources (as trio.serve_listeners): wait, and try again.
 _ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 _ACCEPT_RETRY_S = 0.1
@@ -167,21 +170,35 @@ class LocalServer:
         listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
         async with listener:
             task_status.started()
-            while True:
-                while self.clients - self._admitted >= REFUSING_AT_ONCE:
-                    await self._room.park()
-                try:
-                    stream = await listener.accept()
-                except OSError as exc:
-                    if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
-                        raise
-                    log.error("connection.accept_failed", error=exc.strerror)
-                    await trio.sleep(_ACCEPT_RETRY_S)
-                    continue
-                seen = _Seen(admitted=self._admitted < self.config.max_connections)
-                self._admitted += seen.admitted
-                self.clients += 1
-                handler_nursery.start_soon(self._handle, stream, seen)
+            await self.accept_loop(listener, handler_nursery)
+
+    async def accept_loop(
+        self, listener: trio.abc.Listener[trio.SocketStream], handler_nursery: trio.Nursery
+    ) -> None:
+        """Accept on ``listener`` until cancelled, admitting or refusing each connection
+        as it comes. Out of files (or memory), ``accept`` is retried every
+        ``_ACCEPT_RETRY_S``; logged once per shortage, not once per retry."""
+        short = False
+        while True:
+            while self.clients - self._admitted >= REFUSING_AT_ONCE:
+                await self._room.park()
+            try:
+                stream = await listener.accept()
+            except OSError as exc:
+                if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
+                    raise
+                if not short:
+                    log.error("connection.accept_failed", error=exc.strerror, clients=self.clients)
+                short = True
+                await trio.sleep(_ACCEPT_RETRY_S)
+                continue
+            if short:
+                log.info("connection.accept_recovered", clients=self.clients)
+            short = False
+            seen = _Seen(admitted=self._admitted < self.config.max_connections)
+            self._admitted += seen.admitted
+            self.clients += 1
+            handler_nursery.start_soon(self._handle, stream, seen)
 
     async def _handle(self, stream: trio.SocketStream, seen: _Seen) -> None:
         try:
@@ -245,6 +262,8 @@ class LocalServer:
             # The first head must come within handshake_timeout_s; so must the next one on
             # a kept-alive connection, or it is closed as idle.
             timeout_s = self.config.handshake_timeout_s
+            if not seen.admitted:
+                timeout_s = min(timeout_s, _REFUSED_WAIT_S)
             with trio.move_on_after(timeout_s) as head_scope:
                 try:
                     request, head = await _receive_head(stream, http)
@@ -325,7 +344,7 @@ class LocalServer:
         self, nursery: trio.Nursery, conn: Connection, handler: WebSocketHandler, seen: _Seen
     ) -> str:
         ws: WebSocketConnection | None = None
-        with trio.move_on_after(self.config.handshake_timeout_s):
+        with trio.move_on_after(conn.timeout_s):
             conn.activity = websocket.Activity(message_timeout_s=self.config.message_timeout_s)
             conn.wire = websocket.ActivityStream(conn.stream, conn.activity, conn.head)
             with contextlib.suppress(websocket.ConnectionClosed):
@@ -338,7 +357,8 @@ class LocalServer:
         if refusal is not None:
             _, status, message = refusal
             refused = CloseCode.POLICY if status == 403 else CloseCode.TRY_AGAIN
-            return await self._close(ws, refused, message, seen)
+            wait_s = websocket.CLOSE_TIMEOUT_S if seen.admitted else _REFUSED_WAIT_S
+            return await self._close(ws, refused, message, seen, wait_s=wait_s)
         outcome: tuple[int, str] | None = None
         try:
             try:

@@ -4,6 +4,8 @@ the hard limit is short. Each case runs in a child process with limits of its ow
 
 from __future__ import annotations
 
+import re
+import resource
 import subprocess
 import sys
 import textwrap
@@ -11,9 +13,8 @@ from pathlib import Path
 
 from openclawd import config
 from openclawd.daemon import files_needed
-from openclawd.local.server import REFUSING_AT_ONCE
 
-from ..conftest import daemon_tables
+from ..conftest import REPO, daemon_tables
 
 
 def run_with_limits(soft: int, hard: int, needed: int) -> subprocess.CompletedProcess[str]:
@@ -33,9 +34,12 @@ def run_with_limits(soft: int, hard: int, needed: int) -> subprocess.CompletedPr
     )
 
 
+HARD = min(4096, resource.getrlimit(resource.RLIMIT_NOFILE)[1])  # a child cannot raise it
+
+
 def test_the_soft_limit_is_raised_to_the_hard_one() -> None:
-    done = run_with_limits(soft=256, hard=4096, needed=3000)
-    assert done.stdout.split() == ["4096", "4096", "4096"]
+    done = run_with_limits(soft=256, hard=HARD, needed=HARD - 1)
+    assert done.stdout.split() == [str(HARD)] * 3
     assert "file_limit_low" not in done.stderr
 
 
@@ -46,12 +50,18 @@ def test_a_hard_limit_below_the_need_is_used_and_warned_of() -> None:
     assert "limit=512 needed=3000" in done.stderr
 
 
-def test_the_need_counts_connections_twice_refusals_pools_and_spare(runtime_dir: Path) -> None:
-    tables = daemon_tables(runtime_dir, listen={"max_connections": 1000})
+def test_the_unit_s_limit_covers_the_default_config_and_systemd_s_default_does_not(
+    runtime_dir: Path,
+) -> None:
+    """Why the daemon raises its limit, and why the unit sets one: with the defaults
+    (1,024 connections, one provider's pool of 100) the need is over systemd's default
+    soft limit of 1,024 files, and under the unit's ``LimitNOFILE``."""
+    tables = daemon_tables(runtime_dir)
     tables["vault"] = {"addr": "http://127.0.0.1:8200", "token_file": str(runtime_dir / "t")}
-    tables["providers"] = {
-        "a": {"base_url": "http://127.0.0.1:1", "vault_path": "a", "max_connections": 100},
-        "b": {"base_url": "http://127.0.0.1:2", "vault_path": "b", "max_connections": 20},
-    }
-    cfg = config.parse(tables, source="x.toml")
-    assert files_needed(cfg) == 2 * 1000 + REFUSING_AT_ONCE + 120 + 64
+    tables["providers"] = {"openai": {"base_url": "http://127.0.0.1:1", "vault_path": "a"}}
+    needed = files_needed(config.parse(tables, source="x.toml"))
+    unit = (REPO / "systemd" / "openclawd.service").read_text()
+    (limit,) = re.findall(r"^LimitNOFILE=(\d+)$", unit, flags=re.MULTILINE)
+    assert 1024 < needed <= int(limit)
+    tables["listen"] = {**tables["listen"], "max_connections": 2048}
+    assert files_needed(config.parse(tables, source="x.toml")) > needed + 2 * 1000

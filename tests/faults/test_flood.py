@@ -13,11 +13,13 @@ from pathlib import Path
 import trio
 
 from openclawd.daemon import raise_file_limit
+from openclawd.local.server import REFUSING_AT_ONCE
 
 from ..bao import BaoServer
 from ..conftest import DaemonProcess
 from ..dataplane.daemon_process import curl_json, running_daemon
-from ..dataplane.harness import open_app, open_http
+from ..dataplane.harness import open_app, open_dataplane, open_http
+from ..fake_upstream import open_fake_upstream
 from .test_app_side import complete_opcodes, handshake, server_frames
 
 KEY = "sk-flood-0001"
@@ -91,7 +93,12 @@ async def flood_the_daemon(
         runtime,
         start_daemon,
         KEY,
-        listen={"max_connections": max_connections, "handshake_timeout_s": 120.0},
+        # The flood's raw sockets never answer a ping: none is sent while it lasts.
+        listen={
+            "max_connections": max_connections,
+            "handshake_timeout_s": 120.0,
+            "ping_interval_s": 600.0,
+        },
     ) as (daemon, _, _):
         socket_path = str(runtime / "data.sock")
         async with open_app(socket_path) as app, open_http(socket_path) as http:
@@ -113,7 +120,9 @@ async def flood_the_daemon(
                     f"over the connection limit ({max_connections})".encode()
                 )
                 assert flood.refusals == {refusal: n - max_connections + 2}
-                assert await open_clients(control) == max_connections
+                with trio.fail_after(30):  # the last refused ones may still be closing
+                    while await open_clients(control) != max_connections:  # noqa: ASYNC110 - the daemon's count
+                        await trio.sleep(0.05)
                 assert (await app.call("during", body={}))[-1]["type"] == "response.end"
                 assert (await http.request("POST", CHAT, body=b"{}")).status == 200
                 late = await trio.open_unix_socket(socket_path)
@@ -137,3 +146,46 @@ async def test_a_flood_of_10000_connections_over_the_default_limit(
     # This process holds ~1,600 files at the peak (the daemon, raising its own, ~1,100).
     raise_file_limit(4096)
     await flood_the_daemon(shared_bao, runtime_dir, start_daemon, n=10_000, max_connections=1024)
+
+
+async def test_a_silent_flood_over_the_limit_is_refused_a_batch_at_a_time(
+    shared_bao: BaoServer, runtime_dir: Path
+) -> None:
+    """``max_connections = 1``, one app in, then 150 connections that never send a byte:
+    at most ``REFUSING_AT_ONCE`` of them are open in the daemon at once, each is closed
+    after ``_REFUSED_WAIT_S`` (not ``handshake_timeout_s``), and the app is served on."""
+    silent = 150
+    with trio.fail_after(30):
+        async with (
+            open_fake_upstream() as up,
+            open_dataplane(
+                shared_bao,
+                runtime_dir,
+                up.url,
+                listen={"max_connections": 1, "handshake_timeout_s": 60.0},
+            ) as dp,
+            open_app(dp.socket_path) as app,
+        ):
+            socks = [await trio.open_unix_socket(dp.socket_path) for _ in range(silent)]
+            most = 0
+            started = trio.current_time()
+            ended = 0
+
+            async def wait_closed(stream: trio.SocketStream) -> None:
+                nonlocal ended
+                assert await stream.receive_some() == b""  # closed, nothing said
+                ended += 1
+
+            async with trio.open_nursery() as nursery:
+                for stream in socks:
+                    nursery.start_soon(wait_closed, stream)
+                while ended < silent:
+                    most = max(most, dp.local.clients)
+                    await trio.sleep(0.01)
+            took = trio.current_time() - started
+            for stream in socks:
+                await stream.aclose()
+            assert most == 1 + REFUSING_AT_ONCE
+            # Three batches (64, 64, 22) of 1 s each, not 60 s.
+            assert 3.0 <= took < 10.0
+            assert (await app.call("after", body={}))[-1]["type"] == "response.end"
