@@ -54,13 +54,12 @@ import trio
 from bench.runner import (
     AB,
     FIRST_EVENT_GAP_MS,
-    READY_TIMEOUT_S,
     REPO,
     BenchError,
     ClientProcess,
-    Lines,
     child_environ,
     cpu_seconds,
+    fake_upstream,
     fingerprint,
     machine,
     new_key,
@@ -428,23 +427,10 @@ async def run(options: Options) -> dict[str, Any]:
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="ocbench-litellm-") as tmp:
         root = Path(tmp)
-        port = 0
         direct_key, litellm_key = new_key(), new_key()
         master_key = "sk-" + secrets.token_urlsafe(24)
         say("starting the fake upstream")
-        async with running(
-            [sys.executable, "-m", "bench.upstream"],
-            "the fake upstream",
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            env=child_environ(),
-            cwd=REPO,
-        ) as upstream:
-            assert upstream.stdout is not None
-            with trio.move_on_after(READY_TIMEOUT_S):
-                port = int((await Lines(upstream.stdout).next())["port"])
-            if not port:
-                raise BenchError(f"the fake upstream did not say its port in {READY_TIMEOUT_S:g} s")
+        async with fake_upstream() as (upstream, port):
             upstream_url = f"http://127.0.0.1:{port}"
             await upstream_accepts(upstream_url, [direct_key, litellm_key])
             say(f"starting the LiteLLM proxy {results['litellm_versions']['litellm']}")

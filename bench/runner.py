@@ -852,23 +852,33 @@ async def environment(
             await vault.use_token(token)
             key = new_key()
             await vault.write_secret(VAULT_PATH, {"api_key": key})
-            upstream_argv = [sys.executable, "-m", "bench.upstream"]
-            async with running(
-                upstream_argv,
-                "the fake upstream",
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                env=child_environ(),
-                cwd=REPO,
-            ) as upstream:
-                assert upstream.stdout is not None
-                port = int((await Lines(upstream.stdout).next())["port"])
+            async with fake_upstream() as (upstream, port):
                 setup = Setup(root, vault_addr, token, port, daemon_source)
                 write_config(setup, max_connections=max_connections)
                 await upstream_accepts(setup.upstream_url, [key])
                 yield setup, vault, key, upstream
         finally:
             await stop_process(vault_process, STOP_TIMEOUT_S)
+
+
+@contextlib.asynccontextmanager
+async def fake_upstream() -> AsyncIterator[tuple[trio.Process, int]]:
+    """``bench/upstream.py`` running, and the loopback port it listens on."""
+    async with running(
+        [sys.executable, "-m", "bench.upstream"],
+        "the fake upstream",
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        env=child_environ(),
+        cwd=REPO,
+    ) as upstream:
+        assert upstream.stdout is not None
+        port = 0
+        with trio.move_on_after(READY_TIMEOUT_S):
+            port = int((await Lines(upstream.stdout).next())["port"])
+        if not port:
+            raise BenchError(f"the fake upstream did not say its port in {READY_TIMEOUT_S:g} s")
+        yield upstream, port
 
 
 @contextlib.asynccontextmanager
