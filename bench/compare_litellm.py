@@ -61,6 +61,7 @@ from bench.runner import (
     cpu_seconds,
     fake_upstream,
     fingerprint,
+    git_commit,
     machine,
     new_key,
     rss_bytes,
@@ -329,14 +330,9 @@ def our_versions() -> dict[str, str]:
     for name in ("openclawd", "trio", "h11", "httpx"):
         with contextlib.suppress(importlib.metadata.PackageNotFoundError):
             found[name] = importlib.metadata.version(name)
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        found["commit"] = subprocess.run(
-            ["git", "-C", str(REPO), "describe", "--always", "--dirty"],
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=10,
-        ).stdout.strip()
+    commit = git_commit(REPO)
+    if commit is not None:
+        found["commit"] = commit
     return found
 
 

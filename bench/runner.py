@@ -800,15 +800,23 @@ def versions(bao: str, daemon_source: Path = REPO) -> dict[str, str]:
             [bao, "version"], capture_output=True, text=True, check=True, timeout=10
         ).stdout.strip()
     for name, checkout in (("commit", REPO), ("daemon_commit", daemon_source)):
-        with contextlib.suppress(OSError, subprocess.SubprocessError):
-            found[name] = subprocess.run(
-                ["git", "-C", str(checkout), "describe", "--always", "--dirty"],
-                capture_output=True,
-                text=True,
-                check=True,
-                timeout=10,
-            ).stdout.strip()
+        commit = git_commit(checkout)
+        if commit is not None:
+            found[name] = commit
     return found
+
+
+def git_commit(checkout: Path) -> str | None:
+    """``git describe --always --dirty`` in ``checkout``; None if git cannot tell."""
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        return subprocess.run(
+            ["git", "-C", str(checkout), "describe", "--always", "--dirty"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        ).stdout.strip()
+    return None
 
 
 async def run(
