@@ -39,7 +39,12 @@ from openclawd.errors import (
 )
 from openclawd.lifecycle import Lifecycle
 from openclawd.local.server import Connection, error_body
-from openclawd.protocol.messages import CREDENTIAL_HEADERS, HOP_BY_HOP_HEADERS, has_dot_segment
+from openclawd.protocol.messages import (
+    CREDENTIAL_HEADERS,
+    HOP_BY_HOP_HEADERS,
+    has_dot_segment,
+    shown_name,
+)
 from openclawd.protocol.ratelimit import RateLimiter
 from openclawd.protocol.sse import SSEDecoder, merge_usage, usage_of
 from openclawd.upstream.http import UpstreamRequest, UpstreamResponse, Upstreams
@@ -170,7 +175,7 @@ class Passthrough:
             self.inflight -= 1
             log.info(
                 "http.request",
-                provider=route.provider,
+                provider=shown_name(route.provider, self.config.providers),
                 method=route.method,
                 path=f"/{route.rest}",
                 status=status,
@@ -226,7 +231,8 @@ class Passthrough:
         """
         provider = self.config.providers.get(route.provider)
         if provider is None:
-            raise UnknownProviderError(f"unknown provider {route.provider!r}")
+            # Not repeated back, nor logged: it may be a key pasted in the wrong place.
+            raise UnknownProviderError("unknown provider")
         bad = _bad_segment(route.rest)
         if bad is not None:
             raise ClientError(f"{bad} path segments are not allowed")

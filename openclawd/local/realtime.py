@@ -171,7 +171,8 @@ class Realtime:
         name, slash, rest = path[len(PREFIX) :].partition("/")
         provider = self.config.providers.get(name)
         if provider is None:
-            raise UnknownProviderError(f"unknown provider {name!r}")
+            # Not repeated back (the close reason), nor logged: it may be a key.
+            raise UnknownProviderError("unknown provider")
         if not provider.ws_url:
             raise ClientError(f"provider {name!r} has no ws_url")
         if has_dot_segment(rest):

@@ -297,8 +297,9 @@ class LocalServer:
                 await conn.respond_json(status, error_body(code, message))
                 return f"refused: {message}"
             if ws_handler is not None:
+                # The route, not the path: what follows the prefix is the app's, maybe a key.
                 await conn.respond_json(
-                    426, error_body("bad_request", f"{path} is a WebSocket endpoint")
+                    426, error_body("bad_request", f"{ws_prefix} is a WebSocket endpoint")
                 )
                 return "bad request: not a WebSocket upgrade"
             _, handler = _match(self.routes, path)

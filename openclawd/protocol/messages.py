@@ -3,6 +3,10 @@
 Sans-IO: frames in, typed frames or ``FrameError`` out; dicts in, JSON text out. Knows the
 contract's field rules (ids, methods, paths, headers) but nothing of the providers that are
 configured, of connections or of time. Never raises anything but ``FrameError`` on input.
+An error's message never quotes what the app sent (a frame type, a header's name or
+value, a provider name): a key pasted in the wrong place must not come back in an error,
+nor reach a log line. It names the field, and a header by its place in ``headers``;
+only names the daemon itself knows (the credential headers) are spelled out.
 """
 
 from __future__ import annotations
@@ -10,7 +14,7 @@ from __future__ import annotations
 import json
 import re
 import urllib.parse
-from collections.abc import Mapping
+from collections.abc import Container, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,6 +42,7 @@ HOP_BY_HOP_HEADERS = frozenset(
 # In a request frame: hop-by-hop, and the ones the upstream client computes itself.
 DROPPED_HEADERS = HOP_BY_HOP_HEADERS | {"host", "content-length"}
 
+_NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _TOKEN_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _BAD_VALUE_RE = re.compile(r"[^\t\x20-\x7e]")
 _BAD_PATH_RE = re.compile(r"[\x00-\x20\x7f#\\]")
@@ -72,6 +77,13 @@ class Ping:
 
 
 Frame = Request | Cancel | Ping
+
+
+def shown_name(name: str, configured: Container[str]) -> str | None:
+    """``name`` as it may be shown in a log line or an answer: only a configured name
+    that looks like one (``[A-Za-z0-9_.-]{1,64}``); anything else the app sent where a
+    name goes may be a key pasted in the wrong place, and is None."""
+    return name if name in configured and _NAME_RE.fullmatch(name) else None
 
 
 def has_dot_segment(path: str) -> bool:
@@ -117,7 +129,10 @@ def decode(message: str | bytes) -> Frame:
         except FrameError as exc:
             exc.request_id = rid
             raise
-    raise FrameError(f"unknown frame type {_quote(kind)}", request_id=request_id)
+    raise FrameError(
+        'unknown frame type: "type" must be "request", "cancel" or "ping"',
+        request_id=request_id,
+    )
 
 
 def _no_constant(name: str) -> Any:
@@ -173,24 +188,21 @@ def _headers(raw: object) -> tuple[tuple[str, str], ...]:
     if not isinstance(raw, dict):
         raise FrameError('"headers" must be an object of strings')
     headers = []
-    for name, value in raw.items():
+    for place, (name, value) in enumerate(raw.items(), 1):
+        # The app's header named by its place, never quoted (see the module's docstring).
         if not _TOKEN_RE.fullmatch(name):
-            raise FrameError(f"header name {_quote(name)} is not a valid HTTP token")
+            raise FrameError(f'header {place} of "headers": its name is not a valid HTTP token')
         if not isinstance(value, str) or _BAD_VALUE_RE.search(value):
             raise FrameError(
-                f"header {_quote(name)} must be a string of printable ASCII characters"
+                f'header {place} of "headers": its value must be a string of printable'
+                " ASCII characters"
             )
         lower = name.lower()
         if lower in CREDENTIAL_HEADERS:
-            raise FrameError(f"header {_quote(name)} is refused: the daemon adds the credentials")
+            raise FrameError(f"header {lower} is refused: the daemon adds the credentials")
         if lower not in DROPPED_HEADERS:
             headers.append((lower, value))
     return tuple(headers)
-
-
-def _quote(text: str, limit: int = 40) -> str:
-    """Echo a piece of the app's input in an error, short and safely quoted."""
-    return json.dumps(text[:limit] + ("..." if len(text) > limit else ""))
 
 
 def encode_body(body: Any) -> bytes:

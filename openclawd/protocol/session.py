@@ -87,11 +87,8 @@ class Session:
             raise FrameError(f"id {_short(rid)} is already in flight")
         refused = self.refused_headers.get(request.provider)
         if refused is None:
-            raise FrameError(
-                f"unknown provider {_short(request.provider)}",
-                code="unknown_provider",
-                request_id=rid,
-            )
+            # Not repeated back: what the app put there may be a key (messages.py).
+            raise FrameError("unknown provider", code="unknown_provider", request_id=rid)
         for name, _ in request.headers:
             if name in refused:
                 raise FrameError(

@@ -317,7 +317,7 @@ async def test_refusals_before_the_upstream_is_opened(shared_bao: Bao, runtime_d
                 assert reason.startswith("rate limited: over 1 requests per minute")
             assert await close_of(dp.socket_path, "/v1/realtime/nope") == (
                 1008,
-                "unknown provider 'nope'",
+                "unknown provider",
             )
             dp.lifecycle.set_draining(trio.current_time() + 60)
             assert await close_of(dp.socket_path) == (1013, "openclawd is draining")
