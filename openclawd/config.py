@@ -135,6 +135,34 @@ def _ids(raw: object) -> tuple[int, ...]:
     return tuple(raw)
 
 
+_KEY_FIELD_LAYOUTS = (
+    'a field name ("api_key": its value is one key, or a list of strings = a pool) '
+    'or a non-empty list of distinct field names (["key1", "key2"]: one key per field, '
+    "a pool in that order)"
+)
+
+
+def _key_field(raw: object) -> str | tuple[str, ...]:
+    """``key_field``: the secret's field that holds the key (or a list of keys), or a
+    list of fields that each hold one key. Either way more than one key is a pool."""
+    if isinstance(raw, str):
+        if not raw:
+            raise _Invalid(f"must be {_KEY_FIELD_LAYOUTS}, not an empty string")
+        return raw
+    if not isinstance(raw, list):
+        raise _Invalid(f"must be {_KEY_FIELD_LAYOUTS}, not {_toml_type(raw)}")
+    if not raw:
+        raise _Invalid(f"must be {_KEY_FIELD_LAYOUTS}, not an empty list")
+    for item in raw:
+        if not isinstance(item, str) or not item:
+            shown = repr(item) if isinstance(item, str) else _toml_type(item)
+            raise _Invalid(f"must be {_KEY_FIELD_LAYOUTS}; the list holds {shown}")
+    if len(set(raw)) != len(raw):
+        twice = next(item for item in raw if raw.count(item) > 1)
+        raise _Invalid(f"must be {_KEY_FIELD_LAYOUTS}; the list names {twice!r} twice")
+    return tuple(raw)
+
+
 def _loopback_tcp(raw: object) -> str:
     value = _string(raw)
     if not value:
@@ -233,7 +261,7 @@ class ProviderConfig:
     ws_url: str = _opt("", _url("ws", "wss"))
     auth_header: str = _opt("Authorization", _string)
     auth_scheme: str = _opt("Bearer", _string)
-    key_field: str = _opt("api_key", _string)
+    key_field: str | tuple[str, ...] = _opt("api_key", _key_field)
     required: bool = _opt(True, _boolean)
     connect_timeout_s: float = _opt(10.0, _seconds())
     read_timeout_s: float = _opt(60.0, _seconds())
