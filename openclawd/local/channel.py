@@ -113,9 +113,16 @@ class Channels:
                     ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError
                 ):
                     await self._read_frames(channel, nursery)
+                    # Returned: a message over the limit (a failure, below).
+                if channel.failure is None:
+                    channel.ending = channel.ending or "app gone"
             finally:
                 # The app is gone, or the daemon cuts the channel: a frame half written is
                 # finished (bounded), and nothing the app asked for goes on upstream.
+                if channel.failure is not None:
+                    channel.ending = str(channel.failure)
+                elif channel.ending is None:
+                    channel.ending = _cut_reason(self.lifecycle)
                 channel.sender.stop()
                 nursery.cancel_scope.cancel()
         if channel.failure is not None:
@@ -179,6 +186,8 @@ class Channels:
                     await relay(self.upstreams, request, channel.send, finish)
                 except OpenclawdError as exc:
                     error = exc
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    raise  # the writer is gone: so is the app (below)
                 except Exception:
                     log.exception("request.internal_error", request_id=rid)
                     error = OpenclawdError("internal error")
@@ -186,14 +195,21 @@ class Channels:
                 if error is not None:  # e.g. the deadline, once the end was queued
                     log.info("request.late_error", request_id=rid, error=str(error))
             elif scope.cancelled_caught:
+                log.info("request.cancelled", request_id=rid, reason="cancel frame")
                 await finish(messages.error(rid, "cancelled", "cancelled by the app"))
             elif error is not None:
                 await finish(_error_frame(rid, error))
         except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass  # the writer is gone: so is the app
+            # The writer is gone, before the channel's reader may have seen the app go:
+            # an app leaving is normal, not an error of ours.
+            channel.ending = channel.ending or "app gone"
         finally:
             self.inflight -= 1
             self.lifecycle.work.end()
+            if not finished:
+                # Left behind: the app went, or the daemon cut the channel (the
+                # connection's cancel ended the request, and why is the channel's).
+                log.info("request.cancelled", request_id=rid, reason=channel.ending or "cut")
             if not finished:  # else the id may already belong to the app's next request
                 channel.session.finish(rid)
             if channel.scopes.get(rid) is scope:
@@ -232,6 +248,9 @@ class _Channel:
         self.activity = conn.activity or websocket.Activity()
         self.scopes: dict[str, trio.CancelScope] = {}
         self.failure: OpenclawdError | None = None  # what ended the channel, if not the app
+        # Why the channel ended, for the requests it leaves behind: "app gone", the
+        # failure, or the daemon's cut. None while it runs.
+        self.ending: str | None = None
         # Frames wait here for the one writer: a cancelled request can stop queueing a
         # frame, but never cut one in half on the wire. Bounded: a slow app holds up its
         # requests' upstream reads, not memory.
@@ -288,6 +307,15 @@ class _Channel:
                 if written is not None:
                     written.set()
             self._frames.close()
+
+
+def _cut_reason(lifecycle: Lifecycle) -> str:
+    """Why the daemon cut a channel (its connection's cancel came from outside)."""
+    if lifecycle.stopping:
+        return "openclawd is shutting down"
+    if lifecycle.draining:
+        return "drain deadline reached"
+    return "connection cut"
 
 
 def _error_frame(rid: str | None, exc: OpenclawdError) -> str:
