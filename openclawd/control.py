@@ -5,7 +5,9 @@ statistics snapshot and calls the daemon's operations (``Operations``), and hold
 of its own. It is served on its own listeners (the control socket, and the optional
 loopback TCP one behind a bearer token), so draining the data socket never shuts operators
 out. Every error answer is ``{"error": CODE, "message": TEXT}``; an unknown route is 404,
-a known route with the wrong method 405 (mutations are POST only).
+a known route with the wrong method 405 (mutations are POST only). Nothing an operator sends
+is repeated back or logged where a key pasted in the wrong place could hide: not an unknown
+path, method or body field, nor a provider name that is not a configured provider.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import hmac
 import json
 import math
+import re
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
@@ -22,6 +25,7 @@ from werkzeug.exceptions import HTTPException
 
 from openclawd import logs
 from openclawd.asgi import ASGIFramework, ASGIReceiveCallable, ASGISendCallable, Scope
+from openclawd.config import Config
 from openclawd.errors import ClientError, OpenclawdError, UnknownProviderError, VaultError
 from openclawd.lifecycle import Lifecycle
 from openclawd.metrics import CONTENT_TYPE, Metrics
@@ -36,12 +40,18 @@ _ERROR_CODES = {
     405: "method_not_allowed",
     413: "too_large",
 }
+# What a provider name looks like. A string sent as one that does not look like this, or
+# is not a configured provider, is never repeated back nor logged: it may be a key.
+_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+# Methods a 405 may name; any other token the client sent is not repeated back.
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE"})
 
 
 class Operations(Protocol):
     """What the control API needs of the daemon."""
 
     lifecycle: Lifecycle
+    config: Config  # the config in force: which providers exist, and their Vault paths
 
     def statistics(self) -> Statistics: ...
 
@@ -85,12 +95,18 @@ def error(status: int, code: str, message: str) -> Response:
     return json_response({"error": code, "message": message}, status)
 
 
-def status_body(stats: Statistics) -> dict[str, Any]:
-    """``GET /v1/status`` (CONTRACT.md 4) from one statistics snapshot."""
+def status_body(stats: Statistics, config: Config) -> dict[str, Any]:
+    """``GET /v1/status`` (CONTRACT.md 4) from one statistics snapshot.
+
+    Besides the contract's fields, each provider shows where its secret is read from and
+    why the last read failed (``vault``: ``path`` is ``MOUNT/PATH`` from ``config``, since
+    the key statistics do not carry it; ``last_error`` is the key manager's).
+    """
     providers: dict[str, Any] = {}
     for name, keyed in stats.keys.providers.items():
         key = keyed.key
         upstream = stats.upstreams.get(name)
+        provider = config.providers.get(name)
         providers[name] = {
             "key": None
             if key is None
@@ -107,6 +123,10 @@ def status_body(stats: Statistics) -> dict[str, Any]:
             "ratelimit": {
                 "remaining_requests": upstream.remaining_requests if upstream else None,
                 "remaining_tokens": upstream.remaining_tokens if upstream else None,
+            },
+            "vault": {
+                "path": _vault_path(config, provider.vault_path) if provider else None,
+                "last_error": keyed.last_error,
             },
         }
     keys = stats.keys
@@ -129,6 +149,11 @@ def status_body(stats: Statistics) -> dict[str, Any]:
             "last_error": keys.last_error,
         },
     }
+
+
+def _vault_path(config: Config, path: str) -> str:
+    """A KV v2 secret as operators name it (``bao kv get MOUNT/PATH``)."""
+    return f"{config.vault.mount.strip('/')}/{path.strip('/')}"
 
 
 async def _json_body() -> dict[str, Any]:
@@ -159,10 +184,19 @@ def _caller() -> str:
 
 
 def _only(body: dict[str, Any], *fields: str) -> None:
-    unknown = sorted(set(body) - set(fields))
-    if unknown:
-        allowed = ", ".join(fields)
-        raise ClientError(f"unknown field {unknown[0][:64]!r}; this route takes {allowed}")
+    """Refuse a body with any field but ``fields``, without naming it (it may be a key).
+
+    Raises:
+        ClientError: an unknown field.
+    """
+    if set(body) - set(fields):
+        takes = ", ".join(fields) or "no field"
+        raise ClientError(f"unknown field; this route takes {takes}")
+
+
+def _configured(ops: Operations, provider: str) -> bool:
+    """Whether ``provider`` names a configured provider, and so may be shown and logged."""
+    return _NAME.fullmatch(provider) is not None and provider in ops.config.providers
 
 
 def _seconds(value: object, name: str) -> float | None:
@@ -189,6 +223,8 @@ def create_app(ops: Operations) -> QuartTrio:
     app = QuartTrio("openclawd.control")
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
     app.config["PROVIDE_AUTOMATIC_OPTIONS"] = False
+    # No 308 to the path with its slashes merged: its Location would repeat the query.
+    app.url_map.merge_slashes = False
     metrics = Metrics(ops.statistics)
     lifecycle = ops.lifecycle
 
@@ -204,7 +240,7 @@ def create_app(ops: Operations) -> QuartTrio:
 
     @app.get("/v1/status")
     async def status() -> Response:
-        return json_response(status_body(ops.statistics()), redact=ops.redact)
+        return json_response(status_body(ops.statistics(), ops.config), redact=ops.redact)
 
     @app.post("/v1/keys/rotate")
     async def rotate() -> Response:
@@ -213,11 +249,15 @@ def create_app(ops: Operations) -> QuartTrio:
         provider = body.get("provider")
         if provider is not None and not isinstance(provider, str):
             raise ClientError("provider must be a string")
+        if provider is not None and not _configured(ops, provider):
+            log.info("control.rotate_refused", reason="unknown provider", via=_caller())
+            return error(404, UnknownProviderError.code, "unknown provider")
         log.info("control.rotate", provider=provider, via=_caller())
         try:
             result = await ops.rotate_keys(provider)
-        except UnknownProviderError as exc:
-            return error(404, exc.code, str(exc))
+        except UnknownProviderError:
+            # Removed by a reload meanwhile; the key manager's text quotes the name.
+            return error(404, UnknownProviderError.code, "unknown provider")
         except VaultError as exc:
             # Whatever the cause, the operator's answer is the contract's: the keys in
             # force are kept.
@@ -263,6 +303,7 @@ def create_app(ops: Operations) -> QuartTrio:
 
     @app.post("/v1/resume")
     async def resume() -> Response:
+        _only(await _json_body())
         log.info("control.resume", via=_caller())
         ops.resume()
         return json_response({"state": lifecycle.state.value})
@@ -279,9 +320,13 @@ def create_app(ops: Operations) -> QuartTrio:
     async def http_error(exc: HTTPException) -> Response:
         status = exc.code or 500
         if status == 404:
-            message = f"no route {request.method} {request.path}"
+            message = "no such route"  # the path is not repeated: it may hold a key
         elif status == 405:
-            message = f"{request.path} does not take {request.method}"
+            # Only a route's own path and a standard method are named.
+            routes = {rule.rule for rule in app.url_map.iter_rules()}
+            path = request.path if request.path in routes else "this route"
+            method = request.method if request.method in _METHODS else "this method"
+            message = f"{path} does not take {method}"
         elif status == 413:
             message = f"the body is larger than {MAX_BODY_BYTES} bytes"
         else:

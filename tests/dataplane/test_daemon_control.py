@@ -76,6 +76,7 @@ async def test_an_operator_session_with_curl(
             assert openai["key"]["fingerprint"] == fingerprint(KEY)
             assert openai["key"]["pool_size"] == 1
             assert openai["upstream"] == {"circuit": "closed", "last_error": None}
+            assert openai["vault"] == {"path": f"secret/{vault_path}", "last_error": None}
             assert body["vault"]["addr"] == shared_bao.addr
             assert body["vault"]["auth"] == "token"
             assert body["vault"]["reachable"] is True
@@ -153,7 +154,10 @@ async def test_an_operator_session_with_curl(
             status, body = await curl_json(
                 control, "/v1/keys/rotate", method="POST", data='{"provider":"nope"}'
             )
-            assert (status, body["error"]) == (404, "unknown_provider")
+            assert (status, body) == (
+                404,
+                {"error": "unknown_provider", "message": "unknown provider"},
+            )
             status, body = await curl_json(control, "/v1/keys/rotate")
             assert (status, body["error"]) == (405, "method_not_allowed")
             status, body = await curl_json(control, "/v1/nothing")
