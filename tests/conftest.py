@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import trio.testing
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -41,6 +42,16 @@ def readme_blocks(lang: str, section: str | None = None) -> list[str]:
     if section is not None:
         text = text.split(f"\n## {section}\n", 1)[1].split("\n## ", 1)[0]
     return [block.strip() for block in re.findall(rf"```{lang}\n(.*?)```", text, re.S)]
+
+
+@pytest.fixture
+def io_clock() -> trio.testing.MockClock:
+    """Virtual time for a test with real sockets in flight in its own trio run: the clock
+    jumps to the next deadline once every task has been blocked for 10 ms of real time
+    (trio's advice for real I/O; ``autojump_clock`` jumps at once). Not for a test that
+    waits on a thread or another process with only a far deadline pending: the clock
+    would jump to that deadline first."""
+    return trio.testing.MockClock(autojump_threshold=0.01)
 
 
 @pytest.fixture

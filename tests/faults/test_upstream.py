@@ -24,9 +24,10 @@ NO_BACKOFF = {"retry_backoff_s": 0.01, "retry_backoff_max_s": 0.01}
 async def test_an_upstream_silent_before_its_head_is_upstream_timeout_after_the_read_gap(
     shared_bao: BaoServer, runtime_dir: Path
 ) -> None:
-    """No byte at all: the app hears ``upstream_timeout`` (/v1/ws) or 504 (/v1/http) once
-    ``read_timeout_s`` has passed, not before and not much after; never retried (the
-    provider may be working on it)."""
+    """No byte at all: the app hears ``upstream_timeout`` (/v1/ws) or 504 (/v1/http), the
+    daemon having given up on the upstream (it closed the connection, the upstream never
+    answered) after ``read_timeout_s``: the test's deadline is a third of the 60 s
+    default; never retried (the provider may be working on it)."""
     with trio.fail_after(20):
         async with (
             open_fake_upstream() as up,
@@ -36,18 +37,16 @@ async def test_an_upstream_silent_before_its_head_is_upstream_timeout_after_the_
             open_app(dp.socket_path) as app,
         ):
             up.script(Reply(head_delay_s=math.inf), Reply(head_delay_s=math.inf))
-            started = trio.current_time()
             frames = await app.call("w", body={})
-            waited = trio.current_time() - started
             assert [f["type"] for f in frames] == ["error"]
             assert frames[0]["code"] == "upstream_timeout"
-            assert READ_GAP_S <= waited < READ_GAP_S + 1.0
-            started = trio.current_time()
+            await up.wait_connections_closed(1)
+            assert up.close_reasons == {0: "client"}  # the daemon gave up, not the upstream
             answer = await call(dp.socket_path, "POST", "/v1/http/openai/v1/x", body=b"{}")
-            waited = trio.current_time() - started
             assert answer.status == 504
             assert answer.json()["error"]["code"] == "upstream_timeout"
-            assert READ_GAP_S <= waited < READ_GAP_S + 1.0
+            await up.wait_connections_closed(2)
+            assert up.close_reasons == {0: "client", 1: "client"}
             assert len(up.requests) == 2  # one each: no retry
 
 

@@ -203,14 +203,15 @@ def test_required_provider_without_key_holds_readiness(
 def test_watchdog_is_fed_at_half_the_interval(
     start_daemon: StartDaemon, write_config: WriteConfig
 ) -> None:
+    """The real process reads WATCHDOG_USEC and keeps feeding; the interval itself is
+    checked in virtual time in tests/daemon/test_daemon.py."""
     daemon = start_daemon(write_config(), env={"WATCHDOG_USEC": "400000"})
     daemon.wait_ready()
     first = daemon.notify.wait_for("WATCHDOG", "1")
-    start = time.monotonic()
-    second = daemon.notify.wait_for("WATCHDOG", "1")
+    second = daemon.notify.wait_for("WATCHDOG", "1")  # a later message: fed again
     assert first is not second
-    assert 0.1 < time.monotonic() - start < 1.0
     daemon.signal(signal.SIGTERM)
+    daemon.notify.wait_for("STOPPING", "1")
     assert daemon.wait() == 0
 
 
