@@ -5,20 +5,81 @@ socket and the optional loopback TCP port) and the built-in mock provider (on lo
 The caller binds and listens on the socket itself, so a bad path or a taken port is its
 own clear startup error, and the socket stays the caller's: hypercorn is handed a duplicate
 of the descriptor and closes that one.
+
+A request hypercorn cannot parse (no Host, a malformed header, two Content-Lengths, a head
+over 16 KiB, garbage) never reaches the app: hypercorn answers it itself, with an empty
+body. The apps served here answer every error as JSON ``{"error": CODE, "message": TEXT}``
+(CONTRACT.md 4), and so do these answers, which repeat nothing of the request. hypercorn
+has no public hook for them, so this module replaces the one private method that writes
+them (``H11Protocol._send_error_response``, hypercorn 0.17 and 0.18), for the servers it
+starts only. It is the package's only reach below hypercorn's public API: pyproject.toml
+bounds hypercorn below 0.19, and tests/control/test_parse_errors.py fails should the
+method move (the answers are then hypercorn's own again, empty but still correct HTTP).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
+from typing import Any
 
+import h11
 import trio
 from hypercorn.config import Config as HypercornConfig
+from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.trio import serve as hypercorn_serve
 from hypercorn.typing import ASGIFramework, ASGIReceiveCallable, ASGISendCallable, Scope
 
 __all__ = ["ASGIFramework", "ASGIReceiveCallable", "ASGISendCallable", "Scope", "serve_asgi"]
+
+# The longest request head (request line and headers) taken; a longer one is a 431.
+MAX_HEAD_BYTES = 16 * 1024
+# What an unparseable request is told, by the status h11 suggests (its error_status_hint).
+_UNPARSEABLE = {
+    400: ("bad_request", "the request is not valid HTTP/1.1"),
+    431: ("too_large", f"the request line and headers are larger than {MAX_HEAD_BYTES} bytes"),
+    501: ("not_implemented", "only the chunked Transfer-Encoding is supported"),
+}
+
+
+def unparseable_body(status: int) -> bytes:
+    """The JSON body of the answer to a request that could not be parsed."""
+    code, message = _UNPARSEABLE.get(status, _UNPARSEABLE[400])
+    return json.dumps({"error": code, "message": message}, separators=(",", ":")).encode()
+
+
+class _Config(HypercornConfig):
+    """hypercorn's config, marking the servers whose parse errors are answered as JSON."""
+
+    json_parse_errors = True
+
+
+_hypercorn_error_response = getattr(H11Protocol, "_send_error_response", None)
+
+
+async def _send_error_response(self: Any, status_code: int) -> None:
+    """``H11Protocol._send_error_response`` with a JSON body, for our servers: called with
+    h11's suggested status once a request could not be parsed and no response has begun."""
+    if not getattr(self.config, "json_parse_errors", False):
+        assert _hypercorn_error_response is not None
+        await _hypercorn_error_response(self, status_code)
+        return
+    body = unparseable_body(status_code)
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"connection", b"close"),
+        *self.config.response_headers("h11"),
+    ]
+    await self._send_h11_event(h11.Response(status_code=status_code, headers=headers))
+    await self._send_h11_event(h11.Data(data=body))
+    await self._send_h11_event(h11.EndOfMessage())
+
+
+if _hypercorn_error_response is not None and hasattr(H11Protocol, "_send_h11_event"):
+    H11Protocol._send_error_response = _send_error_response  # type: ignore[method-assign]
 
 
 async def serve_asgi(
@@ -32,9 +93,11 @@ async def serve_asgi(
     """Serve ``app`` on the listening socket ``sock`` (unix or TCP) until cancelled.
 
     Only hypercorn's warnings and errors are logged, under ``log_name``: its info lines
-    name the descriptor's bind path, which says nothing useful.
+    name the descriptor's bind path, which says nothing useful. A request that cannot be
+    parsed is answered with a JSON 4xx (``unparseable_body``) and the connection closed.
     """
-    config = HypercornConfig()
+    config = _Config()
+    config.h11_max_incomplete_size = MAX_HEAD_BYTES
     config.bind = [f"fd://{os.dup(sock.fileno())}"]
     config.backlog = backlog
     config.accesslog = None
