@@ -266,6 +266,24 @@ async def test_rotate_with_vault_failing_is_503_and_redacted(
     assert await call(client, "POST", "/v1/keys/rotate") == (503, expected)
 
 
+async def test_rotate_when_vault_does_not_answer_in_time_is_503(
+    client: QuartClient, ops: FakeOps, autojump_clock: MockClock
+) -> None:
+    # The key manager bounds each Vault request (vault.request_timeout_s) and raises
+    # VaultUnreachableError once it has waited that long; the control API adds no deadline.
+    async def slow_vault(provider: str | None) -> Rotation:
+        await trio.sleep(10)
+        raise VaultUnreachableError(
+            "Vault at https://vault.internal:8200 did not answer within 10s"
+        )
+
+    ops.rotate_keys = slow_vault  # type: ignore[method-assign]
+    status, body = await call(client, "POST", "/v1/keys/rotate", b'{"provider":"openai"}')
+    assert trio.current_time() == 10
+    assert (status, body["error"]) == (503, "vault_unreachable")
+    assert body["message"].endswith("did not answer within 10s")
+
+
 NOT_JSON = "the body is not JSON"
 NOT_OBJECT = "the body must be a JSON object"
 NOT_STRING = "provider must be a string"
