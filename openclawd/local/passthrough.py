@@ -38,7 +38,7 @@ from openclawd.errors import (
     UpstreamProtocolError,
 )
 from openclawd.lifecycle import Lifecycle
-from openclawd.local.server import Connection, error_body
+from openclawd.local.server import Connection, error_body, reason_phrase
 from openclawd.protocol.messages import (
     CREDENTIAL_HEADERS,
     HOP_BY_HOP_HEADERS,
@@ -157,8 +157,7 @@ class Passthrough:
         """Answer one request: the upstream's response, or the contract's JSON error."""
         started = trio.current_time()
         route = _Route.of(conn.request)
-        status: int | str = "error"
-        sent = 0
+        answer = _Answer()
         self.inflight += 1
         try:
             with self.lifecycle.work.track(), trio.CancelScope() as app_gone:
@@ -167,10 +166,13 @@ class Passthrough:
                     def watch() -> None:
                         nursery.start_soon(_watch_for_leaving, conn, app_gone)
 
-                    status, sent = await self._exchange(conn, route, watch)
+                    await self._exchange(conn, route, watch, answer)
                     nursery.cancel_scope.cancel()
             if app_gone.cancelled_caught:
-                status = "app gone"
+                answer.gone = True  # too late to matter if the answer had ended
+        except Exception:
+            answer.error = answer.error or "internal"
+            raise
         finally:
             self.inflight -= 1
             log.info(
@@ -178,48 +180,48 @@ class Passthrough:
                 provider=shown_name(route.provider, self.config.providers),
                 method=route.method,
                 path=f"/{route.rest}",
-                status=status,
-                bytes_out=sent,
+                status=answer.logged_status(),
+                bytes_out=answer.body_bytes,
+                **({"error": answer.error} if answer.error else {}),
                 duration_s=round(trio.current_time() - started, 4),
             )
 
     async def _exchange(
-        self, conn: Connection, route: _Route, watch: Callable[[], None]
-    ) -> tuple[int | str, int]:
-        """The request and its answer; returns the status (or why there is none) and the
-        body bytes sent, for the log. ``watch`` is called once the app's body is all read:
-        from then on the app leaving cancels the exchange."""
-        status: int | str = "error"
-        sent = 0
+        self, conn: Connection, route: _Route, watch: Callable[[], None], answer: _Answer
+    ) -> None:
+        """The request and its answer, recorded in ``answer`` as it is written (the
+        exchange may be cancelled at any point: the log line shows what the app got).
+        ``watch`` is called once the app's body is all read: from then on the app leaving
+        cancels the exchange."""
         try:
             request = await self._prepare(conn, route, watch)
             pool = self.upstreams[route.provider]
             async with pool.open(request) as response:
-                status = response.status
                 head = h11.Response(
                     status_code=response.status,
                     headers=response_headers(response.headers),
-                    reason=response.reason.encode("latin-1", "replace"),
+                    reason=reason_phrase(response.status, response.reason),
                 )
                 await _send(conn, head)
+                answer.status = response.status
                 usage = _UsageReader.of(response, pool.record_usage)
                 try:
                     async with contextlib.aclosing(response.aiter_raw()) as chunks:
                         async for chunk in chunks:
                             usage.feed(chunk)  # before the send: the app may be done after it
                             await _send(conn, h11.Data(data=chunk))
-                            sent += len(chunk)
+                            answer.body_bytes += len(chunk)
                 except UpstreamError as exc:
                     pool.record_failure(exc)  # a drop or stall mid-body
                     raise
                 usage.close()
                 await _send(conn, h11.EndOfMessage())
+                answer.ended = True
         except OpenclawdError as exc:
-            await self._fail(conn, exc)
-            status = f"error {exc.code}"
+            answer.error = exc.code
+            await self._fail(conn, exc, answer)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
-            status = "app gone"
-        return status, sent
+            answer.gone = True
 
     async def _prepare(
         self, conn: Connection, route: _Route, on_complete: Callable[[], None]
@@ -241,7 +243,8 @@ class Passthrough:
             raise refused
         headers, length = request_headers(conn.request.headers, provider.auth_header)
         if conn.http.they_are_waiting_for_100_continue:
-            await _send(conn, h11.InformationalResponse(status_code=100, headers=[]))
+            go_on = h11.InformationalResponse(status_code=100, headers=[], reason=b"Continue")
+            await _send(conn, go_on)
         body = _AppBody(conn, on_complete, self.config.listen.message_timeout_s)
         held = await body.hold(REPLAYABLE_BYTES)
         content: bytes | AsyncIterator[bytes] | None
@@ -254,15 +257,42 @@ class Passthrough:
                 headers.append(("content-length", str(length)))
         return UpstreamRequest(route.method, route.upstream_target, tuple(headers), content)
 
-    async def _fail(self, conn: Connection, exc: OpenclawdError) -> None:
+    async def _fail(self, conn: Connection, exc: OpenclawdError, answer: _Answer) -> None:
         if conn.http.our_state is not h11.SEND_RESPONSE:
             # The head is out: the app is cut off mid-body and sees a truncated response.
             log.warning("http.cut", error=str(exc))
+            answer.ended = True
             return
         headers: list[tuple[str, str]] = []
         if isinstance(exc, RateLimitedError):
             headers.append(("retry-after", str(max(1, math.ceil(exc.retry_after_s)))))
-        await conn.respond_json(exc.http_status, error_body(exc.code, str(exc)), headers)
+        written = await conn.respond_json(exc.http_status, error_body(exc.code, str(exc)), headers)
+        if written is None:
+            answer.gone = True
+        else:
+            answer.status, answer.body_bytes, answer.ended = exc.http_status, written, True
+
+
+@dataclass(slots=True)
+class _Answer:
+    """What the app has been sent of one answer, as it is written: for the log line."""
+
+    status: int | None = None  # the status line's code, once written
+    body_bytes: int = 0  # body bytes written to the app
+    ended: bool = False  # the answer is over: its end written, or cut by the daemon
+    gone: bool = False  # the app left (its side closed, or a write to it failed)
+    error: str | None = None  # the daemon's error code, when it answered or cut with one
+
+    def logged_status(self) -> int | str:
+        """The status sent; "app gone" if the app left before the answer ended; "cut"
+        if the daemon cut the request before its answer (a drain's deadline)."""
+        if self.ended and self.status is not None:
+            return self.status
+        if self.gone:
+            return "app gone"
+        if self.status is not None:
+            return self.status
+        return "error" if self.error else "cut"
 
 
 def _bad_segment(path: str) -> str | None:

@@ -27,6 +27,7 @@ import socket
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
+from http import HTTPStatus
 from typing import TypeVar
 
 import h11
@@ -75,12 +76,14 @@ class Connection:
 
     async def respond_json(
         self, status: int, payload: object, headers: Sequence[tuple[str, str]] = ()
-    ) -> None:
+    ) -> int | None:
         """Send a complete JSON response and end the exchange: the connection then closes,
         after what is left of the request body (up to a bound) has been read, so the app
-        is not cut off mid-upload before it can read the answer."""
-        await _send_json(self.stream, self.http, status, payload, headers)
+        is not cut off mid-upload before it can read the answer. Returns the body bytes
+        written, or None if the app had left."""
+        written = await _send_json(self.stream, self.http, status, payload, headers)
         await _discard_body(self.stream, self.http)
+        return written
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +114,18 @@ def peer_allowed(peer: PeerCredentials, config: ListenConfig) -> bool:
     if config.allowed_uids and peer.uid not in config.allowed_uids:
         return False
     return not config.allowed_gids or peer.gid in config.allowed_gids
+
+
+def reason_phrase(status: int, given: str = "") -> bytes:
+    """The reason phrase of a status line: ``given`` (an upstream's own), else the
+    standard one (``404`` -> ``Not Found``); empty only for a code with no standard
+    phrase. h11 would send ``HTTP/1.1 404 `` for an empty one, which some clients show."""
+    if given:
+        return given.encode("latin-1", "replace")
+    try:
+        return HTTPStatus(status).phrase.encode("ascii")
+    except ValueError:
+        return b""
 
 
 def error_body(code: str, message: str) -> dict[str, dict[str, str]]:
@@ -298,8 +313,11 @@ class LocalServer:
                 return f"refused: {message}"
             if ws_handler is not None:
                 # The route, not the path: what follows the prefix is the app's, maybe a key.
+                # 426 names the protocol to upgrade to (RFC 9110 15.5.22).
                 await conn.respond_json(
-                    426, error_body("bad_request", f"{ws_prefix} is a WebSocket endpoint")
+                    426,
+                    error_body("bad_request", f"{ws_prefix} is a WebSocket endpoint"),
+                    [("upgrade", "websocket")],
                 )
                 return "bad request: not a WebSocket upgrade"
             _, handler = _match(self.routes, path)
@@ -460,19 +478,26 @@ async def _send_json(
     status: int,
     payload: object,
     extra_headers: Sequence[tuple[str, str]] = (),
-) -> None:
+) -> int | None:
+    """Send a whole JSON response, then close; returns the body bytes written, or None
+    if the peer had left. An ``upgrade`` header is named in ``Connection`` too."""
     body = json.dumps(payload, separators=(",", ":")).encode()
+    upgrade = any(name == "upgrade" for name, _ in extra_headers)
     headers = [
         ("content-type", "application/json"),
         ("content-length", str(len(body))),
         *extra_headers,
-        ("connection", "close"),
+        ("connection", "Upgrade, close" if upgrade else "close"),
     ]
-    data = http.send(h11.Response(status_code=status, headers=headers)) or b""
+    head = h11.Response(status_code=status, headers=headers, reason=reason_phrase(status))
+    data = http.send(head) or b""
     data += http.send(h11.Data(data=body)) or b""
     data += http.send(h11.EndOfMessage()) or b""
-    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-        await stream.send_all(data)  # a peer that left has nothing to be told
+    try:
+        await stream.send_all(data)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        return None  # a peer that left has nothing to be told
+    return len(body)
 
 
 async def _discard_body(stream: trio.SocketStream, http: h11.Connection) -> None:
