@@ -322,7 +322,8 @@ class LocalServer:
                 return "bad request: not a WebSocket upgrade"
             _, handler = _match(self.routes, path)
             if handler is None:
-                await conn.respond_json(404, error_body("not_found", f"no entry point at {path}"))
+                # Not the path: an app may have put a key where a name goes.
+                await conn.respond_json(404, error_body("not_found", "no such route"))
                 return "not found"
             try:
                 await handler(conn)

@@ -189,7 +189,7 @@ async def test_data_socket_answers_unknown_paths_404_and_bad_requests_400(
             )
             assert (status, body) == (
                 404,
-                {"error": {"code": "not_found", "message": "no entry point at /v2/anything"}},
+                {"error": {"code": "not_found", "message": "no such route"}},
             )
             # A header line without a colon: h11 rejects it, quoting the line in its error.
             bad_line = b"Authorization Bearer app-credential-xyz\r\n"

@@ -95,6 +95,18 @@ async def test_http_unknown_provider_is_not_echoed(
     assert "provider=openai" in log_text.getvalue()
 
 
+async def test_an_unknown_path_is_not_echoed(
+    shared_bao: BaoServer, runtime_dir: Path, log_text: io.StringIO
+) -> None:
+    key = fake_key()
+    with trio.fail_after(20):
+        async with plane(shared_bao, runtime_dir) as dp:
+            answer = await call(dp.socket_path, "GET", f"/{key}/v1/models?x={key}")
+            assert answer.status == 404
+            assert answer.json() == {"error": {"code": "not_found", "message": "no such route"}}
+    assert_absent(key, log_text, answer)
+
+
 async def test_http_to_a_websocket_endpoint_does_not_echo_the_path(
     shared_bao: BaoServer, runtime_dir: Path, log_text: io.StringIO
 ) -> None:
