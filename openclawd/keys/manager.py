@@ -122,6 +122,9 @@ class KeyStatistics:
 class _Provider:
     config: ProviderConfig
     pool: tuple[Key, ...] = ()
+    # Where ``pool`` was read: (vault_path, key_field). A reload that points the provider
+    # elsewhere must take the new source's key even if its KV version number is the same.
+    source: tuple[str, str | tuple[str, ...]] | None = None
     cursor: int = 0
     last_error: str | None = None
     flight: trio.Event | None = None  # set when an auth_failure re-read is done
@@ -161,12 +164,20 @@ class KeyManager:
         self._token_expires_at: float | None = None  # trio time; None = never
         self._relogin = trio.Event()
         self._poll_now = trio.Event()
+        # The metadata poll's wait under way: its scope, when it began, and the backoff it
+        # waits (None: it waits refresh_interval_s, which a reload may change meanwhile).
+        self._poll_wait: tuple[trio.CancelScope, float, float | None] | None = None
         self._retired: deque[Key] = deque(maxlen=_RETIRED_KEYS)
         self.rotations: Counter[tuple[str, str]] = Counter()
         self.vault_errors = 0
         self._publish()
 
     # --- what request handlers use --------------------------------------------------------
+
+    @property
+    def config(self) -> Config:
+        """The config the manager follows (the one of the last reload)."""
+        return self._config
 
     def current(self, provider: str) -> Key | None:
         """The key new work for ``provider`` should use, or None if there is none yet."""
@@ -265,22 +276,36 @@ class KeyManager:
         return fresh
 
     async def _watch(self) -> None:
-        """Poll metadata every refresh_interval_s; back off while Vault fails."""
-        delay = self._config.vault.refresh_interval_s
+        """Poll metadata every refresh_interval_s; back off while Vault fails. A reload
+        that changes the interval moves the end of the wait under way."""
+        backoff: float | None = None
         attempt = 0
         while True:
-            with trio.move_on_after(delay):
+            with trio.CancelScope() as wait:
+                self._poll_wait = (wait, trio.current_time(), backoff)
+                self._schedule_poll()
                 await self._poll_now.wait()
+            self._poll_wait = None
             self._poll_now = trio.Event()
             try:
                 await self._refresh_all("vault", only_if_changed=True)
-                delay = self._config.vault.refresh_interval_s
+                backoff = None
                 attempt = 0
             except VaultError as exc:
                 self._vault_failed("poll", exc)
-                delay = self._backoff(attempt)
+                backoff = self._backoff(attempt)
                 attempt += 1
-                log.warning("vault.retry", after="poll", retry_in_s=round(delay, 3))
+                log.warning("vault.retry", after="poll", retry_in_s=round(backoff, 3))
+
+    def _schedule_poll(self) -> None:
+        """End the poll's wait at its start + the interval in force (now, if that is
+        past); a backoff keeps its own end."""
+        if self._poll_wait is None:
+            return
+        scope, since, backoff = self._poll_wait
+        scope.deadline = since + (
+            backoff if backoff is not None else self._config.vault.refresh_interval_s
+        )
 
     # --- triggers -------------------------------------------------------------------------
 
@@ -292,14 +317,18 @@ class KeyManager:
         Returns:
             ``{provider: (from_version, to_version, changed)}``.
 
+        The whole operation is bounded by ``[vault] request_timeout_s``: a read queued
+        behind a hung poll does not add its own timeout to the wait.
+
         Raises:
             UnknownProviderError: ``provider`` is not configured.
-            VaultUnreachableError: Vault did not answer; every key in force stays.
+            VaultUnreachableError: Vault did not answer (within ``request_timeout_s``);
+                every key in force stays.
         """
         names = self._names(provider)
         before = {n: self._providers[n].version for n in names}
         try:
-            await self._refresh_all("operator", names=names)
+            await self._bounded_refresh("operator", names)
         except VaultError as exc:
             self._vault_failed("operator", exc)
             raise
@@ -309,7 +338,9 @@ class KeyManager:
         }
 
     async def reload(self, config: Config) -> None:
-        """SIGHUP: take the new provider table and re-read every key (``reload``)."""
+        """SIGHUP: take the new provider table and refresh interval, and re-read every key
+        (``reload``), bounded as ``rotate_now`` is. A provider whose ``vault_path`` or
+        ``key_field`` changed takes the new source's key whatever its version number."""
         self._config = config
         for gone in self._providers.keys() - config.providers.keys():
             self._lifecycle.unblock(f"key:{gone}")
@@ -319,11 +350,25 @@ class KeyManager:
         }
         for name, provider in config.providers.items():
             self._providers[name].config = provider
+        self._schedule_poll()
         self._publish()
         try:
-            await self._refresh_all("reload")
+            await self._bounded_refresh("reload", list(self._providers))
         except VaultError as exc:
             self._vault_failed("reload", exc)
+
+    async def _bounded_refresh(self, trigger: str, names: list[str]) -> None:
+        """``_refresh_all`` within ``request_timeout_s`` for the whole of it.
+
+        Raises:
+            VaultUnreachableError: no answer in time (or Vault failed as a whole).
+            VaultAuthError: every path was refused.
+        """
+        timeout_s = self._config.vault.request_timeout_s
+        with trio.move_on_after(timeout_s) as bounded:
+            await self._refresh_all(trigger, names=names)
+        if bounded.cancelled_caught:
+            raise VaultUnreachableError(f"Vault did not answer within {timeout_s:g}s")
 
     async def auth_failure(self, provider: str, failed: Key) -> Key | None:
         """The upstream refused ``failed`` (401/403): re-read now, once for a burst.
@@ -417,23 +462,26 @@ class KeyManager:
     async def _refresh_one(self, name: str, trigger: str, *, only_if_changed: bool = False) -> None:
         state = self._providers[name]
         path = state.config.vault_path
+        source = (path, state.config.key_field)
+        # Same source and same version: nothing to take. A new source is always taken.
+        same_source = state.source == source
         if only_if_changed:
             metadata = await self._vault.read_metadata(path)
             if metadata.deleted:
                 raise VaultSecretError(f"current version {metadata.current_version} is deleted")
-            if metadata.current_version == state.version:
+            if same_source and metadata.current_version == state.version:
                 state.last_error = None
                 return
             secret = await self._vault.read_secret(path, metadata.current_version)
         else:
             secret = await self._vault.read_secret(path)
-        if secret.version == state.version:
+        if same_source and secret.version == state.version:
             state.last_error = None
             return
         pool = self._parse(name, secret)
         before = state.version
         self._retired.extend(state.pool)
-        state.pool, state.cursor, state.last_error = pool, 0, None
+        state.pool, state.cursor, state.last_error, state.source = pool, 0, None, source
         self._rotated(name, trigger, before, secret.version, pool[0])
 
     def _parse(self, name: str, secret: SecretVersion) -> tuple[Key, ...]:
