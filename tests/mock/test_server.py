@@ -17,6 +17,7 @@ from typing import Any
 import httpx
 import pytest
 import trio
+import trio.testing
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 
@@ -187,7 +188,7 @@ async def test_chat_completion_stream(include_usage: bool) -> None:
     assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
 
 
-async def test_a_stream_is_paced_one_word_per_delay() -> None:
+async def test_a_stream_is_paced_one_word_per_delay(io_clock: trio.testing.MockClock) -> None:
     delay = 0.02
     arrivals: list[tuple[float, str]] = []
     with trio.fail_after(10):
@@ -209,9 +210,9 @@ async def test_a_stream_is_paced_one_word_per_delay() -> None:
     assert arrivals[-1][1] == "data: [DONE]"
     words = [t for t, line in arrivals if '"content":"' in line and '"content":""' not in line]
     assert len(words) == len(content.split_reply(content.reply_text("say something", 7)))
-    # spread out, not sent at once: a loose lower bound (real clock, real sockets)
-    assert words[-1] - words[0] >= (len(words) - 1) * delay * 0.8
-    assert arrivals[-1][0] >= len(words) * delay * 0.8
+    # Spread out, not sent at once: virtual time, a delay before each word at least.
+    assert words[-1] - words[0] >= (len(words) - 1) * delay - 1e-9  # float sums
+    assert arrivals[-1][0] >= len(words) * delay - 1e-9
 
 
 @pytest.mark.parametrize(
