@@ -37,7 +37,7 @@ from openclawd.config import Config, ControlConfig, ListenConfig
 from openclawd.control import BearerAuth, create_app
 from openclawd.credentials import CredentialError, read_credential
 from openclawd.errors import ConfigError, ListenError, StoppingError
-from openclawd.keys.manager import KeyManager
+from openclawd.keys.manager import KeyManager, VaultAPI
 from openclawd.keys.vault import Vault
 from openclawd.lifecycle import Lifecycle
 from openclawd.local import passthrough, realtime
@@ -57,16 +57,47 @@ _CONTROL_LOG = "openclawd.control.server"
 _SHUTDOWN_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 HANDLED_SIGNALS = frozenset({*_SHUTDOWN_SIGNALS, signal.SIGHUP})
 
+# The keys a reload cannot change, and why: the sockets are bound once, at start; the Vault
+# client (address, credentials, mount, TLS, request timeout) is built once, at start. A
+# reload that changes one logs ``config.needs_restart`` and keeps the value in force; every
+# other key applies on SIGHUP (tests/daemon/test_reload.py proves each one).
+RESTART_ONLY = frozenset(
+    {
+        "listen.socket",
+        "listen.mode",
+        "listen.group",
+        "control.socket",
+        "control.mode",
+        "control.group",
+        "control.tcp",
+        "control.token_file",
+        "vault.addr",
+        "vault.auth",
+        "vault.token_file",
+        "vault.role_id_file",
+        "vault.secret_id_file",
+        "vault.mount",
+        "vault.request_timeout_s",
+        "vault.ca_cert",
+        "vault.allow_insecure",
+    }
+)
+
 
 class Daemon:
     """One run of the daemon over one config file."""
 
-    def __init__(self, config: Config, notifier: Notifier) -> None:
+    def __init__(
+        self, config: Config, notifier: Notifier, *, vault: VaultAPI | None = None
+    ) -> None:
+        """``vault`` replaces the Vault client built from ``[vault]`` (tests)."""
         self.config = config
         self.notifier = notifier
         self.lifecycle = Lifecycle()
         self.local = LocalServer(config.listen, self.lifecycle)
-        self.keys = KeyManager(config, Vault(config.vault), self.lifecycle)
+        self.keys = KeyManager(
+            config, vault if vault is not None else Vault(config.vault), self.lifecycle
+        )
         self.upstreams = Upstreams(config, self.keys)
         # One request rate per peer uid, whichever entry point its requests come in by.
         limiter = RateLimiter(config.limits.requests_per_minute)
@@ -288,6 +319,7 @@ class Daemon:
                 self.notifier.reloading()
             source = self.config.source
             log.info("config.reloading", path=source)
+            changed: list[str] | None = None  # the keys applied, once applied
             try:
                 new = await trio.to_thread.run_sync(
                     config_module.load, source, abandon_on_cancel=True
@@ -304,37 +336,29 @@ class Daemon:
                 if self.lifecycle.stopping:  # a stop signal came in during the read
                     log.info("config.reload_skipped", reason="stopping")
                     return
-                self._apply(new)
-                log.info("config.reloaded", path=source)
+                changed = self._apply(new)
                 status = ""
             # CONTRACT.md 1: SIGHUP also re-reads every key, under the config in force.
             await self.keys.reload(self.config)
+            if changed is not None:  # logged once the keys, too, follow the new config
+                log.info("config.reloaded", path=source, changed=",".join(changed))
             status = status or self.lifecycle.describe()
             if tell_systemd:
                 self.notifier.ready(status)
             else:
                 self.notifier.status(status)
 
-    def _apply(self, new: Config) -> None:
+    def _apply(self, new: Config) -> list[str]:
+        """Put ``new`` in force, but for the keys in ``RESTART_ONLY`` (each one that
+        changed is logged as ``config.needs_restart`` and keeps its value). Returns the
+        keys that changed and were applied (a provider added or removed as a whole is
+        named ``providers.NAME``)."""
         old = self.config
-        # Sockets and the Vault connection are set up once; changing them needs a restart.
-        vault_keys = tuple(f.name for f in dataclasses.fields(old.vault))
-        for section, keys in (
-            ("listen", ("socket", "mode", "group")),
-            ("control", ("socket", "mode", "group", "tcp", "token_file")),
-            ("vault", tuple(k for k in vault_keys if k != "refresh_interval_s")),
-        ):
-            for key in keys:
-                if getattr(getattr(new, section), key) != getattr(getattr(old, section), key):
-                    log.warning("config.needs_restart", key=f"{section}.{key}")
-        new = dataclasses.replace(
-            new,
-            listen=dataclasses.replace(
-                new.listen, socket=old.listen.socket, mode=old.listen.mode, group=old.listen.group
-            ),
-            control=old.control,
-            vault=dataclasses.replace(old.vault, refresh_interval_s=new.vault.refresh_interval_s),
-        )
+        changed = changed_keys(old, new)
+        for key in changed:
+            if key in RESTART_ONLY:
+                log.warning("config.needs_restart", key=key)
+        new = keep_restart_only(old, new)
         logs.configure(new.logging.level, new.logging.format)
         self.local.config = new.listen
         self.channels.configure(new)
@@ -345,6 +369,7 @@ class Daemon:
             self._root.start_soon(pool.aclose_when_idle)  # in-flight requests run on
         self.config = new
         raise_file_limit(files_needed(new))  # more connections or pools may need more
+        return [key for key in changed if key not in RESTART_ONLY]
 
     async def _report_state(self) -> None:
         """READY=1 once ready, then a STATUS= line at every change of state."""
@@ -365,6 +390,52 @@ class Daemon:
         while True:
             self.notifier.watchdog()
             await trio.sleep(interval)
+
+
+def _flat(config: Config) -> dict[str, object]:
+    """Every key of ``config`` by its dotted path (``providers.NAME.KEY`` for providers)."""
+    keys: dict[str, object] = {}
+    for section in dataclasses.fields(config):
+        if section.name in ("providers", "source"):
+            continue
+        table = getattr(config, section.name)
+        for f in dataclasses.fields(table):
+            keys[f"{section.name}.{f.name}"] = getattr(table, f.name)
+    for name, provider in config.providers.items():
+        for f in dataclasses.fields(provider):
+            keys[f"providers.{name}.{f.name}"] = getattr(provider, f.name)
+    return keys
+
+
+def changed_keys(old: Config, new: Config) -> list[str]:
+    """The dotted keys whose values differ, sorted; a provider added or removed is one
+    entry, ``providers.NAME``."""
+    before, after = _flat(old), _flat(new)
+    both = old.providers.keys() & new.providers.keys()
+    changed = set()
+    for key in before.keys() | after.keys():
+        if before.get(key, _MISSING) == after.get(key, _MISSING):
+            continue
+        if key.startswith("providers.") and key.split(".")[1] not in both:
+            key = ".".join(key.split(".")[:2])
+        changed.add(key)
+    return sorted(changed)
+
+
+_MISSING = object()
+
+
+def keep_restart_only(old: Config, new: Config) -> Config:
+    """``new`` with the values of ``old`` for every key in ``RESTART_ONLY``."""
+    sections: dict[str, object] = {}
+    for key in RESTART_ONLY:
+        section, name = key.split(".")
+        table = sections.get(section, getattr(new, section))
+        sections[section] = dataclasses.replace(
+            table,  # type: ignore[type-var]
+            **{name: getattr(getattr(old, section), name)},
+        )
+    return dataclasses.replace(new, **sections)  # type: ignore[arg-type]
 
 
 @contextmanager

@@ -235,13 +235,14 @@ class ProviderPool:
         self._idle.set()
 
     def configure(self, config: ProviderConfig) -> None:
-        """Take a reloaded config: timeouts, retries and the breaker follow at once; the
-        pool size stays as the client was built (``Upstreams.reload`` builds a new pool
-        when ``base_url`` changes)."""
+        """Take a reloaded config: timeouts, retries, the breaker and the pool's size
+        follow at once (``Upstreams.reload`` builds a new pool when ``base_url`` changes)."""
         self.config = config
         self.breaker.failure_threshold = config.circuit_failure_threshold
         self.breaker.reset_s = config.circuit_reset_s
         self._timeout = _timeouts(config)
+        if isinstance(self._transport, PoolTransport):  # tests may give a MockTransport
+            self._transport.resize(config.max_connections)
 
     @contextlib.asynccontextmanager
     async def open(self, request: UpstreamRequest) -> AsyncIterator[UpstreamResponse]:

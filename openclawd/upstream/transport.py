@@ -190,6 +190,17 @@ class PoolTransport(httpx.AsyncBaseTransport):
     def connections(self) -> int:
         return self._open
 
+    @property
+    def max_connections(self) -> int:
+        return self._max
+
+    def resize(self, max_connections: int) -> None:
+        """A new limit (a reload), at once: requests waiting for a connection take the
+        room a raise makes; after a cut, connections over the limit are closed as their
+        responses end instead of going back to the pool."""
+        self._max = max_connections
+        self._wake()
+
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         timeouts = request.extensions.get("timeout", {})
         connect_s = _seconds(timeouts.get("connect"))
@@ -238,6 +249,8 @@ class PoolTransport(httpx.AsyncBaseTransport):
             while True:
                 if self._closed:
                     raise httpx.ConnectError("the upstream pool is closed")
+                if self._open > self._max and await self._evict_idle():
+                    continue  # a reload cut the limit: idle connections over it go first
                 conn = await self._take_idle(origin)
                 if conn is not None:
                     return conn
@@ -303,7 +316,7 @@ class PoolTransport(httpx.AsyncBaseTransport):
     async def release(self, conn: _Connection) -> None:
         """A response is closed: keep its connection for the next request if the exchange
         is complete, else close it."""
-        if conn.reusable and not self._closed:
+        if conn.reusable and not self._closed and self._open <= self._max:
             conn.http.start_next_cycle()
             conn.idle_since = trio.current_time()
             self._idle.setdefault(conn.origin, []).append(conn)

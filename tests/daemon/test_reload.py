@@ -1,0 +1,549 @@
+"""SIGHUP applies what etc/openclawd.toml says it applies: every key of the example config
+is either proved to take effect on reload, or listed in ``daemon.RESTART_ONLY`` and
+reported as ``config.needs_restart``.
+
+The daemon runs in-process from the example config itself (sockets moved to a temporary
+directory, the provider pointed at a small upstream on 127.0.0.1) with the in-memory Vault
+of tests/keys. Each case changes one key in the file, runs the daemon's reload (the path
+SIGHUP takes; one test sends the signal), checks the ``config.reloaded`` line names that key
+alone, and proves the new value in force where it acts: what the upstream receives, what an
+app is answered, the pool's connections, the Vault poll, the log level.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import signal
+import tomllib
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import h11
+import pytest
+import trio
+import trio.testing
+
+from openclawd import logs
+from openclawd.config import Config
+from openclawd.config import load as load_config
+from openclawd.daemon import RESTART_ONLY, Daemon
+from openclawd.notify import Notifier
+from openclawd.upstream.http import UpstreamRequest
+
+from ..conftest import REPO, render_toml, unix_request
+from ..dataplane.harness import open_app
+from ..keys.test_manager import FakeVault
+from .test_daemon import wait_for_log
+
+EXAMPLE = REPO / "etc" / "openclawd.toml"
+PATH = "openclawd/openai"  # the example's vault_path
+NEXT_PATH = "openclawd/openai-next"
+
+
+# --- a small upstream that records what it receives -----------------------------------------
+
+
+@dataclass
+class Upstream:
+    port: int = 0
+    requests: list[tuple[str, dict[str, str]]] = field(default_factory=list)
+    hold: trio.Event | None = None  # answers wait for it while set
+    held: int = 0  # requests waiting for it
+    arrived: trio.Event = field(default_factory=trio.Event)  # set at each held request
+
+    async def handle(self, stream: trio.SocketStream) -> None:
+        conn = h11.Connection(h11.SERVER)
+        try:
+            while True:
+                event = conn.next_event()
+                if event is h11.NEED_DATA:
+                    data = await stream.receive_some(65536)
+                    if not data:
+                        return
+                    conn.receive_data(data)
+                elif isinstance(event, h11.Request):
+                    headers = {k.decode(): v.decode() for k, v in event.headers}
+                    self.requests.append((event.target.decode(), headers))
+                elif isinstance(event, h11.EndOfMessage):
+                    if self.hold is not None:
+                        self.held += 1
+                        self.arrived.set()
+                        self.arrived = trio.Event()
+                        await self.hold.wait()
+                        self.held -= 1
+                    body = b"{}"
+                    head = h11.Response(
+                        status_code=200,
+                        headers=[("content-type", "application/json"), ("content-length", "2")],
+                    )
+                    await stream.send_all(
+                        (conn.send(head) or b"")
+                        + (conn.send(h11.Data(data=body)) or b"")
+                        + (conn.send(h11.EndOfMessage()) or b"")
+                    )
+                    conn.start_next_cycle()
+                elif isinstance(event, h11.ConnectionClosed):
+                    return
+        except (trio.BrokenResourceError, h11.ProtocolError):
+            return
+
+    @property
+    def last(self) -> tuple[str, dict[str, str]]:
+        return self.requests[-1]
+
+
+# --- the daemon, run from the example config --------------------------------------------------
+
+
+@dataclass
+class Ctx:
+    daemon: Daemon
+    upstream: Upstream
+    vault: FakeVault
+    runtime: Path
+
+    async def http(self, target: str = "/v1/http/openai/v1/models") -> tuple[int, Any]:
+        status, _, body = await trio.to_thread.run_sync(
+            unix_request, self.runtime / "data.sock", "GET", target
+        )
+        return status, body
+
+
+def example_tables(runtime: Path, port: int) -> dict[str, dict[str, Any]]:
+    """The example config, runnable here: its sockets in ``runtime`` and its provider at
+    the local upstream; every other value as shipped."""
+    tables: dict[str, Any] = tomllib.loads(EXAMPLE.read_text())
+    tables["listen"]["socket"] = str(runtime / "data.sock")
+    tables["control"]["socket"] = str(runtime / "control.sock")
+    tables["providers"]["openai"]["base_url"] = f"http://127.0.0.1:{port}"
+    return tables
+
+
+def write(runtime: Path, tables: dict[str, dict[str, Any]]) -> Path:
+    flat = {}
+    for name, table in tables.items():
+        if name == "providers":
+            for provider, keys in table.items():
+                flat[f"providers.{provider}"] = keys
+        else:
+            flat[name] = table
+    path = runtime / "openclawd.toml"
+    path.write_text(render_toml(flat))
+    return path
+
+
+def set_key(tables: dict[str, Any], key: str, value: object) -> None:
+    *where, name = key.split(".")
+    table = tables
+    for part in where:
+        table = table[part]
+    table[name] = value
+
+
+@pytest.fixture
+def restore_logging() -> Any:
+    """A reload reconfigures logging (level, format, handler): put it back afterwards."""
+    root = logging.getLogger()
+    ours = logging.getLogger("openclawd")
+    before = (root.level, ours.level, list(root.handlers))
+    yield
+    logs.configure("debug")  # drops the handler a reload installed ...
+    root.handlers[:] = before[2]  # ... and this the one that configure() added
+    root.setLevel(before[0])
+    ours.setLevel(before[1])
+
+
+async def run_with_change(
+    runtime: Path,
+    caplog: pytest.LogCaptureFixture,
+    changes: dict[str, object],
+    prove: Callable[[Ctx], Awaitable[None]] | None,
+    *,
+    before: Callable[[Ctx], Awaitable[None]] | None = None,
+    base: dict[str, object] | None = None,
+    by_signal: bool = False,
+) -> tuple[Ctx, Config]:
+    """Run the daemon from the example config (with ``base`` changed), change ``changes``
+    in its file (a callable value is given the context), reload, then run ``prove``.
+    Returns the context and the config in force before the reload."""
+    vault = FakeVault()
+    vault.login_ttls = [0.0]
+    vault.write(PATH, api_key="sk-base", backup="sk-backup")
+    vault.write(NEXT_PATH, api_key="sk-next")  # version 1 as well
+    upstream = Upstream()
+    with (
+        trio.fail_after(20),
+        caplog.at_level(logging.INFO, logger="openclawd.daemon"),
+        caplog.at_level(logging.INFO, logger="openclawd.keys.manager"),
+    ):
+        async with trio.open_nursery() as nursery:
+            listeners = await nursery.start(
+                functools.partial(trio.serve_tcp, upstream.handle, 0, host="127.0.0.1")
+            )
+            upstream.port = listeners[0].socket.getsockname()[1]
+            tables = example_tables(runtime, upstream.port)
+            for key, value in (base or {}).items():
+                set_key(tables, key, value)
+            path = write(runtime, tables)
+            cfg = load_config(str(path))
+            daemon = Daemon(cfg, Notifier(None), vault=vault)
+            ctx = Ctx(daemon, upstream, vault, runtime)
+            done = trio.Event()
+
+            async def run() -> None:
+                try:
+                    await daemon.run()
+                finally:
+                    done.set()
+
+            nursery.start_soon(run)
+            while not daemon.lifecycle.ready:
+                await daemon.lifecycle.wait_changed()
+            if before is not None:
+                await before(ctx)
+            old = daemon.config
+            for key, value in changes.items():
+                set_key(tables, key, value(ctx) if callable(value) else value)
+            write(runtime, tables)
+            caplog.clear()
+            if by_signal:
+                os.kill(os.getpid(), signal.SIGHUP)
+                await wait_for_log(caplog, "config.reloaded")  # keys re-read too
+            else:
+                await daemon.reload()
+            if prove is not None:
+                await prove(ctx)
+            os.kill(os.getpid(), signal.SIGTERM)
+            await done.wait()
+            nursery.cancel_scope.cancel()
+    return ctx, old
+
+
+def reloaded_fields(caplog: pytest.LogCaptureFixture) -> dict[str, Any]:
+    [record] = [r for r in caplog.records if r.getMessage() == "config.reloaded"]
+    fields: dict[str, Any] = record.fields  # type: ignore[attr-defined]
+    return fields
+
+
+def needs_restart(caplog: pytest.LogCaptureFixture) -> set[str]:
+    return {
+        r.fields["key"]  # type: ignore[attr-defined]
+        for r in caplog.records
+        if r.getMessage() == "config.needs_restart"
+    }
+
+
+# --- the proofs, one per reloadable key ---------------------------------------------------------
+
+
+def pool_value(attribute: str, value: object) -> Callable[[Ctx], Awaitable[None]]:
+    """The provider's pool (which reads its config at every request) holds ``value``."""
+
+    async def prove(ctx: Ctx) -> None:
+        assert getattr(ctx.daemon.upstreams["openai"].config, attribute) == value
+
+    return prove
+
+
+def local_value(attribute: str, value: object) -> Callable[[Ctx], Awaitable[None]]:
+    """The data socket's server (which reads [listen] at each connection) holds ``value``."""
+
+    async def prove(ctx: Ctx) -> None:
+        assert getattr(ctx.daemon.local.config, attribute) == value
+
+    return prove
+
+
+async def refused_peer(ctx: Ctx) -> None:
+    status, body = await ctx.http()
+    assert status == 403, body
+
+
+async def hello_max_message_bytes(ctx: Ctx) -> None:
+    async with open_app(str(ctx.runtime / "data.sock")) as app:
+        assert app.hello["max_message_bytes"] == 4096
+
+
+async def hello_max_inflight(ctx: Ctx) -> None:
+    async with open_app(str(ctx.runtime / "data.sock")) as app:
+        assert app.hello["max_inflight"] == 3
+
+
+async def polls_sooner(ctx: Ctx) -> None:
+    # The daemon read its keys at start and waits 30 s for the first metadata poll; with
+    # a shorter interval that poll comes sooner (before the fix: 30 s later, past the
+    # test's fail_after).
+    while not ctx.vault.times("metadata"):  # noqa: ASYNC110 - the fake Vault has no event
+        await trio.sleep(0.01)
+
+
+async def rate_limited(ctx: Ctx) -> None:
+    assert (await ctx.http())[0] == 200
+    status, body = await ctx.http()
+    assert (status, body["error"]["code"]) == (429, "rate_limited")
+
+
+async def drain_deadline(ctx: Ctx) -> None:
+    assert ctx.daemon.drain(None) == 12.5
+    ctx.daemon.resume()
+
+
+async def quieter_log(ctx: Ctx) -> None:
+    assert logging.getLogger("openclawd").level == logging.WARNING
+
+
+async def json_log(ctx: Ctx) -> None:
+    formatters = [h.formatter for h in logging.getLogger().handlers]
+    assert any(isinstance(f, logs.JsonFormatter) for f in formatters)
+
+
+def upstream_sees(target: str | None = None, **headers: str) -> Callable[[Ctx], Awaitable[None]]:
+    """A request from an app reaches the upstream at ``target`` with ``headers``."""
+
+    async def prove(ctx: Ctx) -> None:
+        status, body = await ctx.http()
+        assert status == 200, body
+        seen_target, seen = ctx.upstream.last
+        if target is not None:
+            assert seen_target == target
+        for name, value in headers.items():
+            assert seen.get(name.replace("_", "-")) == value
+
+    return prove
+
+
+def key_pool(secret: str, size: int) -> Callable[[Ctx], Awaitable[None]]:
+    async def prove(ctx: Ctx) -> None:
+        await upstream_sees(authorization=f"Bearer {secret}")(ctx)
+        key = ctx.daemon.statistics().keys.providers["openai"].key
+        assert key is not None
+        assert (key.version, key.pool_size) == (1, size)
+
+    return prove
+
+
+async def hold_requests(ctx: Ctx, count: int) -> int:
+    """Start ``count`` requests at once on the provider's pool while the upstream holds
+    its answers; returns how many reached the upstream at once (each on a connection of
+    its own: the pool's connections in use)."""
+    upstream = ctx.upstream
+    upstream.hold = trio.Event()
+    pool = ctx.daemon.upstreams["openai"]
+
+    async def one() -> None:
+        async with pool.open(UpstreamRequest("GET", "/v1/models")) as response:
+            await response.read(1024)
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(count):
+            nursery.start_soon(one)
+        while not upstream.held:
+            await upstream.arrived.wait()
+        # Quiet: every request is now either at the upstream or waiting for a connection.
+        await trio.testing.wait_all_tasks_blocked(cushion=0.05)
+        opened = upstream.held
+        upstream.hold.set()
+    upstream.hold = None
+    return opened
+
+
+async def two_connections_at_most(ctx: Ctx) -> None:
+    assert await hold_requests(ctx, 3) == 2
+
+
+async def needs_no_key_behaviour(ctx: Ctx) -> None:
+    assert ctx.daemon.keys.config.providers["openai"].required is False
+
+
+async def realtime_ws_url(ctx: Ctx) -> None:
+    assert ctx.daemon.realtime.config.providers["openai"].ws_url == "ws://127.0.0.1:9/rt"
+
+
+async def insecure_allowed(ctx: Ctx) -> None:
+    # allow_insecure acts when the config is checked: it is what lets this reload point
+    # the provider at a plain-http non-loopback host (rejected otherwise, see below).
+    assert ctx.daemon.config.providers["openai"].allow_insecure is True
+    assert ctx.daemon.upstreams["openai"].config.allow_insecure is True
+
+
+def breaker(attribute: str, value: object) -> Callable[[Ctx], Awaitable[None]]:
+    async def prove(ctx: Ctx) -> None:
+        assert getattr(ctx.daemon.upstreams["openai"].breaker, attribute) == value
+
+    return prove
+
+
+P = "providers.openai."
+RELOADABLE: dict[str, tuple[object, Callable[[Ctx], Awaitable[None]]]] = {
+    "listen.allowed_uids": ([os.getuid() + 1], refused_peer),
+    "listen.allowed_gids": ([os.getgid() + 1], refused_peer),
+    "listen.max_connections": (7, local_value("max_connections", 7)),
+    "listen.max_message_bytes": (4096, hello_max_message_bytes),
+    "listen.max_inflight_per_connection": (3, hello_max_inflight),
+    "listen.ping_interval_s": (2.5, local_value("ping_interval_s", 2.5)),
+    "listen.ping_timeout_s": (3.5, local_value("ping_timeout_s", 3.5)),
+    "listen.handshake_timeout_s": (4.5, local_value("handshake_timeout_s", 4.5)),
+    "listen.message_timeout_s": (5.5, local_value("message_timeout_s", 5.5)),
+    "vault.refresh_interval_s": (0.05, polls_sooner),
+    "limits.requests_per_minute": (1, rate_limited),
+    "shutdown.drain_timeout_s": (12.5, drain_deadline),
+    "logging.level": ("warning", quieter_log),
+    "logging.format": ("json", json_log),
+    P + "base_url": (
+        lambda ctx: f"http://127.0.0.1:{ctx.upstream.port}/prefix",
+        upstream_sees("/prefix/v1/models"),
+    ),
+    P + "ws_url": ("ws://127.0.0.1:9/rt", realtime_ws_url),
+    P + "auth_header": ("x-api-key", upstream_sees(x_api_key="Bearer sk-base")),
+    P + "auth_scheme": ("", upstream_sees(authorization="sk-base")),
+    P + "vault_path": (NEXT_PATH, key_pool("sk-next", 1)),
+    P + "key_field": (["backup", "api_key"], key_pool("sk-backup", 2)),
+    P + "required": (False, needs_no_key_behaviour),
+    P + "connect_timeout_s": (3.0, pool_value("connect_timeout_s", 3.0)),
+    P + "read_timeout_s": (4.0, pool_value("read_timeout_s", 4.0)),
+    P + "total_timeout_s": (50.0, pool_value("total_timeout_s", 50.0)),
+    P + "max_retries": (0, pool_value("max_retries", 0)),
+    P + "retry_backoff_s": (0.25, pool_value("retry_backoff_s", 0.25)),
+    P + "retry_backoff_max_s": (2.0, pool_value("retry_backoff_max_s", 2.0)),
+    P + "circuit_failure_threshold": (2, breaker("failure_threshold", 2)),
+    P + "circuit_reset_s": (9.0, breaker("reset_s", 9.0)),
+    P + "max_connections": (2, two_connections_at_most),
+    P + "allow_insecure": (True, insecure_allowed),
+}
+
+# New values for the keys that need a restart, and the other keys a valid change of
+# them drags along (control.tcp needs a token_file).
+RESTART_CHANGES: dict[str, dict[str, object]] = {
+    "listen.socket": {"listen.socket": "/run/openclawd/other.sock"},
+    "listen.mode": {"listen.mode": "0600"},
+    "listen.group": {"listen.group": "openclawd-apps"},
+    "control.socket": {"control.socket": "/run/openclawd/other-control.sock"},
+    "control.mode": {"control.mode": "0600"},
+    "control.group": {"control.group": "openclawd-ops"},
+    "control.tcp": {"control.tcp": "127.0.0.1:9477", "control.token_file": "/etc/oc/token"},
+    "control.token_file": {"control.token_file": "/etc/oc/token"},
+    "vault.addr": {"vault.addr": "https://vault2.internal:8200"},
+    "vault.auth": {"vault.auth": "token"},
+    "vault.token_file": {"vault.token_file": "/etc/oc/vault-token"},
+    "vault.role_id_file": {"vault.role_id_file": "other-role-id"},
+    "vault.secret_id_file": {"vault.secret_id_file": "other-secret-id"},
+    "vault.mount": {"vault.mount": "kv"},
+    "vault.request_timeout_s": {"vault.request_timeout_s": 5.0},
+    "vault.ca_cert": {"vault.ca_cert": "/etc/oc/vault-ca.pem"},
+    "vault.allow_insecure": {"vault.allow_insecure": True},
+}
+
+
+def example_keys() -> set[str]:
+    keys = set()
+    for name, table in tomllib.loads(EXAMPLE.read_text()).items():
+        if name == "providers":
+            for provider, values in table.items():
+                keys |= {f"providers.{provider}.{k}" for k in values}
+        else:
+            keys |= {f"{name}.{k}" for k in table}
+    return keys
+
+
+def test_every_key_of_the_example_is_proved_reloadable_or_needs_a_restart() -> None:
+    keys = example_keys()
+    restart = {k for k in keys if k in RESTART_ONLY}
+    assert set(RELOADABLE).isdisjoint(RESTART_ONLY)
+    assert keys - restart == set(RELOADABLE)
+    assert restart == set(RESTART_CHANGES)
+    assert keys >= RESTART_ONLY  # the table names no key the example does not document
+
+
+def test_the_example_names_every_key_that_needs_a_restart() -> None:
+    header = EXAMPLE.read_text().split("\n[listen]", 1)[0]
+    text = " ".join(line.lstrip("# ") for line in header.splitlines())
+    for key in RESTART_ONLY:
+        section, name = key.split(".")
+        assert f"[{section}]" in text, key
+        assert name in text, key
+
+
+@pytest.mark.usefixtures("restore_logging")
+@pytest.mark.parametrize("key", sorted(RELOADABLE))
+async def test_a_reload_puts_the_new_value_in_force(
+    runtime_dir: Path, caplog: pytest.LogCaptureFixture, key: str
+) -> None:
+    value, prove = RELOADABLE[key]
+
+    async def before(ctx: Ctx) -> None:
+        if key == P + "base_url":
+            await upstream_sees("/v1/models")(ctx)
+        if key == P + "max_connections":
+            assert await hold_requests(ctx, 3) == 3  # the example's 100 let all three open
+
+    await run_with_change(runtime_dir, caplog, {key: value}, prove, before=before)
+    assert reloaded_fields(caplog)["changed"] == key
+    assert needs_restart(caplog) == set()
+
+
+@pytest.mark.usefixtures("restore_logging")
+@pytest.mark.parametrize("key", sorted(RESTART_CHANGES))
+async def test_a_key_that_needs_a_restart_is_reported_and_kept(
+    runtime_dir: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+    key: str,
+) -> None:
+    monkeypatch.setenv("VAULT_TOKEN", "hvs.test-only")  # auth = "token" needs a token
+    changes = RESTART_CHANGES[key]
+    ctx, old = await run_with_change(runtime_dir, caplog, changes, None)
+    assert needs_restart(caplog) == set(changes)
+    assert reloaded_fields(caplog)["changed"] == ""
+    for changed in changes:
+        section, name = changed.split(".")
+        in_force = getattr(getattr(ctx.daemon.config, section), name)
+        assert in_force == getattr(getattr(old, section), name)
+        assert changed in RESTART_ONLY
+
+
+@pytest.mark.usefixtures("restore_logging")
+async def test_a_raised_max_connections_lets_more_upstream_connections_open(
+    runtime_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def before(ctx: Ctx) -> None:
+        assert await hold_requests(ctx, 3) == 1
+
+    async def prove(ctx: Ctx) -> None:
+        assert await hold_requests(ctx, 3) == 3
+
+    await run_with_change(
+        runtime_dir,
+        caplog,
+        {P + "max_connections": 3},
+        prove,
+        before=before,
+        base={P + "max_connections": 1},
+    )
+
+
+@pytest.mark.usefixtures("restore_logging")
+async def test_sighup_names_every_key_it_changed(
+    runtime_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    changes = {
+        # Not 0.05 as above: polls that often would never leave the daemon quiet for
+        # hold_requests' look at the pool.
+        "vault.refresh_interval_s": 1.0,
+        P + "max_connections": 2,
+        "vault.mount": "kv",
+        "listen.socket": "/run/openclawd/other.sock",
+    }
+
+    async def prove(ctx: Ctx) -> None:
+        await polls_sooner(ctx)
+        await two_connections_at_most(ctx)
+
+    await run_with_change(runtime_dir, caplog, changes, prove, by_signal=True)
+    assert reloaded_fields(caplog)["changed"] == (
+        "providers.openai.max_connections,vault.refresh_interval_s"
+    )
+    assert needs_restart(caplog) == {"listen.socket", "vault.mount"}
