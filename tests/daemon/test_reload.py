@@ -30,7 +30,8 @@ import trio.testing
 from openclawd import logs
 from openclawd.config import Config
 from openclawd.config import load as load_config
-from openclawd.daemon import RESTART_ONLY, Daemon
+from openclawd.config import parse as parse_config
+from openclawd.daemon import RESTART_ONLY, Daemon, changed_keys, keep_restart_only
 from openclawd.notify import Notifier
 from openclawd.upstream.http import UpstreamRequest
 
@@ -547,3 +548,26 @@ async def test_sighup_names_every_key_it_changed(
         "providers.openai.max_connections,vault.refresh_interval_s"
     )
     assert needs_restart(caplog) == {"listen.socket", "vault.mount"}
+
+
+def test_a_provider_added_or_removed_is_named_as_a_whole() -> None:
+    def parse(*names: str, **vault: object) -> Config:
+        providers = {n: {"base_url": "https://x.test", "vault_path": f"p/{n}"} for n in names}
+        return parse_config(
+            {
+                "vault": {"addr": "https://v.test", "token_file": "/t", **vault},
+                "providers": providers,
+            }
+        )
+
+    old = parse("openai", "gone")
+    new = parse("openai", "added", mount="kv", refresh_interval_s=5.0)
+    assert changed_keys(old, new) == [
+        "providers.added",
+        "providers.gone",
+        "vault.mount",
+        "vault.refresh_interval_s",
+    ]
+    kept = keep_restart_only(old, new)
+    assert (kept.vault.mount, kept.vault.refresh_interval_s) == ("secret", 5.0)
+    assert set(kept.providers) == {"openai", "added"}
