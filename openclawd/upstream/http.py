@@ -272,18 +272,20 @@ class ProviderPool:
         with trio.move_on_after(cfg.total_timeout_s) as deadline:
             try:
                 response, key, attempts = await self._send(request, deadline.deadline)
-                status = str(response.status_code)
                 latency_s = trio.current_time() - started
                 self.figures.observe_latency(latency_s)
+                # Until the caller is done with the body, an end is the app's cancel (or
+                # its leaving); an upstream failure mid-body (OpenclawdError) keeps status.
+                status = "cancelled"
                 try:
                     yield UpstreamResponse(response, key, attempts)
+                    status = str(response.status_code)
                 finally:
                     with trio.move_on_after(_CLOSE_TIMEOUT_S) as cleanup:
                         cleanup.shield = True
                         await response.aclose()
             except OpenclawdError as exc:
-                if latency_s is None:
-                    status = exc.code
+                status = exc.code if latency_s is None else str(response.status_code)
                 if isinstance(exc, UpstreamError):
                     self._last_error = str(exc)
                 raise
@@ -291,7 +293,7 @@ class ProviderPool:
                 self._active -= 1
                 if not self._active:
                     self._idle.set()
-                if deadline.cancel_called and latency_s is None:
+                if deadline.cancel_called and status == "cancelled":
                     status = UpstreamTimeoutError.code
                 self.figures.requests[status] += 1
                 log.info(

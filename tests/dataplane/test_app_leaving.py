@@ -102,11 +102,6 @@ async def test_an_app_leaving_mid_stream_is_not_an_error(
     assert all("level=info" in line and 'reason="app gone"' in line for line in cancelled)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs upstream/http.py: ProviderPool.open counts a body the caller abandons "
-    "as cancelled (issue 17 report)",
-)
 async def test_requests_an_app_left_count_as_cancelled(
     shared_bao: BaoServer, runtime_dir: Path
 ) -> None:
