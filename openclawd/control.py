@@ -261,7 +261,7 @@ def create_app(ops: Operations) -> QuartTrio:
         except VaultError as exc:
             # Whatever the cause, the operator's answer is the contract's: the keys in
             # force are kept.
-            message = f"Vault did not answer, the keys in force are kept: {exc}"
+            message = f"the keys in force are kept: {exc}"
             return json_response(
                 {"error": "vault_unreachable", "message": message}, 503, redact=ops.redact
             )
