@@ -7,22 +7,30 @@ synchronous: ``Vault`` runs each call in a worker thread behind a CapacityLimite
 never blocks the event loop and a cancelled caller does not wait for it.
 
 Results are plain values (``TokenInfo``, ``SecretMetadata``, ``SecretVersion``). Secret
-data is returned to the key manager and nowhere else; no error text built here contains
-the token or secret data (hvac's own messages hold Vault's error strings and the URL path,
-never request bodies or headers).
+data is returned to the key manager and nowhere else. Error texts are built here, for an
+operator to act on: the cause and the place (the address for a network failure, ``MOUNT/PATH``
+for a missing secret, the API path and the policy capability for a refusal), with Vault's
+own error strings stripped of go-multierror's wrapper. None holds the token or secret data:
+they are made of the config, the API path and Vault's error strings, never of a request.
 """
 
 from __future__ import annotations
 
+import http.client
 import os
-from collections.abc import Callable, Mapping
+import re
+import socket
+import ssl
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import hvac
 import hvac.exceptions
 import requests
 import trio
+import urllib3.exceptions
 
 from openclawd import credentials
 from openclawd.config import VaultConfig
@@ -87,11 +95,34 @@ def read_credential(path: str, *, what: str) -> str:
         raise VaultAuthError(str(exc)) from None
 
 
+@dataclass(frozen=True, slots=True)
+class _Request:
+    """What one call asks of Vault, for the texts of its errors.
+
+    ``action`` and ``api_path`` say what was refused ("read" on
+    ``secret/data/openclawd/openai``), ``needs`` the policy capabilities that would allow
+    it; ``secret`` is the KV secret as operators name it (``MOUNT/PATH``), for "not found".
+    ``refused`` replaces the whole refusal text, for logins (no policy path to name there);
+    ``login`` marks a login, where Vault refuses credentials with a 400 (AppRole) too.
+    """
+
+    action: str
+    api_path: str
+    needs: str = '"read"'
+    secret: str = ""
+    version: int | None = None
+    refused: str = ""
+    login: bool = False
+
+
 class VaultClient:
     """The synchronous calls, each translated. Used from worker threads via ``Vault``."""
 
     def __init__(self, config: VaultConfig) -> None:
         self._mount = config.mount.strip("/")
+        self._addr = config.addr
+        self._ca_cert = config.ca_cert
+        self._timeout_s = config.request_timeout_s
         verify: bool | str = config.ca_cert or True
         # No proxy or netrc from the environment: an HTTP(S)_PROXY meant for other
         # programs would otherwise see the token (and the keys Vault answers) in clear.
@@ -105,7 +136,12 @@ class VaultClient:
         self._client.token = token
 
     def lookup_self(self) -> TokenInfo:
-        data = self._call(self._client.auth.token.lookup_self)["data"]
+        request = _Request(
+            "read",
+            "auth/token/lookup-self",
+            refused="Vault refused the token: {errors} (it is invalid, expired or revoked)",
+        )
+        data = self._call(request, self._client.auth.token.lookup_self)["data"]
         return TokenInfo(
             ttl_s=float(data.get("ttl") or 0),
             renewable=bool(data.get("renewable")),
@@ -113,20 +149,38 @@ class VaultClient:
         )
 
     def renew_self(self) -> TokenInfo:
-        auth = self._call(self._client.auth.token.renew_self)["auth"]
+        request = _Request(
+            "update",
+            "auth/token/renew-self",
+            refused="Vault refused to renew the token: {errors}",
+        )
+        auth = self._call(request, self._client.auth.token.renew_self)["auth"]
         # Only an expiring token is renewed: a lease of 0 here means "about to expire".
         return TokenInfo(float(auth.get("lease_duration") or 0), bool(auth.get("renewable")))
 
     def approle_login(self, role_id: str, secret_id: str) -> TokenInfo:
         """Log in with AppRole; the client uses the new token from then on."""
+        request = _Request(
+            "update",
+            "auth/approle/login",
+            refused="Vault refused the AppRole login: {errors}",
+            login=True,
+        )
         auth = self._call(
-            self._client.auth.approle.login, role_id=role_id, secret_id=secret_id, use_token=True
+            request,
+            self._client.auth.approle.login,
+            role_id=role_id,
+            secret_id=secret_id,
+            use_token=True,
         )["auth"]
         return TokenInfo(float(auth.get("lease_duration") or 0), bool(auth.get("renewable")))
 
     def read_metadata(self, path: str) -> SecretMetadata:
         data = self._call(
-            self._client.secrets.kv.v2.read_secret_metadata, path=path, mount_point=self._mount
+            self._kv("read", "metadata", path),
+            self._client.secrets.kv.v2.read_secret_metadata,
+            path=path,
+            mount_point=self._mount,
         )["data"]
         current = int(data.get("current_version") or 0)
         version = (data.get("versions") or {}).get(str(current), {})
@@ -135,6 +189,7 @@ class VaultClient:
 
     def read_secret(self, path: str, version: int | None = None) -> SecretVersion:
         response = self._call(
+            self._kv("read", "data", path, version=version),
             self._client.secrets.kv.v2.read_secret_version,
             path=path,
             version=version,
@@ -147,6 +202,7 @@ class VaultClient:
     def write_secret(self, path: str, data: Mapping[str, Any]) -> int:
         """Write a new version of a secret (the demo seeds its key so); returns its version."""
         response = self._call(
+            self._kv("write", "data", path, needs='"create" or "update"'),
             self._client.secrets.kv.v2.create_or_update_secret,
             path=path,
             secret=dict(data),
@@ -154,18 +210,42 @@ class VaultClient:
         )
         return int(response["data"]["version"])
 
-    def _call(self, fn: Callable[..., Any], /, **kwargs: Any) -> Any:
+    def _kv(
+        self,
+        action: str,
+        kind: str,
+        path: str,
+        *,
+        needs: str = '"read"',
+        version: int | None = None,
+    ) -> _Request:
+        path = path.strip("/")
+        return _Request(
+            action,
+            f"{self._mount}/{kind}/{path}",
+            needs=needs,
+            secret=f"{self._mount}/{path}",
+            version=version,
+        )
+
+    def _call(self, request: _Request, fn: Callable[..., Any], /, **kwargs: Any) -> Any:
         try:
             result = fn(**kwargs)
         except hvac.exceptions.InvalidPath as exc:
-            raise VaultSecretError(f"not found in Vault ({_vault_errors(exc)})") from None
+            raise VaultSecretError(_not_found(request, exc)) from None
         except (hvac.exceptions.Unauthorized, hvac.exceptions.Forbidden) as exc:
-            raise VaultAuthError(f"Vault refused: {_vault_errors(exc)}") from None
+            raise VaultAuthError(_refused(request, _vault_errors(exc))) from None
+        except hvac.exceptions.InvalidRequest as exc:
+            if request.login:  # AppRole answers bad credentials with a 400
+                raise VaultAuthError(_refused(request, _vault_errors(exc))) from None
+            raise VaultError(
+                f"Vault error InvalidRequest on {request.api_path}: {_vault_errors(exc)}"
+            ) from None
         except hvac.exceptions.InternalServerError as exc:
             text = _vault_errors(exc)
             if "max TTL" in text:
                 # A renewal past the token's max TTL is answered 500: a refusal, not an outage.
-                raise VaultAuthError(f"Vault refused: {text}") from None
+                raise VaultAuthError(_refused(request, text)) from None
             raise VaultUnreachableError(f"Vault answered InternalServerError: {text}") from None
         except (
             hvac.exceptions.VaultDown,
@@ -178,18 +258,125 @@ class VaultClient:
             ) from None
         except hvac.exceptions.VaultError as exc:
             raise VaultError(f"Vault error {type(exc).__name__}: {_vault_errors(exc)}") from None
-        except requests.exceptions.RequestException as exc:
-            raise VaultUnreachableError(f"Vault unreachable: {type(exc).__name__}") from None
+        except (requests.exceptions.RequestException, OSError) as exc:
+            raise VaultUnreachableError(self._unreachable(exc)) from None
         if not isinstance(result, dict):
             raise VaultError(f"unexpected answer from Vault to {fn.__name__}")
         return result
 
+    def _unreachable(self, exc: BaseException) -> str:
+        """Why no answer came, naming the address (never the request: it holds the token).
 
-def _vault_errors(exc: hvac.exceptions.VaultError) -> str:
+        The most specific cause wins: TLS, then name resolution, refusal, a dropped
+        connection, and only then a timeout (urllib3's NewConnectionError, raised for any
+        failed connect, is a ConnectTimeoutError for compatibility).
+        """
+        addr, causes = self._addr, list(_causes(exc))
+
+        def first(*kinds: type[BaseException]) -> BaseException | None:
+            return next((c for c in causes if isinstance(c, kinds)), None)
+
+        if self._ca_cert and (
+            first(ssl.SSLError) or any("CA certificate bundle" in str(c) for c in causes)
+        ):
+            # requests may fall back to the system's CAs when the file is missing: the
+            # certificate is then "not trusted", and the file is what to fix.
+            try:
+                with open(self._ca_cert, "rb"):
+                    pass
+            except OSError as unusable:
+                return f"vault.ca_cert {self._ca_cert} cannot be used: {unusable.strerror}"
+        if isinstance(bad := first(ssl.SSLCertVerificationError), ssl.SSLCertVerificationError):
+            problem = bad.verify_message or bad.reason or "not trusted"
+            return f"Vault at {addr}: TLS certificate not accepted: {problem}"
+        if isinstance(tls := first(ssl.SSLError), ssl.SSLError):
+            return f"Vault at {addr}: TLS failed: {tls.reason or tls.strerror or tls}"
+        if first(urllib3.exceptions.NameResolutionError, socket.gaierror):
+            return f"Vault address {urlsplit(addr).hostname or addr} could not be resolved"
+        if first(ConnectionRefusedError):
+            return f"Vault at {addr} refused the connection"
+        if first(ConnectionResetError, ConnectionAbortedError, http.client.RemoteDisconnected):
+            return f"Vault at {addr} closed the connection"
+        if first(TimeoutError) or any(
+            isinstance(c, urllib3.exceptions.TimeoutError)
+            and not isinstance(c, urllib3.exceptions.NewConnectionError)
+            for c in causes
+        ):
+            return f"Vault at {addr} did not answer within {self._timeout_s:g}s"
+        if isinstance(os_error := first(OSError), OSError) and os_error.strerror:
+            return f"Vault at {addr} unreachable: {os_error.strerror}"
+        return f"Vault at {addr} unreachable: {type(exc).__name__}"
+
+
+def _causes(exc: BaseException) -> Iterator[BaseException]:
+    """``exc`` and every exception under it: causes, contexts, urllib3's ``reason`` and
+    exceptions carried in ``args`` (requests wraps urllib3, which wraps the socket's)."""
+    seen: set[int] = set()
+    todo = [exc]
+    while todo:
+        current = todo.pop(0)
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        yield current
+        nested = [getattr(current, "reason", None), current.__cause__, current.__context__]
+        nested += list(current.args)
+        todo += [e for e in nested if isinstance(e, BaseException)]
+
+
+def _not_found(request: _Request, exc: hvac.exceptions.InvalidPath) -> str:
+    secret = request.secret or request.api_path
+    metadata = _deleted_version(exc)
+    if metadata is not None:  # KV v2 answers 404 for a deleted version, with its metadata
+        version, how = metadata
+        return f"{secret} version {version} is {how} in Vault"
+    where = secret if request.version is None else f"{secret} version {request.version}"
+    detail = _vault_errors(exc, default="")
+    return f"{where} not found in Vault" + (f" ({detail})" if detail else "")
+
+
+def _deleted_version(exc: hvac.exceptions.InvalidPath) -> tuple[int, str] | None:
+    body = getattr(exc, "json", None)
+    try:
+        metadata = body["data"]["metadata"]  # type: ignore[index]
+        version = int(metadata["version"])
+    except (TypeError, KeyError, ValueError):
+        return None
+    if metadata.get("destroyed"):
+        return version, "destroyed"
+    if metadata.get("deletion_time"):
+        return version, "deleted"
+    return None
+
+
+def _refused(request: _Request, errors: str) -> str:
+    if request.refused:
+        return request.refused.format(errors=errors)
+    return (
+        f"Vault refused {request.action} on {request.api_path}: {errors} "
+        f"(the token's policy needs {request.needs} on it)"
+    )
+
+
+# hashicorp/go-multierror's text: "1 error occurred:\n\t* permission denied\n\n".
+_MULTI_ERROR = re.compile(r"^\s*\d+ errors? occurred:\s*", re.ASCII)
+_MULTI_ITEM = re.compile(r"^\s*\*\s*", re.ASCII)
+
+
+def _vault_errors(exc: hvac.exceptions.VaultError, default: str | None = None) -> str:
+    """Vault's own error strings, one line, without go-multierror's wrapper."""
     errors = getattr(exc, "errors", None)
-    if isinstance(errors, list) and errors:
-        return "; ".join(str(e) for e in errors)[:200]
-    return type(exc).__name__
+    if not isinstance(errors, list) or not errors:
+        return type(exc).__name__ if default is None else default
+    items: list[str] = []
+    for error in errors:
+        text = str(error)
+        if _MULTI_ERROR.match(text):
+            lines = _MULTI_ERROR.sub("", text).splitlines()
+            items += [_MULTI_ITEM.sub("", line).strip() for line in lines if line.strip()]
+        else:
+            items.append(" ".join(text.split()))
+    return "; ".join(item for item in items if item)[:200]
 
 
 class Vault:
