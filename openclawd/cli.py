@@ -1,8 +1,9 @@
 """The ``openclawd`` command: argv, logging setup, config loading, ``trio.run``.
 
 Exit codes: 0 success; 2 an invalid config (one line per problem on stderr) or bad usage;
-1 any other startup failure (a socket already served by a live daemon, say). systemd's
-unit keeps 2 out of its restart loop: a bad config does not get better by retrying.
+1 any other startup failure (a socket already served by a live daemon, a credential file
+that cannot be read). systemd's unit keeps 2 out of its restart loop: a bad config does not
+get better by retrying (a credential file may yet appear).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from collections.abc import Sequence
 
 import trio
 
-from openclawd import __version__, logs
+from openclawd import __version__, logs, preflight
 from openclawd import config as config_module
 from openclawd.errors import ConfigError, ListenError
 from openclawd.mock.content import DEFAULT_CHUNK_DELAY_S
@@ -52,6 +53,12 @@ def _parser() -> argparse.ArgumentParser:
             default=config_module.DEFAULT_CONFIG_PATH,
             help=f"config file (default: {config_module.DEFAULT_CONFIG_PATH})",
         )
+        if name == "check-config":
+            cmd.add_argument(
+                "--online",
+                action="store_true",
+                help="also log in to Vault and read every provider's secret",
+            )
     sub.add_parser("version", help="print the version")
     demo = sub.add_parser(
         "demo",
@@ -123,7 +130,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"openclawd {__version__}")
         return EXIT_OK
     if args.command == "check-config":
-        return _check_config(args.config)
+        return _check_config(args.config, online=args.online)
     if args.command == "demo":
         return _demo(args.runtime_dir)
     if args.command == "mock-provider":
@@ -186,9 +193,14 @@ def _mock_provider(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _check_config(path: str) -> int:
+def _check_config(path: str, *, online: bool) -> int:
     try:
         cfg = config_module.load(path)
+        problems = preflight.check_files(cfg)
+        if online and not problems:  # a file to fix first: Vault would only say the same
+            problems = trio.run(preflight.check_vault, cfg)
+        if problems:
+            raise ConfigError(cfg.source, problems)
     except ConfigError as exc:
         for line in exc.lines():
             print(line, file=sys.stderr)
@@ -220,6 +232,14 @@ def _run(path: str) -> int:
         notifier.status(f"invalid config: {exc.problems[0]}")
         return EXIT_CONFIG
     logs.configure(cfg.logging.level, cfg.logging.format)
+    # A credential file that cannot be read now would have the daemon retry Vault forever
+    # and never become ready: stop, naming the file (check-config reports the same).
+    unreadable = preflight.check_files(cfg)
+    if unreadable:
+        for problem in unreadable:
+            log.error("credential.unreadable", problem=str(problem))
+        notifier.status(f"failed: {unreadable[0]}")
+        return EXIT_FAILURE
     log.info(
         "daemon.starting",
         version=__version__,

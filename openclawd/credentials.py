@@ -14,9 +14,18 @@ from openclawd.errors import OpenclawdError
 
 
 class CredentialError(OpenclawdError):
-    """A credential file is missing, unreadable, not text, or empty."""
+    """A credential file is missing, unreadable, not text, or empty.
+
+    ``key`` is the config key that names the file, ``problem`` what is wrong with it (naming
+    the file); ``str()`` is ``"key: problem"``, the form of a config problem.
+    """
 
     code = "bad_credential"
+
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(f"{key}: {problem}")
+        self.key = key
+        self.problem = problem
 
 
 def read_credential(path: str, *, what: str) -> str:
@@ -31,16 +40,16 @@ def read_credential(path: str, *, what: str) -> str:
         directory = os.environ.get("CREDENTIALS_DIRECTORY")
         if not directory:
             raise CredentialError(
-                f"{what} {path!r} is a credential name but CREDENTIALS_DIRECTORY is not set"
+                what, f"{path!r} is a credential name but CREDENTIALS_DIRECTORY is not set"
             )
         path = os.path.join(directory, path)
     try:
         with open(path, encoding="utf-8") as f:
             value = f.read().strip()
     except OSError as exc:
-        raise CredentialError(f"cannot read {what} {path}: {exc.strerror}") from None
+        raise CredentialError(what, f"cannot read {path}: {exc.strerror}") from None
     except UnicodeDecodeError:
-        raise CredentialError(f"{what} {path} is not UTF-8 text") from None
+        raise CredentialError(what, f"{path} is not UTF-8 text") from None
     if not value:
-        raise CredentialError(f"{what} {path} is empty")
+        raise CredentialError(what, f"{path} is empty")
     return value

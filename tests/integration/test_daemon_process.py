@@ -294,7 +294,7 @@ def test_control_tcp_without_a_readable_token_file_stops_startup(
     path = write_config(control={"tcp": "127.0.0.1:9477", "token_file": "/nonexistent"})
     daemon = start_daemon(path)
     assert daemon.wait() == 1
-    assert "cannot read control.token_file /nonexistent" in daemon.stderr
+    assert "control.token_file: cannot read /nonexistent" in daemon.stderr
     assert list(runtime_dir.glob("*.sock")) == []
 
 

@@ -28,16 +28,16 @@ def test_bare_name_without_credentials_directory(monkeypatch: pytest.MonkeyPatch
     with pytest.raises(VaultAuthError) as info:
         read_credential("vault-role-id", what="vault.role_id_file")
     assert str(info.value) == (
-        "vault.role_id_file 'vault-role-id' is a credential name but CREDENTIALS_DIRECTORY "
+        "vault.role_id_file: 'vault-role-id' is a credential name but CREDENTIALS_DIRECTORY "
         "is not set"
     )
 
 
 def test_missing_and_empty_files(tmp_path: Path) -> None:
-    with pytest.raises(VaultAuthError, match="cannot read vault.token_file .*No such file"):
+    with pytest.raises(VaultAuthError, match="^vault.token_file: cannot read .*No such file"):
         read_credential(str(tmp_path / "nope"), what="vault.token_file")
     (tmp_path / "empty").write_text("\n")
-    with pytest.raises(VaultAuthError, match=r"vault.token_file .*/empty is empty"):
+    with pytest.raises(VaultAuthError, match=r"^vault.token_file: .*/empty is empty"):
         read_credential(str(tmp_path / "empty"), what="vault.token_file")
 
 
