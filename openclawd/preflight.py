@@ -57,7 +57,9 @@ async def check_vault(cfg: Config) -> list[ConfigProblem]:
     """
     if not cfg.providers:
         return []
-    from openclawd.keys.vault import Vault, VaultUnreachableError  # hvac: slow to import
+    # hvac: slow to import, and only --online needs it.
+    from openclawd.keys.manager import key_values
+    from openclawd.keys.vault import Vault, VaultUnreachableError
 
     vault = Vault(cfg.vault)
     login_key = "vault.token_file" if cfg.vault.auth == "token" else "vault.auth"
@@ -78,12 +80,9 @@ async def check_vault(cfg: Config) -> list[ConfigProblem]:
         except VaultError as exc:
             problems.append(ConfigProblem(key, str(exc)))
             continue
-        if provider.key_field not in secret.data:
+        try:
+            key_values(provider.key_field, secret)  # as the daemon will take them
+        except VaultError as exc:
             where = f"{cfg.vault.mount.strip('/')}/{provider.vault_path.strip('/')}"
-            problems.append(
-                ConfigProblem(
-                    f"providers.{name}.key_field",
-                    f"{where} version {secret.version} has no field {provider.key_field!r}",
-                )
-            )
+            problems.append(ConfigProblem(f"providers.{name}.key_field", f"{where} {exc}"))
     return problems

@@ -258,11 +258,46 @@ def test_online_names_a_secret_without_the_key_field(
     assert (code, lines) == (
         2,
         [
-            f"providers.nf.key_field: {KV_MOUNT}/preflight/nofield version {version} has no "
-            f"field 'api_key' (in {path})"
+            f"providers.nf.key_field: {KV_MOUNT}/preflight/nofield version {version} field "
+            f"'api_key' is missing (in {path})"
         ],
     )
     assert not any("sk-other" in line for line in lines)
+
+
+def test_online_checks_every_field_of_a_key_field_list(
+    write_config: WriteConfig,
+    shared_bao: BaoServer,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """``key_field = ["key1", "key2"]``: each field must hold a key; the one missing is named,
+    and a secret holding both passes."""
+    both = shared_bao.write("preflight/two", key1="sk-one", key2="sk-two")
+    version = shared_bao.write("preflight/half", key1="sk-one")
+    token_file = tmp_path / "token"
+    token_file.write_text(shared_bao.root_token)
+    fields = ["key1", "key2"]
+    path = write_config(
+        vault={"addr": shared_bao.addr, "token_file": str(token_file)},
+        **{
+            f"providers.{name}": {
+                "base_url": "https://api.example.com",
+                "vault_path": f"preflight/{name}",
+                "key_field": fields,
+            }
+            for name in ("two", "half")
+        },
+    )
+    code, lines = check(path, "--online")
+    assert both >= 1
+    assert (code, lines) == (
+        2,
+        [
+            f"providers.half.key_field: {KV_MOUNT}/preflight/half version {version} field "
+            f"'key2' is missing (key_field lists 2 fields) (in {path})"
+        ],
+    )
+    assert not any("sk-one" in line or "sk-two" in line for line in lines)
 
 
 def test_online_names_a_refused_login(

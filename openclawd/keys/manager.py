@@ -140,6 +140,42 @@ class _Provider:
         return self.pool[0].version if self.pool else None
 
 
+def key_values(key_field: str | tuple[str, ...], secret: SecretVersion) -> list[str]:
+    """The keys ``secret`` holds, in pool order (stripped): from one field holding a key or
+    a list of keys, or (``key_field`` a list) from several fields holding one key each.
+    What the daemon takes, and what ``check-config --online`` checks.
+
+    Raises:
+        VaultSecretError: a field is missing, of the wrong shape, or holds an empty key;
+            the message names the version and the field, never a value.
+    """
+    if isinstance(key_field, str):
+        raw = secret.data.get(key_field)
+        where = f"version {secret.version} field {key_field!r}"
+        if raw is None:
+            raise VaultSecretError(f"{where} is missing")
+        found = [raw] if isinstance(raw, str) else raw
+        if not isinstance(found, list) or not all(isinstance(v, str) for v in found):
+            raise VaultSecretError(f"{where} must be a string or a list of strings")
+        if not found or not all(v.strip() for v in found):
+            raise VaultSecretError(f"{where} holds an empty key")
+        return [v.strip() for v in found]
+    values = []
+    for field_name in key_field:
+        raw = secret.data.get(field_name)
+        where = f"version {secret.version} field {field_name!r}"
+        if raw is None:
+            raise VaultSecretError(f"{where} is missing (key_field lists {len(key_field)} fields)")
+        if not isinstance(raw, str):
+            raise VaultSecretError(
+                f"{where} must be a string (key_field is a list: one key per field)"
+            )
+        if not raw.strip():
+            raise VaultSecretError(f"{where} holds an empty key")
+        values.append(raw.strip())
+    return values
+
+
 class KeyManager:
     """Keys for every configured provider; run ``serve`` in the daemon's root nursery."""
 
@@ -485,45 +521,10 @@ class KeyManager:
         self._rotated(name, trigger, before, secret.version, pool[0])
 
     def _parse(self, name: str, secret: SecretVersion) -> tuple[Key, ...]:
-        """The pool in ``secret``, in order: from one field holding a key or a list of
-        keys, or (``key_field`` a list) from several fields holding one key each.
-
-        Raises:
-            VaultSecretError: a field is missing, of the wrong shape, or holds an empty
-                key; the message names the version and the field, never a value.
-        """
-        key_field = self._providers[name].config.key_field
-        values: list[str] = []
-        if isinstance(key_field, str):
-            raw = secret.data.get(key_field)
-            where = f"version {secret.version} field {key_field!r}"
-            if raw is None:
-                raise VaultSecretError(f"{where} is missing")
-            found = [raw] if isinstance(raw, str) else raw
-            if not isinstance(found, list) or not all(isinstance(v, str) for v in found):
-                raise VaultSecretError(f"{where} must be a string or a list of strings")
-            if not found or not all(v.strip() for v in found):
-                raise VaultSecretError(f"{where} holds an empty key")
-            values = found
-        else:
-            for field_name in key_field:
-                raw = secret.data.get(field_name)
-                where = f"version {secret.version} field {field_name!r}"
-                if raw is None:
-                    raise VaultSecretError(
-                        f"{where} is missing (key_field lists {len(key_field)} fields)"
-                    )
-                if not isinstance(raw, str):
-                    raise VaultSecretError(
-                        f"{where} must be a string (key_field is a list: one key per field)"
-                    )
-                if not raw.strip():
-                    raise VaultSecretError(f"{where} holds an empty key")
-                values.append(raw)
+        values = key_values(self._providers[name].config.key_field, secret)
         now = self._wall()
         return tuple(
-            Key(name, secret.version, i, fingerprint(v.strip()), now, v.strip())
-            for i, v in enumerate(values)
+            Key(name, secret.version, i, fingerprint(v), now, v) for i, v in enumerate(values)
         )
 
     # --- bookkeeping ----------------------------------------------------------------------
