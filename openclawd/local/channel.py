@@ -210,7 +210,7 @@ class Channels:
                 # Left behind: the app went, or the daemon cut the channel (the
                 # connection's cancel ended the request, and why is the channel's).
                 log.info("request.cancelled", request_id=rid, reason=channel.ending or "cut")
-            if not finished:  # else the id may already belong to the app's next request
+                # Only then: else the id may already belong to the app's next request.
                 channel.session.finish(rid)
             if channel.scopes.get(rid) is scope:
                 del channel.scopes[rid]
