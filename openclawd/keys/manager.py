@@ -394,17 +394,17 @@ class KeyManager:
             self._vault_failed("reload", exc)
 
     async def _bounded_refresh(self, trigger: str, names: list[str]) -> None:
-        """``_refresh_all`` within ``request_timeout_s`` for the whole of it.
+        """``_refresh_all`` with each provider's read bounded by ``request_timeout_s``
+        (a read queued behind a hung one waits no longer than that either): a hung Vault
+        ends it after that long, a slow one answering each read in time does not.
 
         Raises:
-            VaultUnreachableError: no answer in time (or Vault failed as a whole).
+            VaultUnreachableError: a read got no answer in time (or Vault failed as a whole).
             VaultAuthError: every path was refused.
         """
-        timeout_s = self._config.vault.request_timeout_s
-        with trio.move_on_after(timeout_s) as bounded:
-            await self._refresh_all(trigger, names=names)
-        if bounded.cancelled_caught:
-            raise VaultUnreachableError(f"Vault did not answer within {timeout_s:g}s")
+        await self._refresh_all(
+            trigger, names=names, read_timeout_s=self._config.vault.request_timeout_s
+        )
 
     async def auth_failure(self, provider: str, failed: Key) -> Key | None:
         """The upstream refused ``failed`` (401/403): re-read now, once for a burst.
@@ -470,18 +470,27 @@ class KeyManager:
     # --- reading --------------------------------------------------------------------------
 
     async def _refresh_all(
-        self, trigger: str, *, names: list[str] | None = None, only_if_changed: bool = False
+        self,
+        trigger: str,
+        *,
+        names: list[str] | None = None,
+        only_if_changed: bool = False,
+        read_timeout_s: float = math.inf,
     ) -> None:
-        """Refresh the named providers (all by default).
+        """Refresh the named providers (all by default), each within ``read_timeout_s``.
 
         Raises:
-            VaultUnreachableError, VaultAuthError: Vault as a whole failed; keys are kept.
+            VaultUnreachableError, VaultAuthError: Vault as a whole failed, or a read got
+                no answer within ``read_timeout_s``; keys are kept.
         """
         names = names if names is not None else list(self._providers)
         refused: list[VaultAuthError] = []
         for name in names:
             try:
-                await self._refresh_one(name, trigger, only_if_changed=only_if_changed)
+                with trio.move_on_after(read_timeout_s) as bounded:
+                    await self._refresh_one(name, trigger, only_if_changed=only_if_changed)
+                if bounded.cancelled_caught:
+                    raise VaultUnreachableError(f"Vault did not answer within {read_timeout_s:g}s")
             except VaultSecretError as exc:
                 self._secret_failed(name, exc)
             except VaultAuthError as exc:  # one path refused: a policy problem, or our token
@@ -501,27 +510,48 @@ class KeyManager:
         source = (path, state.config.key_field)
         # Same source and same version: nothing to take. A new source is always taken.
         same_source = state.source == source
-        if only_if_changed:
-            metadata = await self._vault.read_metadata(path)
-            if metadata.deleted:
-                raise VaultSecretError(f"current version {metadata.current_version} is deleted")
-            if same_source and metadata.current_version == state.version:
-                state.last_error = None
+
+        def stale() -> bool:
+            # A reload moved the provider while we read: what we read is not its key (the
+            # reload reads the new source itself), nor its error.
+            current = self._providers.get(name)
+            return (
+                current is not state or (state.config.vault_path, state.config.key_field) != source
+            )
+
+        try:
+            if only_if_changed:
+                metadata = await self._vault.read_metadata(path)
+                if stale():
+                    return
+                if metadata.deleted:
+                    version = metadata.current_version
+                    raise VaultSecretError(f"current version {version} is deleted")
+                if same_source and metadata.current_version == state.version:
+                    state.last_error = None
+                    return
+                secret = await self._vault.read_secret(path, metadata.current_version)
+            else:
+                secret = await self._vault.read_secret(path)
+        except VaultSecretError:
+            if stale():
                 return
-            secret = await self._vault.read_secret(path, metadata.current_version)
-        else:
-            secret = await self._vault.read_secret(path)
+            raise
+        if stale():
+            return
         if same_source and secret.version == state.version:
             state.last_error = None
             return
-        pool = self._parse(name, secret)
+        pool = self._parse(name, source[1], secret)
         before = state.version
         self._retired.extend(state.pool)
         state.pool, state.cursor, state.last_error, state.source = pool, 0, None, source
         self._rotated(name, trigger, before, secret.version, pool[0])
 
-    def _parse(self, name: str, secret: SecretVersion) -> tuple[Key, ...]:
-        values = key_values(self._providers[name].config.key_field, secret)
+    def _parse(
+        self, name: str, key_field: str | tuple[str, ...], secret: SecretVersion
+    ) -> tuple[Key, ...]:
+        values = key_values(key_field, secret)
         now = self._wall()
         return tuple(
             Key(name, secret.version, i, fingerprint(v), now, v) for i, v in enumerate(values)

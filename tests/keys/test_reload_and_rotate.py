@@ -12,7 +12,7 @@ import trio.testing
 
 from openclawd import config
 from openclawd.keys.manager import KeyManager
-from openclawd.keys.vault import SecretMetadata, VaultSecretError
+from openclawd.keys.vault import SecretMetadata, SecretVersion, VaultSecretError
 from openclawd.keys.vault import VaultUnreachableError as Unreachable
 from openclawd.lifecycle import Lifecycle
 
@@ -190,6 +190,48 @@ async def test_a_reload_while_vault_hangs_is_bounded_too(
         nursery.cancel_scope.cancel()
 
 
+class SlowVault(FakeVault):
+    """Answers every secret read, each after ``delay_s``: slow, but well."""
+
+    def __init__(self, delay_s: float) -> None:
+        super().__init__()
+        self.delay_s = delay_s
+
+    async def read_secret(self, path: str, version: int | None = None) -> SecretVersion:
+        await trio.sleep(self.delay_s)
+        return await super().read_secret(path, version)
+
+
+async def test_a_slow_vault_answering_each_read_in_time_is_not_cut_off(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The bound is ``request_timeout_s`` per Vault read, not for all providers together:
+    three reads of 6 s each (under 10 s) make a rotation of 18 s that succeeds."""
+    vault = SlowVault(6.0)
+    names = ("a", "b", "c")
+    tables_ = tables(timeout=10.0)
+    tables_["providers"] = {
+        n: {"base_url": "https://api.openai.com", "vault_path": f"p/{n}"} for n in names
+    }
+    for n in names:
+        vault.write(f"p/{n}", api_key=f"sk-{n}")
+    lifecycle = Lifecycle()
+    lifecycle.set_listening()
+    vault.login_ttls = [0.0]
+    manager = KeyManager(config.parse(tables_), vault, lifecycle, jitter=lambda: 1.0)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(manager.serve)
+        for n in names:
+            vault.write(f"p/{n}", api_key=f"sk-{n}-2")
+        started = trio.current_time()
+        result = await manager.rotate_now()
+        assert trio.current_time() - started == 18.0
+        assert result == {n: (1, 2, True) for n in names}
+        assert manager.statistics().reachable is True
+        assert lifecycle.state.value == "ready"
+        nursery.cancel_scope.cancel()
+
+
 # --- a secret missing from Vault -----------------------------------------------------------
 
 
@@ -244,4 +286,45 @@ async def test_a_secret_missing_when_vault_comes_back_after_a_failed_login(
         vault.down = False
         await trio.sleep_until(2)  # the login retried at 1 s
         assert manager.statistics().providers["openai"].last_error == "not found in Vault"
+        nursery.cancel_scope.cancel()
+
+
+class GatedVault(FakeVault):
+    """Holds every read of ``gated`` until ``release`` is set: a poll of the old path that
+    is still under way when a reload moves the provider elsewhere."""
+
+    def __init__(self, gated: str) -> None:
+        super().__init__()
+        self.gated = gated
+        self.holding = trio.Event()
+        self.release = trio.Event()
+
+    async def read_metadata(self, path: str) -> SecretMetadata:
+        if path == self.gated and not self.release.is_set():
+            self.holding.set()
+            await self.release.wait()
+        return await super().read_metadata(path)
+
+
+async def test_a_poll_of_the_old_source_does_not_undo_a_reload(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    vault = GatedVault(PATH)
+    vault.write(PATH, api_key="sk-old")
+    vault.release.set()
+    manager, _ = make(vault, refresh=5.0)
+    vault.write(OTHER, api_key="sk-new")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(manager.serve)
+        vault.release = trio.Event()
+        vault.write(PATH, api_key="sk-old2")  # news at the old source, read by the poll
+        await vault.holding.wait()  # the poll is reading the old path ...
+        await manager.reload(config.parse(tables(refresh=5.0, vault_path=OTHER)))
+        key = manager.current("openai")
+        assert key is not None
+        assert key.secret == "sk-new"
+        vault.release.set()  # ... and finishes after the reload
+        await trio.sleep(1)
+        assert manager.current("openai") is key
+        assert manager.rotations[("openai", "vault")] == 1  # the first load only
         nursery.cancel_scope.cancel()
