@@ -200,6 +200,9 @@ class KeyManager:
         self._token_expires_at: float | None = None  # trio time; None = never
         self._relogin = trio.Event()
         self._poll_now = trio.Event()
+        self._has_providers = trio.Event()  # set once there is a provider to serve
+        if self._providers:
+            self._has_providers.set()
         # The metadata poll's wait under way: its scope, when it began, and the backoff it
         # waits (None: it waits refresh_interval_s, which a reload may change meanwhile).
         self._poll_wait: tuple[trio.CancelScope, float, float | None] | None = None
@@ -229,8 +232,10 @@ class KeyManager:
         listens meanwhile, and readiness waits for the keys (not for this function).
         """
         if not self._providers:
+            # Nothing to read until a reload brings a provider; then log in as at a start.
             task_status.started()
-            return
+            task_status = trio.TASK_STATUS_IGNORED
+            await self._has_providers.wait()
         token = await self._login_with_retry(task_status)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._keep_token, token)
@@ -388,6 +393,10 @@ class KeyManager:
             self._providers[name].config = provider
         self._schedule_poll()
         self._publish()
+        if self._providers and not self._has_providers.is_set():
+            # The first providers: ``serve`` logs in now and loads their keys.
+            self._has_providers.set()
+            return
         try:
             await self._bounded_refresh("reload", list(self._providers))
         except VaultError as exc:

@@ -328,3 +328,35 @@ async def test_a_poll_of_the_old_source_does_not_undo_a_reload(
         assert manager.current("openai") is key
         assert manager.rotations[("openai", "vault")] == 1  # the first load only
         nursery.cancel_scope.cancel()
+
+
+async def test_a_reload_that_adds_the_first_provider_logs_in_and_follows_it(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Started with no provider, the manager has not logged in to Vault; the reload that
+    brings the first one must (then load its key and poll it), not leave it keyless."""
+    vault = FakeVault()
+    vault.write(PATH, api_key="sk-one")
+    vault.login_ttls = [0.0]
+    lifecycle = Lifecycle()
+    lifecycle.set_listening()
+    empty = tables(refresh=5.0)
+    del empty["providers"]
+    manager = KeyManager(config.parse(empty), vault, lifecycle, jitter=lambda: 1.0)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(manager.serve)
+        assert vault.times("login") == []
+        await trio.sleep_until(3)
+        await manager.reload(config.parse(tables(refresh=5.0)))
+        await trio.sleep_until(4)
+        key = manager.current("openai")
+        assert key is not None
+        assert key.secret == "sk-one"
+        assert vault.times("login") == [3.0]
+        assert lifecycle.ready
+        vault.write(PATH, api_key="sk-two")
+        await trio.sleep_until(9)  # polled at 3 + 5
+        key = manager.current("openai")
+        assert key is not None
+        assert key.secret == "sk-two"
+        nursery.cancel_scope.cancel()
