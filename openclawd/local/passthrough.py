@@ -89,12 +89,13 @@ def request_headers(
         raise ClientError("both Content-Length and Transfer-Encoding: send one")
     dropped = _NOT_FORWARDED | CREDENTIAL_HEADERS | named | {auth_header.lower()}
     headers: list[tuple[str, str]] = []
-    for raw_name, raw_value in raw:
+    for place, (raw_name, raw_value) in enumerate(raw, 1):
         name = raw_name.decode("latin-1")
         if name in dropped:
             continue
         if not raw_value.isascii():
-            raise ClientError(f"header {name} has a value that is not ASCII")
+            # By its place, not its name: the app's text is not repeated (it may be a key).
+            raise ClientError(f"header {place} has a value that is not ASCII")
         headers.append((name, raw_value.decode("ascii")))
     if not any(name == "accept-encoding" for name, _ in headers):
         # Else the upstream client asks for gzip and an app that did not would get it.
@@ -350,8 +351,9 @@ class _AppBody:
         while not self.complete:
             try:
                 event = http.next_event()
-            except h11.RemoteProtocolError as exc:
-                raise ClientError(f"malformed request body: {exc}") from exc
+            except h11.RemoteProtocolError:
+                # Not h11's text: it quotes what it could not read (the app's bytes).
+                raise ClientError("malformed request body") from None
             if isinstance(event, h11.Data):
                 return bytes(event.data)
             if isinstance(event, h11.EndOfMessage):

@@ -179,3 +179,33 @@ async def test_realtime_unknown_provider_is_not_echoed(
                 assert await app.recv() == "hello"
     assert_absent(key, log_text, closed)
     assert "event=realtime.open" in log_text.getvalue()
+
+
+async def raw_exchange(socket_path: str, request: bytes) -> bytes:
+    """Send ``request`` as it is and read until the daemon closes."""
+    stream = await trio.open_unix_socket(socket_path)
+    async with stream:
+        await stream.send_all(request)
+        data = bytearray()
+        while chunk := await stream.receive_some(65536):
+            data += chunk
+    return bytes(data)
+
+
+@pytest.mark.parametrize("place", ["header-name", "chunk-header"])
+async def test_http_errors_do_not_quote_the_request(
+    shared_bao: BaoServer, runtime_dir: Path, log_text: io.StringIO, place: str
+) -> None:
+    """/v1/http: a header refused for its value is named by its place, and a malformed
+    body is not quoted (h11's error text quotes the chunk header it could not read)."""
+    key = fake_key()
+    head = "POST /v1/http/openai/v1/chat/completions HTTP/1.1\r\nHost: o\r\nConnection: close\r\n"
+    if place == "header-name":
+        request = f"{head}{key}: caf\xe9\r\nContent-Length: 0\r\n\r\n".encode("latin-1")
+    else:
+        request = f"{head}Transfer-Encoding: chunked\r\n\r\n{key}\r\n".encode()
+    with trio.fail_after(20):
+        async with plane(shared_bao, runtime_dir) as dp:
+            answer = await raw_exchange(dp.socket_path, request)
+    assert answer.startswith(b"HTTP/1.1 400 ")
+    assert_absent(key, log_text, answer)
