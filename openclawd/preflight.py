@@ -26,14 +26,13 @@ def credential_files(cfg: Config) -> Iterator[tuple[str, str]]:
         if vault.auth == "approle":
             yield "vault.role_id_file", vault.role_id_file
             yield "vault.secret_id_file", vault.secret_id_file
-        if vault.ca_cert:
-            yield "vault.ca_cert", vault.ca_cert
     if cfg.control.tcp:
         yield "control.token_file", cfg.control.token_file
 
 
 def check_files(cfg: Config) -> list[ConfigProblem]:
-    """One problem per file of ``credential_files`` that is missing, unreadable or empty.
+    """One problem per file of ``credential_files`` that is missing, unreadable or empty,
+    and for ``vault.ca_cert`` if it cannot be opened or is empty.
 
     A bare name is looked up in ``$CREDENTIALS_DIRECTORY``, as the daemon will.
     """
@@ -45,7 +44,23 @@ def check_files(cfg: Config) -> list[ConfigProblem]:
             read_credential(path, what=key)  # read, checked, and dropped at once
         except CredentialError as exc:
             problems.append(ConfigProblem(exc.key, exc.problem))
+    if cfg.providers and cfg.vault.ca_cert:
+        problem = _unusable_bundle(cfg.vault.ca_cert)
+        if problem is not None:
+            problems.append(ConfigProblem("vault.ca_cert", problem))
     return problems
+
+
+def _unusable_bundle(path: str) -> str | None:
+    """Why the CA bundle at ``path`` cannot be used, or None. Not a credential: its bytes
+    are the TLS library's to parse (a comment need not be UTF-8), only its absence or
+    emptiness is ours to find (requests would quietly fall back to the system store)."""
+    try:
+        with open(path, "rb") as f:
+            empty = not f.read(1)
+    except OSError as exc:
+        return f"cannot read {path}: {exc.strerror}"
+    return f"{path} is empty" if empty else None
 
 
 async def check_vault(cfg: Config) -> list[ConfigProblem]:

@@ -167,6 +167,23 @@ def test_missing_ca_cert(write_config: WriteConfig, secret_file: Path, tmp_path:
     )
 
 
+def test_a_ca_cert_that_is_not_utf8_text_passes(
+    write_config: WriteConfig, secret_file: Path, tmp_path: Path
+) -> None:
+    """A CA bundle is not a credential: bytes that are not UTF-8 (a Latin-1 comment, say)
+    do not make it unusable (the TLS library reads it), only a missing or empty file."""
+    bundle = tmp_path / "ca.pem"
+    bundle.write_bytes(b"# Autorit\xe9 de certification\n-----BEGIN CERTIFICATE-----\n")
+    path = write_config(
+        **vault_config(
+            "https://vault.example:8200", token_file=str(secret_file), ca_cert=str(bundle)
+        )
+    )
+    assert check(path) == (0, [])
+    bundle.write_bytes(b"")
+    assert check(path) == (2, [f"vault.ca_cert: {bundle} is empty (in {path})"])
+
+
 def test_run_exits_1_naming_an_unreadable_credential_file(
     write_config: WriteConfig, runtime_dir: Path
 ) -> None:
