@@ -12,9 +12,11 @@ body. The apps served here answer every error as JSON ``{"error": CODE, "message
 (CONTRACT.md 4), and so do these answers, which repeat nothing of the request. hypercorn
 has no public hook for them, so this module replaces the one private method that writes
 them (``H11Protocol._send_error_response``, hypercorn 0.17 and 0.18), for the servers it
-starts only. It is the package's only reach below hypercorn's public API: pyproject.toml
-bounds hypercorn below 0.19, and tests/control/test_parse_errors.py fails should the
-method move (the answers are then hypercorn's own again, empty but still correct HTTP).
+starts only; and the one that writes every response head (``_send_h11_event``), to give
+their status lines a reason phrase (hypercorn sends ``HTTP/1.1 200 ``). They are the
+package's only reach below hypercorn's public API: pyproject.toml bounds hypercorn below
+0.19, and tests/control/test_parse_errors.py fails should the methods move (the answers
+are then hypercorn's own again, empty and without a reason but still correct HTTP).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import json
 import logging
 import os
 import socket
+from http import HTTPStatus
 from typing import Any
 
 import h11
@@ -78,8 +81,34 @@ async def _send_error_response(self: Any, status_code: int) -> None:
     await self._send_h11_event(h11.EndOfMessage())
 
 
-if _hypercorn_error_response is not None and hasattr(H11Protocol, "_send_h11_event"):
+_hypercorn_send_h11_event = getattr(H11Protocol, "_send_h11_event", None)
+
+
+async def _send_h11_event(self: Any, event: Any) -> None:
+    """``H11Protocol._send_h11_event`` giving our servers' status lines their reason phrase
+    (``HTTP/1.1 200 OK``): hypercorn builds every response head with none."""
+    assert _hypercorn_send_h11_event is not None
+    if (
+        getattr(self.config, "json_parse_errors", False)
+        and isinstance(event, h11.Response | h11.InformationalResponse)
+        and not event.reason
+    ):
+        event = type(event)(
+            status_code=event.status_code, headers=event.headers, reason=_phrase(event.status_code)
+        )
+    await _hypercorn_send_h11_event(self, event)
+
+
+def _phrase(status_code: int) -> bytes:
+    try:
+        return HTTPStatus(status_code).phrase.encode()
+    except ValueError:  # a status the standard library does not name
+        return b""
+
+
+if _hypercorn_error_response is not None and _hypercorn_send_h11_event is not None:
     H11Protocol._send_error_response = _send_error_response  # type: ignore[method-assign]
+    H11Protocol._send_h11_event = _send_h11_event  # type: ignore[method-assign]
 
 
 async def serve_asgi(

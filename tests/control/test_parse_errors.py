@@ -14,6 +14,7 @@ import secrets
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
+from http import HTTPStatus
 from pathlib import Path
 
 import pytest
@@ -76,6 +77,7 @@ class Reader:
     def __init__(self, stream: trio.SocketStream) -> None:
         self.stream = stream
         self.buffer = b""
+        self.reason = ""  # the last status line's reason phrase
 
     async def _more(self) -> bool:
         data = await self.stream.receive_some(65536)
@@ -87,7 +89,7 @@ class Reader:
             assert await self._more(), f"closed before a whole head: {self.buffer!r}"
         head, _, self.buffer = self.buffer.partition(b"\r\n\r\n")
         status_line, *lines = head.decode("latin-1").split("\r\n")
-        version, status, _ = status_line.split(" ", 2)
+        version, status, self.reason = status_line.split(" ", 2)
         assert version == "HTTP/1.1"
         headers: dict[str, str] = {}
         for line in lines:
@@ -127,6 +129,7 @@ async def test_an_unparseable_request_gets_a_json_4xx(
                 reader = Reader(stream)
                 got, headers, body = await reader.response()
                 assert got == status
+                assert reader.reason == HTTPStatus(status).phrase
                 assert headers["content-type"] == "application/json"
                 answer = json.loads(body)
                 assert set(answer) == {"error", "message"}
@@ -143,3 +146,28 @@ async def test_an_unparseable_request_gets_a_json_4xx(
                 await stream.send_all(b"GET /healthz HTTP/1.1\r\nHost: openclawd\r\n\r\n")
                 got, _, body = await Reader(stream).response()
                 assert (got, json.loads(body)) == (200, {"status": "ok"})
+
+
+@pytest.mark.parametrize(
+    ("request_line", "status"),
+    [
+        ("GET /healthz", 200),
+        ("GET /no/such/route", 404),
+        ("GET /v1/drain", 200),
+        ("PUT /v1/drain", 405),
+        ("POST /v1/resume", 200),
+    ],
+)
+async def test_status_lines_carry_their_reason_phrase(
+    runtime_dir: Path, request_line: str, status: int
+) -> None:
+    """``HTTP/1.1 200 OK``, not ``HTTP/1.1 200 `` (issue 17: curl -v on every route)."""
+    with trio.fail_after(30):
+        async with control_server(runtime_dir) as path:
+            stream = await trio.open_unix_socket(path)
+            async with stream:
+                request = f"{request_line} HTTP/1.1\r\nHost: openclawd\r\nContent-Length: 0\r\n\r\n"
+                await stream.send_all(request.encode())
+                reader = Reader(stream)
+                got, _, _ = await reader.response()
+                assert (got, reader.reason) == (status, HTTPStatus(status).phrase)
