@@ -7,25 +7,33 @@ directory, the provider pointed at a small upstream on 127.0.0.1) with the in-me
 of tests/keys. Each case changes one key in the file, runs the daemon's reload (the path
 SIGHUP takes; one test sends the signal), checks the ``config.reloaded`` line names that key
 alone, and proves the new value in force where it acts: what the upstream receives, what an
-app is answered, the pool's connections, the Vault poll, the log level.
+app is answered, the pool's connections, the Vault poll, the log level. Timeouts,
+intervals and backoffs are proved at their exact new values in virtual time (a clock that
+runs at real speed for the start and the reload, then only jumps: ``virtual_time``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
+import math
 import os
+import random
 import signal
 import tomllib
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+from unittest import mock
 
 import h11
 import pytest
 import trio
 import trio.testing
+import wsproto
+import wsproto.events
 
 from openclawd import logs
 from openclawd.config import Config
@@ -36,13 +44,15 @@ from openclawd.notify import Notifier
 from openclawd.upstream.http import UpstreamRequest
 
 from ..conftest import REPO, render_toml, unix_request
-from ..dataplane.harness import open_app
+from ..dataplane.harness import Answer, call, open_app
 from ..keys.test_manager import FakeVault
 from .test_daemon import wait_for_log
 
 EXAMPLE = REPO / "etc" / "openclawd.toml"
 PATH = "openclawd/openai"  # the example's vault_path
 NEXT_PATH = "openclawd/openai-next"
+MODELS = "/v1/http/openai/v1/models"
+_E = TypeVar("_E", bound=wsproto.events.Event)
 
 
 # --- a small upstream that records what it receives -----------------------------------------
@@ -55,6 +65,8 @@ class Upstream:
     hold: trio.Event | None = None  # answers wait for it while set
     held: int = 0  # requests waiting for it
     arrived: trio.Event = field(default_factory=trio.Event)  # set at each held request
+    status: int = 200  # what every answer says
+    times: list[float] = field(default_factory=list)  # trio.current_time() of each request
 
     async def handle(self, stream: trio.SocketStream) -> None:
         conn = h11.Connection(h11.SERVER)
@@ -69,6 +81,7 @@ class Upstream:
                 elif isinstance(event, h11.Request):
                     headers = {k.decode(): v.decode() for k, v in event.headers}
                     self.requests.append((event.target.decode(), headers))
+                    self.times.append(trio.current_time())
                 elif isinstance(event, h11.EndOfMessage):
                     if self.hold is not None:
                         self.held += 1
@@ -78,7 +91,7 @@ class Upstream:
                         self.held -= 1
                     body = b"{}"
                     head = h11.Response(
-                        status_code=200,
+                        status_code=self.status,
                         headers=[("content-type", "application/json"), ("content-length", "2")],
                     )
                     await stream.send_all(
@@ -241,22 +254,206 @@ def needs_restart(caplog: pytest.LogCaptureFixture) -> set[str]:
 # --- the proofs, one per reloadable key ---------------------------------------------------------
 
 
-def pool_value(attribute: str, value: object) -> Callable[[Ctx], Awaitable[None]]:
-    """The provider's pool (which reads its config at every request) holds ``value``."""
+@contextlib.contextmanager
+def virtual_time() -> Iterator[trio.testing.MockClock]:
+    """From here on, time moves only by jumps: the clock (``reload_clock``, real-time
+    until now, for the daemon's start and the reload's read of the file in a thread)
+    stands still and jumps to the next deadline once every task has been blocked for
+    10 ms of real time. Inside, nothing may wait on a thread: only this trio run's own
+    tasks and in-process sockets, so a timeout seen inside fires at its exact value."""
+    clock = trio.lowlevel.current_clock()
+    assert isinstance(clock, trio.testing.MockClock), "the test needs the reload_clock fixture"
+    clock.rate = 0.0
+    clock.autojump_threshold = 0.01
+    try:
+        yield clock
+    finally:
+        clock.autojump_threshold = math.inf
+        clock.rate = 1.0
+
+
+async def app_call(ctx: Ctx, target: str = MODELS) -> tuple[Answer, float]:
+    """One request from an app (over the data socket, no thread); returns the answer and
+    how long it took on the trio clock."""
+    started = trio.current_time()
+    answer = await call(str(ctx.runtime / "data.sock"), "GET", target)
+    return answer, trio.current_time() - started
+
+
+def answered_at(status: int, code: str, after_s: float) -> Callable[[Ctx], Awaitable[None]]:
+    """The upstream holds its answer forever: the app is told ``status`` / ``code`` at
+    exactly ``after_s`` (virtual), the reloaded timeout (the old one is 60 or 600 s)."""
 
     async def prove(ctx: Ctx) -> None:
-        assert getattr(ctx.daemon.upstreams["openai"].config, attribute) == value
+        ctx.upstream.hold = trio.Event()
+        try:
+            with virtual_time():
+                answer, elapsed = await app_call(ctx)
+            assert ctx.upstream.held == 1  # the request reached the upstream, which is silent
+            assert (answer.status, answer.json()["error"]["code"]) == (status, code)
+            assert elapsed == after_s
+        finally:
+            ctx.upstream.hold.set()
+            ctx.upstream.hold = None
 
     return prove
 
 
-def local_value(attribute: str, value: object) -> Callable[[Ctx], Awaitable[None]]:
-    """The data socket's server (which reads [listen] at each connection) holds ``value``."""
+async def pool_wait_bounded(ctx: Ctx) -> None:
+    """connect_timeout_s also bounds the wait for one of the pool's connections (the
+    transport's ``pool`` timeout, set from the same value): with the only connection
+    (base: max_connections = 1) held by a request the upstream does not answer, the next
+    request gives up at exactly the reloaded 3 s (the old 10 s otherwise). A TCP connect
+    that never completes cannot be had on loopback without changing base_url as well."""
+    upstream = ctx.upstream
+    upstream.hold = trio.Event()
+    with virtual_time():
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(app_call, ctx)
+            while not upstream.held:
+                await upstream.arrived.wait()
+            answer, elapsed = await app_call(ctx)
+            upstream.hold.set()
+    upstream.hold = None
+    assert (answer.status, answer.json()["error"]["code"]) == (503, "upstream_unavailable")
+    assert elapsed == 3.0
 
-    async def prove(ctx: Ctx) -> None:
-        assert getattr(ctx.daemon.local.config, attribute) == value
 
-    return prove
+async def attempts_for_503(ctx: Ctx) -> list[float]:
+    """An app's request while the upstream answers 503 to everything, each retry waiting
+    the longest its backoff allows (the jitter's upper bound); returns the virtual times
+    at which the upstream saw the attempts, relative to the first."""
+    ctx.upstream.status = 503
+    ctx.upstream.times.clear()
+    try:
+        with (
+            mock.patch.object(random, "uniform", lambda low, high: high),
+            virtual_time(),
+        ):
+            answer, _ = await app_call(ctx)
+    finally:
+        ctx.upstream.status = 200
+    assert answer.status == 503  # the last attempt's answer, relayed
+    first = ctx.upstream.times[0]
+    return [t - first for t in ctx.upstream.times]
+
+
+async def one_attempt(ctx: Ctx) -> None:
+    assert await attempts_for_503(ctx) == [0.0]  # the example's 2 retries: three
+
+
+async def backoff_from_025(ctx: Ctx) -> None:
+    assert await attempts_for_503(ctx) == [0.0, 0.25, 0.75]  # 0.25, then 0.5 (was 0.5, 1)
+
+
+async def backoff_capped_at_2(ctx: Ctx) -> None:
+    # base: retry_backoff_s = 4, so the waits are 4 and 8 under the example's cap of 8.
+    assert await attempts_for_503(ctx) == [0.0, 2.0, 4.0]
+
+
+async def one_connection_admitted(ctx: Ctx) -> None:
+    """With max_connections lowered to 1, a connection that is open (quiet, admitted when
+    accepted: the accept queue is FIFO) leaves none for the next, refused with 503."""
+    path = str(ctx.runtime / "data.sock")
+    async with await trio.open_unix_socket(path):
+        answer = await call(path, "GET", MODELS)
+    assert (answer.status, answer.json()["error"]["code"]) == (503, "busy")
+    # The first one gone (its EOF is already in the daemon's socket: once every task is
+    # blocked, the daemon has seen it and let the slot go), there is room again.
+    await trio.testing.wait_all_tasks_blocked()
+    assert ctx.daemon.local.statistics().clients == 0
+    assert (await call(path, "GET", MODELS)).status == 200
+
+
+async def quiet_connection_closed_at(ctx: Ctx) -> None:
+    """A connection that never sends its request head is closed at exactly the reloaded
+    handshake_timeout_s (the example's 10 s otherwise)."""
+    with virtual_time():
+        async with await trio.open_unix_socket(str(ctx.runtime / "data.sock")) as stream:
+            started = trio.current_time()
+            assert await stream.receive_some(1024) == b""  # closed, without a word
+            assert trio.current_time() - started == 4.5
+
+
+class RawWebSocket:
+    """A /v1/ws app spoken with wsproto: it sees every frame, and answers no ping."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self.ws = wsproto.WSConnection(wsproto.ConnectionType.CLIENT)
+
+    async def send(self, event: wsproto.events.Event) -> None:
+        await self.stream.send_all(self.ws.send(event))
+
+    async def next_event(self) -> wsproto.events.Event:
+        while True:
+            for event in self.ws.events():
+                return event
+            data = await self.stream.receive_some(65536)
+            # Raised, not looped on: in virtual time a loop that never blocks would keep
+            # the clock (and the test's fail_after) from ever moving.
+            assert data, "the daemon closed the connection without another frame"
+            self.ws.receive_data(data)
+
+    async def wait_for(self, kind: type[_E]) -> tuple[_E, float]:
+        """The next event of ``kind`` (others skipped) and the virtual time it came."""
+        while True:
+            event = await self.next_event()
+            if isinstance(event, kind):
+                return event, trio.current_time()
+
+
+@contextlib.asynccontextmanager
+async def open_raw_ws(ctx: Ctx) -> AsyncIterator[tuple[RawWebSocket, float]]:
+    """A /v1/ws connection, open; yields it and the virtual time it opened."""
+    async with await trio.open_unix_socket(str(ctx.runtime / "data.sock")) as stream:
+        app = RawWebSocket(stream)
+        await app.send(wsproto.events.Request(host="openclawd", target="/v1/ws"))
+        _, opened = await app.wait_for(wsproto.events.AcceptConnection)
+        yield app, opened
+
+
+async def pinged_at_25(ctx: Ctx) -> None:
+    """The first ping comes exactly 2.5 s after the app's last sign of life, the
+    handshake (20 s otherwise)."""
+    with virtual_time():
+        async with open_raw_ws(ctx) as (app, opened):
+            _, pinged = await app.wait_for(wsproto.events.Ping)
+    assert pinged - opened == 2.5
+
+
+async def unanswered_ping_closes_at_35(ctx: Ctx) -> None:
+    """An app that answers no ping is closed (1011) exactly 3.5 s after the ping (base:
+    ping_interval_s = 1; the example's ping_timeout_s is 20)."""
+    with virtual_time():
+        async with open_raw_ws(ctx) as (app, _):
+            _, pinged = await app.wait_for(wsproto.events.Ping)
+            close, closed = await app.wait_for(wsproto.events.CloseConnection)
+    assert close.code == 1011
+    assert closed - pinged == 3.5
+
+
+async def unfinished_message_closes_at_55(ctx: Ctx) -> None:
+    """A message begun and never finished closes the connection (1008) exactly 5.5 s
+    after its first byte (30 s otherwise)."""
+    with virtual_time():
+        async with open_raw_ws(ctx) as (app, _):
+            await app.send(wsproto.events.TextMessage(data='{"type":', message_finished=False))
+            begun = trio.current_time()
+            close, closed = await app.wait_for(wsproto.events.CloseConnection)
+    assert close.code == 1008
+    assert closed - begun == 5.5
+
+
+async def not_ready_without_key(ctx: Ctx) -> None:
+    """The provider has no key (base: its secret is missing, required = false, so the
+    daemon started ready). Required now, its missing key holds readiness back."""
+    assert ctx.daemon.keys.current("openai") is None
+    status, _, body = await trio.to_thread.run_sync(
+        unix_request, ctx.runtime / "control.sock", "GET", "/readyz"
+    )
+    assert (status, body["ready"]) == (503, False), body
+    assert any("no key for openai" in reason for reason in body["reasons"]), body
 
 
 async def refused_peer(ctx: Ctx) -> None:
@@ -356,10 +553,6 @@ async def two_connections_at_most(ctx: Ctx) -> None:
     assert await hold_requests(ctx, 3) == 2
 
 
-async def needs_no_key_behaviour(ctx: Ctx) -> None:
-    assert ctx.daemon.keys.config.providers["openai"].required is False
-
-
 async def realtime_ws_url(ctx: Ctx) -> None:
     assert ctx.daemon.realtime.config.providers["openai"].ws_url == "ws://127.0.0.1:9/rt"
 
@@ -382,13 +575,13 @@ P = "providers.openai."
 RELOADABLE: dict[str, tuple[object, Callable[[Ctx], Awaitable[None]]]] = {
     "listen.allowed_uids": ([os.getuid() + 1], refused_peer),
     "listen.allowed_gids": ([os.getgid() + 1], refused_peer),
-    "listen.max_connections": (7, local_value("max_connections", 7)),
+    "listen.max_connections": (1, one_connection_admitted),
     "listen.max_message_bytes": (4096, hello_max_message_bytes),
     "listen.max_inflight_per_connection": (3, hello_max_inflight),
-    "listen.ping_interval_s": (2.5, local_value("ping_interval_s", 2.5)),
-    "listen.ping_timeout_s": (3.5, local_value("ping_timeout_s", 3.5)),
-    "listen.handshake_timeout_s": (4.5, local_value("handshake_timeout_s", 4.5)),
-    "listen.message_timeout_s": (5.5, local_value("message_timeout_s", 5.5)),
+    "listen.ping_interval_s": (2.5, pinged_at_25),
+    "listen.ping_timeout_s": (3.5, unanswered_ping_closes_at_35),
+    "listen.handshake_timeout_s": (4.5, quiet_connection_closed_at),
+    "listen.message_timeout_s": (5.5, unfinished_message_closes_at_55),
     "vault.refresh_interval_s": (0.05, polls_sooner),
     "limits.requests_per_minute": (1, rate_limited),
     "shutdown.drain_timeout_s": (12.5, drain_deadline),
@@ -403,17 +596,25 @@ RELOADABLE: dict[str, tuple[object, Callable[[Ctx], Awaitable[None]]]] = {
     P + "auth_scheme": ("", upstream_sees(authorization="sk-base")),
     P + "vault_path": (NEXT_PATH, key_pool("sk-next", 1)),
     P + "key_field": (["backup", "api_key"], key_pool("sk-backup", 2)),
-    P + "required": (False, needs_no_key_behaviour),
-    P + "connect_timeout_s": (3.0, pool_value("connect_timeout_s", 3.0)),
-    P + "read_timeout_s": (4.0, pool_value("read_timeout_s", 4.0)),
-    P + "total_timeout_s": (50.0, pool_value("total_timeout_s", 50.0)),
-    P + "max_retries": (0, pool_value("max_retries", 0)),
-    P + "retry_backoff_s": (0.25, pool_value("retry_backoff_s", 0.25)),
-    P + "retry_backoff_max_s": (2.0, pool_value("retry_backoff_max_s", 2.0)),
+    P + "required": (True, not_ready_without_key),
+    P + "connect_timeout_s": (3.0, pool_wait_bounded),
+    P + "read_timeout_s": (4.0, answered_at(504, "upstream_timeout", 4.0)),
+    P + "total_timeout_s": (5.0, answered_at(504, "upstream_timeout", 5.0)),
+    P + "max_retries": (0, one_attempt),
+    P + "retry_backoff_s": (0.25, backoff_from_025),
+    P + "retry_backoff_max_s": (2.0, backoff_capped_at_2),
     P + "circuit_failure_threshold": (2, breaker("failure_threshold", 2)),
     P + "circuit_reset_s": (9.0, breaker("reset_s", 9.0)),
     P + "max_connections": (2, two_connections_at_most),
     P + "allow_insecure": (True, insecure_allowed),
+}
+
+# What a proof needs of the config it starts from (as well as the example's values).
+BASES: dict[str, dict[str, object]] = {
+    "listen.ping_timeout_s": {"listen.ping_interval_s": 1.0},
+    P + "required": {P + "required": False, P + "vault_path": "openclawd/missing"},
+    P + "connect_timeout_s": {P + "max_connections": 1},
+    P + "retry_backoff_max_s": {P + "retry_backoff_s": 4.0},
 }
 
 # New values for the keys that need a restart, and the other keys a valid change of
@@ -468,10 +669,19 @@ def test_the_example_names_every_key_that_needs_a_restart() -> None:
         assert name in text, key
 
 
+@pytest.fixture
+def reload_clock() -> trio.testing.MockClock:
+    """Real time (rate 1, no jumps) until a proof switches to ``virtual_time``."""
+    return trio.testing.MockClock(rate=1.0)
+
+
 @pytest.mark.usefixtures("restore_logging")
 @pytest.mark.parametrize("key", sorted(RELOADABLE))
 async def test_a_reload_puts_the_new_value_in_force(
-    runtime_dir: Path, caplog: pytest.LogCaptureFixture, key: str
+    runtime_dir: Path,
+    caplog: pytest.LogCaptureFixture,
+    reload_clock: trio.testing.MockClock,  # pytest-trio runs the test on it
+    key: str,
 ) -> None:
     value, prove = RELOADABLE[key]
 
@@ -481,7 +691,9 @@ async def test_a_reload_puts_the_new_value_in_force(
         if key == P + "max_connections":
             assert await hold_requests(ctx, 3) == 3  # the example's 100 let all three open
 
-    await run_with_change(runtime_dir, caplog, {key: value}, prove, before=before)
+    await run_with_change(
+        runtime_dir, caplog, {key: value}, prove, before=before, base=BASES.get(key)
+    )
     assert reloaded_fields(caplog)["changed"] == key
     assert needs_restart(caplog) == set()
 
