@@ -18,6 +18,7 @@ from pathlib import Path
 import h11
 import pytest
 import trio
+import trio.testing
 import trio_websocket
 import wsproto
 import wsproto.events
@@ -162,7 +163,10 @@ async def test_shutdown_does_not_cut_a_message_in_half(shared_bao: Bao, runtime_
             app = RawApp(stream)
             await app.handshake()
             await up.wait_messages_sent(1)
-            await trio.sleep(0.5)  # the daemon is now blocked part way into the frame
+            # The daemon has begun relaying the message: its first bytes reached the app.
+            # The app reads nothing and the message (900 KiB) is larger than a socket's
+            # buffers, so from here on the daemon is part way into it until cut.
+            await trio.lowlevel.wait_readable(stream.socket)
             dp.lifecycle.set_stopping(trio.current_time() + 60)
             # The test body runs inside dp.connections too: shielded, it sees the end (and
             # asserts outside, where a Cancelled cannot replace a failed assert).
@@ -232,9 +236,14 @@ async def test_coverage_what_the_upstream_sent_before_its_close_reaches_a_slow_a
             up.script(Session(greeting=big, close_after=0, close_code=4000, close_reason="done"))
             async with open_realtime(dp.socket_path, max_queue=1) as app:
                 await up.wait_messages_sent(3)
-                await trio.sleep(0.5)  # the daemon has read the close behind the messages
-                await app.send("too late")
-                await trio.sleep(0.3)  # ... and found the upstream closed when relaying it
+                # The daemon has read the close behind the messages (its queue holds all
+                # three) and answered it: the upstream's side of the closing handshake ends.
+                await up.wait_connections_closed(1)
+                await app.send("too late")  # in the daemon's socket once this returns
+                # Every task of this trio run (the daemon's) has done what it can: it read
+                # the message and found the upstream closed when relaying it. A causal
+                # wait, not a time: nothing else is left for the daemon to do.
+                await trio.testing.wait_all_tasks_blocked()
                 received = [await app.recv() for _ in big]
                 assert received == big
                 assert await app.closed() == (4000, "done")

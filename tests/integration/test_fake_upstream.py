@@ -372,7 +372,10 @@ async def test_stream_bytes_slow_reader_keeps_bytes_sent_small() -> None:
             upstream.script(Reply(stream_bytes=size))
             async with client.stream("GET", "/big") as response:
                 assert response.status_code == 200
-                await trio.sleep(0.3)  # the reader reads nothing: the writer must block
+                # The reader reads nothing. Once every task has run until it must wait,
+                # the fake's writer is blocked on full socket buffers (or, had it ignored
+                # back-pressure, done with all 50 MB): a causal wait, not a time.
+                await trio.testing.wait_all_tasks_blocked()
                 assert upstream.bytes_sent < size // 5
             await upstream.wait_connections_closed(1)
             assert upstream.close_reasons == {0: "client"}

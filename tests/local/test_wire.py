@@ -565,23 +565,41 @@ async def test_watch_spares_messages_each_finished_in_time(
         async with trio.open_nursery() as nursery:
             ws, activity, peer = await accept_raw_peer(nursery, ours, theirs, message_timeout_s=5)
             received: list[str | bytes] = []
+            arrived = trio.Event()
+
+            async def taken(count: int) -> None:
+                """Causal: our side has the message whole before the pause after it."""
+                nonlocal arrived
+                while len(received) < count:
+                    await arrived.wait()
 
             async def send() -> None:
+                # The sleeps are the script's pacing in virtual time (autojump_clock: the
+                # kernel hands a socket pair's bytes over at send, so no jump overtakes
+                # them), not waits for something: "taken" is that.
+                sent = 0
                 while True:
                     for _ in range(3):  # 4.5 s of messages alone: each is finished in time
                         frame = client_frame(0x1, b"whole")
                         await peer.send_all(frame[:3])
                         await trio.sleep(1)
                         await peer.send_all(frame[3:])
-                        await trio.sleep(0.5)
+                        sent += 1
+                        await taken(sent)
+                        await trio.sleep(0.5)  # between messages: no deadline may run
                     await peer.send_all(client_frame(0x1, b"frag", fin=False))
                     await trio.sleep(2)
                     await peer.send_all(client_frame(0x9, b"p") + client_frame(0x0, b"ment"))
-                    await trio.sleep(0.5)
+                    sent += 1
+                    await taken(sent)
+                    await trio.sleep(0.5)  # between messages: no deadline may run
 
             async def take() -> None:
+                nonlocal arrived
                 while True:
                     received.append(await ws.get_message())
+                    arrived.set()
+                    arrived = trio.Event()
 
             nursery.start_soon(send)
             nursery.start_soon(take)
