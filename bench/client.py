@@ -18,6 +18,13 @@ the ``response.end`` frame. Anything else is a failure with a reason, never drop
 The runner (``bench/runner.py``) sends one JSON command per line on stdin and reads one
 JSON answer per line on stdout; see ``Client.handle`` for the commands. Latencies are
 ``time.perf_counter_ns()`` differences, in nanoseconds.
+
+Timed streams (the ``streams`` scenario): the upstream stamps each event with the
+``time.monotonic_ns()`` at which it wrote it; this client takes the same clock
+(CLOCK_MONOTONIC, shared by every process on the host) as soon as the bytes that complete
+the event are read from the socket. Arrival minus stamp is the event's delay: the
+upstream's write, the kernel, the daemon (on a path through it), and this client's own
+wait to be scheduled. ``EventDelays`` keeps them.
 """
 
 from __future__ import annotations
@@ -26,9 +33,11 @@ import itertools
 import json
 import math
 import os
+import re
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -86,9 +95,18 @@ class Target:
         return stream
 
 
-def request_body(*, stream: bool, events: int, gap_ms: float = 0) -> dict[str, Any]:
+def request_body(
+    *,
+    stream: bool,
+    events: int,
+    gap_ms: float = 0,
+    interval_ms: float = 0,
+    offset_ms: float = 0,
+) -> dict[str, Any]:
     """What every path sends. Streamed: ``events`` events; with ``gap_ms`` the upstream
-    sends the first at once and the others that much later (bench/upstream.py)."""
+    sends the first at once and the others that much later; with ``interval_ms`` it is a
+    timed stream, the first event ``offset_ms`` after the request and one every
+    ``interval_ms``, each stamped (bench/upstream.py)."""
     body: dict[str, Any] = {
         "model": "bench",
         "messages": [{"role": "user", "content": "Say a few words."}],
@@ -98,14 +116,44 @@ def request_body(*, stream: bool, events: int, gap_ms: float = 0) -> dict[str, A
         body["max_tokens"] = events
         if gap_ms:
             body["bench_gap_ms"] = gap_ms
+        if interval_ms:
+            body["bench_interval_ms"] = interval_ms
+            body["bench_offset_ms"] = offset_ms
     return body
 
 
-class SSECounter:
-    """Splits an SSE byte stream into events and counts them; notes ``[DONE]``."""
+_STAMPS = re.compile(r'"bench_sent_ns":(\d+),"bench_due_ns":(\d+)')
+_STAMPS_BYTES = re.compile(rb'"bench_sent_ns":(\d+),"bench_due_ns":(\d+)')
 
-    def __init__(self) -> None:
+
+@dataclass
+class EventDelays:
+    """The timed events seen: per event, its delay (arrival minus the upstream's stamp of
+    when it wrote it) and how late the upstream wrote it (stamp minus when it was due),
+    in nanoseconds. Events without stamps (usage, ``[DONE]``) are not counted."""
+
+    delays_ns: list[int] = field(default_factory=list)
+    upstream_late_ns: list[int] = field(default_factory=list)
+
+    def add(self, data: str | bytes, arrival_ns: int) -> bool:
+        """Note one event's data (its SSE text, or its ``data`` field), read from the
+        socket at ``arrival_ns``; whether it was stamped."""
+        found = _STAMPS.search(data) if isinstance(data, str) else _STAMPS_BYTES.search(data)
+        if found is None:
+            return False
+        sent_ns = int(found[1])
+        self.delays_ns.append(arrival_ns - sent_ns)
+        self.upstream_late_ns.append(sent_ns - int(found[2]))
+        return True
+
+
+class SSECounter:
+    """Splits an SSE byte stream into events and counts them; notes ``[DONE]``; hands
+    each complete event to ``on_event``, if given."""
+
+    def __init__(self, on_event: Callable[[bytes], object] | None = None) -> None:
         self._pending = b""
+        self._on_event = on_event
         self.events = 0
         self.done = False
 
@@ -116,6 +164,8 @@ class SSECounter:
         for part in parts:
             if part.endswith(b"data: [DONE]"):
                 self.done = True
+            if self._on_event is not None:
+                self._on_event(part)
         self.events += len(parts)
         return len(parts)
 
@@ -136,8 +186,11 @@ class HttpPeer:
     async def open(cls, target: Target) -> HttpPeer:
         return cls(target, await target.connect())
 
-    async def request(self, body: bytes) -> Outcome:
+    async def request(self, body: bytes, timed: EventDelays | None = None) -> Outcome:
+        """One request; streamed and ``timed``, each event's delay noted there."""
         http = self.http
+        received_ns = 0
+        on_event = None if timed is None else (lambda part: timed.add(part, received_ns))
         started = time.perf_counter_ns()
         head = h11.Request(
             method="POST",
@@ -155,6 +208,7 @@ class HttpPeer:
             event = http.next_event()
             if event is h11.NEED_DATA:
                 data = await self.stream.receive_some(RECEIVE_BYTES)
+                received_ns = time.monotonic_ns()
                 if not data:
                     raise PeerFailure("connection closed mid-response")
                 http.receive_data(data)
@@ -162,7 +216,7 @@ class HttpPeer:
                 status = event.status_code
                 content_type = dict(event.headers).get(b"content-type", b"")
                 if content_type.startswith(b"text/event-stream"):
-                    sse = SSECounter()
+                    sse = SSECounter(on_event)
             elif isinstance(event, h11.Data):
                 if sse is not None:
                     if sse.feed(bytes(event.data)) and first_event_ns is None:
@@ -209,6 +263,9 @@ class WsPeer:
         self._messages: list[str] = []
         self._text: list[str] = []
         self.closed = False
+        # When the bytes that completed every message in _messages were read: it is read
+        # only once they are all taken, so they all came with the last read.
+        self.received_ns = 0
 
     @classmethod
     async def open(cls, target: Target) -> WsPeer:
@@ -231,6 +288,7 @@ class WsPeer:
             if self.closed:
                 raise PeerFailure("channel closed")
             data = await self.stream.receive_some(RECEIVE_BYTES)
+            self.received_ns = time.monotonic_ns()
             if not data:
                 self.closed = True
                 raise PeerFailure("connection closed")
@@ -257,7 +315,8 @@ class WsPeer:
                 await self.stream.send_all(out)
         return self._messages.pop(0)
 
-    async def request(self, body: bytes) -> Outcome:
+    async def request(self, body: bytes, timed: EventDelays | None = None) -> Outcome:
+        """One request; streamed and ``timed``, each event's delay noted there."""
         rid = f"r{next(self._ids)}"
         head = f'{{"type":"request","id":"{rid}","provider":"{self.target.provider}",'
         message = head + '"path":"/v1/chat/completions","body":' + body.decode() + "}"
@@ -274,8 +333,11 @@ class WsPeer:
                 events += 1
                 if first_event_ns is None:
                     first_event_ns = time.perf_counter_ns() - started
-                if frame_.get("data") == "[DONE]":
+                data = frame_.get("data")
+                if data == "[DONE]":
                     done = True
+                elif timed is not None and isinstance(data, str):
+                    timed.add(data, self.received_ns)
             elif kind == "response.start":
                 if frame_.get("status") != 200:
                     raise PeerFailure(f"status {frame_.get('status')}")
@@ -355,6 +417,8 @@ class Client:
         self.idle: list[WsPeer] = []
         self.idle_scope: trio.CancelScope | None = None
         self._holders: trio.Nursery | None = None
+        self.ready: list[Peer] = []  # opened by streams_open, used by streams_go
+        self.ready_failures: Counter[str] = Counter()
 
     async def handle(self, command: dict[str, Any]) -> dict[str, Any]:
         op = command["op"]
@@ -376,6 +440,15 @@ class Client:
                 command["duration_s"],
                 stream_events=command.get("stream_events", 0),
                 gap_ms=command.get("gap_ms", 0),
+            )
+        if op == "streams_open":
+            return await self.streams_open(self.targets[command["target"]], command["n"])
+        if op == "streams_go":
+            return await self.streams_go(
+                command["events"],
+                command["interval_ms"],
+                first=command["first"],
+                total=command["total"],
             )
         if op == "idle":
             return await self.open_idle(self.targets[command["target"]], command["n"])
@@ -476,6 +549,71 @@ class Client:
         return {
             "seconds": elapsed,
             "targets": {name: tally.summary() for name, tally in tallies.items()},
+        }
+
+    async def streams_open(self, target: Target, n: int) -> dict[str, Any]:
+        """Open ``n`` connections (on /v1/ws, hello received) for ``streams_go``."""
+        limit = trio.Semaphore(CONNECT_CONCURRENCY)
+
+        async def open_one() -> None:
+            async with limit:
+                try:
+                    self.ready.append(await open_peer(target))
+                except (PeerFailure, OSError, trio.BrokenResourceError) as exc:
+                    self.ready_failures[str(exc) or type(exc).__name__] += 1
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(n):
+                nursery.start_soon(open_one)
+        return {"open": len(self.ready), "failures": dict(self.ready_failures)}
+
+    async def streams_go(
+        self, events: int, interval_ms: float, *, first: int, total: int
+    ) -> dict[str, Any]:
+        """One timed stream on each connection ``streams_open`` opened, all sent at once:
+        ``events`` events, one every ``interval_ms``; the stream on the ``i``-th connection
+        is stream ``first + i`` of ``total`` (in every client process), and its events are
+        due ``interval_ms * (first + i) / total`` ms later than the first stream's, so that
+        the ``total`` streams' events are spread evenly over each interval, not written in
+        one burst. Every event's delay and the upstream's lateness (``EventDelays``, in
+        ns), and the streams that did not complete, with their reasons. The connections
+        are closed afterwards."""
+        peers, self.ready = self.ready, []
+        failures, self.ready_failures = self.ready_failures, Counter()
+        timed = EventDelays()
+        complete = 0
+        started = time.perf_counter()
+
+        async def one(index: int, peer: Peer) -> None:
+            nonlocal complete
+            offset_ms = round(interval_ms * (first + index) / max(1, total), 3)
+            body = request_body(
+                stream=True, events=events, interval_ms=interval_ms, offset_ms=offset_ms
+            )
+            try:
+                outcome = await peer.request(json.dumps(body).encode(), timed)
+            except (PeerFailure, OSError, trio.BrokenResourceError) as exc:
+                failures[str(exc) or type(exc).__name__] += 1
+                return
+            if outcome.events < events:
+                failures[f"{outcome.events} events of {events}"] += 1
+                return
+            complete += 1
+
+        try:
+            async with trio.open_nursery() as nursery:
+                for index, peer in enumerate(peers):
+                    nursery.start_soon(one, index, peer)
+        finally:
+            with trio.CancelScope(shield=True):
+                for peer in peers:
+                    await peer.aclose()
+        return {
+            "streams": complete,
+            "failures": dict(failures),
+            "seconds": time.perf_counter() - started,
+            "delays_ns": timed.delays_ns,
+            "upstream_late_ns": timed.upstream_late_ns,
         }
 
     async def open_idle(self, target: Target, n: int) -> dict[str, Any]:

@@ -8,15 +8,37 @@ What runs, each in its own process, on loopback and unix sockets only:
   tells it to (so a rotation can revoke the old key at once);
 * the daemon (``openclawd run``), configured like a production one (info-level logging to
   a file, default limits) but for ``max_connections``, raised for the idle-connection
-  scenario, and started under a ``NOTIFY_SOCKET`` this runner reads;
+  scenario, and the provider's ``max_connections`` (upstream connections), raised to the
+  largest number of concurrent streams, and started under a ``NOTIFY_SOCKET`` this runner
+  reads;
 * the load client (``bench/client.py``), one process for every path, so that the
-  difference between paths is openclawd and not a difference between clients.
+  difference between paths is openclawd and not a difference between clients; and, for
+  the concurrent streams, several more of it (``STREAMS_PER_CLIENT`` streams each).
 
 Scenarios 1-4 alternate the paths (direct, /v1/ws, /v1/http) round after round, each
 round in a rotated order, so a drift of the machine (another process, frequency scaling)
 is spread over all of them; figures are medians over all samples of a path. The summary
-is printed as a Markdown table, and every figure, with the machine and the versions, is
-written as JSON.
+is printed as a Markdown table, and every figure, with the machine, its load average and
+the versions, is written as JSON.
+
+Scenario 8, **concurrent streams** (``streams``), for each N of the plan and each path in
+the same rotated A/B order: N connections are opened first (spread over
+``ceil(N / STREAMS_PER_CLIENT)`` load client processes), then every one sends its request
+at once: a timed stream of ``streams_events`` events, one every ``STREAM_INTERVAL_MS``,
+the N streams' schedules spread evenly over the interval. The upstream stamps each event
+with CLOCK_MONOTONIC as it writes it; the client takes the same clock when it reads it
+(the clock is shared by every process on the host). Reported over all events of a path:
+the delay's p50 and p99, the added p50/p99 (a path through openclawd minus direct, same
+N), the daemon's CPU seconds per 1,000 events, and the streams that did not complete.
+
+That the load generators are not the limit is checked, not assumed: the direct path
+runs the same N streams through the same client processes and upstream, so a direct
+p99 that stays low at that N shows they keep up with N streams (what a path through
+openclawd adds is then openclawd's, or the CPU it takes from them: the machine's cores
+are shared). Besides, each row reports the client processes' CPU (the busiest one's,
+100 = a core) and the upstream's, and how late the upstream wrote its events against
+their schedule (p99): a client process near 100% or a late upstream marks a row whose
+figures are not openclawd's alone.
 
 Usage: ``bench/run [--quick | --smoke] [--scenarios A,B] [--output PATH]
 [--profile PATH | --cprofile PATH] [--daemon-from CHECKOUT]``.
@@ -44,7 +66,7 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +85,8 @@ PATHS = ("direct", "ws", "http")
 READY_TIMEOUT_S = 30.0
 # (2): the upstream sends the first event, and the others this long after it.
 FIRST_EVENT_GAP_MS = 5
+STREAM_INTERVAL_MS = 20  # (8) one event every this long, on each stream
+STREAMS_PER_CLIENT = 200  # (8) concurrent streams per load client process
 STOP_TIMEOUT_S = 10.0
 CLIENT_TIMEOUT_S = 600.0
 _TICK = os.sysconf("SC_CLK_TCK")
@@ -85,6 +109,9 @@ class Plan:
     rotation_s: float  # (7) length of the load
     rotate_every_s: float  # (7)
     rotation_clients: int  # (7) half on /v1/ws, half on /v1/http
+    streams: tuple[int, ...]  # (8) numbers of concurrent streams
+    streams_events: int  # (8) events per stream, one every STREAM_INTERVAL_MS
+    streams_rounds: int  # (8) A/B rounds at each number
 
 
 PLANS = {
@@ -102,6 +129,9 @@ PLANS = {
         rotation_s=30.0,
         rotate_every_s=5.0,
         rotation_clients=64,
+        streams=(50, 100, 250, 500, 1000),
+        streams_events=50,
+        streams_rounds=2,
     ),
     "quick": Plan(
         rounds=3,
@@ -117,6 +147,9 @@ PLANS = {
         rotation_s=10.0,
         rotate_every_s=2.5,
         rotation_clients=64,
+        streams=(50, 100, 250),
+        streams_events=50,
+        streams_rounds=1,
     ),
     # Every scenario, tiny: for the test suite, which checks the runner works, not speed.
     "smoke": Plan(
@@ -133,6 +166,9 @@ PLANS = {
         rotation_s=2.0,
         rotate_every_s=0.6,
         rotation_clients=8,
+        streams=(5,),
+        streams_events=5,
+        streams_rounds=1,
     ),
 }
 
@@ -253,10 +289,10 @@ class Setup(Layout):
         return f"http://127.0.0.1:{self.upstream_port}"
 
 
-def write_config(setup: Setup, max_connections: int) -> None:
+def write_config(setup: Setup, max_connections: int, upstream_connections: int = 100) -> None:
     setup.config.write_text(
         f"""\
-# Written by bench/runner.py: production defaults, but for max_connections.
+# Written by bench/runner.py: production defaults, but for the max_connections.
 [listen]
 socket = {json.dumps(str(setup.data_socket))}
 mode = "0600"
@@ -274,6 +310,7 @@ mount = "secret"
 [providers.{PROVIDER}]
 base_url = {json.dumps(setup.upstream_url)}
 vault_path = {json.dumps(VAULT_PATH)}
+max_connections = {upstream_connections}
 """
     )
 
@@ -632,12 +669,7 @@ class Bench(AB):
             await self.client.call(op="release")
             # The next scenario starts once the daemon has closed them all (10k closes
             # take it a while), not during.
-            with trio.fail_after(120):
-                while True:  # polled: another process's state, no event to wait on
-                    status = (await control.get("/v1/status")).json()
-                    if not status["connections"]["clients"]:
-                        break
-                    await trio.sleep(0.2)
+            await wait_no_clients(control)
             await trio.sleep(1.0)
         out["idle_connections"] = steps
         return out
@@ -684,6 +716,163 @@ class Bench(AB):
             "upstream_401s": stats["refused"],
             "daemon_key_rotations": triggers,
         }
+
+
+def shares(n: int, parts: int) -> list[int]:
+    """``n`` split into ``parts`` shares as even as can be, the larger ones first."""
+    base, extra = divmod(n, parts)
+    return [base + (index < extra) for index in range(parts)]
+
+
+@dataclass
+class StreamsTally:
+    """What one path saw at one number of streams, over its rounds (scenario 8)."""
+
+    delays_ns: list[int] = field(default_factory=list)
+    upstream_late_ns: list[int] = field(default_factory=list)
+    streams: int = 0  # complete
+    failures: Counter[str] = field(default_factory=Counter)
+    seconds: float = 0.0  # from the go to the last stream's end, summed over rounds
+    daemon_cpu_s: float = 0.0
+    upstream_cpu_percent: float = 0.0  # the highest of any round
+    client_cpu_percent: float = 0.0  # the busiest client process in any round
+
+    def note(
+        self,
+        answers: Sequence[dict[str, Any]],
+        seconds: float,
+        daemon_cpu_s: float,
+        upstream_cpu_s: float,
+        client_cpu_s: Sequence[float],
+    ) -> None:
+        """One round: the client processes' ``streams_go`` answers, how long it took, and
+        the CPU seconds each process used meanwhile."""
+        for answer in answers:
+            self.delays_ns += answer["delays_ns"]
+            self.upstream_late_ns += answer["upstream_late_ns"]
+            self.streams += answer["streams"]
+            self.failures.update(answer["failures"])
+        self.seconds += seconds
+        self.daemon_cpu_s += daemon_cpu_s
+        self.upstream_cpu_percent = max(self.upstream_cpu_percent, 100 * upstream_cpu_s / seconds)
+        busiest = max(client_cpu_s, default=0.0)
+        self.client_cpu_percent = max(self.client_cpu_percent, 100 * busiest / seconds)
+
+
+def streams_row(tallies: dict[str, StreamsTally], client_processes: int) -> dict[str, Any]:
+    """Scenario 8's figures at one number of streams: per path, the events' delay (p50,
+    p99, max), the upstream's lateness, the load generators' CPU; on a path through
+    openclawd, what it adds to direct's delay and the daemon's CPU per 1,000 events.
+    ``tallies``: the direct path first."""
+    paths = list(tallies)
+    row: dict[str, Any] = {}
+    for path, tally in tallies.items():
+        figures: dict[str, Any] = {
+            "streams": tally.streams,
+            "failures": sum(tally.failures.values()),
+            "failure_reasons": dict(tally.failures.most_common(10)),
+            "events": len(tally.delays_ns),
+            "p50_us": us(quantile(tally.delays_ns, 0.5)),
+            "p99_us": us(quantile(tally.delays_ns, 0.99)),
+            "max_us": us(max(tally.delays_ns, default=math.nan)),
+            "upstream_late_p99_us": us(quantile(tally.upstream_late_ns, 0.99)),
+            "upstream_cpu_percent": round(tally.upstream_cpu_percent),
+            "client_processes": client_processes,
+            "client_cpu_percent_busiest": round(tally.client_cpu_percent),
+        }
+        if path != paths[0]:
+            direct = row[paths[0]]
+            figures["added_p50_us"] = round(figures["p50_us"] - direct["p50_us"], 1)
+            figures["added_p99_us"] = round(figures["p99_us"] - direct["p99_us"], 1)
+            figures["daemon_cpu_s_per_1k_events"] = round(
+                tally.daemon_cpu_s * 1000 / max(1, len(tally.delays_ns)), 3
+            )
+            figures["daemon_cpu_percent"] = round(100 * tally.daemon_cpu_s / tally.seconds)
+        row[path] = figures
+    return row
+
+
+async def call_all(calls: Sequence[tuple[ClientProcess, dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Each client process's command, all at once; their answers, in order."""
+    answers: list[dict[str, Any]] = [{} for _ in calls]
+
+    async def one(index: int, client: ClientProcess, command: dict[str, Any]) -> None:
+        answers[index] = await client.call(**command)
+
+    async with trio.open_nursery() as nursery:
+        for index, (client, command) in enumerate(calls):
+            nursery.start_soon(one, index, client, command)
+    return answers
+
+
+async def concurrent_streams(
+    plan: Plan, setup: Setup, key: str, main: Daemon, upstream: trio.Process
+) -> dict[str, Any]:
+    """Scenario 8: N concurrent timed streams on each path, for each N of the plan (see the
+    module's docstring). Per N, the paths' figures (``streams_row``) and the machine's
+    load average as that N began."""
+    most = math.ceil(max(plan.streams) / STREAMS_PER_CLIENT)
+    out: dict[str, Any] = {}
+    async with contextlib.AsyncExitStack() as stack, control_client(setup) as control:
+        clients = [await stack.enter_async_context(load_client(setup, key)) for _ in range(most)]
+        for n in plan.streams:
+            used = clients[: math.ceil(n / STREAMS_PER_CLIENT)]
+            counts = shares(n, len(used))
+            firsts = [sum(counts[:index]) for index in range(len(counts))]
+            tallies = {path: StreamsTally() for path in PATHS}
+            load = load_average()
+            for round_ in range(plan.streams_rounds):
+                for path in rotated(PATHS, round_):
+                    opened = await call_all(
+                        [
+                            (client, {"op": "streams_open", "target": path, "n": count})
+                            for client, count in zip(used, counts, strict=True)
+                        ]
+                    )
+                    say(f"  {n} streams, {path}: {sum(a['open'] for a in opened)} open")
+                    cpu_before = [cpu_seconds(c.process.pid) for c in used]
+                    daemon_before, upstream_before = main.cpu(), cpu_seconds(upstream.pid)
+                    begun = time.monotonic()
+                    answers = await call_all(
+                        [
+                            (
+                                client,
+                                {
+                                    "op": "streams_go",
+                                    "events": plan.streams_events,
+                                    "interval_ms": STREAM_INTERVAL_MS,
+                                    "first": first,
+                                    "total": n,
+                                },
+                            )
+                            for client, first in zip(used, firsts, strict=True)
+                        ]
+                    )
+                    seconds = time.monotonic() - begun
+                    tallies[path].note(
+                        answers,
+                        seconds,
+                        main.cpu() - daemon_before,
+                        cpu_seconds(upstream.pid) - upstream_before,
+                        [
+                            cpu_seconds(c.process.pid) - before
+                            for c, before in zip(used, cpu_before, strict=True)
+                        ],
+                    )
+                    await wait_no_clients(control)
+            out[str(n)] = streams_row(tallies, len(used)) | {"load_average": load}
+    return out
+
+
+async def wait_no_clients(control: httpx.AsyncClient, timeout_s: float = 120.0) -> None:
+    """Until the daemon counts no app connection (``/v1/status``): the next measurement
+    starts once it has closed the last one's, not during."""
+    with trio.fail_after(timeout_s):
+        while True:  # polled: another process's state, no event to wait on
+            status = (await control.get("/v1/status")).json()
+            if not status["connections"]["clients"]:
+                return
+            await trio.sleep(0.1)
 
 
 async def rotate_keys(
@@ -755,6 +944,11 @@ async def startup(setup: Setup, starts: int) -> dict[str, Any]:
 
 
 # --- the run --------------------------------------------------------------------------
+
+
+def load_average() -> list[float]:
+    """The machine's load average over 1, 5 and 15 minutes (``os.getloadavg``)."""
+    return [round(value, 2) for value in os.getloadavg()]
 
 
 def machine() -> dict[str, Any]:
@@ -834,15 +1028,23 @@ async def run(
         "daemon_from": str(daemon_source),
     }
     started = time.monotonic()
-    async with environment(bao, daemon_source, max(plan.idle) + 1000) as (setup, vault, key, up):
+    results["load_average_at_start"] = load_average()
+    upstream_connections = max(100, *plan.streams)
+    async with environment(bao, daemon_source, max(plan.idle) + 1000, upstream_connections) as (
+        setup,
+        vault,
+        key,
+        up,
+    ):
         results["scenarios"] = await _scenarios(plan, setup, vault, key, up, only, profile)
+    results["load_average_at_end"] = load_average()
     results["seconds"] = round(time.monotonic() - started, 1)
     return results
 
 
 @contextlib.asynccontextmanager
 async def environment(
-    bao: str, daemon_source: Path, max_connections: int
+    bao: str, daemon_source: Path, max_connections: int, upstream_connections: int = 100
 ) -> AsyncIterator[tuple[Setup, Vault, str, trio.Process]]:
     """What every run starts from, in a temporary directory removed afterwards: ``bao``
     holding a first key, the fake upstream accepting it, and the daemon's config written.
@@ -862,7 +1064,7 @@ async def environment(
             await vault.write_secret(VAULT_PATH, {"api_key": key})
             async with fake_upstream() as (upstream, port):
                 setup = Setup(root, vault_addr, token, port, daemon_source)
-                write_config(setup, max_connections=max_connections)
+                write_config(setup, max_connections, upstream_connections)
                 await upstream_accepts(setup.upstream_url, [key])
                 yield setup, vault, key, upstream
         finally:
@@ -917,7 +1119,16 @@ async def load_client(setup: Setup, key: str) -> AsyncIterator[ClientProcess]:
         yield client
 
 
-SCENARIOS = ("latency", "first_event", "relay", "throughput", "memory", "startup", "rotation")
+SCENARIOS = (
+    "latency",
+    "first_event",
+    "relay",
+    "throughput",
+    "memory",
+    "startup",
+    "rotation",
+    "streams",
+)
 
 
 async def _scenarios(
@@ -931,7 +1142,7 @@ async def _scenarios(
 ) -> dict[str, Any]:
     scenarios: dict[str, Any] = {}
     if "startup" in only:
-        say("6/7 start to READY=1")
+        say("6/8 start to READY=1")
         scenarios["startup"] = await startup(setup, plan.starts)
     if not only - {"startup"}:
         return scenarios
@@ -939,6 +1150,9 @@ async def _scenarios(
         idle_rss = main.rss()  # before the load client's first connection
         async with load_client(setup, key) as client:
             scenarios.update(await _measured(plan, setup, vault, key, only, main, client, idle_rss))
+            if "streams" in only:
+                say(f"8/8 concurrent streams: {', '.join(map(str, plan.streams))}")
+                scenarios["streams"] = await concurrent_streams(plan, setup, key, main, upstream)
             scenarios["cpu_s_total"] = {
                 "daemon": round(main.cpu(), 1),
                 "upstream": round(cpu_seconds(upstream.pid), 1),
@@ -961,7 +1175,7 @@ async def _measured(
     scenarios: dict[str, Any] = {}
     bench = Bench(plan, setup, client, main)
     if "latency" in only:
-        say("1/7 added latency, non-streaming")
+        say("1/8 added latency, non-streaming")
         scenarios["latency"] = await bench.sequential(False, plan.sequential, 0)
         # The same after as much quiet as scenario 2's gap: a CPU that waited is slower
         # (caches, clock), and scenario 2's first events all come after such a wait.
@@ -969,21 +1183,21 @@ async def _measured(
             False, plan.first_event, 0, pause_ms=FIRST_EVENT_GAP_MS
         )
     if "first_event" in only:
-        say("2/7 time to first event, streaming")
+        say("2/8 time to first event, streaming")
         scenarios["first_event"] = await bench.sequential(
             True, plan.first_event, plan.stream_events, FIRST_EVENT_GAP_MS
         )
     if "relay" in only:
-        say(f"3/7 SSE relay, {plan.relay_events} events")
+        say(f"3/8 SSE relay, {plan.relay_events} events")
         scenarios["relay"] = await bench.relay()
     if "throughput" in only:
-        say("4/7 throughput")
+        say("4/8 throughput")
         scenarios["throughput"] = await bench.throughput()
     if "memory" in only:
-        say("5/7 memory, idle connections")
+        say("5/8 memory, idle connections")
         scenarios["memory"] = await bench.memory(idle_rss)
     if "rotation" in only:
-        say("7/7 rotation under load")
+        say("7/8 rotation under load")
         scenarios["rotation"] = await bench.rotation(vault, key)
     return scenarios
 
@@ -999,7 +1213,9 @@ def summary(results: dict[str, Any]) -> str:
     lines = [
         f"openclawd {v.get('openclawd', '?')} (daemon {v.get('daemon_commit', '?')}, bench "
         f"{v.get('commit', '?')}), {results['mode']} run, "
-        f"{results['date']}: {m['cpu']}, {m['cpus']} CPUs, Python {m['python']}",
+        f"{results['date']}: {m['cpu']}, {m['cpus']} CPUs, Python {m['python']}; "
+        f"load average {results['load_average_at_start'][0]:g} at the start, "
+        f"{results['load_average_at_end'][0]:g} at the end",
         "",
         "| scenario | direct | via /v1/ws | via /v1/http |",
         "|---|---|---|---|",
@@ -1056,6 +1272,30 @@ def summary(results: dict[str, Any]) -> str:
             f"{tp['ws']['daemon_cpu_percent']}%)",
             f"{tp['http']['requests_per_s']:,} (×{tp['http']['ratio']:g}, "
             f"{tp['http']['daemon_cpu_percent']}%)",
+        )
+    for n, streams in s.get("streams", {}).items():
+        direct, ws, http = (streams[p] for p in PATHS)
+
+        def ms(us_: float) -> str:
+            return f"{us_ / 1000:,.2f}"
+
+        def via(figures: dict[str, Any]) -> str:
+            return (
+                f"+{ms(figures['added_p50_us'])} / +{ms(figures['added_p99_us'])} "
+                f"({figures['daemon_cpu_s_per_1k_events']:g} s, "
+                f"{figures['failures']} failed)"
+            )
+
+        row(
+            f"8 {int(n):,} streams: event delay p50 / p99 (ms)",
+            *(f"{ms(streams[p]['p50_us'])} / {ms(streams[p]['p99_us'])}" for p in PATHS),
+        )
+        row(
+            f"8 {int(n):,} streams: added p50 / p99 (ms) (daemon CPU per 1k events)",
+            f"{direct['failures']} failed; clients {direct['client_cpu_percent_busiest']}%, "
+            f"upstream {direct['upstream_cpu_percent']}%",
+            via(ws),
+            via(http),
         )
     if {"memory", "startup", "rotation"} & set(s):
         lines += ["", "| scenario | figure |", "|---|---|"]

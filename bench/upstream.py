@@ -14,6 +14,13 @@ Routes:
   With ``"bench_gap_ms": G`` the head and the first event go at once and the rest G ms
   later, as a model's first token comes before the others: the time to the first event
   is then that of the first event alone, not of a burst.
+  With ``"bench_interval_ms": I`` (and ``"bench_offset_ms": O``, default 0) it is a *timed*
+  stream: the head at once, event ``k`` due ``O + k * I`` ms after the request was read,
+  each stamped as it is written with ``"bench_sent_ns"`` (``time.monotonic_ns()``:
+  CLOCK_MONOTONIC, comparable across processes on one host) and ``"bench_due_ns"`` (when
+  it was due; sent minus due is how late this upstream was), then usage and ``[DONE]``
+  right after the last. The load client takes its own clock on arrival: the difference is
+  the delay of everything between (``bench/client.py``).
 * ``POST /_bench/keys`` -- ``{"accept": [KEY, ...]}``: the keys it accepts from now on
   (``Authorization: Bearer KEY``). A request with any other key gets an OpenAI-shaped 401.
 * ``GET /_bench/stats`` -- per key fingerprint: requests accepted and the
@@ -39,6 +46,7 @@ from functools import cache
 MAX_HEAD_BYTES = 64 * 1024
 MAX_BODY_BYTES = 16 * 1024 * 1024
 MAX_STREAM_EVENTS = 1_000_000
+MAX_TIMED_MS = 60_000.0
 
 _COMPLETION = {
     "id": "chatcmpl-bench",
@@ -125,6 +133,41 @@ def stream_parts(events: int) -> tuple[bytes, bytes]:
     whole = stream(events)
     first = whole.index(b"\n\n\r\n") + 4  # the end of the first event's chunk
     return whole[:first], whole[first:]
+
+
+_TIMED_EVENT = (
+    '{{"id":"chatcmpl-bench","object":"chat.completion.chunk","created":0,"model":"bench",'
+    '"choices":[{{"index":0,"delta":{{"content":"w{index}"}},"finish_reason":null}}],'
+    '"bench_sent_ns":{sent_ns},"bench_due_ns":{due_ns}}}'
+)
+_TIMED_HEAD = (
+    b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+    b"transfer-encoding: chunked\r\nx-request-id: req-bench\r\n\r\n"
+)
+
+
+def timed_event(index: int, sent_ns: int, due_ns: int) -> bytes:
+    """Event ``index`` of a timed stream as one HTTP chunk, stamped with when it was written
+    and when it was due (``time.monotonic_ns()`` values)."""
+    data = _TIMED_EVENT.format(index=index, sent_ns=sent_ns, due_ns=due_ns)
+    return _chunk(b"data: " + data.encode() + b"\n\n")
+
+
+@cache
+def timed_end() -> bytes:
+    """What follows a timed stream's last event: usage, ``[DONE]``, the end of the body."""
+    usage = _chunk(b"data: " + _json(_USAGE_EVENT) + b"\n\n")
+    return usage + _chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n"
+
+
+@dataclass(frozen=True)
+class Timed:
+    """A timed stream to write: ``events`` events, the first ``offset_s`` after the
+    request, then one every ``interval_s``."""
+
+    events: int
+    interval_s: float
+    offset_s: float
 
 
 @dataclass
@@ -228,7 +271,15 @@ class HttpProtocol(asyncio.Protocol):
         body = bytes(self.buffer[start : start + length])
         del self.buffer[: start + length]
         assert self.transport is not None
-        answer, rest, gap_s = self._answer(method, target, headers, body)
+        response = self._respond(method, target, headers, body)
+        if isinstance(response, Timed):
+            self.delayed = True
+            self.transport.write(_TIMED_HEAD)
+            loop = asyncio.get_running_loop()
+            begun = loop.time()
+            loop.call_at(begun + response.offset_s, self._timed, response, begun, 0)
+            return False
+        answer, rest, gap_s = response if isinstance(response, tuple) else (response, b"", 0.0)
         self.transport.write(answer)
         if rest:
             self.delayed = True
@@ -239,16 +290,24 @@ class HttpProtocol(asyncio.Protocol):
             return False
         return True
 
-    def _answer(
-        self, method: bytes, target: bytes, headers: dict[bytes, bytes], body: bytes
-    ) -> tuple[bytes, bytes, float]:
-        """What to write now, what to write later (maybe nothing), and when."""
-        answer = self._respond(method, target, headers, body)
-        return answer if isinstance(answer, tuple) else (answer, b"", 0.0)
+    def _timed(self, timed: Timed, start: float, index: int) -> None:
+        """Write event ``index`` of ``timed`` (a stream begun at loop time ``start``), then
+        schedule the next, or end the stream. Each event's due time is reckoned from
+        ``start``, so a late one does not push back those after it."""
+        assert self.transport is not None
+        if self.transport.is_closing():
+            return
+        due = start + timed.offset_s + index * timed.interval_s
+        self.transport.write(timed_event(index, time.monotonic_ns(), round(due * 1e9)))
+        if index + 1 < timed.events:
+            next_due = due + timed.interval_s
+            asyncio.get_running_loop().call_at(next_due, self._timed, timed, start, index + 1)
+        else:
+            self._write_rest(timed_end())
 
     def _respond(
         self, method: bytes, target: bytes, headers: dict[bytes, bytes], body: bytes
-    ) -> bytes | tuple[bytes, bytes, float]:
+    ) -> bytes | tuple[bytes, bytes, float] | Timed:
         path = target.split(b"?", 1)[0]
         if path == b"/v1/chat/completions" and method == b"POST":
             if not self.keys.admit(headers.get(b"authorization")):
@@ -266,6 +325,13 @@ class HttpProtocol(asyncio.Protocol):
                 gap_ms = request.get("bench_gap_ms", 0)
                 if type(gap_ms) not in (int, float) or not 0 <= gap_ms <= 60_000:
                     return _error(400, "Bad Request", "bad bench_gap_ms", "bad_gap")
+                interval_ms = request.get("bench_interval_ms", 0)
+                offset_ms = request.get("bench_offset_ms", 0)
+                for value in (interval_ms, offset_ms):
+                    if type(value) not in (int, float) or not 0 <= value <= MAX_TIMED_MS:
+                        return _error(400, "Bad Request", "bad bench timing", "bad_timing")
+                if interval_ms and events:
+                    return Timed(events, interval_ms / 1000, offset_ms / 1000)
                 if gap_ms and events:
                     return (*stream_parts(events), gap_ms / 1000)
                 return stream(events)
