@@ -102,11 +102,13 @@ def request_body(
     gap_ms: float = 0,
     interval_ms: float = 0,
     offset_ms: float = 0,
+    start_ns: int | None = None,
 ) -> dict[str, Any]:
     """What every path sends. Streamed: ``events`` events; with ``gap_ms`` the upstream
     sends the first at once and the others that much later; with ``interval_ms`` it is a
-    timed stream, the first event ``offset_ms`` after the request and one every
-    ``interval_ms``, each stamped (bench/upstream.py)."""
+    timed stream, the first event ``offset_ms`` after the request (or after ``start_ns``,
+    a ``time.monotonic_ns()`` value) and one every ``interval_ms``, each stamped
+    (bench/upstream.py)."""
     body: dict[str, Any] = {
         "model": "bench",
         "messages": [{"role": "user", "content": "Say a few words."}],
@@ -119,6 +121,8 @@ def request_body(
         if interval_ms:
             body["bench_interval_ms"] = interval_ms
             body["bench_offset_ms"] = offset_ms
+            if start_ns is not None:
+                body["bench_start_ns"] = start_ns
     return body
 
 
@@ -449,6 +453,7 @@ class Client:
                 command["interval_ms"],
                 first=command["first"],
                 total=command["total"],
+                start_ns=command.get("start_ns"),
             )
         if op == "idle":
             return await self.open_idle(self.targets[command["target"]], command["n"])
@@ -568,16 +573,23 @@ class Client:
         return {"open": len(self.ready), "failures": dict(self.ready_failures)}
 
     async def streams_go(
-        self, events: int, interval_ms: float, *, first: int, total: int
+        self,
+        events: int,
+        interval_ms: float,
+        *,
+        first: int,
+        total: int,
+        start_ns: int | None = None,
     ) -> dict[str, Any]:
         """One timed stream on each connection ``streams_open`` opened, all sent at once:
         ``events`` events, one every ``interval_ms``; the stream on the ``i``-th connection
         is stream ``first + i`` of ``total`` (in every client process), and its events are
         due ``interval_ms * (first + i) / total`` ms later than the first stream's, so that
         the ``total`` streams' events are spread evenly over each interval, not written in
-        one burst. Every event's delay and the upstream's lateness (``EventDelays``, in
-        ns), and the streams that did not complete, with their reasons. The connections
-        are closed afterwards."""
+        one burst; with ``start_ns`` (``time.monotonic_ns()``) every stream's schedule
+        starts then, not when its request reaches the upstream. Every event's delay and
+        the upstream's lateness (``EventDelays``, in ns), and the streams that did not
+        complete, with their reasons. The connections are closed afterwards."""
         peers, self.ready = self.ready, []
         failures, self.ready_failures = self.ready_failures, Counter()
         timed = EventDelays()
@@ -588,7 +600,11 @@ class Client:
             nonlocal complete
             offset_ms = round(interval_ms * (first + index) / max(1, total), 3)
             body = request_body(
-                stream=True, events=events, interval_ms=interval_ms, offset_ms=offset_ms
+                stream=True,
+                events=events,
+                interval_ms=interval_ms,
+                offset_ms=offset_ms,
+                start_ns=start_ns,
             )
             try:
                 outcome = await peer.request(json.dumps(body).encode(), timed)

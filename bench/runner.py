@@ -25,7 +25,9 @@ Scenario 8, **concurrent streams** (``streams``), for each N of the plan and eac
 the same rotated A/B order: N connections are opened first (spread over
 ``ceil(N / STREAMS_PER_CLIENT)`` load client processes), then every one sends its request
 at once: a timed stream of ``streams_events`` events, one every ``STREAM_INTERVAL_MS``,
-the N streams' schedules spread evenly over the interval. The upstream stamps each event
+all on one schedule that begins ``STREAMS_LEAD_S`` (plus 2 ms per stream) after the
+requests are sent, so that every stream is set up before the first event is due, and the
+N streams' events spread evenly over each interval. The upstream stamps each event
 with CLOCK_MONOTONIC as it writes it; the client takes the same clock when it reads it
 (the clock is shared by every process on the host). Reported over all events of a path:
 the delay's p50 and p99, the added p50/p99 (a path through openclawd minus direct, same
@@ -87,6 +89,11 @@ READY_TIMEOUT_S = 30.0
 FIRST_EVENT_GAP_MS = 5
 STREAM_INTERVAL_MS = 20  # (8) one event every this long, on each stream
 STREAMS_PER_CLIENT = 200  # (8) concurrent streams per load client process
+# (8) From the go to the streams' first events: time for every request to reach the
+# upstream first (the daemon takes ~1 ms of CPU per request), so that what is measured is
+# N streams running, not N requests being set up while the first streams already run.
+STREAMS_LEAD_S = 0.3
+STREAMS_LEAD_PER_STREAM_S = 0.002
 STOP_TIMEOUT_S = 10.0
 CLIENT_TIMEOUT_S = 600.0
 _TICK = os.sysconf("SC_CLK_TCK")
@@ -732,7 +739,7 @@ class StreamsTally:
     upstream_late_ns: list[int] = field(default_factory=list)
     streams: int = 0  # complete
     failures: Counter[str] = field(default_factory=Counter)
-    seconds: float = 0.0  # from the go to the last stream's end, summed over rounds
+    seconds: float = 0.0  # from the first event due to the last stream's end, all rounds
     daemon_cpu_s: float = 0.0
     upstream_cpu_percent: float = 0.0  # the highest of any round
     client_cpu_percent: float = 0.0  # the busiest client process in any round
@@ -745,8 +752,10 @@ class StreamsTally:
         upstream_cpu_s: float,
         client_cpu_s: Sequence[float],
     ) -> None:
-        """One round: the client processes' ``streams_go`` answers, how long it took, and
-        the CPU seconds each process used meanwhile."""
+        """One round: the client processes' ``streams_go`` answers, how long the streams
+        ran (from the first event due to the last stream's end), and the CPU seconds each
+        process used from the go to that end (the requests sent before the first event
+        included: a share of the cost per event, as the CPU per 1,000 events counts it)."""
         for answer in answers:
             self.delays_ns += answer["delays_ns"]
             self.upstream_late_ns += answer["upstream_late_ns"]
@@ -833,6 +842,8 @@ async def concurrent_streams(
                     cpu_before = [cpu_seconds(c.process.pid) for c in used]
                     daemon_before, upstream_before = main.cpu(), cpu_seconds(upstream.pid)
                     begun = time.monotonic()
+                    lead_s = STREAMS_LEAD_S + n * STREAMS_LEAD_PER_STREAM_S
+                    start_ns = time.monotonic_ns() + round(lead_s * 1e9)
                     answers = await call_all(
                         [
                             (
@@ -843,12 +854,13 @@ async def concurrent_streams(
                                     "interval_ms": STREAM_INTERVAL_MS,
                                     "first": first,
                                     "total": n,
+                                    "start_ns": start_ns,
                                 },
                             )
                             for client, first in zip(used, firsts, strict=True)
                         ]
                     )
-                    seconds = time.monotonic() - begun
+                    seconds = max(1e-3, time.monotonic() - begun - lead_s)
                     tallies[path].note(
                         answers,
                         seconds,

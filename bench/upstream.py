@@ -15,12 +15,14 @@ Routes:
   later, as a model's first token comes before the others: the time to the first event
   is then that of the first event alone, not of a burst.
   With ``"bench_interval_ms": I`` (and ``"bench_offset_ms": O``, default 0) it is a *timed*
-  stream: the head at once, event ``k`` due ``O + k * I`` ms after the request was read,
-  each stamped as it is written with ``"bench_sent_ns"`` (``time.monotonic_ns()``:
-  CLOCK_MONOTONIC, comparable across processes on one host) and ``"bench_due_ns"`` (when
-  it was due; sent minus due is how late this upstream was), then usage and ``[DONE]``
-  right after the last. The load client takes its own clock on arrival: the difference is
-  the delay of everything between (``bench/client.py``).
+  stream: the head at once, event ``k`` due ``O + k * I`` ms after the request was read
+  (or after ``"bench_start_ns"``, a ``time.monotonic_ns()`` value, if given: streams
+  requested at different times then run on one schedule), each stamped as it is written
+  with ``"bench_sent_ns"`` (``time.monotonic_ns()``: CLOCK_MONOTONIC, comparable across
+  processes on one host) and ``"bench_due_ns"`` (when it was due; sent minus due is how
+  late this upstream was), then usage and ``[DONE]`` right after the last. The load
+  client takes its own clock on arrival: the difference is the delay of everything
+  between (``bench/client.py``).
 * ``POST /_bench/keys`` -- ``{"accept": [KEY, ...]}``: the keys it accepts from now on
   (``Authorization: Bearer KEY``). A request with any other key gets an OpenAI-shaped 401.
 * ``GET /_bench/stats`` -- per key fingerprint: requests accepted and the
@@ -47,6 +49,7 @@ MAX_HEAD_BYTES = 64 * 1024
 MAX_BODY_BYTES = 16 * 1024 * 1024
 MAX_STREAM_EVENTS = 1_000_000
 MAX_TIMED_MS = 60_000.0
+MAX_START_AHEAD_NS = 60 * 10**9
 
 _COMPLETION = {
     "id": "chatcmpl-bench",
@@ -168,6 +171,7 @@ class Timed:
     events: int
     interval_s: float
     offset_s: float
+    start_s: float | None = None  # loop time (time.monotonic()); None: when requested
 
 
 @dataclass
@@ -276,7 +280,7 @@ class HttpProtocol(asyncio.Protocol):
             self.delayed = True
             self.transport.write(_TIMED_HEAD)
             loop = asyncio.get_running_loop()
-            begun = loop.time()
+            begun = loop.time() if response.start_s is None else response.start_s
             loop.call_at(begun + response.offset_s, self._timed, response, begun, 0)
             return False
         answer, rest, gap_s = response if isinstance(response, tuple) else (response, b"", 0.0)
@@ -330,8 +334,15 @@ class HttpProtocol(asyncio.Protocol):
                 for value in (interval_ms, offset_ms):
                     if type(value) not in (int, float) or not 0 <= value <= MAX_TIMED_MS:
                         return _error(400, "Bad Request", "bad bench timing", "bad_timing")
+                start_ns = request.get("bench_start_ns")
+                if start_ns is not None and (
+                    type(start_ns) is not int
+                    or abs(start_ns - time.monotonic_ns()) > MAX_START_AHEAD_NS
+                ):
+                    return _error(400, "Bad Request", "bad bench_start_ns", "bad_timing")
                 if interval_ms and events:
-                    return Timed(events, interval_ms / 1000, offset_ms / 1000)
+                    start_s = None if start_ns is None else start_ns / 1e9
+                    return Timed(events, interval_ms / 1000, offset_ms / 1000, start_s)
                 if gap_ms and events:
                     return (*stream_parts(events), gap_ms / 1000)
                 return stream(events)
