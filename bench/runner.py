@@ -38,9 +38,10 @@ runs the same N streams through the same client processes and upstream, so a dir
 p99 that stays low at that N shows they keep up with N streams (what a path through
 openclawd adds is then openclawd's, or the CPU it takes from them: the machine's cores
 are shared). Besides, each row reports the client processes' CPU (the busiest one's,
-100 = a core) and the upstream's, and how late the upstream wrote its events against
-their schedule (p99): a client process near 100% or a late upstream marks a row whose
-figures are not openclawd's alone.
+100 = a core) and the upstream's, how late the upstream wrote its events against their
+schedule (p99), and the CPU every other process on the machine used meanwhile: a client
+process near 100%, a late upstream or a busy machine marks a row whose figures are not
+openclawd's alone.
 
 Usage: ``bench/run [--quick | --smoke] [--scenarios A,B] [--output PATH]
 [--profile PATH | --cprofile PATH] [--daemon-from CHECKOUT]``.
@@ -212,6 +213,13 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _TICK
 
 
+def machine_busy_seconds() -> float:
+    """CPU time every process on the machine has used so far, all cores together
+    (``/proc/stat``: all but idle and iowait)."""
+    ticks = [int(t) for t in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (sum(ticks[:8]) - ticks[3] - ticks[4]) / _TICK
+
+
 def rss_bytes(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -274,7 +282,7 @@ async def running(argv: Sequence[str], what: str, **options: Any) -> AsyncIterat
 
 @dataclass(frozen=True)
 class Profile:
-    """Profile the daemon (the main one, scenarios 1-5 and 7) with ``tool``: ``py-spy``
+    """Profile the daemon (the main one, scenarios 1-5, 7 and 8) with ``tool``: ``py-spy``
     (sampling, collapsed stacks) or ``cprofile`` (every call, a pstats file)."""
 
     tool: str
@@ -743,6 +751,7 @@ class StreamsTally:
     daemon_cpu_s: float = 0.0
     upstream_cpu_percent: float = 0.0  # the highest of any round
     client_cpu_percent: float = 0.0  # the busiest client process in any round
+    others_cpu_percent: float = 0.0  # every other process on the machine, the worst round
 
     def note(
         self,
@@ -751,11 +760,14 @@ class StreamsTally:
         daemon_cpu_s: float,
         upstream_cpu_s: float,
         client_cpu_s: Sequence[float],
+        machine_busy_s: float = 0.0,
     ) -> None:
         """One round: the client processes' ``streams_go`` answers, how long the streams
         ran (from the first event due to the last stream's end), and the CPU seconds each
         process used from the go to that end (the requests sent before the first event
-        included: a share of the cost per event, as the CPU per 1,000 events counts it)."""
+        included: a share of the cost per event, as the CPU per 1,000 events counts it),
+        and ``machine_busy_s``, what every process used meanwhile: the rest is the other
+        processes' (this runner and bao's few included), the machine's other load."""
         for answer in answers:
             self.delays_ns += answer["delays_ns"]
             self.upstream_late_ns += answer["upstream_late_ns"]
@@ -766,6 +778,9 @@ class StreamsTally:
         self.upstream_cpu_percent = max(self.upstream_cpu_percent, 100 * upstream_cpu_s / seconds)
         busiest = max(client_cpu_s, default=0.0)
         self.client_cpu_percent = max(self.client_cpu_percent, 100 * busiest / seconds)
+        if machine_busy_s:
+            others = machine_busy_s - daemon_cpu_s - upstream_cpu_s - sum(client_cpu_s)
+            self.others_cpu_percent = max(self.others_cpu_percent, 100 * others / seconds)
 
 
 def streams_row(tallies: dict[str, StreamsTally], client_processes: int) -> dict[str, Any]:
@@ -788,6 +803,7 @@ def streams_row(tallies: dict[str, StreamsTally], client_processes: int) -> dict
             "upstream_cpu_percent": round(tally.upstream_cpu_percent),
             "client_processes": client_processes,
             "client_cpu_percent_busiest": round(tally.client_cpu_percent),
+            "others_cpu_percent": round(tally.others_cpu_percent),
         }
         if path != paths[0]:
             direct = row[paths[0]]
@@ -841,6 +857,7 @@ async def concurrent_streams(
                     say(f"  {n} streams, {path}: {sum(a['open'] for a in opened)} open")
                     cpu_before = [cpu_seconds(c.process.pid) for c in used]
                     daemon_before, upstream_before = main.cpu(), cpu_seconds(upstream.pid)
+                    machine_before = machine_busy_seconds()
                     begun = time.monotonic()
                     lead_s = STREAMS_LEAD_S + n * STREAMS_LEAD_PER_STREAM_S
                     start_ns = time.monotonic_ns() + round(lead_s * 1e9)
@@ -870,6 +887,7 @@ async def concurrent_streams(
                             cpu_seconds(c.process.pid) - before
                             for c, before in zip(used, cpu_before, strict=True)
                         ],
+                        machine_busy_seconds() - machine_before,
                     )
                     await wait_no_clients(control)
             out[str(n)] = streams_row(tallies, len(used)) | {"load_average": load}
@@ -1161,10 +1179,9 @@ async def _scenarios(
     async with daemon(setup, profile=profile) as main:
         idle_rss = main.rss()  # before the load client's first connection
         async with load_client(setup, key) as client:
-            scenarios.update(await _measured(plan, setup, vault, key, only, main, client, idle_rss))
-            if "streams" in only:
-                say(f"8/8 concurrent streams: {', '.join(map(str, plan.streams))}")
-                scenarios["streams"] = await concurrent_streams(plan, setup, key, main, upstream)
+            scenarios.update(
+                await _measured(plan, setup, vault, key, only, main, client, idle_rss, upstream)
+            )
             scenarios["cpu_s_total"] = {
                 "daemon": round(main.cpu(), 1),
                 "upstream": round(cpu_seconds(upstream.pid), 1),
@@ -1182,8 +1199,10 @@ async def _measured(
     main: Daemon,
     client: ClientProcess,
     idle_rss: int,
+    upstream: trio.Process,
 ) -> dict[str, Any]:
-    """Scenarios 1-5 and 7, against the one daemon ``main``."""
+    """Scenarios 1-5, 8 and 7 (last: it replaces ``key``), against the one daemon
+    ``main``."""
     scenarios: dict[str, Any] = {}
     bench = Bench(plan, setup, client, main)
     if "latency" in only:
@@ -1208,6 +1227,9 @@ async def _measured(
     if "memory" in only:
         say("5/8 memory, idle connections")
         scenarios["memory"] = await bench.memory(idle_rss)
+    if "streams" in only:
+        say(f"8/8 concurrent streams: {', '.join(map(str, plan.streams))}")
+        scenarios["streams"] = await concurrent_streams(plan, setup, key, main, upstream)
     if "rotation" in only:
         say("7/8 rotation under load")
         scenarios["rotation"] = await bench.rotation(vault, key)
@@ -1304,8 +1326,9 @@ def summary(results: dict[str, Any]) -> str:
         )
         row(
             f"8 {int(n):,} streams: added p50 / p99 (ms) (daemon CPU per 1k events)",
-            f"{direct['failures']} failed; clients {direct['client_cpu_percent_busiest']}%, "
-            f"upstream {direct['upstream_cpu_percent']}%",
+            f"{direct['failures']} failed; busiest client {direct['client_cpu_percent_busiest']}%"
+            f", upstream {direct['upstream_cpu_percent']}%, others "
+            f"{max(streams[p]['others_cpu_percent'] for p in PATHS)}%",
             via(ws),
             via(http),
         )

@@ -31,6 +31,7 @@ import trio
 from bench import upstream
 from bench.client import (
     Client,
+    EventDelays,
     HttpPeer,
     PeerFailure,
     SSECounter,
@@ -38,6 +39,7 @@ from bench.client import (
     percentile,
     request_body,
 )
+from bench.runner import StreamsTally, shares, streams_row
 
 REPO = Path(__file__).resolve().parents[2]
 CHAT = "/v1/chat/completions"
@@ -720,3 +722,247 @@ async def test_client_sequential_reports_events_and_failures(port: int, key: str
     assert good["failures"] == {}
     assert bad["latency_ns"] == []
     assert bad["failures"] == {"status 401": 2}
+
+
+# -- timed streams (scenario 8): the upstream's stamps, the client's delays --------------
+
+
+def timed_data(chunk: bytes) -> bytes:
+    assert chunk.startswith(b"data: ")
+    assert chunk.endswith(b"\n\n")
+    return chunk[len(b"data: ") : -2]
+
+
+def test_timed_event_is_one_chunk_stamped_with_sent_and_due() -> None:
+    raw = upstream.timed_event(7, 5_000_123_456, 5_000_000_000)
+    chunks = decode_chunked(raw + b"0\r\n\r\n")
+    assert len(chunks) == 1
+    event = json.loads(timed_data(chunks[0]))
+    assert event["object"] == "chat.completion.chunk"
+    assert event["choices"][0]["delta"] == {"content": "w7"}
+    assert event["bench_sent_ns"] == 5_000_123_456
+    assert event["bench_due_ns"] == 5_000_000_000
+
+
+def test_timed_end_is_usage_done_and_the_last_chunk() -> None:
+    raw = upstream.timed_end()
+    assert raw.endswith(b"0\r\n\r\n")
+    chunks = decode_chunked(raw)
+    assert len(chunks) == 2
+    assert json.loads(timed_data(chunks[0]))["choices"] == []
+    assert chunks[1] == b"data: [DONE]\n\n"
+
+
+def test_event_delays_are_arrival_minus_sent_and_lateness_sent_minus_due() -> None:
+    delays = EventDelays()
+    data = timed_data(
+        decode_chunked(upstream.timed_event(0, 1_000_500, 1_000_000) + b"0\r\n\r\n")[0]
+    )
+    assert delays.add(data, 1_250_500)  # bytes: an SSE event on the HTTP paths
+    assert delays.add(data.decode(), 1_000_600)  # text: a /v1/ws frame's data
+    assert delays.delays_ns == [250_000, 100]
+    assert delays.upstream_late_ns == [500, 500]
+
+
+def test_event_delays_skip_events_without_stamps() -> None:
+    delays = EventDelays()
+    usage = timed_data(decode_chunked(upstream.timed_end())[0])
+    assert not delays.add(usage, 10)
+    assert not delays.add("[DONE]", 10)
+    assert not delays.add(b'{"bench_sent_ns":12}', 10)  # half a stamp is none
+    assert delays.delays_ns == []
+    assert delays.upstream_late_ns == []
+
+
+def test_sse_counter_hands_each_complete_event_over_once_at_any_cut() -> None:
+    chunked = b"".join(upstream.timed_event(i, 100 + i, 90 + i) for i in range(3))
+    sse = b"".join(decode_chunked(chunked + b"0\r\n\r\n"))  # the SSE bytes alone
+    for cut in range(len(sse) + 1):
+        seen: list[bytes] = []
+        counter = SSECounter(seen.append)
+        counter.feed(sse[:cut])
+        counter.feed(sse[cut:])
+        assert [json.loads(part[len(b"data: ") :])["bench_sent_ns"] for part in seen] == [
+            100,
+            101,
+            102,
+        ], cut
+
+
+def test_request_body_of_a_timed_stream() -> None:
+    timed = request_body(stream=True, events=5, interval_ms=20, offset_ms=3.5, start_ns=42)
+    assert timed["bench_interval_ms"] == 20
+    assert timed["bench_offset_ms"] == 3.5
+    assert timed["bench_start_ns"] == 42
+    untimed = request_body(stream=True, events=5)
+    assert {k: v for k, v in timed.items() if not k.startswith("bench_")} == untimed
+    assert "bench_start_ns" not in request_body(stream=True, events=5, interval_ms=20)
+
+
+def read_timed(conn: Conn, events: int) -> list[dict[str, Any]]:
+    reply = conn.reply()
+    assert reply.status == 200
+    assert reply.headers["content-type"] == "text/event-stream"
+    assert reply.chunks is not None
+    assert len(reply.chunks) == events + 2
+    assert reply.chunks[-1] == b"data: [DONE]\n\n"
+    assert "usage" in json.loads(timed_data(reply.chunks[-2]))
+    return [json.loads(timed_data(chunk)) for chunk in reply.chunks[:events]]
+
+
+def timed_request(key: str, **timing: float) -> bytes:
+    body = {"stream": True, "max_tokens": 4} | {f"bench_{k}": v for k, v in timing.items()}
+    return http_request(CHAT, body, key=key)
+
+
+def test_a_timed_stream_is_stamped_on_its_schedule(port: int, key: str, conn: Conn) -> None:
+    before = time.monotonic_ns()
+    conn.send(timed_request(key, interval_ms=10, offset_ms=5))
+    events = read_timed(conn, 4)
+    after = time.monotonic_ns()
+    assert [e["choices"][0]["delta"]["content"] for e in events] == ["w0", "w1", "w2", "w3"]
+    due = [e["bench_due_ns"] for e in events]
+    # Due every 10 ms from 5 ms after the request was read, on one clock with ours.
+    assert [b - a for a, b in zip(due, due[1:], strict=False)] == pytest.approx(
+        [10_000_000] * 3, abs=1_000
+    )
+    assert before + 5_000_000 <= due[0] + 1_000
+    for event in events:
+        # Written when due or after (the event loop's clock resolution aside), and before
+        # we had it all.
+        assert event["bench_due_ns"] - 1_000_000 <= event["bench_sent_ns"] <= after
+    # Keep-alive: the next request is answered on the same connection.
+    conn.send(http_request(CHAT, {"stream": False}, key=key))
+    assert conn.reply().status == 200
+
+
+def test_a_timed_stream_with_a_start_runs_on_that_schedule(port: int, key: str, conn: Conn) -> None:
+    start_ns = time.monotonic_ns() + 50_000_000
+    conn.send(timed_request(key, interval_ms=20, offset_ms=2.5, start_ns=start_ns))
+    due = [e["bench_due_ns"] for e in read_timed(conn, 4)]
+    expected = [start_ns + 2_500_000 + k * 20_000_000 for k in range(4)]
+    assert due == pytest.approx(expected, abs=1_000)
+
+
+@pytest.mark.parametrize(
+    "timing",
+    [
+        {"interval_ms": -1},
+        {"interval_ms": "20"},
+        {"interval_ms": 20, "offset_ms": 1e9},
+        {"interval_ms": 20, "start_ns": 1.5},
+        {"interval_ms": 20, "start_ns": 1},  # an hour ago or more: not this clock
+    ],
+)
+def test_bad_timing_gets_a_400(port: int, key: str, conn: Conn, timing: dict[str, Any]) -> None:
+    body = {"stream": True, "max_tokens": 2} | {f"bench_{k}": v for k, v in timing.items()}
+    conn.send(http_request(CHAT, body, key=key))
+    reply = conn.reply()
+    assert reply.status == 400
+    assert reply.json()["error"]["code"] == "bad_timing"
+
+
+async def test_http_peer_notes_each_timed_events_delay(port: int, key: str) -> None:
+    delays = EventDelays()
+    with trio.fail_after(10):
+        peer = await HttpPeer.open(Target(kind="http", tcp=("127.0.0.1", port), key=key))
+        try:
+            body = request_body(stream=True, events=5, interval_ms=5)
+            before = time.monotonic_ns()
+            outcome = await peer.request(encoded(body), delays)
+            after = time.monotonic_ns()
+        finally:
+            await peer.aclose()
+    assert outcome.events == 7  # 5 stamped, usage, [DONE]
+    assert len(delays.delays_ns) == len(delays.upstream_late_ns) == 5
+    # Arrival minus sent, on one clock: never negative, never more than the whole wait.
+    assert all(0 <= d <= after - before for d in delays.delays_ns)
+    assert all(late >= -1_000_000 for late in delays.upstream_late_ns)
+
+
+async def test_client_streams_open_then_go_all_at_once(port: int, key: str) -> None:
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            client = Client(nursery)
+            spec = {"kind": "http", "tcp": ["127.0.0.1", port]}
+            await client.handle(
+                {"op": "targets", "targets": {"good": {**spec, "key": key}, "bad": spec}}
+            )
+            opened = await client.handle({"op": "streams_open", "target": "good", "n": 3})
+            assert opened == {"open": 3, "failures": {}}
+            assert stats(port)[0]["requests"].get(upstream.fingerprint(key), 0) == 0
+            go = {"op": "streams_go", "events": 4, "interval_ms": 5, "first": 3, "total": 6}
+            start_ns = time.monotonic_ns() + 20_000_000
+            good = await client.handle(go | {"start_ns": start_ns})
+            assert client.ready == []  # used up, closed
+            await client.handle({"op": "streams_open", "target": "bad", "n": 2})
+            bad = await client.handle(go)
+            nursery.cancel_scope.cancel()
+    assert good["streams"] == 3
+    assert good["failures"] == {}
+    assert len(good["delays_ns"]) == len(good["upstream_late_ns"]) == 12
+    assert all(d >= 0 for d in good["delays_ns"])
+    assert stats(port)[0]["requests"][upstream.fingerprint(key)] == 3
+    assert bad["streams"] == 0
+    assert bad["failures"] == {"status 401": 2}
+    assert bad["delays_ns"] == []
+
+
+# -- bench.runner: scenario 8's figures --------------------------------------------------
+
+
+def test_shares_are_even_and_add_up() -> None:
+    assert shares(5, 1) == [5]
+    assert shares(250, 2) == [125, 125]
+    assert shares(1000, 3) == [334, 333, 333]
+    assert shares(7, 4) == [2, 2, 2, 1]
+    for n in range(1, 60):
+        for parts in range(1, 9):
+            split = shares(n, parts)
+            assert sum(split) == n
+            assert max(split) - min(split) <= 1
+
+
+def answer(
+    delays_us: list[int], streams: int, failures: dict[str, int] | None = None
+) -> dict[str, Any]:
+    return {
+        "delays_ns": [d * 1000 for d in delays_us],
+        "upstream_late_ns": [1000] * len(delays_us),
+        "streams": streams,
+        "failures": failures or {},
+    }
+
+
+def test_streams_row_merges_processes_and_rounds_and_subtracts_direct() -> None:
+    direct, ws = StreamsTally(), StreamsTally()
+    # Two client processes, two rounds: percentiles over every event of every one.
+    direct.note([answer([1, 2], 1), answer([3, 4], 1)], 2.0, 0.1, 0.5, [0.2, 0.4])
+    direct.note([answer([5, 6], 1), answer([7, 100], 1)], 2.0, 0.1, 0.2, [0.1, 0.1])
+    ws.note(
+        [answer([10, 20], 1), answer([30, 40], 0, {"status 502": 1})], 1.0, 0.6, 0.1, [0.3, 0.05]
+    )
+    ws.note([answer([50, 60], 1), answer([70, 1000], 1)], 3.0, 0.2, 0.3, [0.3, 0.3], 2.6)
+    row = streams_row({"direct": direct, "ws": ws}, client_processes=2)
+    d, w = row["direct"], row["ws"]
+    assert (d["events"], d["p50_us"], d["p99_us"], d["max_us"]) == (8, 4.0, 100.0, 100.0)
+    assert (w["events"], w["p50_us"], w["p99_us"], w["max_us"]) == (8, 40.0, 1000.0, 1000.0)
+    assert (d["streams"], d["failures"]) == (4, 0)
+    assert (w["streams"], w["failures"], w["failure_reasons"]) == (3, 1, {"status 502": 1})
+    assert w["added_p50_us"] == 36.0
+    assert w["added_p99_us"] == 900.0
+    assert "added_p50_us" not in d
+    assert "daemon_cpu_s_per_1k_events" not in d
+    # 0.8 CPU seconds over 8 events: 100 s per 1,000; over 4 s of streaming: 20%.
+    assert w["daemon_cpu_s_per_1k_events"] == 100.0
+    assert w["daemon_cpu_percent"] == 20
+    # The busiest process of the worst round; the upstream's worst round.
+    assert d["client_cpu_percent_busiest"] == 20
+    assert w["client_cpu_percent_busiest"] == 30
+    assert d["upstream_cpu_percent"] == 25
+    assert w["upstream_cpu_percent"] == 10
+    assert d["upstream_late_p99_us"] == 1.0
+    assert d["client_processes"] == w["client_processes"] == 2
+    # 2.6 s busy on the machine, 0.2 + 0.3 + 0.6 of it ours: 1.5 s others' in 3 s.
+    assert w["others_cpu_percent"] == 50
+    assert d["others_cpu_percent"] == 0  # not measured

@@ -79,6 +79,29 @@ def test_a_smoke_run_reports_every_scenario_and_leaks_no_key(tmp_path: Path) -> 
     # The ws clients saw the versions move on (key_version in response.end).
     assert len(rotation["ws"]["key_versions"]) >= 2
 
+    assert len(results["load_average_at_start"]) == len(results["load_average_at_end"]) == 3
+    # 8: every stream complete, every event timed, on every path, at every N.
+    assert set(s["streams"]) == {str(n) for n in plan["streams"]}
+    for n, row in s["streams"].items():
+        streams = int(n) * plan["streams_rounds"]
+        assert len(row["load_average"]) == 3
+        for path in PATHS:
+            figures = row[path]
+            assert figures["failures"] == 0, (n, path, figures)
+            assert figures["streams"] == streams
+            assert figures["events"] == streams * plan["streams_events"]
+            assert 0 < figures["p50_us"] <= figures["p99_us"] <= figures["max_us"]
+            assert figures["client_processes"] >= 1
+            assert figures["client_cpu_percent_busiest"] >= 0
+            assert figures["upstream_cpu_percent"] >= 0
+        for path in ("ws", "http"):
+            figures = row[path]
+            direct = row["direct"]
+            assert figures["added_p50_us"] == round(figures["p50_us"] - direct["p50_us"], 1)
+            assert figures["added_p99_us"] == round(figures["p99_us"] - direct["p99_us"], 1)
+            assert figures["daemon_cpu_s_per_1k_events"] >= 0  # clock ticks: may be 0
+        assert f"| 8 {int(n):,} streams: event delay p50 / p99 (ms) |" in run.stdout
+
     assert "| scenario | direct | via /v1/ws | via /v1/http |" in run.stdout
     # Keys: every one the runner makes starts with this; none is in any output.
     for out in (run.stdout, run.stderr, text):
