@@ -761,13 +761,15 @@ class StreamsTally:
         upstream_cpu_s: float,
         client_cpu_s: Sequence[float],
         machine_busy_s: float = 0.0,
+        window_s: float = 0.0,
     ) -> None:
         """One round: the client processes' ``streams_go`` answers, how long the streams
         ran (from the first event due to the last stream's end), and the CPU seconds each
         process used from the go to that end (the requests sent before the first event
         included: a share of the cost per event, as the CPU per 1,000 events counts it),
-        and ``machine_busy_s``, what every process used meanwhile: the rest is the other
-        processes' (this runner and bao's few included), the machine's other load."""
+        and ``machine_busy_s``, what every process used over the same ``window_s`` (from
+        the go to the end): the rest is the other processes' (this runner's and bao's few
+        included), the machine's other load, a share of that whole window."""
         for answer in answers:
             self.delays_ns += answer["delays_ns"]
             self.upstream_late_ns += answer["upstream_late_ns"]
@@ -780,7 +782,7 @@ class StreamsTally:
         self.client_cpu_percent = max(self.client_cpu_percent, 100 * busiest / seconds)
         if machine_busy_s:
             others = machine_busy_s - daemon_cpu_s - upstream_cpu_s - sum(client_cpu_s)
-            self.others_cpu_percent = max(self.others_cpu_percent, 100 * others / seconds)
+            self.others_cpu_percent = max(self.others_cpu_percent, 100 * others / window_s)
 
 
 def streams_row(tallies: dict[str, StreamsTally], client_processes: int) -> dict[str, Any]:
@@ -877,7 +879,8 @@ async def concurrent_streams(
                             for client, first in zip(used, firsts, strict=True)
                         ]
                     )
-                    seconds = max(1e-3, time.monotonic() - begun - lead_s)
+                    window_s = time.monotonic() - begun
+                    seconds = max(1e-3, window_s - lead_s)
                     tallies[path].note(
                         answers,
                         seconds,
@@ -888,6 +891,7 @@ async def concurrent_streams(
                             for c, before in zip(used, cpu_before, strict=True)
                         ],
                         machine_busy_seconds() - machine_before,
+                        window_s,
                     )
                     await wait_no_clients(control)
             out[str(n)] = streams_row(tallies, len(used)) | {"load_average": load}

@@ -942,7 +942,7 @@ def test_streams_row_merges_processes_and_rounds_and_subtracts_direct() -> None:
     ws.note(
         [answer([10, 20], 1), answer([30, 40], 0, {"status 502": 1})], 1.0, 0.6, 0.1, [0.3, 0.05]
     )
-    ws.note([answer([50, 60], 1), answer([70, 1000], 1)], 3.0, 0.2, 0.3, [0.3, 0.3], 2.6)
+    ws.note([answer([50, 60], 1), answer([70, 1000], 1)], 3.0, 0.2, 0.3, [0.3, 0.3], 2.6, 5.0)
     row = streams_row({"direct": direct, "ws": ws}, client_processes=2)
     d, w = row["direct"], row["ws"]
     assert (d["events"], d["p50_us"], d["p99_us"], d["max_us"]) == (8, 4.0, 100.0, 100.0)
@@ -963,6 +963,6 @@ def test_streams_row_merges_processes_and_rounds_and_subtracts_direct() -> None:
     assert w["upstream_cpu_percent"] == 10
     assert d["upstream_late_p99_us"] == 1.0
     assert d["client_processes"] == w["client_processes"] == 2
-    # 2.6 s busy on the machine, 0.2 + 0.3 + 0.6 of it ours: 1.5 s others' in 3 s.
-    assert w["others_cpu_percent"] == 50
+    # 2.6 s busy on the machine, 0.2 + 0.3 + 0.6 of it ours: 1.5 s others' in 5 s.
+    assert w["others_cpu_percent"] == 30
     assert d["others_cpu_percent"] == 0  # not measured
