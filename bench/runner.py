@@ -751,6 +751,7 @@ class StreamsTally:
     daemon_cpu_s: float = 0.0
     upstream_cpu_percent: float = 0.0  # the highest of any round
     client_cpu_percent: float = 0.0  # the busiest client process in any round
+    clients_cpu_percent: float = 0.0  # every client process together, the worst round
     others_cpu_percent: float = 0.0  # every other process on the machine, the worst round
 
     def note(
@@ -780,6 +781,8 @@ class StreamsTally:
         self.upstream_cpu_percent = max(self.upstream_cpu_percent, 100 * upstream_cpu_s / seconds)
         busiest = max(client_cpu_s, default=0.0)
         self.client_cpu_percent = max(self.client_cpu_percent, 100 * busiest / seconds)
+        together = 100 * sum(client_cpu_s) / seconds
+        self.clients_cpu_percent = max(self.clients_cpu_percent, together)
         if machine_busy_s:
             others = machine_busy_s - daemon_cpu_s - upstream_cpu_s - sum(client_cpu_s)
             self.others_cpu_percent = max(self.others_cpu_percent, 100 * others / window_s)
@@ -805,6 +808,7 @@ def streams_row(tallies: dict[str, StreamsTally], client_processes: int) -> dict
             "upstream_cpu_percent": round(tally.upstream_cpu_percent),
             "client_processes": client_processes,
             "client_cpu_percent_busiest": round(tally.client_cpu_percent),
+            "client_cpu_percent_total": round(tally.clients_cpu_percent),
             "others_cpu_percent": round(tally.others_cpu_percent),
         }
         if path != paths[0]:
@@ -1330,8 +1334,10 @@ def summary(results: dict[str, Any]) -> str:
         )
         row(
             f"8 {int(n):,} streams: added p50 / p99 (ms) (daemon CPU per 1k events)",
-            f"{direct['failures']} failed; busiest client {direct['client_cpu_percent_busiest']}%"
-            f", upstream {direct['upstream_cpu_percent']}%, others "
+            f"{direct['failures']} failed; clients {direct['client_cpu_percent_total']}% "
+            f"(busiest {direct['client_cpu_percent_busiest']}%), upstream "
+            f"{direct['upstream_cpu_percent']}% (p99 late "
+            f"{ms(direct['upstream_late_p99_us'])} ms), others "
             f"{max(streams[p]['others_cpu_percent'] for p in PATHS)}%",
             via(ws),
             via(http),

@@ -959,6 +959,8 @@ def test_streams_row_merges_processes_and_rounds_and_subtracts_direct() -> None:
     # The busiest process of the worst round; the upstream's worst round.
     assert d["client_cpu_percent_busiest"] == 20
     assert w["client_cpu_percent_busiest"] == 30
+    assert d["client_cpu_percent_total"] == 30  # 0.6 s of 2 s, first round
+    assert w["client_cpu_percent_total"] == 35  # 0.35 s of 1 s
     assert d["upstream_cpu_percent"] == 25
     assert w["upstream_cpu_percent"] == 10
     assert d["upstream_late_p99_us"] == 1.0
