@@ -95,3 +95,18 @@ def test_check_config_never_prints_the_vault_token(write_config: Callable[..., P
     assert result.returncode == 0, result.stderr
     assert 'token_file = ""' in result.stdout
     assert "SECRET" not in result.stdout + result.stderr
+
+
+def test_tune_gc_freezes_the_start_heap_and_collects_young_objects_less_often() -> None:
+    """In a fresh interpreter: what ``run`` does to the collector before the loop starts."""
+    code = (
+        "import gc; from openclawd.cli import tune_gc; before = gc.get_freeze_count(); "
+        "tune_gc(); print(before, gc.get_freeze_count(), *gc.get_threshold())"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    before, frozen, *threshold = (int(n) for n in result.stdout.split())
+    assert before == 0
+    assert frozen > 1000  # the imported modules' objects, no longer scanned
+    assert threshold == [10_000, 10, 10]

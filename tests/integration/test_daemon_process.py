@@ -43,6 +43,10 @@ def test_ready_then_sigterm_exits_0_and_removes_both_sockets(
     assert not data.exists()
     assert not control.exists()
     assert "event=daemon.stopped" in daemon.stderr
+    # The collector was tuned before the loop started (tune_gc: no full passes under load).
+    log = daemon.stderr
+    assert "event=gc.tuned" in log
+    assert log.index("event=gc.tuned") < log.index("event=daemon.listening")
 
 
 def test_sigint_drains_like_sigterm(
