@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import base64
 import http.client
+import io
 import json
+import logging
 import os
 import re
 import shutil
@@ -22,6 +24,8 @@ from typing import Any
 
 import pytest
 import trio.testing
+
+from openclawd import logs
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -311,3 +315,18 @@ def server_tls(certificate: tuple[Path, Path]) -> ssl.SSLContext:
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(*certificate)
     return context
+
+
+@pytest.fixture
+def log_text() -> Iterator[io.StringIO]:
+    """Every log line of the test, as the CLI formats them (ours at debug, the libraries'
+    at warning), in a buffer; the logging set-up is put back afterwards."""
+    out = io.StringIO()
+    root = logging.getLogger()
+    saved = (root.level, list(root.handlers), logging.getLogger("openclawd").level)
+    logs.configure("debug", "logfmt", out)
+    yield out
+    logs.configure()
+    root.handlers[:] = saved[1]
+    root.setLevel(saved[0])
+    logging.getLogger("openclawd").setLevel(saved[2])

@@ -13,15 +13,12 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
-import logging
 import secrets
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from quart.testing import QuartClient
 
-from openclawd import logs
 from openclawd.errors import UnknownProviderError
 
 from .test_app import FakeOps, make_client
@@ -30,19 +27,6 @@ from .test_app import FakeOps, make_client
 def pasted_key() -> str:
     """A fresh key-like string, shaped like a provider name (``[A-Za-z0-9_.-]``)."""
     return "sk-proj-" + secrets.token_urlsafe(30).replace("_", "x")
-
-
-@pytest.fixture
-def log_out() -> Iterator[io.StringIO]:
-    out = io.StringIO()
-    root = logging.getLogger()
-    saved = (root.level, list(root.handlers), logging.getLogger("openclawd").level)
-    logs.configure("debug", "logfmt", out)
-    yield out
-    logs.configure()
-    root.handlers[:] = saved[1]
-    root.setLevel(saved[0])
-    logging.getLogger("openclawd").setLevel(saved[2])
 
 
 class RefusingOps(FakeOps):
@@ -75,9 +59,9 @@ async def answer(
     return response.status_code, json.loads(text), text
 
 
-def assert_absent(key: str, text: str, log_out: io.StringIO) -> None:
+def assert_absent(key: str, text: str, log_text: io.StringIO) -> None:
     assert key not in text
-    assert key not in log_out.getvalue()
+    assert key not in log_text.getvalue()
     assert key.lower() not in text.lower()
 
 
@@ -94,13 +78,13 @@ def assert_absent(key: str, text: str, log_out: io.StringIO) -> None:
     ],
 )
 async def test_a_key_as_the_provider_is_not_echoed_nor_logged(
-    client: QuartClient, ops: FakeOps, log_out: io.StringIO, shape: Any
+    client: QuartClient, ops: FakeOps, log_text: io.StringIO, shape: Any
 ) -> None:
     key = pasted_key()
     status, body, text = await answer(client, "POST", "/v1/keys/rotate", {"provider": shape(key)})
     assert (status, body) == (404, {"error": "unknown_provider", "message": "unknown provider"})
-    assert_absent(key, text, log_out)
-    assert "event=control.rotate_refused" in log_out.getvalue()  # the attempt is logged
+    assert_absent(key, text, log_text)
+    assert "event=control.rotate_refused" in log_text.getvalue()  # the attempt is logged
     assert ops.rotations == []  # not a configured provider: the daemon is not asked
 
 
@@ -118,13 +102,13 @@ async def test_an_unknown_provider_the_daemon_refuses_is_not_echoed(
 
 
 async def test_a_configured_provider_is_still_named(
-    client: QuartClient, ops: FakeOps, log_out: io.StringIO
+    client: QuartClient, ops: FakeOps, log_text: io.StringIO
 ) -> None:
     status, body, _ = await answer(client, "POST", "/v1/keys/rotate", {"provider": "openai"})
     assert status == 200
     assert body["providers"]["openai"] == {"from_version": 4, "to_version": 5, "changed": True}
     assert ops.rotations == ["openai"]
-    assert "event=control.rotate provider=openai" in log_out.getvalue()
+    assert "event=control.rotate provider=openai" in log_text.getvalue()
 
 
 # --- unknown body fields ------------------------------------------------------------------
@@ -135,13 +119,13 @@ async def test_a_configured_provider_is_still_named(
     [("/v1/keys/rotate", "provider"), ("/v1/drain", "deadline_s"), ("/v1/resume", "no field")],
 )
 async def test_a_key_as_a_field_name_is_not_echoed(
-    client: QuartClient, ops: FakeOps, log_out: io.StringIO, path: str, takes: str
+    client: QuartClient, ops: FakeOps, log_text: io.StringIO, path: str, takes: str
 ) -> None:
     key = pasted_key()
     status, body, text = await answer(client, "POST", path, {key: 1})
     message = f"unknown field; this route takes {takes}"
     assert (status, body) == (400, {"error": "bad_request", "message": message})
-    assert_absent(key, text, log_out)
+    assert_absent(key, text, log_text)
     assert ops.rotations == []
     assert not ops.lifecycle.draining
 
@@ -156,16 +140,18 @@ async def test_a_key_as_a_field_name_is_not_echoed(
      pytest.param("GET", "//v1//status?token={}", id="slashes-to-merge")],
 )  # fmt: skip
 async def test_a_key_in_an_unknown_path_is_not_echoed(
-    client: QuartClient, log_out: io.StringIO, method: str, template: str
+    client: QuartClient, log_text: io.StringIO, method: str, template: str
 ) -> None:
     key = pasted_key()
     status, body, text = await answer(client, method, template.format(key))
     assert (status, body["error"]) == (404, "not_found")
-    assert_absent(key, text, log_out)
+    assert_absent(key, text, log_text)
 
 
-async def test_a_key_as_the_method_is_not_echoed(client: QuartClient, log_out: io.StringIO) -> None:
+async def test_a_key_as_the_method_is_not_echoed(
+    client: QuartClient, log_text: io.StringIO
+) -> None:
     key = pasted_key().upper()
     status, body, text = await answer(client, key, "/v1/status")
     assert (status, body["error"]) == (405, "method_not_allowed")
-    assert_absent(key, text, log_out)
+    assert_absent(key, text, log_text)

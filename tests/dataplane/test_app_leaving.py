@@ -11,15 +11,10 @@ from __future__ import annotations
 
 import io
 import json
-import logging
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 import trio
 import trio_websocket
-
-from openclawd import logs
 
 from ..bao import BaoServer
 from ..fake_upstream import Reply, open_fake_upstream
@@ -28,20 +23,6 @@ from .harness import DataPlane, open_dataplane
 CONNECTIONS = 30
 REQUESTS = 2  # per connection
 STREAM_BYTES = 50 * 1024 * 1024
-
-
-@pytest.fixture
-def log_text() -> Iterator[io.StringIO]:
-    """Every log line of the test, at debug level, in the daemon's logfmt."""
-    out = io.StringIO()
-    root = logging.getLogger()
-    saved = (root.level, list(root.handlers), logging.getLogger("openclawd").level)
-    logs.configure("debug", "logfmt", out)
-    yield out
-    logs.configure()
-    root.handlers[:] = saved[1]
-    root.setLevel(saved[0])
-    logging.getLogger("openclawd").setLevel(saved[2])
 
 
 async def leave_mid_stream(dp: DataPlane, n: int, *, close_frame: bool) -> None:

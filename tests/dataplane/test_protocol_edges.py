@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import functools
 import io
-import logging
 import re
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -23,27 +22,11 @@ import h11
 import pytest
 import trio
 
-from openclawd import logs
-
 from ..bao import BaoServer
 from ..fake_upstream import Reply, open_fake_upstream
 from .harness import DataPlane, open_dataplane, open_http
 
 MODELS = "/v1/http/openai/v1/models"
-
-
-@pytest.fixture
-def log_text() -> Iterator[io.StringIO]:
-    """Every log line of the test, at debug level, in the daemon's logfmt."""
-    out = io.StringIO()
-    root = logging.getLogger()
-    saved = (root.level, list(root.handlers), logging.getLogger("openclawd").level)
-    logs.configure("debug", "logfmt", out)
-    yield out
-    logs.configure()
-    root.handlers[:] = saved[1]
-    root.setLevel(saved[0])
-    logging.getLogger("openclawd").setLevel(saved[2])
 
 
 async def raw(socket_path: str, target: str, *headers: str) -> tuple[str, dict[str, str], bytes]:

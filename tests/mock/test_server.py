@@ -122,12 +122,12 @@ async def test_models_lists_the_models_with_openai_headers() -> None:
     assert limit > remaining[0] > remaining[1] >= 0
 
 
-async def test_serves_on_the_ipv6_loopback(log_lines: io.StringIO) -> None:
+async def test_serves_on_the_ipv6_loopback(log_text: io.StringIO) -> None:
     with trio.fail_after(10):
         async with running_mock(AnyKey(), host="::1") as mock:
             response = await mock.client.get("/v1/models", headers=bearer("any"))
     assert response.status_code == 200
-    assert f"url=http://[::1]:{mock.port}" in log_lines.getvalue()
+    assert f"url=http://[::1]:{mock.port}" in log_text.getvalue()
 
 
 async def test_chat_completion() -> None:
@@ -563,7 +563,7 @@ async def test_vault_keys_are_stripped_as_the_daemon_sends_them(shared_bao: Bao,
     ],
 )
 async def test_a_version_without_a_key_keeps_the_previous_keys(
-    shared_bao: Bao, path: str, bad_version: dict[str, Any], log_lines: io.StringIO
+    shared_bao: Bao, path: str, bad_version: dict[str, Any], log_text: io.StringIO
 ) -> None:
     with trio.fail_after(20):
         await write(shared_bao, path, api_key=KEY)
@@ -575,7 +575,7 @@ async def test_a_version_without_a_key_keeps_the_previous_keys(
         assert await write(shared_bao, path, api_key=NEW_KEY) == 3
         assert await keys.check(NEW_KEY) == Verdict(True, version=3)
         assert await keys.check(KEY) == INCORRECT
-    assert "event=mock.key_invalid" in log_lines.getvalue()
+    assert "event=mock.key_invalid" in log_text.getvalue()
 
 
 async def test_a_missing_secret_is_503_mock_key_unavailable(shared_bao: Bao, path: str) -> None:
@@ -611,9 +611,7 @@ def lines_with(log: str, event: str) -> Iterator[str]:
     return (line for line in log.splitlines() if f"event={event}" in line)
 
 
-async def test_the_log_never_holds_a_key(
-    shared_bao: Bao, path: str, log_lines: io.StringIO
-) -> None:
+async def test_the_log_never_holds_a_key(shared_bao: Bao, path: str, log_text: io.StringIO) -> None:
     with trio.fail_after(20):
         await write(shared_bao, path, api_key=KEY)
         keys = VaultKeys(await vault_for(shared_bao), path)
@@ -634,7 +632,7 @@ async def test_the_log_never_holds_a_key(
                     pass
         await write(shared_bao, path, other="no key here")
         assert await keys.check(NEW_KEY) == Verdict(True, version=2)
-    log = log_lines.getvalue()
+    log = log_text.getvalue()
     # the events that matter were logged, with versions and codes ...
     assert any("key_version=1" in line for line in lines_with(log, "mock.request"))
     assert any("code=invalid_api_key" in line for line in lines_with(log, "mock.refused"))

@@ -15,9 +15,8 @@ from __future__ import annotations
 
 import io
 import json
-import logging
 import secrets
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -25,26 +24,10 @@ from typing import Any
 import pytest
 import trio
 
-from openclawd import logs
-
 from ..bao import BaoServer
 from ..dataplane.harness import DataPlane, call, close_of, open_app, open_dataplane, open_realtime
 from ..fake_upstream import open_fake_upstream
 from ..fake_ws_upstream import open_fake_ws_upstream
-
-
-@pytest.fixture
-def log_text() -> Iterator[io.StringIO]:
-    """Every log line of the test, at debug level, in the daemon's logfmt."""
-    out = io.StringIO()
-    root = logging.getLogger()
-    saved = (root.level, list(root.handlers), logging.getLogger("openclawd").level)
-    logs.configure("debug", "logfmt", out)
-    yield out
-    logs.configure()
-    root.handlers[:] = saved[1]
-    root.setLevel(saved[0])
-    logging.getLogger("openclawd").setLevel(saved[2])
 
 
 def fake_key() -> str:
