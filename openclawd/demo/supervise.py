@@ -316,10 +316,11 @@ async def _with_daemon(
         )
         exit_code = 0
         ready = trio.Event()
+        stopping = trio.Event()  # the daemon said STOPPING=1: it took the first SIGTERM
         # The notify socket is read for the daemon's whole life (a datagram queue that
         # nobody reads fills up): READY prints the guide, STATUS lines show the drain.
         async with trio.open_nursery() as reader:
-            reader.start_soon(_read_notify, notify, ready_text, ready, out)
+            reader.start_soon(_read_notify, notify, ready_text, ready, stopping, out)
             try:
                 async with trio.open_nursery() as nursery:
 
@@ -348,19 +349,25 @@ async def _with_daemon(
                     nursery.start_soon(cancel_on_stop)
                     nursery.start_soon(ready_deadline)
             finally:
-                await _stop_daemon(daemon, stop)
+                await _stop_daemon(daemon, stop, stopping)
                 reader.cancel_scope.cancel()
         out.say(f"  daemon stopped (exit {daemon.returncode})")
         return exit_code
 
 
 async def _read_notify(
-    notify: trio.socket.SocketType, ready_text: str, ready: trio.Event, out: Output
+    notify: trio.socket.SocketType,
+    ready_text: str,
+    ready: trio.Event,
+    stopping: trio.Event,
+    out: Output,
 ) -> None:
     status = None
     while True:
         datagram = await notify.recv(4096)
         for line in datagram.decode(errors="replace").splitlines():
+            if line == "STOPPING=1":
+                stopping.set()
             if line == "READY=1" and not ready.is_set():
                 out.say(ready_text)
                 ready.set()
@@ -369,9 +376,14 @@ async def _read_notify(
                 out.say(f"  [daemon {line}]")
 
 
-async def _stop_daemon(daemon: trio.Process, stop: Stop) -> None:
+async def _stop_daemon(daemon: trio.Process, stop: Stop, stopping: trio.Event) -> None:
     """SIGTERM (the daemon drains); a second stop signal sends the second SIGTERM that
     stops it at once, then SIGKILL after ``HURRY_S``; SIGKILL too past its drain timeout.
+
+    The second SIGTERM goes only once the daemon has taken the first (``stopping``, its
+    STOPPING=1; or after ``HURRY_S``): two signals that reach a process before it has
+    handled the first are one signal (the kernel, and trio's receiver, keep one pending
+    of each), and the daemon would drain on instead of stopping.
 
     Cancellation: shielded; returns once the daemon is gone.
     """
@@ -387,6 +399,8 @@ async def _stop_daemon(daemon: trio.Process, stop: Stop) -> None:
 
             async def hurry() -> None:
                 await stop.hurry.wait()
+                with trio.move_on_after(HURRY_S):
+                    await stopping.wait()
                 signal_daemon(signal.SIGTERM)
                 await trio.sleep(HURRY_S)
                 signal_daemon(signal.SIGKILL)

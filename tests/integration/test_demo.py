@@ -15,10 +15,12 @@ stops it if it still runs, so either works alone).
 from __future__ import annotations
 
 import ast
+import contextlib
 import io
 import json
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -34,8 +36,9 @@ import pytest
 
 from openclawd import demo
 
-from ..conftest import leak_forms
+from ..conftest import leak_forms, unix_request
 from .demo_process import (
+    EXIT_TIMEOUT_S,
     DemoProcess,
     Guide,
     Proc,
@@ -316,6 +319,25 @@ def test_no_key_in_any_output_or_file(running: Running) -> None:
 # --- the default runtime directory -----------------------------------------------------------
 
 
+@contextlib.contextmanager
+def request_in_flight(data_socket: Path, control_socket: Path) -> Iterator[None]:
+    """A /v1/http request whose body never ends, in flight (the daemon says so) until the
+    block is left."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as app:
+        app.connect(str(data_socket))
+        app.sendall(
+            b"POST /v1/http/mock/v1/chat/completions HTTP/1.1\r\nHost: openclawd\r\n"
+            b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{"
+        )
+        for _ in range(500):  # bounded; each look is a round trip to the daemon
+            _, _, status = unix_request(control_socket, "GET", "/v1/status")
+            if status["connections"]["inflight"] == 1:
+                break
+        else:
+            pytest.fail("the daemon never counted the request in flight")
+        yield
+
+
 @pytest.mark.parametrize(
     ("signum", "times"),
     [(signal.SIGTERM, 1), (signal.SIGHUP, 1), (signal.SIGINT, 2)],
@@ -335,10 +357,19 @@ def test_without_runtime_dir_a_temporary_one_is_used_and_removed(
         assert guide.control_socket.parent == root
         assert f"openclawd demo: working in {root}\n" in process.stdout
         children = process.children
-        for _ in range(times - 1):
-            process.proc.send_signal(signum)
-            time.sleep(0.05)
-        assert process.stop(signum) == 0, process.output()
+        with contextlib.ExitStack() as held:
+            if times > 1:
+                # The second signal must come while the daemon drains: a request whose
+                # body never ends holds the drain open (for its 10 s deadline), so the
+                # second signal is sent once the first is taken, whatever the machine's speed.
+                held.enter_context(request_in_flight(guide.data_socket, guide.control_socket))
+                process.proc.send_signal(signum)
+                process.wait_line(
+                    f"{signum.name}: stopping: the daemon drains first, then the mock "
+                    "provider and Vault stop (again: stop at once)",
+                    EXIT_TIMEOUT_S,
+                )
+            assert process.stop(signum) == 0, process.output()
         assert f"{signum.name}: stopping: the daemon drains first" in process.stdout
         if times > 1:
             assert f"{signum.name} again: stopping at once" in process.stdout
