@@ -112,6 +112,12 @@ def make(
             },
         }
     )
+    return manager_for(vault, cfg)
+
+
+def manager_for(vault: FakeVault, cfg: config.Config) -> tuple[KeyManager, Lifecycle]:
+    """A manager of ``cfg`` over ``vault``, its daemon listening; jitter at its top, and a
+    fixed wall clock, so every schedule is exact."""
     lifecycle = Lifecycle()
     lifecycle.set_listening()
     if not vault.login_ttls:

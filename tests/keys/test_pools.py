@@ -16,7 +16,7 @@ from openclawd.errors import ConfigError
 from openclawd.keys.manager import KeyManager
 from openclawd.lifecycle import Lifecycle
 
-from .test_manager import PATH, FakeVault
+from .test_manager import PATH, FakeVault, manager_for
 
 
 def provider_table(**keys: Any) -> dict[str, Any]:
@@ -53,11 +53,7 @@ def test_a_wrong_key_field_explains_both_layouts(value: object) -> None:
 
 
 def make(vault: FakeVault, key_field: str | list[str]) -> tuple[KeyManager, Lifecycle]:
-    cfg = config.parse(provider_table(key_field=key_field))
-    lifecycle = Lifecycle()
-    lifecycle.set_listening()
-    vault.login_ttls = [0.0]
-    return KeyManager(cfg, vault, lifecycle, jitter=lambda: 1.0, wall_clock=lambda: 1e9), lifecycle
+    return manager_for(vault, config.parse(provider_table(key_field=key_field)))
 
 
 @pytest.mark.parametrize(

@@ -16,7 +16,7 @@ from openclawd.keys.vault import SecretMetadata, SecretVersion, VaultSecretError
 from openclawd.keys.vault import VaultUnreachableError as Unreachable
 from openclawd.lifecycle import Lifecycle
 
-from .test_manager import PATH, FakeVault
+from .test_manager import PATH, FakeVault, manager_for
 
 OTHER = "openclawd/openai-next"
 
@@ -63,11 +63,7 @@ def tables(refresh: float = 30.0, timeout: float = 10.0, **provider: Any) -> dic
 
 
 def make(vault: FakeVault, **kwargs: Any) -> tuple[KeyManager, Lifecycle]:
-    lifecycle = Lifecycle()
-    lifecycle.set_listening()
-    vault.login_ttls = [0.0]
-    cfg = config.parse(tables(**kwargs))
-    return KeyManager(cfg, vault, lifecycle, jitter=lambda: 1.0, wall_clock=lambda: 1e9), lifecycle
+    return manager_for(vault, config.parse(tables(**kwargs)))
 
 
 # --- reload -------------------------------------------------------------------------------
@@ -215,10 +211,7 @@ async def test_a_slow_vault_answering_each_read_in_time_is_not_cut_off(
     }
     for n in names:
         vault.write(f"p/{n}", api_key=f"sk-{n}")
-    lifecycle = Lifecycle()
-    lifecycle.set_listening()
-    vault.login_ttls = [0.0]
-    manager = KeyManager(config.parse(tables_), vault, lifecycle, jitter=lambda: 1.0)
+    manager, lifecycle = manager_for(vault, config.parse(tables_))
     async with trio.open_nursery() as nursery:
         await nursery.start(manager.serve)
         for n in names:
@@ -337,12 +330,9 @@ async def test_a_reload_that_adds_the_first_provider_logs_in_and_follows_it(
     brings the first one must (then load its key and poll it), not leave it keyless."""
     vault = FakeVault()
     vault.write(PATH, api_key="sk-one")
-    vault.login_ttls = [0.0]
-    lifecycle = Lifecycle()
-    lifecycle.set_listening()
     empty = tables(refresh=5.0)
     del empty["providers"]
-    manager = KeyManager(config.parse(empty), vault, lifecycle, jitter=lambda: 1.0)
+    manager, lifecycle = manager_for(vault, config.parse(empty))
     async with trio.open_nursery() as nursery:
         await nursery.start(manager.serve)
         assert vault.times("login") == []
