@@ -78,26 +78,29 @@ async def test_http_unknown_provider_is_not_echoed(
     assert "provider=openai" in log_text.getvalue()
 
 
-async def test_an_unknown_path_is_not_echoed(
-    shared_bao: BaoServer, runtime_dir: Path, log_text: io.StringIO
+@pytest.mark.parametrize(
+    ("target", "status", "error"),
+    [
+        ("/{key}/v1/models?x={key}", 404, {"code": "not_found", "message": "no such route"}),
+        ("/v1/realtime/{key}", 426, None),  # plain HTTP to a WebSocket endpoint
+    ],
+    ids=["unknown-path", "websocket-endpoint"],
+)
+async def test_a_path_is_not_echoed(
+    shared_bao: BaoServer,
+    runtime_dir: Path,
+    log_text: io.StringIO,
+    target: str,
+    status: int,
+    error: dict[str, str] | None,
 ) -> None:
     key = fake_key()
     with trio.fail_after(20):
         async with plane(shared_bao, runtime_dir) as dp:
-            answer = await call(dp.socket_path, "GET", f"/{key}/v1/models?x={key}")
-            assert answer.status == 404
-            assert answer.json() == {"error": {"code": "not_found", "message": "no such route"}}
-    assert_absent(key, log_text, answer)
-
-
-async def test_http_to_a_websocket_endpoint_does_not_echo_the_path(
-    shared_bao: BaoServer, runtime_dir: Path, log_text: io.StringIO
-) -> None:
-    key = fake_key()
-    with trio.fail_after(20):
-        async with plane(shared_bao, runtime_dir) as dp:
-            answer = await call(dp.socket_path, "GET", f"/v1/realtime/{key}")
-            assert answer.status == 426
+            answer = await call(dp.socket_path, "GET", target.format(key=key))
+            assert answer.status == status
+            if error is not None:
+                assert answer.json() == {"error": error}
     assert_absent(key, log_text, answer)
 
 
