@@ -15,7 +15,6 @@ from __future__ import annotations
 import hmac
 import json
 import math
-import re
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
@@ -29,6 +28,7 @@ from openclawd.config import Config
 from openclawd.errors import ClientError, OpenclawdError, UnknownProviderError, VaultError
 from openclawd.lifecycle import Lifecycle
 from openclawd.metrics import CONTENT_TYPE, Metrics
+from openclawd.protocol.messages import shown_name
 from openclawd.statistics import Statistics
 
 log = logs.get(__name__)
@@ -40,9 +40,6 @@ _ERROR_CODES = {
     405: "method_not_allowed",
     413: "too_large",
 }
-# What a provider name looks like. A string sent as one that does not look like this, or
-# is not a configured provider, is never repeated back nor logged: it may be a key.
-_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 # Methods a 405 may name; any other token the client sent is not repeated back.
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE"})
 
@@ -195,8 +192,9 @@ def _only(body: dict[str, Any], *fields: str) -> None:
 
 
 def _configured(ops: Operations, provider: str) -> bool:
-    """Whether ``provider`` names a configured provider, and so may be shown and logged."""
-    return _NAME.fullmatch(provider) is not None and provider in ops.config.providers
+    """Whether ``provider`` names a configured provider, and so may be shown and logged
+    (anything else may be a key pasted in the wrong place)."""
+    return shown_name(provider, ops.config.providers) is not None
 
 
 def _seconds(value: object, name: str) -> float | None:
