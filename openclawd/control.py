@@ -25,7 +25,15 @@ from werkzeug.exceptions import HTTPException
 from openclawd import logs
 from openclawd.asgi import ASGIFramework, ASGIReceiveCallable, ASGISendCallable, Scope
 from openclawd.config import Config
-from openclawd.errors import ClientError, OpenclawdError, UnknownProviderError, VaultError
+from openclawd.errors import (
+    ClientError,
+    MethodNotAllowedError,
+    NotFoundError,
+    OpenclawdError,
+    TooLargeError,
+    UnknownProviderError,
+    VaultError,
+)
 from openclawd.lifecycle import Lifecycle
 from openclawd.metrics import CONTENT_TYPE, Metrics
 from openclawd.protocol.messages import shown_name
@@ -35,10 +43,11 @@ log = logs.get(__name__)
 
 # Control requests are small JSON objects; anything larger is refused (413).
 MAX_BODY_BYTES = 64 * 1024
-_ERROR_CODES = {
-    404: "not_found",
-    405: "method_not_allowed",
-    413: "too_large",
+# werkzeug's answers (Quart routes with it) as errors of the one table (errors.py).
+_HTTP_ERRORS: dict[int, type[OpenclawdError]] = {
+    404: NotFoundError,
+    405: MethodNotAllowedError,
+    413: TooLargeError,
 }
 # Methods a 405 may name; any other token the client sent is not repeated back.
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE"})
@@ -88,8 +97,9 @@ def _redacted(value: object, redact: Callable[[str], str]) -> object:
     return value
 
 
-def error(status: int, code: str, message: str) -> Response:
-    return json_response({"error": code, "message": message}, status)
+def error(exc: OpenclawdError) -> Response:
+    """The control API's error shape, with the status and code of ``exc``."""
+    return json_response({"error": exc.code, "message": str(exc)}, exc.http_status)
 
 
 def status_body(stats: Statistics, config: Config) -> dict[str, Any]:
@@ -249,19 +259,19 @@ def create_app(ops: Operations) -> QuartTrio:
             raise ClientError("provider must be a string")
         if provider is not None and not _configured(ops, provider):
             log.info("control.rotate_refused", reason="unknown provider", via=_caller())
-            return error(404, UnknownProviderError.code, "unknown provider")
+            return error(UnknownProviderError("unknown provider"))
         log.info("control.rotate", provider=provider, via=_caller())
         try:
             result = await ops.rotate_keys(provider)
         except UnknownProviderError:
             # Removed by a reload meanwhile; the key manager's text quotes the name.
-            return error(404, UnknownProviderError.code, "unknown provider")
+            return error(UnknownProviderError("unknown provider"))
         except VaultError as exc:
             # Whatever the cause, the operator's answer is the contract's: the keys in
             # force are kept.
-            message = f"the keys in force are kept: {exc}"
+            kept = VaultError(f"the keys in force are kept: {exc}")
             return json_response(
-                {"error": "vault_unreachable", "message": message}, 503, redact=ops.redact
+                {"error": kept.code, "message": str(kept)}, kept.http_status, redact=ops.redact
             )
         return json_response(
             {
@@ -312,7 +322,7 @@ def create_app(ops: Operations) -> QuartTrio:
 
     @app.errorhandler(OpenclawdError)
     async def refused(exc: OpenclawdError) -> Response:
-        return error(exc.http_status, exc.code, str(exc))
+        return error(exc)
 
     @app.errorhandler(HTTPException)
     async def http_error(exc: HTTPException) -> Response:
@@ -329,8 +339,10 @@ def create_app(ops: Operations) -> QuartTrio:
             message = f"the body is larger than {MAX_BODY_BYTES} bytes"
         else:
             message = exc.description or exc.name
-        fallback = "bad_request" if status < 500 else "internal"
-        response = error(status, _ERROR_CODES.get(status, fallback), message)
+        kind = _HTTP_ERRORS.get(status, ClientError if status < 500 else OpenclawdError)
+        failure = kind(message)
+        failure.http_status = status
+        response = error(failure)
         if status == 405 and exc.get_headers():
             for name, value in exc.get_headers():
                 if name.lower() == "allow":
@@ -340,7 +352,7 @@ def create_app(ops: Operations) -> QuartTrio:
     @app.errorhandler(Exception)
     async def internal(exc: Exception) -> Response:
         log.exception("control.internal_error", error=type(exc).__name__)
-        return error(500, "internal", "internal error; see the daemon's log")
+        return error(OpenclawdError("internal error; see the daemon's log"))
 
     return app
 

@@ -3,9 +3,14 @@
 Errors are split by who is at fault, as h11 splits Local from Remote and trio splits
 Closed from Broken: the app (``ClientError``), the provider or the network
 (``UpstreamError``), the key source (``VaultError``) and the operator's configuration
-(``ConfigError``, startup and reload only). Each class names the contract's wire ``code``
-and, where it ends a WebSocket, its ``close_code``. Only per-connection handlers turn these
-into frames or close codes. No message of any of them may ever hold a key.
+(``ConfigError``, startup and reload only).
+
+This is the one table of codes (CONTRACT.md 3.1-3.4, 4): each class carries its wire
+``code``, its ``http_status`` (the data socket's and the control API's answer) and its
+``close_code`` (a ``CloseCode`` member, when it ends a WebSocket), as h11's errors carry
+``error_status_hint``. A refusal is one of these raised, never a tuple; only the
+per-connection handlers turn them into frames, JSON answers or close codes. No message of
+any of them may ever hold a key.
 """
 
 from __future__ import annotations
@@ -13,12 +18,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from openclawd.protocol.closecodes import CloseCode
+
 
 class OpenclawdError(Exception):
     """Base of every error openclawd raises on purpose."""
 
     code: str = "internal"
-    close_code: int = 1011
+    close_code: CloseCode = CloseCode.INTERNAL
     http_status: int = 500  # the data socket's HTTP answer (CONTRACT.md 3.3)
 
 
@@ -26,7 +33,7 @@ class ClientError(OpenclawdError):
     """The app broke the contract: a bad frame, a refused header, a limit."""
 
     code = "bad_request"
-    close_code = 1008
+    close_code = CloseCode.POLICY
     http_status = 400
 
 
@@ -35,6 +42,50 @@ class UnknownProviderError(ClientError):
 
     code = "unknown_provider"
     http_status = 404
+
+
+class NotFoundError(ClientError):
+    """No such route (the path is never repeated: an app may have put a key in it)."""
+
+    code = "not_found"
+    http_status = 404
+
+
+class UpgradeRequiredError(ClientError):
+    """A WebSocket endpoint asked for without the upgrade (RFC 9110 15.5.22)."""
+
+    http_status = 426
+
+
+class MethodNotAllowedError(ClientError):
+    """The route exists, but not for this method (control API)."""
+
+    code = "method_not_allowed"
+    http_status = 405
+
+
+class TooLargeError(ClientError):
+    """A request body or head larger than the daemon takes."""
+
+    code = "too_large"
+    close_code = CloseCode.TOO_BIG
+    http_status = 413
+
+
+class ForbiddenError(ClientError):
+    """The peer is not allowed (``[listen] allowed_uids`` / ``allowed_gids``)."""
+
+    code = "forbidden"
+    close_code = CloseCode.POLICY
+    http_status = 403
+
+
+class BusyError(ClientError):
+    """A connection over ``[listen] max_connections``: try again later."""
+
+    code = "busy"
+    close_code = CloseCode.TRY_AGAIN
+    http_status = 503
 
 
 class FrameError(ClientError):
@@ -52,7 +103,7 @@ class FrameError(ClientError):
 class PeerTimeoutError(ClientError):
     """The app stopped answering pings: a half-open or hung peer."""
 
-    close_code = 1011
+    close_code = CloseCode.INTERNAL
 
 
 class UnfinishedMessageError(ClientError):
@@ -68,14 +119,14 @@ class UnfinishedMessageError(ClientError):
 class MessageTooBigError(ClientError):
     """A WebSocket message over ``max_message_bytes`` (counted in bytes, UTF-8 for text)."""
 
-    close_code = 1009
+    close_code = CloseCode.TOO_BIG
 
 
 class RateLimitedError(ClientError):
     """A local limit (``[limits] requests_per_minute``) refused the request."""
 
     code = "rate_limited"
-    close_code = 1013
+    close_code = CloseCode.TRY_AGAIN
     http_status = 429
 
     def __init__(self, message: str, *, retry_after_s: float) -> None:
@@ -87,7 +138,7 @@ class NoKeyError(OpenclawdError):
     """The provider has no key yet (Vault never answered for it): try again later."""
 
     code = "no_key"
-    close_code = 1013
+    close_code = CloseCode.TRY_AGAIN
     http_status = 503
 
 
@@ -95,7 +146,7 @@ class DrainingError(OpenclawdError):
     """The daemon is draining or stopping and takes no new work."""
 
     code = "draining"
-    close_code = 1013
+    close_code = CloseCode.TRY_AGAIN
     http_status = 503
 
 
@@ -110,7 +161,7 @@ class UpstreamError(OpenclawdError):
     """The provider or the network between us failed."""
 
     code = "upstream_unavailable"
-    close_code = 1014
+    close_code = CloseCode.BAD_GATEWAY
     http_status = 502
 
 
@@ -140,7 +191,7 @@ class UpstreamRejectedError(UpstreamError):
     """The upstream answered a WebSocket handshake with an HTTP status instead of 101:
     ``close_code`` is the one the app is closed with (1008, 1013 or 1014)."""
 
-    def __init__(self, message: str, *, status: int, close_code: int) -> None:
+    def __init__(self, message: str, *, status: int, close_code: CloseCode) -> None:
         super().__init__(message)
         self.status = status
         self.close_code = close_code

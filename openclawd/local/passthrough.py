@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -31,14 +30,13 @@ from openclawd.config import Config
 from openclawd.errors import (
     ClientError,
     OpenclawdError,
-    RateLimitedError,
     UnfinishedMessageError,
     UnknownProviderError,
     UpstreamError,
     UpstreamProtocolError,
 )
 from openclawd.lifecycle import Lifecycle
-from openclawd.local.server import Connection, error_body, reason_phrase
+from openclawd.local.server import Connection, reason_phrase
 from openclawd.protocol.messages import (
     CREDENTIAL_HEADERS,
     HOP_BY_HOP_HEADERS,
@@ -264,10 +262,7 @@ class Passthrough:
             log.warning("http.cut", error=str(exc))
             answer.ended = True
             return
-        headers: list[tuple[str, str]] = []
-        if isinstance(exc, RateLimitedError):
-            headers.append(("retry-after", str(max(1, math.ceil(exc.retry_after_s)))))
-        written = await conn.respond_json(exc.http_status, error_body(exc.code, str(exc)), headers)
+        written = await conn.respond_error(exc)
         if written is None:
             answer.gone = True
         else:

@@ -23,6 +23,7 @@ import contextlib
 import errno
 import itertools
 import json
+import math
 import socket
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -35,7 +36,15 @@ import trio
 
 from openclawd import logs, websocket
 from openclawd.config import ListenConfig
-from openclawd.errors import OpenclawdError
+from openclawd.errors import (
+    BusyError,
+    DrainingError,
+    ForbiddenError,
+    NotFoundError,
+    OpenclawdError,
+    RateLimitedError,
+    UpgradeRequiredError,
+)
 from openclawd.lifecycle import Lifecycle
 from openclawd.local.unix import PeerCredentials, peer_credentials
 from openclawd.protocol.closecodes import CloseCode
@@ -84,6 +93,16 @@ class Connection:
         written = await _send_json(self.stream, self.http, status, payload, headers)
         await _discard_body(self.stream, self.http)
         return written
+
+    async def respond_error(
+        self, error: OpenclawdError, headers: Sequence[tuple[str, str]] = ()
+    ) -> int | None:
+        """``respond_json`` with the contract's error shape, status and code of ``error``
+        (a rate limit also says when to try again)."""
+        if isinstance(error, RateLimitedError):
+            headers = [*headers, ("retry-after", str(max(1, math.ceil(error.retry_after_s))))]
+        body = error_body(error.code, str(error))
+        return await self.respond_json(error.http_status, body, headers)
 
 
 @dataclass(frozen=True, slots=True)
@@ -308,22 +327,20 @@ class LocalServer:
             # Refused before routing: a peer that is not allowed learns nothing of the routes.
             refusal = self._refusal(peer, seen)
             if refusal is not None:
-                code, status, message = refusal
-                await conn.respond_json(status, error_body(code, message))
-                return f"refused: {message}"
+                await conn.respond_error(refusal)
+                return f"refused: {refusal}"
             if ws_handler is not None:
                 # The route, not the path: what follows the prefix is the app's, maybe a key.
                 # 426 names the protocol to upgrade to (RFC 9110 15.5.22).
-                await conn.respond_json(
-                    426,
-                    error_body("bad_request", f"{ws_prefix} is a WebSocket endpoint"),
+                await conn.respond_error(
+                    UpgradeRequiredError(f"{ws_prefix} is a WebSocket endpoint"),
                     [("upgrade", "websocket")],
                 )
                 return "bad request: not a WebSocket upgrade"
             _, handler = _match(self.routes, path)
             if handler is None:
                 # Not the path: an app may have put a key where a name goes.
-                await conn.respond_json(404, error_body("not_found", "no such route"))
+                await conn.respond_error(NotFoundError("no such route"))
                 return "not found"
             try:
                 await handler(conn)
@@ -331,22 +348,22 @@ class LocalServer:
                 # A bug ends this request alone, never the daemon.
                 log.exception("connection.internal_error")
                 if http.our_state is h11.SEND_RESPONSE:
-                    await conn.respond_json(500, error_body("internal", "internal error"))
+                    await conn.respond_error(OpenclawdError("internal error"))
                 return "internal error"
             served += 1
             if http.our_state is not h11.DONE or http.their_state is not h11.DONE:
                 return f"served {served} requests"
             http.start_next_cycle()
 
-    def _refusal(self, peer: PeerCredentials, seen: _Seen) -> tuple[str, int, str] | None:
-        """Why a connection's request is refused: (error code, HTTP status, message), or
-        None."""
+    def _refusal(self, peer: PeerCredentials, seen: _Seen) -> OpenclawdError | None:
+        """Why a connection's request is refused (its code, HTTP status and close code
+        are the error's), or None."""
         if not peer_allowed(peer, self.config):
-            return "forbidden", 403, f"peer uid {peer.uid} gid {peer.gid} is not allowed"
+            return ForbiddenError(f"peer uid {peer.uid} gid {peer.gid} is not allowed")
         if self.lifecycle.draining or self.lifecycle.stopping:
-            return "draining", 503, "openclawd is draining"
+            return DrainingError("openclawd is draining")
         if not seen.admitted:
-            return "busy", 503, f"over the connection limit ({self.config.max_connections})"
+            return BusyError(f"over the connection limit ({self.config.max_connections})")
         return None
 
     async def _serve_websocket(
@@ -375,10 +392,8 @@ class LocalServer:
             return "websocket handshake failed"
         refusal = self._refusal(conn.peer, seen)
         if refusal is not None:
-            _, status, message = refusal
-            refused = CloseCode.POLICY if status == 403 else CloseCode.TRY_AGAIN
             wait_s = websocket.CLOSE_TIMEOUT_S if seen.admitted else _REFUSED_WAIT_S
-            return await self._close(ws, refused, message, seen, wait_s=wait_s)
+            return await self._close(ws, refusal.close_code, str(refusal), seen, wait_s=wait_s)
         outcome: tuple[int, str] | None = None
         try:
             try:
