@@ -40,9 +40,10 @@ def leak_forms(key: str) -> list[str]:
     ]
 
 
-def readme_blocks(lang: str, section: str | None = None) -> list[str]:
-    """The README's fenced code blocks in ``lang``, from one ``## section`` or all."""
-    text = (REPO / "README.md").read_text()
+def doc_blocks(doc: str, lang: str, section: str | None = None) -> list[str]:
+    """The fenced code blocks in ``lang`` of ``doc`` (a path from the repository's top, such
+    as ``README.md`` or ``docs/operations.md``), from one ``## section`` or all."""
+    text = (REPO / doc).read_text()
     if section is not None:
         text = text.split(f"\n## {section}\n", 1)[1].split("\n## ", 1)[0]
     return [block.strip() for block in re.findall(rf"```{lang}\n(.*?)```", text, re.S)]

@@ -17,11 +17,11 @@ import pytest
 from openclawd import demo
 from openclawd.cli import _parser
 
-from .conftest import REPO, readme_blocks
+from .conftest import REPO, doc_blocks
 
 
 def readme_commands() -> list[str]:
-    return readme_blocks("sh", "The two commands")
+    return doc_blocks("README.md", "sh", "The two commands")
 
 
 def readme_test_command() -> str:

@@ -2,7 +2,7 @@
 real bao, the fake upstream and the daemon, and reports every figure.
 
 This checks that the benchmark works and tells the truth about failures, never how fast
-anything is: no figure is compared with a target here (README, "Performance").
+anything is: no figure is compared with a target here (docs/performance.md).
 """
 
 from __future__ import annotations

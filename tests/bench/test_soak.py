@@ -1,5 +1,5 @@
 """``bench/soak``: its verdict on memory, and a short run end to end (the real soak takes
-minutes and is not part of CI; README, "What openclawd survives")."""
+minutes and is not part of CI; docs/performance.md, "The soak")."""
 
 from __future__ import annotations
 

@@ -35,7 +35,7 @@ from openclawd.lifecycle import Lifecycle
 from openclawd.logs import LogfmtFormatter
 
 from ..bao import BaoServer, running_bao, shared_bao  # noqa: F401 - shared_bao is a fixture
-from ..conftest import readme_blocks
+from ..conftest import doc_blocks
 
 PATH = "openclawd/openai"  # each test's own path under the session's server: see ``bao``
 # Tests that stop the server or revoke what it issued have one of their own.
@@ -65,9 +65,9 @@ def bao(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iter
 
 
 PROVIDER = "openai"
-# The least-privilege policy exactly as the README gives it to operators, so the tests that
-# run the daemon on it prove the README's policy is enough.
-(READ_POLICY,) = readme_blocks("hcl", "Keys and Vault")
+# The least-privilege policy exactly as docs/operations.md gives it to operators, so the tests
+# that run the daemon on it prove that policy is enough.
+(READ_POLICY,) = doc_blocks("docs/operations.md", "hcl", "Keys and Vault")
 
 _T = TypeVar("_T")
 
