@@ -1,6 +1,6 @@
 """Compares openclawd's direct baseline with a LiteLLM proxy: scenarios 1, 2 and 4.
 
-The optional comparison of the README: the same fake upstream (``bench/upstream.py``) and
+The optional comparison of docs/performance.md: the same fake upstream (``bench/upstream.py``) and
 the same load client (``bench/client.py``) as ``bench/run``, with two paths:
 
 * ``direct`` -- the client to the upstream, with the upstream key, as in ``bench/run``;

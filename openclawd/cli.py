@@ -47,7 +47,7 @@ def tune_gc() -> None:
     Each request and event allocates objects; at a few thousand events a second CPython's
     default thresholds start a full collection about once a second, and each one walks the
     whole heap (~90k objects, mostly the imported modules) in 30-44 ms while every stream
-    waits: that was /v1/ws's p99 cliff (README, Performance). So, once, before the loop
+    waits: that was /v1/ws's p99 cliff (docs/performance.md). So, once, before the loop
     starts: collect, freeze what is left (the modules, the config: never garbage, no longer
     scanned), and let young objects pile up 14x longer before a pass, so that far fewer
     survive into the older generations. Cycles made later are still collected.

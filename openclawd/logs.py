@@ -41,7 +41,7 @@ class EventLogger:
         if logger.isEnabledFor(level):
             # Built here rather than by Logger.log, which walks the stack to find the
             # caller's file and line for every record: no line of ours shows them, and
-            # the walk was a third of a request's logging cost (README, "Performance").
+            # the walk was a third of a request's logging cost (docs/performance.md).
             record = logger.makeRecord(
                 logger.name,
                 level,

@@ -2,8 +2,8 @@
 
 httpx's own transport (httpcore's pool) scans every pooled connection, with a ``poll``
 system call for each idle one, on every request: its cost grows with the pool, and at 64
-concurrent requests it was the largest item of the daemon's profile (README,
-"Performance"). This pool does the same job in constant time per request: idle
+concurrent requests it was the largest item of the daemon's profile
+(docs/performance.md). This pool does the same job in constant time per request: idle
 connections wait on a stack per origin, the most recently used is taken first, and only
 that one is checked (expired after ``keepalive_expiry_s``, or readable: the server closed
 it or sent what it should not have). h11 does the protocol; this module only moves bytes
