@@ -218,7 +218,7 @@ class ProviderPool:
         self.breaker = CircuitBreaker(config.circuit_failure_threshold, config.circuit_reset_s)
         # Our own pool (upstream/transport.py), without httpx.AsyncClient around it: the
         # client's layers (auth, redirects, cookies, event hooks, URL merging) cost more
-        # than a pool on every request (bench/, README "Performance"), and its cookie jar
+        # than a pool on every request (bench/, docs/performance.md), and its cookie jar
         # would carry one app's upstream cookies into another app's requests.
         self._transport = transport or PoolTransport(
             max_connections=config.max_connections,
