@@ -47,6 +47,7 @@ from openclawd.local.realtime import Realtime
 from openclawd.local.server import REFUSING_AT_ONCE, LocalServer
 from openclawd.local.unix import UnixListenSocket, listen_backlog, resolve_group
 from openclawd.notify import Notifier
+from openclawd.protocol.exchange import Admission
 from openclawd.protocol.ratelimit import RateLimiter
 from openclawd.statistics import Statistics
 from openclawd.upstream.http import Upstreams
@@ -100,10 +101,12 @@ class Daemon:
         )
         self.upstreams = Upstreams(config, self.keys)
         # One request rate per peer uid, whichever entry point its requests come in by.
-        limiter = RateLimiter(config.limits.requests_per_minute)
-        self.channels = Channels(config, self.upstreams, self.lifecycle, limiter=limiter)
-        self.realtime = Realtime(config, self.keys, self.lifecycle, limiter)
-        self.passthrough = Passthrough(config, self.upstreams, self.lifecycle, limiter)
+        self.limiter = RateLimiter(config.limits.requests_per_minute)
+        # Every entry point admits new work through the same gate: the drain, the limits.
+        admission = Admission(self.lifecycle, [self.limiter])
+        self.channels = Channels(config, self.upstreams, self.lifecycle, admission)
+        self.realtime = Realtime(config, self.keys, self.lifecycle, self.limiter)
+        self.passthrough = Passthrough(config, self.upstreams, self.lifecycle, admission)
         self.local.websocket_routes["/v1/ws"] = self.channels.serve
         self.local.websocket_routes[realtime.PREFIX] = self.realtime.serve
         self.local.routes[passthrough.PREFIX] = self.passthrough.serve
@@ -361,6 +364,7 @@ class Daemon:
         new = keep_restart_only(old, new)
         logs.configure(new.logging.level, new.logging.format)
         self.local.config = new.listen
+        self.limiter.requests_per_minute = new.limits.requests_per_minute
         self.channels.configure(new)
         self.realtime.configure(new)
         self.passthrough.configure(new)

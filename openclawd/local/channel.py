@@ -22,21 +22,18 @@ import trio
 from openclawd import __version__, logs, websocket
 from openclawd.config import Config
 from openclawd.errors import (
-    DrainingError,
     MessageTooBigError,
     OpenclawdError,
     PeerTimeoutError,
     RateLimitedError,
     UnfinishedMessageError,
-    UpstreamError,
 )
 from openclawd.lifecycle import Lifecycle
 from openclawd.local.server import Connection
 from openclawd.protocol import messages
+from openclawd.protocol.exchange import Admission, Exchange
 from openclawd.protocol.messages import Request
-from openclawd.protocol.ratelimit import RateLimiter
 from openclawd.protocol.session import Abort, Send, Session, Start
-from openclawd.protocol.sse import SSEDecoder, merge_usage, usage_of
 from openclawd.upstream.http import UpstreamRequest, UpstreamResponse, Upstreams
 from openclawd.websocket import ConnectionClosed, WebSocketConnection
 
@@ -67,25 +64,17 @@ class Channels:
     """Serves /v1/ws connections; shared by all of them."""
 
     def __init__(
-        self,
-        config: Config,
-        upstreams: Upstreams,
-        lifecycle: Lifecycle,
-        *,
-        limiter: RateLimiter | None = None,
+        self, config: Config, upstreams: Upstreams, lifecycle: Lifecycle, admission: Admission
     ) -> None:
-        """``limiter`` is the per-uid request rate, shared with the other entry points;
-        ``configure`` keeps it in step with ``[limits]``."""
         self.upstreams = upstreams
         self.lifecycle = lifecycle
-        self.limiter = limiter or RateLimiter(config.limits.requests_per_minute)
+        self.admission = admission
         self.configure(config)
         self.inflight = 0
 
     def configure(self, config: Config) -> None:
         """Take a (reloaded) config; open channels keep the limits they started with."""
         self.config = config
-        self.limiter.requests_per_minute = config.limits.requests_per_minute
         self.refused_headers = {
             name: frozenset({provider.auth_header.lower()})
             for name, provider in config.providers.items()
@@ -144,8 +133,9 @@ class Channels:
                 channel.scopes[action.id].cancel()
             elif isinstance(action, Start):
                 rid = action.request.id
-                refusal = self._refusal(channel.conn)
-                if refusal is not None:
+                try:
+                    self.admission.admit(channel.conn.peer.uid, trio.current_time())
+                except OpenclawdError as refusal:
                     session.finish(rid)
                     await channel.send(_error_frame(rid, refusal))
                 else:
@@ -155,24 +145,18 @@ class Channels:
                     self.lifecycle.work.begin()
                     nursery.start_soon(self._request, channel, action.request, scope)
 
-    def _refusal(self, conn: Connection) -> OpenclawdError | None:
-        if self.lifecycle.draining or self.lifecycle.stopping:
-            return DrainingError("openclawd is draining: send new requests elsewhere or later")
-        return self.limiter.check(conn.peer.uid, trio.current_time())
-
     async def _request(self, channel: _Channel, request: Request, scope: trio.CancelScope) -> None:
         """One request, start to last frame. ``scope`` is the app's ``cancel``; it only
         ever interrupts the upstream side or the queueing of a frame, never a write. The
         request was counted as work when it was accepted; this ends the count."""
         rid = request.id
-        finished = False
+        exchange = Exchange(answers_after_head=True)
 
         async def finish(text: str) -> None:
             # The id is free before the last frame is queued: the app may reuse it as soon
             # as it reads that frame. Queued whatever happens next (a cancel, the total
             # deadline): after this, nothing more is sent for the id.
-            nonlocal finished
-            finished = True
+            exchange.finished()
             channel.session.finish(rid)
             with trio.CancelScope(shield=True):
                 # Still in-flight work until written: a drain must not cut it off queued.
@@ -180,25 +164,24 @@ class Channels:
 
         self.inflight += 1
         try:
-            error: OpenclawdError | None = None
             with scope:
                 try:
-                    await relay(self.upstreams, request, channel.send, finish)
+                    await relay(self.upstreams, request, exchange, channel.send, finish)
                 except OpenclawdError as exc:
-                    error = exc
+                    exchange.fail(exc)
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     raise  # the writer is gone: so is the app (below)
                 except Exception:
                     log.exception("request.internal_error", request_id=rid)
-                    error = OpenclawdError("internal error")
-            if finished:
-                if error is not None:  # e.g. the deadline, once the end was queued
-                    log.info("request.late_error", request_id=rid, error=str(error))
-            elif scope.cancelled_caught:
+                    exchange.fail(OpenclawdError("internal error"))
+            if scope.cancelled_caught and exchange.cancelled():
                 log.info("request.cancelled", request_id=rid, reason="cancel frame")
                 await finish(messages.error(rid, "cancelled", "cancelled by the app"))
-            elif error is not None:
-                await finish(_error_frame(rid, error))
+            elif exchange.late_error is not None:  # e.g. the deadline, once the end was queued
+                log.info("request.late_error", request_id=rid, error=str(exchange.late_error))
+            elif exchange.error is not None and not exchange.ended:
+                exchange.answered()
+                await finish(_error_frame(rid, exchange.error))
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             # The writer is gone, before the channel's reader may have seen the app go:
             # an app leaving is normal, not an error of ours.
@@ -206,10 +189,11 @@ class Channels:
         finally:
             self.inflight -= 1
             self.lifecycle.work.end()
-            if not finished:
+            if not exchange.ended:
                 # Left behind: the app went, or the daemon cut the channel (the
                 # connection's cancel ended the request, and why is the channel's).
-                log.info("request.cancelled", request_id=rid, reason=channel.ending or "cut")
+                exchange.left(channel.ending or "cut", cut=channel.ending != "app gone")
+                log.info("request.cancelled", request_id=rid, reason=exchange.reason)
                 # Only then: else the id may already belong to the app's next request.
                 channel.session.finish(rid)
             if channel.scopes.get(rid) is scope:
@@ -326,6 +310,7 @@ def _error_frame(rid: str | None, exc: OpenclawdError) -> str:
 async def relay(
     upstreams: Upstreams,
     request: Request,
+    exchange: Exchange,
     send: Callable[[str], Any],
     finish: Callable[[str], Any],
 ) -> None:
@@ -347,42 +332,29 @@ async def relay(
     upstream_request = UpstreamRequest(
         request.method, request.path, headers=tuple(headers), content=content
     )
+    rid = request.id
     async with pool.open(upstream_request) as response:
-        await send(
-            messages.response_start(request.id, response.status, shown_headers(response.headers))
-        )
-        try:
-            usage = await _relay_body(request.id, response, send)
-        except UpstreamError as exc:
-            pool.record_failure(exc)
-            raise
-        pool.record_usage(usage)
-        await finish(
-            messages.response_end(request.id, response.key.version, response.attempts, usage)
-        )
-
-
-async def _relay_body(rid: str, response: UpstreamResponse, send: Callable[[str], Any]) -> Any:
-    content_type = (response.header("content-type") or "").lower()
-    if content_type.startswith("text/event-stream"):
-        decoder = SSEDecoder(max_event_bytes=MAX_EVENT_BYTES)
-        usage = None
-        async with contextlib.aclosing(response.aiter_bytes()) as chunks:
-            async for chunk in chunks:
-                for event in decoder.feed(chunk):
-                    usage = merge_usage(usage, usage_of(event.data))
+        await send(messages.response_start(rid, response.status, shown_headers(response.headers)))
+        exchange.responded(response.status)
+        if response.is_event_stream:
+            async with contextlib.aclosing(response.events(MAX_EVENT_BYTES)) as events:
+                async for event in events:
                     await send(messages.response_event(rid, event.event, event.data))
-        for event in decoder.close():
-            usage = merge_usage(usage, usage_of(event.data))
-            await send(messages.response_event(rid, event.event, event.data))
-        return usage
-    raw = await response.read(MAX_BODY_BYTES)
+        else:
+            await send(
+                messages.response_body(rid, _body_of(response, await response.read(MAX_BODY_BYTES)))
+            )
+        await finish(
+            messages.response_end(rid, response.key.version, response.attempts, response.usage)
+        )
+
+
+def _body_of(response: UpstreamResponse, raw: bytes) -> Any:
+    """A whole body as ``response.body`` carries it: JSON parsed, else text."""
     text = raw.decode("utf-8", "replace")
-    body: Any = text
-    if "json" in content_type:
+    if "json" in (response.header("content-type") or "").lower():
         try:
-            body = json.loads(text)
+            return json.loads(text)
         except (ValueError, RecursionError):  # relayed as the text it is
-            body = text
-    await send(messages.response_body(rid, body))
-    return body.get("usage") if isinstance(body, dict) else None
+            return text
+    return text

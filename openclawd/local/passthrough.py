@@ -17,10 +17,8 @@ Knows nothing of WebSockets.
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import h11
 import trio
@@ -32,20 +30,17 @@ from openclawd.errors import (
     OpenclawdError,
     UnfinishedMessageError,
     UnknownProviderError,
-    UpstreamError,
-    UpstreamProtocolError,
 )
 from openclawd.lifecycle import Lifecycle
 from openclawd.local.server import Connection, reason_phrase
+from openclawd.protocol.exchange import Admission, Exchange
 from openclawd.protocol.messages import (
     CREDENTIAL_HEADERS,
     HOP_BY_HOP_HEADERS,
     has_dot_segment,
     shown_name,
 )
-from openclawd.protocol.ratelimit import RateLimiter
-from openclawd.protocol.sse import SSEDecoder, merge_usage, usage_of
-from openclawd.upstream.http import UpstreamRequest, UpstreamResponse, Upstreams
+from openclawd.upstream.http import UpstreamRequest, Upstreams
 
 log = logs.get(__name__)
 
@@ -141,11 +136,11 @@ class Passthrough:
     """Serves /v1/http requests; shared by all of them."""
 
     def __init__(
-        self, config: Config, upstreams: Upstreams, lifecycle: Lifecycle, limiter: RateLimiter
+        self, config: Config, upstreams: Upstreams, lifecycle: Lifecycle, admission: Admission
     ) -> None:
         self.upstreams = upstreams
         self.lifecycle = lifecycle
-        self.limiter = limiter
+        self.admission = admission
         self.config = config
         self.inflight = 0
 
@@ -156,7 +151,7 @@ class Passthrough:
         """Answer one request: the upstream's response, or the contract's JSON error."""
         started = trio.current_time()
         route = _Route.of(conn.request)
-        answer = _Answer()
+        exchange = Exchange(answers_after_head=False)
         self.inflight += 1
         try:
             with self.lifecycle.work.track(), trio.CancelScope() as app_gone:
@@ -165,30 +160,31 @@ class Passthrough:
                     def watch() -> None:
                         nursery.start_soon(_watch_for_leaving, conn, app_gone)
 
-                    await self._exchange(conn, route, watch, answer)
+                    await self._exchange(conn, route, watch, exchange)
                     nursery.cancel_scope.cancel()
             if app_gone.cancelled_caught:
-                answer.gone = True  # too late to matter if the answer had ended
-        except Exception:
-            answer.error = answer.error or "internal"
+                exchange.left("app gone")  # too late to matter if the answer had ended
+        except Exception as exc:
+            exchange.fail(OpenclawdError(f"internal error: {type(exc).__name__}"))
             raise
         finally:
             self.inflight -= 1
+            exchange.left("cut", cut=True)  # unless it ended: cut by the daemon
             log.info(
                 "http.request",
                 provider=shown_name(route.provider, self.config.providers),
                 method=route.method,
                 path=f"/{route.rest}",
-                status=answer.logged_status(),
-                bytes_out=answer.body_bytes,
-                **({"error": answer.error} if answer.error else {}),
+                status=exchange.logged_status(),
+                bytes_out=exchange.body_bytes,
+                **({"error": exchange.error.code} if exchange.error else {}),
                 duration_s=round(trio.current_time() - started, 4),
             )
 
     async def _exchange(
-        self, conn: Connection, route: _Route, watch: Callable[[], None], answer: _Answer
+        self, conn: Connection, route: _Route, watch: Callable[[], None], exchange: Exchange
     ) -> None:
-        """The request and its answer, recorded in ``answer`` as it is written (the
+        """The request and its answer, told to ``exchange`` as it is written (the
         exchange may be cancelled at any point: the log line shows what the app got).
         ``watch`` is called once the app's body is all read: from then on the app leaving
         cancels the exchange."""
@@ -202,25 +198,25 @@ class Passthrough:
                     reason=reason_phrase(response.status, response.reason),
                 )
                 await _send(conn, head)
-                answer.status = response.status
-                usage = _UsageReader.of(response, pool.record_usage)
-                try:
-                    async with contextlib.aclosing(response.aiter_raw()) as chunks:
-                        async for chunk in chunks:
-                            usage.feed(chunk)  # before the send: the app may be done after it
-                            await _send(conn, h11.Data(data=chunk))
-                            answer.body_bytes += len(chunk)
-                except UpstreamError as exc:
-                    pool.record_failure(exc)  # a drop or stall mid-body
-                    raise
-                usage.close()
+                exchange.responded(response.status)
+                async with contextlib.aclosing(response.aiter_raw()) as chunks:
+                    async for chunk in chunks:
+                        await _send(conn, h11.Data(data=chunk))
+                        exchange.sent(len(chunk))
                 await _send(conn, h11.EndOfMessage())
-                answer.ended = True
+                exchange.finished()
         except OpenclawdError as exc:
-            answer.error = exc.code
-            await self._fail(conn, exc, answer)
+            if exchange.fail(exc):
+                written = await conn.respond_error(exc)
+                if written is None:
+                    exchange.left("app gone")
+                else:
+                    exchange.answered(exc.http_status, written)
+            elif exchange.error is exc:
+                # The head is out: the app is cut off mid-body and sees a truncated response.
+                log.warning("http.cut", error=str(exc))
         except (trio.BrokenResourceError, trio.ClosedResourceError):
-            answer.gone = True
+            exchange.left("app gone")
 
     async def _prepare(
         self, conn: Connection, route: _Route, on_complete: Callable[[], None]
@@ -228,7 +224,8 @@ class Passthrough:
         """Check the request and start reading its body.
 
         Raises:
-            OpenclawdError: the request is refused (unknown provider, bad path, rate).
+            OpenclawdError: the request is refused (unknown provider, bad path, a drain,
+                a limit).
         """
         provider = self.config.providers.get(route.provider)
         if provider is None:
@@ -237,9 +234,7 @@ class Passthrough:
         bad = _bad_segment(route.rest)
         if bad is not None:
             raise ClientError(f"{bad} path segments are not allowed")
-        refused = self.limiter.check(conn.peer.uid, trio.current_time())
-        if refused is not None:
-            raise refused
+        self.admission.admit(conn.peer.uid, trio.current_time())
         headers, length = request_headers(conn.request.headers, provider.auth_header)
         if conn.http.they_are_waiting_for_100_continue:
             go_on = h11.InformationalResponse(status_code=100, headers=[], reason=b"Continue")
@@ -255,40 +250,6 @@ class Passthrough:
             if length is not None:  # else it goes chunked
                 headers.append(("content-length", str(length)))
         return UpstreamRequest(route.method, route.upstream_target, tuple(headers), content)
-
-    async def _fail(self, conn: Connection, exc: OpenclawdError, answer: _Answer) -> None:
-        if conn.http.our_state is not h11.SEND_RESPONSE:
-            # The head is out: the app is cut off mid-body and sees a truncated response.
-            log.warning("http.cut", error=str(exc))
-            answer.ended = True
-            return
-        written = await conn.respond_error(exc)
-        if written is None:
-            answer.gone = True
-        else:
-            answer.status, answer.body_bytes, answer.ended = exc.http_status, written, True
-
-
-@dataclass(slots=True)
-class _Answer:
-    """What the app has been sent of one answer, as it is written: for the log line."""
-
-    status: int | None = None  # the status line's code, once written
-    body_bytes: int = 0  # body bytes written to the app
-    ended: bool = False  # the answer is over: its end written, or cut by the daemon
-    gone: bool = False  # the app left (its side closed, or a write to it failed)
-    error: str | None = None  # the daemon's error code, when it answered or cut with one
-
-    def logged_status(self) -> int | str:
-        """The status sent; "app gone" if the app left before the answer ended; "cut"
-        if the daemon cut the request before its answer (a drain's deadline)."""
-        if self.ended and self.status is not None:
-            return self.status
-        if self.gone:
-            return "app gone"
-        if self.status is not None:
-            return self.status
-        return "error" if self.error else "cut"
 
 
 def _bad_segment(path: str) -> str | None:
@@ -388,73 +349,6 @@ class _BodyRest:
         if data is None:
             raise StopAsyncIteration
         return data
-
-
-class _UsageReader:
-    """Reads a response's token usage as its raw bytes pass and hands it to ``record``:
-    the last ``usage`` object of an SSE stream, or that of a JSON body up to
-    ``USAGE_BODY_BYTES``. A JSON body with a Content-Length is read as soon as its last
-    byte is fed, so the usage is counted before the app has the whole response. Reads
-    nothing of a body with a content-encoding (it is passed on compressed), and gives up,
-    quietly, on what it cannot read: the usage is for the metrics, the response is the
-    app's."""
-
-    def __init__(self, kind: str | None, length: int | None, record: Callable[[Any], None]) -> None:
-        self._kind = kind
-        self._length = length
-        self._record = record
-        self._sse = SSEDecoder(max_event_bytes=USAGE_BODY_BYTES) if kind == "sse" else None
-        self._body = bytearray()
-        self._usage: Any = None
-
-    @classmethod
-    def of(cls, response: UpstreamResponse, record: Callable[[Any], None]) -> _UsageReader:
-        encoding = (response.header("content-encoding") or "identity").strip().lower()
-        content_type = (response.header("content-type") or "").lower()
-        kind = None
-        if encoding == "identity":
-            if content_type.startswith("text/event-stream"):
-                kind = "sse"
-            elif "json" in content_type:
-                kind = "json"
-        length = response.header("content-length")
-        return cls(kind, int(length) if length and length.isdigit() else None, record)
-
-    def feed(self, chunk: bytes) -> None:
-        if self._sse is not None:
-            try:
-                for event in self._sse.feed(chunk):
-                    self._usage = merge_usage(self._usage, usage_of(event.data))
-            except UpstreamProtocolError:  # an event too large to read on the side
-                self._sse = None
-        elif self._kind == "json":
-            if len(self._body) + len(chunk) > USAGE_BODY_BYTES:
-                self._kind = None
-                self._body.clear()
-                return
-            self._body += chunk
-            if len(self._body) == self._length:
-                self.close()
-
-    def close(self) -> None:
-        """The body has ended: count the usage read, if any (once)."""
-        if self._sse is not None:
-            try:
-                for event in self._sse.close():
-                    self._usage = merge_usage(self._usage, usage_of(event.data))
-            except UpstreamProtocolError:
-                pass
-            self._sse = None
-        elif self._kind == "json":
-            self._kind = None
-            try:
-                body = json.loads(self._body)
-            except (ValueError, RecursionError):
-                return
-            self._usage = body.get("usage") if isinstance(body, dict) else None
-        if self._usage is not None:
-            self._record(self._usage)
-            self._usage = None
 
 
 async def _watch_for_leaving(conn: Connection, gone: trio.CancelScope) -> None:

@@ -11,13 +11,12 @@ on the hot path of every streamed response.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import NoReturn
 
 from openclawd.errors import UpstreamProtocolError
 
-__all__ = ["Event", "SSEDecoder", "merge_usage", "usage_of"]
+__all__ = ["Event", "SSEDecoder"]
 
 _BOM = b"\xef\xbb\xbf"
 
@@ -215,35 +214,3 @@ class SSEDecoder:
         self._data.clear()
         self._data_bytes = 0
         raise UpstreamProtocolError(f"SSE event larger than {self._max} bytes")
-
-
-def usage_of(data: str) -> Any:
-    """The ``usage`` object an event's data carries, if any and not null: at the top
-    (OpenAI chat chunks, Anthropic's ``message_delta``) or one level down (Anthropic's
-    ``message_start``, ``message.usage``; OpenAI Responses' ``response.completed``,
-    ``response.usage``)."""
-    # Every chunk of an include_usage stream says "usage":null: not worth a parse.
-    if data.count('"usage"') == data.count('"usage":null'):
-        return None
-    try:
-        obj = json.loads(data)
-    except (ValueError, RecursionError):
-        return None
-    if not isinstance(obj, dict):
-        return None
-    usage = obj.get("usage")
-    for inner in ("message", "response"):
-        if usage is None and isinstance(obj.get(inner), dict):
-            usage = obj[inner].get("usage")
-    return usage
-
-
-def merge_usage(before: Any, usage: Any) -> Any:
-    """The usage of a stream so far, given the next event's: objects are merged (an
-    Anthropic stream gives its input tokens first and its output tokens last), anything
-    else replaces what was there."""
-    if usage is None:
-        return before
-    if isinstance(before, dict) and isinstance(usage, dict):
-        return {**before, **usage}
-    return usage

@@ -45,9 +45,12 @@ from openclawd.errors import (
     UnknownProviderError,
     UpstreamConnectionError,
     UpstreamError,
+    UpstreamProtocolError,
     UpstreamTimeoutError,
 )
 from openclawd.keys.manager import Key
+from openclawd.protocol.sse import Event, SSEDecoder
+from openclawd.protocol.usage import UsageReader, body_kind, merge_usage, token_counts, usage_of
 from openclawd.upstream.circuit import CircuitBreaker, CircuitState, Ticket
 from openclawd.upstream.transport import PoolTransport
 
@@ -144,10 +147,19 @@ class _Figures:
 
 
 class UpstreamResponse:
-    """An upstream response whose head has arrived; the body is read with ``aiter_bytes``."""
+    """An upstream response whose head has arrived; its body is read once, by one of
+    ``aiter_raw``, ``events`` or ``read``.
 
-    def __init__(self, response: httpx.Response, key: Key, attempts: int) -> None:
+    The response observes itself for its pool: a failure while its body is read (a drop,
+    a stall, malformed SSE) counts against the provider's circuit and is its last error,
+    and the token usage the body reports is counted once it is known (``usage``). The
+    caller only relays."""
+
+    def __init__(
+        self, response: httpx.Response, key: Key, attempts: int, pool: ProviderPool
+    ) -> None:
         self._response = response
+        self._pool = pool
         self.status = response.status_code
         self.reason = response.reason_phrase
         self.headers: list[tuple[str, str]] = [
@@ -155,47 +167,112 @@ class UpstreamResponse:
         ]
         self.key = key
         self.attempts = attempts
+        self.usage: Any = None  # the body's token usage, once read (None: none reported)
+        self._counted = False
 
     def header(self, name: str) -> str | None:
         value: str | None = self._response.headers.get(name)
         return value
 
-    async def aiter_bytes(self) -> AsyncGenerator[bytes, None]:
-        """The body, content-decoded, as it arrives.
+    @property
+    def is_event_stream(self) -> bool:
+        return (self.header("content-type") or "").lower().startswith("text/event-stream")
+
+    async def aiter_raw(self) -> AsyncGenerator[bytes, None]:
+        """The body exactly as sent (content-encoding kept), as it arrives. The usage is
+        read on the side; a JSON body's is counted as soon as its last byte is here,
+        before the caller relays it.
 
         Raises:
             UpstreamTimeoutError: no byte came for ``read_timeout_s``.
             UpstreamError: the connection dropped or the body is malformed.
         """
-        with _translated("reading the body", before_response=False):
-            body = cast(AsyncGenerator[bytes, None], self._response.aiter_bytes())
-            async with contextlib.aclosing(body) as chunks:
-                async for chunk in chunks:
-                    yield chunk
+        length = self.header("content-length")
+        reader = UsageReader(
+            body_kind(self.header("content-type"), self.header("content-encoding")),
+            int(length) if length and length.isdigit() else None,
+        )
+        async with contextlib.aclosing(self._chunks(raw=True)) as chunks:
+            async for chunk in chunks:
+                reader.feed(chunk)
+                if reader.done:
+                    self._count(reader.usage)
+                yield chunk
+        reader.close()
+        self._count(reader.usage)
 
-    async def aiter_raw(self) -> AsyncGenerator[bytes, None]:
-        """The body exactly as sent (content-encoding kept), as it arrives."""
-        with _translated("reading the body", before_response=False):
-            body = cast(AsyncGenerator[bytes, None], self._response.aiter_raw())
-            async with contextlib.aclosing(body) as chunks:
+    def aiter_bytes(self) -> AsyncGenerator[bytes, None]:
+        """The body, content-decoded, as it arrives (no usage is read from it).
+
+        Raises: as ``aiter_raw``.
+        """
+        return self._chunks(raw=False)
+
+    async def events(self, max_event_bytes: int) -> AsyncGenerator[Event, None]:
+        """The body's SSE events (content-decoded), as they arrive; the usage they report
+        is merged and counted at the end.
+
+        Raises:
+            UpstreamProtocolError: malformed SSE, or an event over ``max_event_bytes``.
+            UpstreamTimeoutError, UpstreamError: as ``aiter_raw``.
+        """
+        decoder = SSEDecoder(max_event_bytes=max_event_bytes)
+        try:
+            async with contextlib.aclosing(self._chunks(raw=False)) as chunks:
                 async for chunk in chunks:
-                    yield chunk
+                    for event in decoder.feed(chunk):
+                        self.usage = merge_usage(self.usage, usage_of(event.data))
+                        yield event
+            for event in decoder.close():
+                self.usage = merge_usage(self.usage, usage_of(event.data))
+                yield event
+        except UpstreamProtocolError as exc:
+            self._pool._body_failed(exc)
+            raise
+        self._count(self.usage)
 
     async def read(self, limit: int) -> bytes:
-        """The whole body, at most ``limit`` bytes.
+        """The whole body (content-decoded), at most ``limit`` bytes; a JSON body's usage
+        is counted.
 
         Raises:
             UpstreamError: the body is larger than ``limit``, or reading it failed.
         """
         parts: list[bytes] = []
         size = 0
-        async with contextlib.aclosing(self.aiter_bytes()) as chunks:
+        async with contextlib.aclosing(self._chunks(raw=False)) as chunks:
             async for chunk in chunks:
                 size += len(chunk)
                 if size > limit:
-                    raise UpstreamError(f"upstream response body larger than {limit} bytes")
+                    exc = UpstreamError(f"upstream response body larger than {limit} bytes")
+                    self._pool._body_failed(exc)
+                    raise exc
                 parts.append(chunk)
-        return b"".join(parts)
+        body = b"".join(parts)
+        reader = UsageReader(body_kind(self.header("content-type"), None))
+        reader.feed(body)
+        reader.close()
+        self._count(reader.usage)
+        return body
+
+    async def _chunks(self, *, raw: bool) -> AsyncGenerator[bytes, None]:
+        """The body's bytes, httpx's errors translated; a failure is the provider's."""
+        try:
+            with _translated("reading the body", before_response=False):
+                stream = self._response.aiter_raw() if raw else self._response.aiter_bytes()
+                body = cast(AsyncGenerator[bytes, None], stream)
+                async with contextlib.aclosing(body) as chunks:
+                    async for chunk in chunks:
+                        yield chunk
+        except UpstreamError as exc:
+            self._pool._body_failed(exc)
+            raise
+
+    def _count(self, usage: Any) -> None:
+        if not self._counted and usage is not None:
+            self._counted = True
+            self.usage = usage
+            self._pool._count_tokens(usage)
 
 
 class ProviderPool:
@@ -278,7 +355,7 @@ class ProviderPool:
                 # its leaving); an upstream failure mid-body (OpenclawdError) keeps status.
                 status = "cancelled"
                 try:
-                    yield UpstreamResponse(response, key, attempts)
+                    yield UpstreamResponse(response, key, attempts, self)
                     status = str(response.status_code)
                 finally:
                     with trio.move_on_after(_CLOSE_TIMEOUT_S) as cleanup:
@@ -436,22 +513,13 @@ class ProviderPool:
                         self._ratelimit[figure] = int(value)
                     break
 
-    def record_usage(self, usage: Any) -> None:
-        """Count the tokens of a response's ``usage`` object (OpenAI or Anthropic shape)."""
-        if not isinstance(usage, dict):
-            return
-        for kind, names in (
-            ("prompt", ("prompt_tokens", "input_tokens")),
-            ("completion", ("completion_tokens", "output_tokens")),
-        ):
-            for name in names:
-                value = usage.get(name)
-                if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-                    self.figures.tokens[kind] += value
-                    break
+    def _count_tokens(self, usage: Any) -> None:
+        """A response's body reported ``usage`` (its own observation, once)."""
+        self.figures.tokens.update(token_counts(usage))
 
-    def record_failure(self, exc: UpstreamError) -> None:
-        """A failure after the head arrived (a drop or a stall mid-body)."""
+    def _body_failed(self, exc: UpstreamError) -> None:
+        """A response's body failed after its head arrived (a drop or a stall mid-body):
+        the provider's failure, for the circuit and the status."""
         self._last_error = str(exc)
         self.breaker.failure(trio.current_time())
 

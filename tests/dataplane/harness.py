@@ -35,6 +35,7 @@ from openclawd.local.passthrough import Passthrough
 from openclawd.local.realtime import Realtime
 from openclawd.local.server import LocalServer
 from openclawd.local.unix import UnixListenSocket
+from openclawd.protocol.exchange import Admission
 from openclawd.protocol.ratelimit import RateLimiter
 from openclawd.upstream.http import Upstreams
 
@@ -117,9 +118,10 @@ async def open_dataplane(
     keys = KeyManager(cfg, Vault(cfg.vault), lifecycle)
     upstreams = Upstreams(cfg, keys)
     limiter = RateLimiter(cfg.limits.requests_per_minute)
-    channels = Channels(cfg, upstreams, lifecycle, limiter=limiter)
+    admission = Admission(lifecycle, [limiter])
+    channels = Channels(cfg, upstreams, lifecycle, admission)
     realtime_ = Realtime(cfg, keys, lifecycle, limiter)
-    passthrough_ = Passthrough(cfg, upstreams, lifecycle, limiter)
+    passthrough_ = Passthrough(cfg, upstreams, lifecycle, admission)
     local = LocalServer(cfg.listen, lifecycle)
     local.websocket_routes["/v1/ws"] = channels.serve
     local.websocket_routes[realtime.PREFIX] = realtime_.serve

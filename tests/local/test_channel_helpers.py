@@ -3,14 +3,18 @@ the body relay's cleanup."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator
+import contextlib
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import cast
 
 import pytest
 
-from openclawd.local.channel import _relay_body, shown_headers
-from openclawd.protocol.sse import merge_usage, usage_of
-from openclawd.upstream.http import UpstreamResponse
+from openclawd.local.channel import relay, shown_headers
+from openclawd.protocol.exchange import Exchange
+from openclawd.protocol.messages import Request
+from openclawd.protocol.sse import Event
+from openclawd.protocol.usage import merge_usage, usage_of
+from openclawd.upstream.http import UpstreamRequest, Upstreams
 
 USAGE = {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}
 
@@ -86,20 +90,37 @@ async def test_a_relay_cut_short_closes_the_upstream_body_at_once() -> None:
     closed: list[bool] = []
 
     class Response:
-        def header(self, name: str) -> str | None:
-            return "text/event-stream" if name == "content-type" else None
+        status = 200
+        headers: list[tuple[str, str]] = [("content-type", "text/event-stream")]
+        is_event_stream = True
 
-        async def aiter_bytes(self) -> AsyncGenerator[bytes, None]:
+        async def events(self, max_event_bytes: int) -> AsyncGenerator[Event, None]:
             try:
-                yield b"data: one\n\n"
-                yield b"data: two\n\n"
+                yield Event(event=None, data="one", id=None)
+                yield Event(event=None, data="two", id=None)
             finally:
                 closed.append(True)
 
-    async def send(frame: str) -> None:
-        raise _Gone
+    class Pool:
+        @contextlib.asynccontextmanager
+        async def open(self, request: UpstreamRequest) -> AsyncIterator[Response]:
+            yield Response()
 
+    sent: list[str] = []
+
+    async def send(frame: str) -> None:
+        sent.append(frame)
+        if len(sent) == 2:  # response.start, then the first event
+            raise _Gone
+
+    async def finish(frame: str) -> None:
+        raise AssertionError("a relay cut short has no last frame")
+
+    request = Request(id="r1", provider="p", method="POST", path="/v1/chat")
+    exchange = Exchange(answers_after_head=True)
+    upstreams = cast(Upstreams, {"p": Pool()})
     with pytest.raises(_Gone) as caught:
-        await _relay_body("r1", cast(UpstreamResponse, Response()), send)
+        await relay(upstreams, request, exchange, send, finish)
     assert caught.value is not None  # the traceback, and the relay's frame, still held
     assert closed == [True]
+    assert (exchange.status, exchange.ended) == (200, False)

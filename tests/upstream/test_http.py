@@ -985,29 +985,6 @@ async def test_rate_limit_headers_are_read_from_retried_responses_and_junk_ignor
     assert (stats.remaining_requests, stats.remaining_tokens) == (0, 7)
 
 
-async def test_record_usage_counts_openai_and_anthropic_tokens_and_ignores_junk(
-    autojump_clock: trio.testing.MockClock,
-) -> None:
-    upstream = Upstream(status(200))
-    with trio.fail_after(10):
-        async with open_pool(upstream) as pool:
-            assert pool.statistics().tokens == {}
-            pool.record_usage({"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15})
-            pool.record_usage({"input_tokens": 7, "output_tokens": 3})
-            for junk in (
-                None,
-                "usage",
-                [1, 2],
-                {"prompt_tokens": "10", "completion_tokens": "5"},
-                {"prompt_tokens": True, "completion_tokens": False},
-                {"input_tokens": -4, "output_tokens": -1},
-                {"prompt_tokens": 1.5, "completion_tokens": None},
-            ):
-                pool.record_usage(junk)
-            stats = pool.statistics()
-    assert stats.tokens == {"prompt": 17, "completion": 8}
-
-
 # --- figures ------------------------------------------------------------------------------
 
 

@@ -1,0 +1,146 @@
+"""Token usage, as a response reports it (sans-IO).
+
+Providers say how many tokens a response cost in a ``usage`` object: at the end of a JSON
+body, or in an event of an SSE stream (OpenAI's last chunk; Anthropic's input tokens first
+and output tokens last). ``UsageReader`` reads it from a body's raw bytes as they pass,
+without changing them; ``usage_of`` and ``merge_usage`` read it from decoded events;
+``token_counts`` turns it into the daemon's two counts. Pure: no I/O, no clock.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from openclawd.errors import UpstreamProtocolError
+from openclawd.protocol.sse import SSEDecoder
+
+# The most of a JSON response body held on the side to read its token usage.
+USAGE_BODY_BYTES = 1024 * 1024
+
+_COUNTS = (
+    ("prompt", ("prompt_tokens", "input_tokens")),
+    ("completion", ("completion_tokens", "output_tokens")),
+)
+
+
+def usage_of(data: str) -> Any:
+    """The ``usage`` object an event's data carries, if any and not null: at the top
+    (OpenAI chat chunks, Anthropic's ``message_delta``) or one level down (Anthropic's
+    ``message_start``, ``message.usage``; OpenAI Responses' ``response.completed``,
+    ``response.usage``)."""
+    # Every chunk of an include_usage stream says "usage":null: not worth a parse.
+    if data.count('"usage"') == data.count('"usage":null'):
+        return None
+    try:
+        obj = json.loads(data)
+    except (ValueError, RecursionError):
+        return None
+    return _usage_in(obj)
+
+
+def _usage_in(obj: Any) -> Any:
+    if not isinstance(obj, dict):
+        return None
+    usage = obj.get("usage")
+    for inner in ("message", "response"):
+        if usage is None and isinstance(obj.get(inner), dict):
+            usage = obj[inner].get("usage")
+    return usage
+
+
+def merge_usage(before: Any, usage: Any) -> Any:
+    """The usage of a stream so far, given the next event's: objects are merged (an
+    Anthropic stream gives its input tokens first and its output tokens last), anything
+    else replaces what was there."""
+    if usage is None:
+        return before
+    if isinstance(before, dict) and isinstance(usage, dict):
+        return {**before, **usage}
+    return usage
+
+
+def token_counts(usage: Any) -> dict[str, int]:
+    """``{"prompt": N, "completion": M}`` of a ``usage`` object (OpenAI or Anthropic
+    shape); what is missing or not a count is left out."""
+    counts: dict[str, int] = {}
+    if not isinstance(usage, dict):
+        return counts
+    for kind, names in _COUNTS:
+        for name in names:
+            value = usage.get(name)
+            if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+                counts[kind] = value
+                break
+    return counts
+
+
+def body_kind(content_type: str | None, content_encoding: str | None) -> str | None:
+    """How a body's usage is read: ``"sse"``, ``"json"``, or None (not at all: a body
+    with a content-encoding is passed on compressed, and other types carry none)."""
+    encoding = (content_encoding or "identity").strip().lower()
+    content_type = (content_type or "").lower()
+    if encoding != "identity":
+        return None
+    if content_type.startswith("text/event-stream"):
+        return "sse"
+    if "json" in content_type:
+        return "json"
+    return None
+
+
+class UsageReader:
+    """Reads a body's token usage as its raw bytes pass: the merged ``usage`` objects of
+    an SSE stream, or that of a JSON body up to ``USAGE_BODY_BYTES``. A JSON body whose
+    ``length`` is known is read as soon as its last byte is fed. It gives up, quietly, on
+    what it cannot read: the usage is for the counts, the body is the app's.
+
+    ``feed`` each chunk, then ``close()`` at the end of the body; ``done`` is true once the
+    usage is known, and ``usage`` holds it (None if the body carried none).
+    """
+
+    def __init__(self, kind: str | None, length: int | None = None) -> None:
+        self._kind = kind
+        self._length = length
+        self._sse = SSEDecoder(max_event_bytes=USAGE_BODY_BYTES) if kind == "sse" else None
+        self._body = bytearray()
+        self.usage: Any = None
+        self.done = kind is None
+
+    def feed(self, chunk: bytes) -> None:
+        if self.done:
+            return
+        if self._sse is not None:
+            try:
+                for event in self._sse.feed(chunk):
+                    self.usage = merge_usage(self.usage, usage_of(event.data))
+            except UpstreamProtocolError:  # an event too large to read on the side
+                self._sse = None
+                self.done = True
+            return
+        if len(self._body) + len(chunk) > USAGE_BODY_BYTES:
+            self._body.clear()
+            self.done = True
+            return
+        self._body += chunk
+        if len(self._body) == self._length:
+            self.close()
+
+    def close(self) -> None:
+        """The body has ended: read what is left (once)."""
+        if self.done:
+            return
+        self.done = True
+        if self._sse is not None:
+            try:
+                for event in self._sse.close():
+                    self.usage = merge_usage(self.usage, usage_of(event.data))
+            except UpstreamProtocolError:
+                pass
+            self._sse = None
+            return
+        try:
+            self.usage = _usage_in(json.loads(self._body))
+        except (ValueError, RecursionError):
+            self.usage = None
+        self._body.clear()
