@@ -6,7 +6,7 @@ import email.utils
 
 import pytest
 
-from openclawd.upstream.http import parse_retry_after
+from openclawd.upstream.attempts import parse_retry_after
 
 NOW = 1_700_000_000.0  # 2023-11-14T22:13:20Z
 
