@@ -44,15 +44,20 @@ from openclawd.local import passthrough, realtime
 from openclawd.local.channel import Channels
 from openclawd.local.passthrough import Passthrough
 from openclawd.local.realtime import Realtime
-from openclawd.local.server import REFUSING_AT_ONCE, LocalServer
+from openclawd.local.server import REFUSING_AT_ONCE, Close, LocalServer
 from openclawd.local.unix import UnixListenSocket, listen_backlog, resolve_group
 from openclawd.notify import Notifier
+from openclawd.protocol.closecodes import CloseCode
 from openclawd.protocol.exchange import Admission
 from openclawd.protocol.ratelimit import RateLimiter
 from openclawd.statistics import Statistics
 from openclawd.upstream.http import Upstreams
 
 log = logs.get(__name__)
+
+# How the daemon's cuts close a WebSocket (CONTRACT.md 3.2, 4).
+SHUTDOWN_CLOSE = Close(CloseCode.SHUTDOWN, "openclawd is shutting down")
+DRAIN_DEADLINE_CLOSE = Close(CloseCode.DRAIN_DEADLINE, "drain deadline reached")
 _CONTROL_LOG = "openclawd.control.server"
 
 _SHUTDOWN_SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -173,12 +178,14 @@ class Daemon:
                     root.start_soon(self._report_state)
 
                     await self._stop_requested.wait()
-                    if await self._wait_drained():
+                    if await self._drain("stopping"):
                         log.info("daemon.drained")
                     else:
                         log.warning("daemon.drain_deadline", inflight=self.lifecycle.work.count)
-                    # What is left is cut: handlers see `stopping` and close with 1012.
-                    connections.cancel_scope.cancel()
+                    # Nothing new is taken; what is left (idle channels, kept-alive HTTP
+                    # connections, work past the deadline) is cut now, with 1012.
+                    front.cancel_scope.cancel()
+                    self.local.cutter.cut_at(trio.current_time(), SHUTDOWN_CLOSE)
                 root.cancel_scope.cancel()
             with trio.move_on_after(2.0) as closing:
                 closing.shield = True
@@ -200,7 +207,9 @@ class Daemon:
                     drain_timeout_s=timeout_s,
                     inflight=self.lifecycle.work.count,
                 )
-                self.lifecycle.set_stopping(trio.current_time() + timeout_s)
+                deadline = trio.current_time() + timeout_s
+                self.lifecycle.set_stopping(deadline)
+                self.local.cutter.cut_at(deadline, SHUTDOWN_CLOSE)
                 self.notifier.stopping(self.lifecycle.describe())
                 self._stop_requested.set()
             else:
@@ -241,7 +250,9 @@ class Daemon:
             raise StoppingError("openclawd is shutting down: its own drain is running")
         if deadline_s is None:
             deadline_s = self.config.shutdown.drain_timeout_s
-        self.lifecycle.set_draining(trio.current_time() + deadline_s)
+        deadline = trio.current_time() + deadline_s
+        self.lifecycle.set_draining(deadline)
+        self.local.cutter.cut_at(deadline, DRAIN_DEADLINE_CLOSE)
         log.info("daemon.draining", deadline_s=deadline_s, inflight=self.lifecycle.work.count)
         if not self._drain_running:
             assert self._root is not None
@@ -259,52 +270,49 @@ class Daemon:
             raise StoppingError("openclawd is shutting down: a shutdown cannot be resumed")
         if self.lifecycle.draining:
             self.lifecycle.set_draining(None)
+            self.local.cutter.cut_at(math.inf, None)
             log.info("daemon.resumed")
 
     async def _operator_drain(self) -> None:
-        """Run the operator's drain to its deadline, then cut every data-socket connection
-        still open (1001): work that came late, idle channels and kept-alive HTTP
-        connections alike. Ends early on a resume or a shutdown (which drains on its own)."""
+        """Follow the operator's drain to its deadline: log and report when nothing is in
+        flight any more, and when the deadline cuts what is left (the cut itself is the
+        connections' own: ``Cutter``). Ends early on a resume or a shutdown (which drains
+        on its own)."""
         lifecycle = self.lifecycle
-        work = lifecycle.work
-        told_idle = False
         try:
+            if await self._drain("draining") and lifecycle.draining and not lifecycle.stopping:
+                log.info("daemon.drained")
+                self.notifier.status("draining: nothing in flight")
             while lifecycle.draining and not lifecycle.stopping:
                 remaining = lifecycle.drain_remaining_s()
                 assert remaining is not None
                 if remaining <= 0:
-                    cut = self.local.cut_all()
-                    log.warning("daemon.drain_deadline", inflight=work.count, connections=cut)
-                    self.notifier.status(f"draining: deadline reached, {cut} connections closed")
-                    return
-                if work.count:
-                    told_idle = False
-                    self.notifier.status(
-                        f"draining: {work.count} in flight, {math.ceil(remaining)}s left"
+                    open_ = self.local.cutter.open
+                    log.warning(
+                        "daemon.drain_deadline", inflight=lifecycle.work.count, connections=open_
                     )
-                elif not told_idle:
-                    told_idle = True
-                    log.info("daemon.drained")
-                    self.notifier.status("draining: nothing in flight")
-                # Woken by a resume or a new deadline; else looks again within a second.
-                with trio.move_on_after(min(1.0, remaining)):
+                    self.notifier.status(f"draining: deadline reached, {open_} connections cut")
+                    return
+                with trio.move_on_at(lifecycle.drain_deadline or math.inf):
                     await lifecycle.wait_changed()
         finally:
             self._drain_running = False
 
-    async def _wait_drained(self) -> bool:
-        """Shutdown's drain: wait until no work is in flight (True) or the deadline passes
-        (False), reporting progress on sd_notify's STATUS line."""
+    async def _drain(self, state: str) -> bool:
+        """The one drain (the operator's, or shutdown's): wait until no work is in flight
+        (True), or until its deadline (False), which a new drain may move; the STATUS line
+        says how many are left. Wakes only when something changes, never to poll. Returns
+        early (True) when the drain is undone (a resume)."""
         lifecycle = self.lifecycle
         work = lifecycle.work
-        while work.count:
+        while work.count and (lifecycle.draining or lifecycle.stopping):
             remaining = lifecycle.drain_remaining_s()
             if remaining is None or remaining <= 0:
                 return False
-            self.notifier.status(f"stopping: {work.count} in flight, {math.ceil(remaining)}s left")
-            with trio.move_on_after(min(1.0, remaining)):
-                await work.wait_idle()
-        return True
+            self.notifier.status(f"{state}: {work.count} in flight, {math.ceil(remaining)}s left")
+            with trio.move_on_at(lifecycle.drain_deadline or math.inf):
+                await lifecycle.wait_changed()
+        return not work.count or not (lifecycle.draining or lifecycle.stopping)
 
     async def reload(self) -> None:
         """Re-read the config file (SIGHUP). An invalid file leaves the old config in force.

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import enum
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import trio
@@ -27,10 +27,12 @@ class State(enum.Enum):
 class WorkTracker:
     """Counts in-flight work (upstream requests, realtime sessions) so a drain can wait."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_idle: Callable[[], None] = lambda: None) -> None:
+        """``on_idle`` is called each time the last piece of work in flight ends."""
         self._count = 0
         self._idle = trio.Event()
         self._idle.set()
+        self._on_idle = on_idle
 
     @property
     def count(self) -> int:
@@ -57,6 +59,7 @@ class WorkTracker:
         self._count -= 1
         if self._count == 0:
             self._idle.set()
+            self._on_idle()
 
     async def wait_idle(self) -> None:
         """Return once no work is in flight."""
@@ -69,7 +72,8 @@ class Lifecycle:
 
     def __init__(self) -> None:
         self.started_monotonic = time.monotonic()
-        self.work = WorkTracker()
+        # A drain waits for the work to end: its end is a change of the daemon's state.
+        self.work = WorkTracker(on_idle=self._notify)
         self.listening = False
         self.draining = False
         self.stopping = False
@@ -162,7 +166,7 @@ class Lifecycle:
         return "ready"
 
     async def wait_changed(self) -> None:
-        """Return at the next change of state or reasons."""
+        """Return at the next change of state or reasons, or when work in flight ends."""
         await self._changed.wait()
 
     def _set(self, table: dict[str, str], key: str, reason: str | None) -> None:

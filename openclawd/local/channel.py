@@ -111,7 +111,7 @@ class Channels:
                 if channel.failure is not None:
                     channel.ending = str(channel.failure)
                 elif channel.ending is None:
-                    channel.ending = _cut_reason(self.lifecycle)
+                    channel.ending = _cut_reason(channel.conn)
                 channel.sender.stop()
                 nursery.cancel_scope.cancel()
         if channel.failure is not None:
@@ -293,13 +293,10 @@ class _Channel:
             self._frames.close()
 
 
-def _cut_reason(lifecycle: Lifecycle) -> str:
+def _cut_reason(conn: Connection) -> str:
     """Why the daemon cut a channel (its connection's cancel came from outside)."""
-    if lifecycle.stopping:
-        return "openclawd is shutting down"
-    if lifecycle.draining:
-        return "drain deadline reached"
-    return "connection cut"
+    why = conn.cutter.why
+    return why.reason if why is not None else "connection cut"
 
 
 def _error_frame(rid: str | None, exc: OpenclawdError) -> str:

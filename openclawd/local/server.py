@@ -13,8 +13,9 @@ Whether a connection is within ``max_connections`` is decided once, when it is a
 flood of new ones never turns an app already served away. While a flood is being refused,
 at most ``REFUSING_AT_ONCE`` connections over the limit are open; the rest wait in the
 listen backlog, so a flood cannot take the file descriptors upstream connections need.
-When the daemon cuts a WebSocket it closes it here too: 1012 at shutdown, 1001 at the end
-of an operator's drain. Knows nothing of upstreams or keys.
+The daemon cuts connections through ``Cutter``: a deadline on every connection's cancel
+scope, and the close a cut WebSocket gets (1012 at shutdown, 1001 at the end of an
+operator's drain), chosen by the one who cuts. Knows nothing of upstreams or keys.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import json
 import math
 import socket
 from collections import Counter
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import TypeVar
@@ -80,6 +81,7 @@ class Connection:
     request: h11.Request
     head: bytes  # every byte read so far (the head, maybe more), for a WebSocket handshake
     timeout_s: float  # longest wait for the app's next bytes (head, body)
+    cutter: Cutter  # why the connection was cut, if the daemon cut it
     activity: websocket.Activity | None = None  # a WebSocket's last sign of life
     wire: websocket.ActivityStream | None = None  # the stream under a WebSocket
 
@@ -111,6 +113,42 @@ class Close:
 
     code: int
     reason: str
+
+
+class Cutter:
+    """Cuts the data socket's connections at a deadline, with the close code its caller
+    chose: every connection runs in a cancel scope that carries the cut's deadline, so a
+    drain needs no task of its own to cut, and a cut connection is told what the one who
+    cut it chose, not what it can guess from the daemon's state."""
+
+    def __init__(self) -> None:
+        self.deadline = math.inf
+        self.why: Close | None = None  # the close a cut WebSocket gets
+        self._scopes: set[trio.CancelScope] = set()
+
+    @property
+    def open(self) -> int:
+        """Connections the cut would reach."""
+        return len(self._scopes)
+
+    def cut_at(self, deadline: float, why: Close | None) -> None:
+        """Cut every connection at ``deadline`` (trio time; ``math.inf``: no cut, which
+        is how a resume undoes a drain's), closing a WebSocket with ``why``. Connections
+        that come after a deadline has passed are not cut by it (they are refused)."""
+        self.deadline, self.why = deadline, why
+        for scope in self._scopes:
+            scope.deadline = deadline
+
+    @contextlib.contextmanager
+    def guard(self) -> Iterator[trio.CancelScope]:
+        """The scope one connection runs in."""
+        deadline = self.deadline if self.deadline > trio.current_time() else math.inf
+        with trio.CancelScope(deadline=deadline) as scope:
+            self._scopes.add(scope)
+            try:
+                yield scope
+            finally:
+                self._scopes.discard(scope)
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,19 +210,12 @@ class LocalServer:
         self._room = trio.lowlevel.ParkingLot()  # the accept loop, waiting for a close
         self._kinds: Counter[str] = Counter()
         self.closes: Counter[int] = Counter()  # close code -> WebSockets closed with it
-        self._cut_scopes: set[trio.CancelScope] = set()
+        self.cutter = Cutter()
 
     def statistics(self) -> LocalStatistics:
         kinds = Counter(dict.fromkeys(self._kinds_served(), 0))
         kinds.update(self._kinds)
         return LocalStatistics(self.clients, dict(kinds), dict(self.closes))
-
-    def cut_all(self) -> int:
-        """Cut every open connection (the end of a drain): a WebSocket is closed with
-        1001, or 1012 once the daemon is stopping. Returns how many were cut."""
-        for scope in self._cut_scopes:
-            scope.cancel()
-        return len(self._cut_scopes)
 
     def _kinds_served(self) -> list[str]:
         return ["pending", "http", *(_kind(prefix) for prefix in self.websocket_routes)]
@@ -255,15 +286,12 @@ class LocalServer:
         self._kinds["pending"] += 1
         log.info("connection.open", peer_uid=peer.uid, peer_pid=peer.pid)
         outcome = "closed"
-        cut = trio.CancelScope()
-        self._cut_scopes.add(cut)
         try:
-            with cut:
+            with self.cutter.guard() as cut:
                 outcome = await self._serve_connection(conn_id, stream, peer, seen)
             if cut.cancelled_caught:
                 outcome = "cut"
         finally:
-            self._cut_scopes.discard(cut)
             self._kinds[seen.kind] -= 1
             with trio.CancelScope(shield=True):  # a cut connection still gets its line
                 await stream.aclose()
@@ -316,7 +344,7 @@ class LocalServer:
             if request is None:
                 return f"closed after {served} requests" if served else "closed before a request"
 
-            conn = Connection(conn_id, stream, peer, http, request, head, timeout_s)
+            conn = Connection(conn_id, stream, peer, http, request, head, timeout_s, self.cutter)
             path = request.target.decode("latin-1").split("?", 1)[0]
             ws_prefix, ws_handler = _match(self.websocket_routes, path)
             if ws_handler is not None and websocket.is_upgrade(request):
@@ -408,16 +436,12 @@ class LocalServer:
                 outcome = (CloseCode.INTERNAL, "internal error")
         finally:
             if outcome is None:
-                # Cut by the daemon: at shutdown, or at the end of an operator's drain. The
-                # reader is cancelled too, so the peer's answer to our close cannot be read:
-                # the close frame goes out and the connection is closed behind it.
-                if self.lifecycle.stopping:
-                    code, reason = CloseCode.SHUTDOWN, "openclawd is shutting down"
-                elif self.lifecycle.draining:
-                    code, reason = CloseCode.DRAIN_DEADLINE, "drain deadline reached"
-                else:
-                    code, reason = CloseCode.INTERNAL, "connection cancelled"
-                await self._close(ws, code, reason, seen, wait_s=websocket.CUT_CLOSE_WAIT_S)
+                # Cut by the daemon (at shutdown, at the end of an operator's drain), with
+                # the close it chose. The reader is cancelled too, so the peer's answer to
+                # our close cannot be read: the close frame goes out and the connection is
+                # closed behind it.
+                cut = self.cutter.why or Close(CloseCode.INTERNAL, "connection cancelled")
+                await self._close(ws, cut.code, cut.reason, seen, wait_s=websocket.CUT_CLOSE_WAIT_S)
         return await self._close(ws, *outcome, seen)
 
     async def _close(

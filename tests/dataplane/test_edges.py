@@ -24,6 +24,7 @@ import wsproto
 import wsproto.events
 from wsproto.events import BytesMessage, CloseConnection, Request
 
+from openclawd.daemon import SHUTDOWN_CLOSE
 from openclawd.upstream import http as upstream_http
 from openclawd.upstream import ws as upstream_ws
 
@@ -167,10 +168,8 @@ async def test_shutdown_does_not_cut_a_message_in_half(shared_bao: Bao, runtime_
             # The app reads nothing and the message (900 KiB) is larger than a socket's
             # buffers, so from here on the daemon is part way into it until cut.
             await trio.lowlevel.wait_readable(stream.socket)
-            dp.lifecycle.set_stopping(trio.current_time() + 60)
-            # The test body runs inside dp.connections too: shielded, it sees the end (and
-            # asserts outside, where a Cancelled cannot replace a failed assert).
-            dp.connections.cancel_scope.cancel()
+            # The daemon's shutdown cut, with the close it chose.
+            dp.local.cutter.cut_at(trio.current_time(), SHUTDOWN_CLOSE)
             with trio.CancelScope(shield=True), trio.fail_after(15):
                 close = await app.read_until_close_frame()
                 await stream.aclose()

@@ -16,6 +16,7 @@ import trio
 import wsproto
 import wsproto.events
 
+from openclawd.daemon import DRAIN_DEADLINE_CLOSE, SHUTDOWN_CLOSE
 from openclawd.local import realtime
 from openclawd.upstream import ws as upstream_ws
 
@@ -282,11 +283,9 @@ async def test_shutdown_is_1012_and_a_drain_deadline_1001(
             ):
                 await app.send("working")
                 assert await app.recv() == "working"
-                if mark == "stopping":
-                    dp.lifecycle.set_stopping(trio.current_time() + 60)
-                else:
-                    dp.lifecycle.set_draining(trio.current_time() + 60)
-                dp.connections.cancel_scope.cancel()  # what the daemon does at the deadline
+                # What the daemon does at the deadline: its cut, with the close it chose.
+                why = SHUTDOWN_CLOSE if mark == "stopping" else DRAIN_DEADLINE_CLOSE
+                dp.local.cutter.cut_at(trio.current_time(), why)
                 assert await app.closed() == (code, reason)
                 await up.wait_connections_closed(1)
                 assert up.close_codes == [(1001, "openclawd ended the session")]
