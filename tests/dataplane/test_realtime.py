@@ -200,6 +200,19 @@ async def test_an_oversize_message_is_1009_either_way(shared_bao: Bao, runtime_d
             assert up.received == []  # the oversize message never went upstream
 
 
+async def test_an_upstreams_own_1009_is_passed_on(shared_bao: Bao, runtime_dir: Path) -> None:
+    # In the words trio-websocket uses for our own limit, but for another limit: the
+    # upstream's close, not an oversize message of its own.
+    reason = "Exceeded maximum message size: 65536 bytes"
+    with trio.fail_after(20):
+        async with (
+            open_fake_ws_upstream() as up,
+            realtime_plane(shared_bao, runtime_dir, up.url) as dp,
+        ):
+            up.script(Session(close_after=0, close_code=1009, close_reason=reason))
+            assert await close_of(dp.socket_path) == (1009, reason)
+
+
 async def test_an_internal_error_is_1011(
     shared_bao: Bao, runtime_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
