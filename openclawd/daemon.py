@@ -110,7 +110,7 @@ class Daemon:
         # Every entry point admits new work through the same gate: the drain, the limits.
         admission = Admission(self.lifecycle, [self.limiter])
         self.channels = Channels(config, self.upstreams, self.lifecycle, admission)
-        self.realtime = Realtime(config, self.keys, self.lifecycle, self.limiter)
+        self.realtime = Realtime(config, self.keys, self.lifecycle, admission)
         self.passthrough = Passthrough(config, self.upstreams, self.lifecycle, admission)
         self.local.websocket_routes["/v1/ws"] = self.channels.serve
         self.local.websocket_routes[realtime.PREFIX] = self.realtime.serve

@@ -32,8 +32,8 @@ from openclawd.lifecycle import Lifecycle
 from openclawd.local.server import Close, Connection
 from openclawd.protocol import relay
 from openclawd.protocol.closecodes import CloseCode
+from openclawd.protocol.exchange import Admission
 from openclawd.protocol.messages import has_dot_segment
-from openclawd.protocol.ratelimit import RateLimiter
 from openclawd.protocol.relay import Cause, Relay, Side
 from openclawd.upstream import ws as upstream_ws
 from openclawd.upstream.http import KeySource
@@ -133,13 +133,13 @@ class Realtime:
         config: Config,
         keys: KeySource,
         lifecycle: Lifecycle,
-        limiter: RateLimiter,
+        admission: Admission,
         *,
         ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.keys = keys
         self.lifecycle = lifecycle
-        self.limiter = limiter
+        self.admission = admission
         self.ssl_context = ssl_context
         self.config = config
         self.sessions = 0
@@ -153,7 +153,7 @@ class Realtime:
 
         Raises:
             OpenclawdError: the session could not start (unknown provider, no ``ws_url``,
-                rate limited, no key); its ``close_code`` says how the app is closed.
+                a drain or a limit, no key); its ``close_code`` says how the app is closed.
         """
         target = conn.request.target.decode("ascii")
         path, _, query = target.partition("?")
@@ -166,9 +166,7 @@ class Realtime:
             raise ClientError(f"provider {name!r} has no ws_url")
         if has_dot_segment(rest):
             raise ClientError("dot path segments are not allowed")
-        refused = self.limiter.check(conn.peer.uid, trio.current_time())
-        if refused is not None:
-            raise refused
+        self.admission.admit(conn.peer.uid, trio.current_time())
         key = self.keys.current(name)
         if key is None:
             raise NoKeyError(f"no key for {name} yet")

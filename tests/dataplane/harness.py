@@ -120,7 +120,7 @@ async def open_dataplane(
     limiter = RateLimiter(cfg.limits.requests_per_minute)
     admission = Admission(lifecycle, [limiter])
     channels = Channels(cfg, upstreams, lifecycle, admission)
-    realtime_ = Realtime(cfg, keys, lifecycle, limiter)
+    realtime_ = Realtime(cfg, keys, lifecycle, admission)
     passthrough_ = Passthrough(cfg, upstreams, lifecycle, admission)
     local = LocalServer(cfg.listen, lifecycle)
     local.websocket_routes["/v1/ws"] = channels.serve
