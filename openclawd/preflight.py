@@ -73,7 +73,7 @@ async def check_vault(cfg: Config) -> list[ConfigProblem]:
     if not cfg.providers:
         return []
     # hvac: slow to import, and only --online needs it.
-    from openclawd.keys.manager import key_values
+    from openclawd.keys.key import key_values
     from openclawd.keys.vault import Vault, VaultUnreachableError
 
     vault = Vault(cfg.vault)

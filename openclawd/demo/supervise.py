@@ -39,7 +39,7 @@ from openclawd.demo.layout import (
     write_config,
 )
 from openclawd.errors import VaultError
-from openclawd.keys.manager import fingerprint
+from openclawd.keys.key import fingerprint
 from openclawd.keys.vault import Vault
 from openclawd.mock.keys import VaultKeys
 from openclawd.mock.server import serve_mock

@@ -1,36 +1,45 @@
 """The key manager: the current key of every provider, kept in step with Vault.
 
-Owns the provider keys in memory and everything that changes them: the first load, the
-metadata poll every ``refresh_interval_s`` (``vault``), the operator's ``rotate_now``
-(``operator``), an upstream's 401/403 (``auth_failure``, single-flight per provider),
-and SIGHUP (``reload``). It also keeps the Vault token alive: renewal at 2/3 of its TTL,
-a new AppRole login when renewal is refused or the max TTL nears. Vault errors back off
-with full jitter from 1 s up to 5 min, and the last good keys stay in force meanwhile.
+Owns everything that changes the provider keys: the first load, the metadata poll every
+``refresh_interval_s`` (``vault``), the operator's ``rotate_now`` (``operator``), an
+upstream's 401/403 (``auth_failure``, single-flight per provider), and SIGHUP
+(``reload``); and the Vault token's life (``token.py``: renewal at 2/3 of its TTL, a new
+AppRole login when renewal is refused or the max TTL nears). Vault errors back off with
+full jitter from 1 s up to 5 min, and the last good keys stay in force meanwhile.
 
 ``current(provider)`` is sync and never blocks: request handlers take the ``Key`` object
-and keep it for the whole request, so a rotation never changes a key under work in flight.
-Keys never leave this module except as ``Key`` objects, whose repr shows the fingerprint.
-Talks to Vault only through the ``VaultAPI`` protocol (``keys.vault.Vault`` in the
-daemon), so the schedules can be tested with an in-memory Vault under a fake clock.
+(``key.py``) and keep it for the whole request, so a rotation never changes a key under
+work in flight. The keys themselves are held in ``store.py``; they never leave the
+package except as ``Key`` objects, whose repr shows the fingerprint. Talks to Vault only
+through the ``VaultAPI`` protocol (``keys.vault.Vault`` in the daemon), so the schedules
+can be tested with an in-memory Vault under a fake clock.
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
 import random
 import time
-from collections import Counter, deque
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from collections import Counter
+from collections.abc import Callable
 from typing import Protocol
 
 import trio
 
 from openclawd import logs
-from openclawd.config import Config, ProviderConfig
-from openclawd.errors import UnknownProviderError, VaultError
+from openclawd.config import Config
+from openclawd.errors import VaultError
+from openclawd.keys.key import (
+    Key,
+    KeySnapshot,
+    KeyStatistics,
+    ProviderKeyStatistics,
+    fingerprint,
+    iso_utc,
+    key_values,
+)
+from openclawd.keys.store import KeyStore
+from openclawd.keys.token import TokenKeeper
 from openclawd.keys.vault import (
     SecretMetadata,
     SecretVersion,
@@ -40,6 +49,21 @@ from openclawd.keys.vault import (
     VaultUnreachableError,
 )
 from openclawd.lifecycle import Lifecycle
+
+__all__ = [
+    "AUTH_REREAD_INTERVAL_S",
+    "BACKOFF_BASE_S",
+    "BACKOFF_CAP_S",
+    "TRIGGERS",
+    "Key",
+    "KeyManager",
+    "KeySnapshot",
+    "KeyStatistics",
+    "ProviderKeyStatistics",
+    "VaultAPI",
+    "fingerprint",
+    "key_values",
+]
 
 log = logs.get(__name__)
 
@@ -51,8 +75,6 @@ BACKOFF_CAP_S = 300.0
 # read that found a new version leaves the next refusal free to read (another rotation).
 AUTH_REREAD_INTERVAL_S = 1.0
 TRIGGERS = ("vault", "operator", "auth_failure", "reload")
-# Keys rotated out are still withheld from what the daemon shows (``redact``): how many.
-_RETIRED_KEYS = 32
 
 
 class VaultAPI(Protocol):
@@ -60,120 +82,6 @@ class VaultAPI(Protocol):
     async def renew(self) -> TokenInfo: ...
     async def read_metadata(self, path: str) -> SecretMetadata: ...
     async def read_secret(self, path: str, version: int | None = None) -> SecretVersion: ...
-
-
-def _renew_after(token: TokenInfo) -> float | None:
-    """When to renew: at 2/3 of the TTL; never for a token that does not expire."""
-    return max(0.0, token.ttl_s) * 2 / 3 if token.expires else None
-
-
-def fingerprint(secret: str) -> str:
-    """``sha256:`` + the first 12 hex digits of sha256(key): how a key is named anywhere."""
-    return "sha256:" + hashlib.sha256(secret.encode()).hexdigest()[:12]
-
-
-@dataclass(frozen=True, slots=True, repr=False, eq=False)
-class Key:
-    """One provider key. Only ``secret`` is the key; nothing shows it."""
-
-    provider: str
-    version: int
-    index: int  # place in the pool of its version
-    fingerprint: str
-    fetched_at: float  # wall clock, seconds since the epoch
-    secret: str = field(repr=False)
-
-    def __repr__(self) -> str:
-        return f"<Key {self.provider} v{self.version} #{self.index} {self.fingerprint}>"
-
-    __str__ = __repr__
-
-
-@dataclass(frozen=True, slots=True)
-class KeySnapshot:
-    version: int
-    fingerprint: str
-    fetched_at: str
-    pool_size: int
-
-
-@dataclass(frozen=True, slots=True)
-class ProviderKeyStatistics:
-    key: KeySnapshot | None
-    last_error: str | None
-
-
-@dataclass(frozen=True, slots=True)
-class KeyStatistics:
-    """A frozen snapshot for status and metrics; holds no key."""
-
-    addr: str
-    auth: str
-    reachable: bool
-    token_ttl_s: float | None
-    last_refresh: str | None
-    last_error: str | None
-    providers: Mapping[str, ProviderKeyStatistics]
-    rotations: Mapping[tuple[str, str], int]
-    vault_errors: int
-
-
-@dataclass(slots=True)
-class _Provider:
-    config: ProviderConfig
-    pool: tuple[Key, ...] = ()
-    # Where ``pool`` was read: (vault_path, key_field). A reload that points the provider
-    # elsewhere must take the new source's key even if its KV version number is the same.
-    source: tuple[str, str | tuple[str, ...]] | None = None
-    cursor: int = 0
-    last_error: str | None = None
-    flight: trio.Event | None = None  # set when an auth_failure re-read is done
-    auth_read_at: float = -math.inf  # when an auth_failure last read Vault ...
-    auth_read_fruitless: bool = False  # ... and found nothing newer there
-
-    @property
-    def current(self) -> Key | None:
-        return self.pool[self.cursor] if self.pool else None
-
-    @property
-    def version(self) -> int | None:
-        return self.pool[0].version if self.pool else None
-
-
-def key_values(key_field: str | tuple[str, ...], secret: SecretVersion) -> list[str]:
-    """The keys ``secret`` holds, in pool order (stripped): from one field holding a key or
-    a list of keys, or (``key_field`` a list) from several fields holding one key each.
-    What the daemon takes, and what ``check-config --online`` checks.
-
-    Raises:
-        VaultSecretError: a field is missing, of the wrong shape, or holds an empty key;
-            the message names the version and the field, never a value.
-    """
-    if isinstance(key_field, str):
-        raw = secret.data.get(key_field)
-        where = f"version {secret.version} field {key_field!r}"
-        if raw is None:
-            raise VaultSecretError(f"{where} is missing")
-        found = [raw] if isinstance(raw, str) else raw
-        if not isinstance(found, list) or not all(isinstance(v, str) for v in found):
-            raise VaultSecretError(f"{where} must be a string or a list of strings")
-        if not found or not all(v.strip() for v in found):
-            raise VaultSecretError(f"{where} holds an empty key")
-        return [v.strip() for v in found]
-    values = []
-    for field_name in key_field:
-        raw = secret.data.get(field_name)
-        where = f"version {secret.version} field {field_name!r}"
-        if raw is None:
-            raise VaultSecretError(f"{where} is missing (key_field lists {len(key_field)} fields)")
-        if not isinstance(raw, str):
-            raise VaultSecretError(
-                f"{where} must be a string (key_field is a list: one key per field)"
-            )
-        if not raw.strip():
-            raise VaultSecretError(f"{where} holds an empty key")
-        values.append(raw.strip())
-    return values
 
 
 class KeyManager:
@@ -193,23 +101,26 @@ class KeyManager:
         self._lifecycle = lifecycle
         self._jitter = jitter
         self._wall = wall_clock
-        self._providers = {n: _Provider(p) for n, p in config.providers.items()}
+        self._keys = KeyStore(config.providers, lifecycle, wall_clock)
+        self._token = TokenKeeper(
+            vault,
+            lifecycle,
+            auth=lambda: self._config.vault.auth,
+            backoff=self._backoff,
+            failed=self._vault_failed,
+        )
         self._reachable = False
         self._last_error: str | None = None
         self._last_refresh: float | None = None
-        self._token_expires_at: float | None = None  # trio time; None = never
-        self._relogin = trio.Event()
         self._poll_now = trio.Event()
         self._has_providers = trio.Event()  # set once there is a provider to serve
-        if self._providers:
+        if self._keys.names():
             self._has_providers.set()
         # The metadata poll's wait under way: its scope, when it began, and the backoff it
         # waits (None: it waits refresh_interval_s, which a reload may change meanwhile).
         self._poll_wait: tuple[trio.CancelScope, float, float | None] | None = None
-        self._retired: deque[Key] = deque(maxlen=_RETIRED_KEYS)
-        self.rotations: Counter[tuple[str, str]] = Counter()
         self.vault_errors = 0
-        self._publish()
+        self._keys.publish()
 
     # --- what request handlers use --------------------------------------------------------
 
@@ -218,10 +129,14 @@ class KeyManager:
         """The config the manager follows (the one of the last reload)."""
         return self._config
 
+    @property
+    def rotations(self) -> Counter[tuple[str, str]]:
+        """How many times each (provider, trigger) changed the key in use."""
+        return self._keys.rotations
+
     def current(self, provider: str) -> Key | None:
         """The key new work for ``provider`` should use, or None if there is none yet."""
-        state = self._providers.get(provider)
-        return None if state is None else state.current
+        return self._keys.current(provider)
 
     # --- running --------------------------------------------------------------------------
 
@@ -231,14 +146,14 @@ class KeyManager:
         ``started()`` comes once the first attempt is over, successful or not: the daemon
         listens meanwhile, and readiness waits for the keys (not for this function).
         """
-        if not self._providers:
+        if not self._keys.names():
             # Nothing to read until a reload brings a provider; then log in as at a start.
             task_status.started()
             task_status = trio.TASK_STATUS_IGNORED
             await self._has_providers.wait()
         token = await self._login_with_retry(task_status)
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._keep_token, token)
+            nursery.start_soon(self._token.keep, token)
             nursery.start_soon(self._watch)
 
     async def _login_with_retry(self, task_status: trio.TaskStatus[None]) -> TokenInfo:
@@ -251,7 +166,7 @@ class KeyManager:
         while True:
             try:
                 token = await self._vault.login()
-                self._token_seen(token)
+                self._token.seen(token)
                 await self._refresh_all("vault")
             except VaultError as exc:
                 self._vault_failed("login", exc)
@@ -266,55 +181,6 @@ class KeyManager:
             if not started:
                 task_status.started()
             return token
-
-    async def _keep_token(self, token: TokenInfo) -> None:
-        """Renew at 2/3 of the TTL; log in again when renewal is refused or capped."""
-        full_ttl = token.ttl_s
-        wait_s = _renew_after(token)
-        attempt = 0
-        while True:
-            with trio.move_on_after(wait_s if wait_s is not None else float("inf")):
-                await self._relogin.wait()
-            relogin = self._relogin.is_set()
-            self._relogin = trio.Event()
-            try:
-                if relogin or not token.renewable:
-                    token = await self._login_again(token)
-                    full_ttl = token.ttl_s
-                else:
-                    try:
-                        renewed = await self._vault.renew()
-                    except VaultAuthError as exc:
-                        log.warning("vault.renew_refused", error=str(exc))
-                        renewed = None
-                    if renewed is not None:
-                        self._token_seen(renewed)
-                        log.info("vault.token_renewed", ttl_s=renewed.ttl_s)
-                    if renewed is None or renewed.ttl_s < full_ttl * 2 / 3:
-                        # Refused, or capped by the max TTL: a new token is needed.
-                        token = await self._login_again(renewed or token)
-                        full_ttl = token.ttl_s
-                    else:
-                        token = renewed
-                wait_s = _renew_after(token)
-                attempt = 0
-            except VaultError as exc:
-                self._vault_failed("token", exc)
-                wait_s = self._backoff(attempt)
-                attempt += 1
-
-    async def _login_again(self, token: TokenInfo) -> TokenInfo:
-        """A new token: AppRole logs in again; ``token`` auth re-reads its file (an agent
-        may have written a fresh one) and reports degraded if that brings nothing new."""
-        fresh = await self._vault.login()
-        self._token_seen(fresh)
-        log.info("vault.logged_in", auth=self._config.vault.auth, ttl_s=fresh.ttl_s)
-        if self._config.vault.auth == "approle" or not fresh.expires or fresh.ttl_s > token.ttl_s:
-            self._lifecycle.recover("vault-token")
-        else:
-            self._lifecycle.degrade("vault-token", "vault token cannot be renewed")
-            log.warning("vault.token_not_renewable", ttl_s=fresh.ttl_s)
-        return fresh
 
     async def _watch(self) -> None:
         """Poll metadata every refresh_interval_s; back off while Vault fails. A reload
@@ -366,16 +232,15 @@ class KeyManager:
             VaultUnreachableError: Vault did not answer (within ``request_timeout_s``);
                 every key in force stays.
         """
-        names = self._names(provider)
-        before = {n: self._providers[n].version for n in names}
+        names = self._keys.names(provider)
+        before = {n: self._keys[n].version for n in names}
         try:
             await self._bounded_refresh("operator", names)
         except VaultError as exc:
             self._vault_failed("operator", exc)
             raise
         return {
-            n: (before[n], self._providers[n].version, before[n] != self._providers[n].version)
-            for n in names
+            n: (before[n], self._keys[n].version, before[n] != self._keys[n].version) for n in names
         }
 
     async def reload(self, config: Config) -> None:
@@ -383,22 +248,15 @@ class KeyManager:
         (``reload``), bounded as ``rotate_now`` is. A provider whose ``vault_path`` or
         ``key_field`` changed takes the new source's key whatever its version number."""
         self._config = config
-        for gone in self._providers.keys() - config.providers.keys():
-            self._lifecycle.unblock(f"key:{gone}")
-            self._lifecycle.recover(f"key:{gone}")
-        self._providers = {
-            n: self._providers.get(n, _Provider(p)) for n, p in config.providers.items()
-        }
-        for name, provider in config.providers.items():
-            self._providers[name].config = provider
+        self._keys.reconfigure(config.providers)
         self._schedule_poll()
-        self._publish()
-        if self._providers and not self._has_providers.is_set():
+        self._keys.publish()
+        if self._keys.names() and not self._has_providers.is_set():
             # The first providers: ``serve`` logs in now and loads their keys.
             self._has_providers.set()
             return
         try:
-            await self._bounded_refresh("reload", list(self._providers))
+            await self._bounded_refresh("reload", self._keys.names())
         except VaultError as exc:
             self._vault_failed("reload", exc)
 
@@ -422,7 +280,7 @@ class KeyManager:
         pool, else ``failed`` itself (nothing better exists; the caller relays the error).
         Concurrent calls for one provider share a single Vault read.
         """
-        state = self._providers[self._names(provider)[0]]
+        state = self._keys[self._keys.names(provider)[0]]
         if state.current is not None and state.current is not failed:
             return state.current  # someone already moved on from that key
         if state.flight is not None:
@@ -431,7 +289,7 @@ class KeyManager:
         now = trio.current_time()
         if state.auth_read_fruitless and now - state.auth_read_at < AUTH_REREAD_INTERVAL_S:
             # Vault was just read for this, in vain. The pool's next key.
-            self._next_in_pool(provider, state, failed, state.version)
+            self._keys.next_in_pool(provider, state, failed, state.version)
             return state.current
         state.auth_read_at = now
         state.flight = trio.Event()
@@ -440,37 +298,22 @@ class KeyManager:
             try:
                 await self._refresh_one(provider, "auth_failure")
             except VaultSecretError as exc:
-                self._secret_failed(provider, exc)
+                self._keys.secret_failed(provider, exc)
             except VaultError as exc:
                 self._vault_failed("auth_failure", exc)
             state.auth_read_fruitless = state.version == before
             if state.version == before:
-                self._next_in_pool(provider, state, failed, before)
+                self._keys.next_in_pool(provider, state, failed, before)
             return state.current
         finally:
             state.flight.set()
             state.flight = None
 
-    def _next_in_pool(
-        self, provider: str, state: _Provider, failed: Key, before: int | None
-    ) -> None:
-        """``failed`` was refused and Vault has nothing newer: the pool's next key, if any."""
-        if len(state.pool) > 1 and state.current is failed:
-            state.cursor = (state.cursor + 1) % len(state.pool)
-            self._rotated(provider, "auth_failure", before, state.version, state.current)
-
     def redact(self, text: str) -> str:
         """``text`` with every key held (any provider, any pool entry, and the last ones
         rotated out) replaced by its fingerprint: a last line of defence for what the
         daemon shows operators."""
-        for state in self._providers.values():
-            for key in state.pool:
-                if key.secret in text:
-                    text = text.replace(key.secret, key.fingerprint)
-        for key in self._retired:
-            if key.secret in text:
-                text = text.replace(key.secret, key.fingerprint)
-        return text
+        return self._keys.redact(text)
 
     def poll_soon(self) -> None:
         """Check Vault now rather than at the next interval."""
@@ -492,7 +335,7 @@ class KeyManager:
             VaultUnreachableError, VaultAuthError: Vault as a whole failed, or a read got
                 no answer within ``read_timeout_s``; keys are kept.
         """
-        names = names if names is not None else list(self._providers)
+        names = names if names is not None else self._keys.names()
         refused: list[VaultAuthError] = []
         for name in names:
             try:
@@ -501,9 +344,9 @@ class KeyManager:
                 if bounded.cancelled_caught:
                     raise VaultUnreachableError(f"Vault did not answer within {read_timeout_s:g}s")
             except VaultSecretError as exc:
-                self._secret_failed(name, exc)
+                self._keys.secret_failed(name, exc)
             except VaultAuthError as exc:  # one path refused: a policy problem, or our token
-                self._secret_failed(name, exc)
+                self._keys.secret_failed(name, exc)
                 refused.append(exc)
         if refused and len(refused) == len(names):
             raise refused[-1]  # every path refused: it is the token
@@ -511,10 +354,10 @@ class KeyManager:
         self._last_error = None
         self._last_refresh = self._wall()
         self._lifecycle.recover("vault")
-        self._publish()
+        self._keys.publish()
 
     async def _refresh_one(self, name: str, trigger: str, *, only_if_changed: bool = False) -> None:
-        state = self._providers[name]
+        state = self._keys[name]
         path = state.config.vault_path
         source = (path, state.config.key_field)
         # Same source and same version: nothing to take. A new source is always taken.
@@ -523,7 +366,7 @@ class KeyManager:
         def stale() -> bool:
             # A reload moved the provider while we read: what we read is not its key (the
             # reload reads the new source itself), nor its error.
-            current = self._providers.get(name)
+            current = self._keys.get(name)
             return (
                 current is not state or (state.config.vault_path, state.config.key_field) != source
             )
@@ -551,45 +394,9 @@ class KeyManager:
         if same_source and secret.version == state.version:
             state.last_error = None
             return
-        pool = self._parse(name, source[1], secret)
-        before = state.version
-        self._retired.extend(state.pool)
-        state.pool, state.cursor, state.last_error, state.source = pool, 0, None, source
-        self._rotated(name, trigger, before, secret.version, pool[0])
-
-    def _parse(
-        self, name: str, key_field: str | tuple[str, ...], secret: SecretVersion
-    ) -> tuple[Key, ...]:
-        values = key_values(key_field, secret)
-        now = self._wall()
-        return tuple(
-            Key(name, secret.version, i, fingerprint(v), now, v) for i, v in enumerate(values)
-        )
+        self._keys.take(name, trigger, source, secret)
 
     # --- bookkeeping ----------------------------------------------------------------------
-
-    def _rotated(
-        self, name: str, trigger: str, before: int | None, after: int | None, key: Key | None
-    ) -> None:
-        self.rotations[(name, trigger)] += 1
-        log.info(
-            "key.rotated",
-            provider=name,
-            trigger=trigger,
-            from_version=before,
-            to_version=after,
-            fingerprint=key.fingerprint if key else None,
-            pool_size=len(self._providers[name].pool),
-        )
-        self._publish()
-
-    def _secret_failed(self, name: str, exc: VaultError) -> None:
-        state = self._providers[name]
-        message = str(exc)
-        if message != state.last_error:
-            log.warning("key.invalid", provider=name, error=message, kept_version=state.version)
-        state.last_error = message
-        self._publish()
 
     def _vault_failed(self, during: str, exc: VaultError) -> None:
         self.vault_errors += 1
@@ -598,66 +405,23 @@ class KeyManager:
             self._reachable = False
             self._lifecycle.degrade("vault", "vault unreachable")
             if isinstance(exc, VaultAuthError) and during not in ("login", "token"):
-                self._relogin.set()  # a read refused after login: perhaps the token expired
+                self._token.relogin_soon()  # a read refused after login: perhaps it expired
         log.warning("vault.error", during=during, error=str(exc), kind=type(exc).__name__)
-        self._publish()
-
-    def _token_seen(self, token: TokenInfo) -> None:
-        now = trio.current_time()
-        self._token_expires_at = now + token.ttl_s if token.expires else None
+        self._keys.publish()
 
     def _backoff(self, attempt: int) -> float:
         """Full jitter: uniform over [0, min(cap, base * 2**attempt)]."""
         return self._jitter() * min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2.0**attempt)
 
-    def _names(self, provider: str | None) -> list[str]:
-        if provider is None:
-            return list(self._providers)
-        if provider not in self._providers:
-            raise UnknownProviderError(f"no provider named {provider!r}")
-        return [provider]
-
-    def _publish(self) -> None:
-        """Readiness and degradation from the keys we hold (CONTRACT.md 1 and 4)."""
-        for name, state in self._providers.items():
-            has_key = state.current is not None
-            if has_key or not state.config.required:
-                self._lifecycle.unblock(f"key:{name}")
-            else:
-                self._lifecycle.block(f"key:{name}", f"no key for {name}")
-            if has_key or state.config.required:
-                self._lifecycle.recover(f"key:{name}")
-            else:
-                self._lifecycle.degrade(f"key:{name}", f"no key for {name}")
-
     def statistics(self) -> KeyStatistics:
-        def iso(t: float | None) -> str | None:
-            if t is None:
-                return None
-            return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-        ttl = None
-        if self._token_expires_at is not None:
-            ttl = max(0.0, round(self._token_expires_at - trio.current_time(), 1))
-        providers = {}
-        for name, state in self._providers.items():
-            key = state.current
-            snapshot = (
-                None
-                if key is None
-                else KeySnapshot(
-                    key.version, key.fingerprint, iso(key.fetched_at) or "", len(state.pool)
-                )
-            )
-            providers[name] = ProviderKeyStatistics(snapshot, state.last_error)
         return KeyStatistics(
             addr=self._config.vault.addr,
             auth=self._config.vault.auth,
             reachable=self._reachable,
-            token_ttl_s=ttl,
-            last_refresh=iso(self._last_refresh),
+            token_ttl_s=self._token.ttl_s(),
+            last_refresh=iso_utc(self._last_refresh),
             last_error=self._last_error,
-            providers=providers,
-            rotations=dict(self.rotations),
+            providers=self._keys.statistics(),
+            rotations=dict(self._keys.rotations),
             vault_errors=self.vault_errors,
         )

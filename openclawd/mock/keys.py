@@ -115,7 +115,7 @@ class VaultKeys:
 
 
 def _keys_of(value: object) -> tuple[bytes, ...]:
-    """The keys of a field's value, read as the daemon reads them (``KeyManager._parse``):
+    """The keys of a field's value, read as the daemon reads them (``keys.key.pool``):
     a string or a list of strings, each stripped (the daemon sends the key stripped); a
     value the daemon refuses (an empty or non-string member) gives none here either."""
     values: Sequence[object] = value if isinstance(value, list) else [value]
