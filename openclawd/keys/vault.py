@@ -16,13 +16,13 @@ they are made of the config, the API path and Vault's error strings, never of a 
 
 from __future__ import annotations
 
-import http.client
 import os
 import re
 import socket
 import ssl
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from http.client import RemoteDisconnected
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
@@ -231,33 +231,8 @@ class VaultClient:
     def _call(self, request: _Request, fn: Callable[..., Any], /, **kwargs: Any) -> Any:
         try:
             result = fn(**kwargs)
-        except hvac.exceptions.InvalidPath as exc:
-            raise VaultSecretError(_not_found(request, exc)) from None
-        except (hvac.exceptions.Unauthorized, hvac.exceptions.Forbidden) as exc:
-            raise VaultAuthError(_refused(request, _vault_errors(exc))) from None
-        except hvac.exceptions.InvalidRequest as exc:
-            if request.login:  # AppRole answers bad credentials with a 400
-                raise VaultAuthError(_refused(request, _vault_errors(exc))) from None
-            raise VaultError(
-                f"Vault error InvalidRequest on {request.api_path}: {_vault_errors(exc)}"
-            ) from None
-        except hvac.exceptions.InternalServerError as exc:
-            text = _vault_errors(exc)
-            if "max TTL" in text:
-                # A renewal past the token's max TTL is answered 500: a refusal, not an outage.
-                raise VaultAuthError(_refused(request, text)) from None
-            raise VaultUnreachableError(f"Vault answered InternalServerError: {text}") from None
-        except (
-            hvac.exceptions.VaultDown,
-            hvac.exceptions.BadGateway,
-            hvac.exceptions.VaultNotInitialized,
-            hvac.exceptions.RateLimitExceeded,
-        ) as exc:
-            raise VaultUnreachableError(
-                f"Vault answered {type(exc).__name__}: {_vault_errors(exc)}"
-            ) from None
         except hvac.exceptions.VaultError as exc:
-            raise VaultError(f"Vault error {type(exc).__name__}: {_vault_errors(exc)}") from None
+            raise _answered(request, exc) from None
         except (requests.exceptions.RequestException, OSError) as exc:
             raise VaultUnreachableError(self._unreachable(exc)) from None
         if not isinstance(result, dict):
@@ -271,13 +246,17 @@ class VaultClient:
         connection, and only then a timeout (urllib3's NewConnectionError, raised for any
         failed connect, is a ConnectTimeoutError for compatibility).
         """
-        addr, causes = self._addr, list(_causes(exc))
+        causes = list(_causes(exc))
+        return (
+            self._tls_failure(causes)
+            or self._connect_failure(causes)
+            or f"Vault at {self._addr} unreachable: {type(exc).__name__}"
+        )
 
-        def first(*kinds: type[BaseException]) -> BaseException | None:
-            return next((c for c in causes if isinstance(c, kinds)), None)
-
+    def _tls_failure(self, causes: list[BaseException]) -> str | None:
+        addr = self._addr
         if self._ca_cert and (
-            first(ssl.SSLError) or any("CA certificate bundle" in str(c) for c in causes)
+            _first(causes, ssl.SSLError) or any("CA certificate bundle" in str(c) for c in causes)
         ):
             # requests may fall back to the system's CAs when the file is missing: the
             # certificate is then "not trusted", and the file is what to fix.
@@ -286,26 +265,66 @@ class VaultClient:
                     pass
             except OSError as unusable:
                 return f"vault.ca_cert {self._ca_cert} cannot be used: {unusable.strerror}"
-        if isinstance(bad := first(ssl.SSLCertVerificationError), ssl.SSLCertVerificationError):
+        bad = _first(causes, ssl.SSLCertVerificationError)
+        if isinstance(bad, ssl.SSLCertVerificationError):
             problem = bad.verify_message or bad.reason or "not trusted"
             return f"Vault at {addr}: TLS certificate not accepted: {problem}"
-        if isinstance(tls := first(ssl.SSLError), ssl.SSLError):
+        if isinstance(tls := _first(causes, ssl.SSLError), ssl.SSLError):
             return f"Vault at {addr}: TLS failed: {tls.reason or tls.strerror or tls}"
-        if first(urllib3.exceptions.NameResolutionError, socket.gaierror):
+        return None
+
+    def _connect_failure(self, causes: list[BaseException]) -> str | None:
+        addr = self._addr
+        if _first(causes, urllib3.exceptions.NameResolutionError, socket.gaierror):
             return f"Vault address {urlsplit(addr).hostname or addr} could not be resolved"
-        if first(ConnectionRefusedError):
+        if _first(causes, ConnectionRefusedError):
             return f"Vault at {addr} refused the connection"
-        if first(ConnectionResetError, ConnectionAbortedError, http.client.RemoteDisconnected):
+        if _first(causes, ConnectionResetError, ConnectionAbortedError, RemoteDisconnected):
             return f"Vault at {addr} closed the connection"
-        if first(TimeoutError) or any(
+        if _first(causes, TimeoutError) or any(
             isinstance(c, urllib3.exceptions.TimeoutError)
             and not isinstance(c, urllib3.exceptions.NewConnectionError)
             for c in causes
         ):
             return f"Vault at {addr} did not answer within {self._timeout_s:g}s"
-        if isinstance(os_error := first(OSError), OSError) and os_error.strerror:
+        if isinstance(os_error := _first(causes, OSError), OSError) and os_error.strerror:
             return f"Vault at {addr} unreachable: {os_error.strerror}"
-        return f"Vault at {addr} unreachable: {type(exc).__name__}"
+        return None
+
+
+def _first(causes: list[BaseException], *kinds: type[BaseException]) -> BaseException | None:
+    return next((c for c in causes if isinstance(c, kinds)), None)
+
+
+# Answers that mean Vault cannot serve now (down, uninitialized, behind a broken proxy,
+# rate-limited): an outage, not a refusal.
+_OUTAGES = (
+    hvac.exceptions.VaultDown,
+    hvac.exceptions.BadGateway,
+    hvac.exceptions.VaultNotInitialized,
+    hvac.exceptions.RateLimitExceeded,
+)
+
+
+def _answered(request: _Request, exc: hvac.exceptions.VaultError) -> VaultError:
+    """Ours for the error Vault answered ``request`` with."""
+    if isinstance(exc, hvac.exceptions.InvalidPath):
+        return VaultSecretError(_not_found(request, exc))
+    text = _vault_errors(exc)
+    if isinstance(exc, hvac.exceptions.Unauthorized | hvac.exceptions.Forbidden):
+        return VaultAuthError(_refused(request, text))
+    if isinstance(exc, hvac.exceptions.InvalidRequest):
+        if request.login:  # AppRole answers bad credentials with a 400
+            return VaultAuthError(_refused(request, text))
+        return VaultError(f"Vault error InvalidRequest on {request.api_path}: {text}")
+    if isinstance(exc, hvac.exceptions.InternalServerError):
+        if "max TTL" in text:
+            # A renewal past the token's max TTL is answered 500: a refusal, not an outage.
+            return VaultAuthError(_refused(request, text))
+        return VaultUnreachableError(f"Vault answered InternalServerError: {text}")
+    if isinstance(exc, _OUTAGES):
+        return VaultUnreachableError(f"Vault answered {type(exc).__name__}: {text}")
+    return VaultError(f"Vault error {type(exc).__name__}: {text}")
 
 
 def _causes(exc: BaseException) -> Iterator[BaseException]:
