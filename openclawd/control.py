@@ -18,7 +18,7 @@ import math
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
-from quart import Response, request
+from quart import Response, current_app, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
@@ -233,6 +233,16 @@ def create_app(ops: Operations) -> QuartTrio:
     app.config["PROVIDE_AUTOMATIC_OPTIONS"] = False
     # No 308 to the path with its slashes merged: its Location would repeat the query.
     app.url_map.merge_slashes = False
+    _add_reading_routes(app, ops)
+    _add_operating_routes(app, ops)
+    app.register_error_handler(OpenclawdError, _refused)
+    app.register_error_handler(HTTPException, _http_error)
+    app.register_error_handler(Exception, _internal)
+    return app
+
+
+def _add_reading_routes(app: QuartTrio, ops: Operations) -> None:
+    """The routes that only read: liveness, readiness, status and metrics."""
     metrics = Metrics(ops.statistics)
     lifecycle = ops.lifecycle
 
@@ -250,37 +260,18 @@ def create_app(ops: Operations) -> QuartTrio:
     async def status() -> Response:
         return json_response(status_body(ops.statistics(), ops.config), redact=ops.redact)
 
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.render(), content_type=CONTENT_TYPE)
+
+
+def _add_operating_routes(app: QuartTrio, ops: Operations) -> None:
+    """The operator's mutations (POST only), and the drain's progress."""
+    lifecycle = ops.lifecycle
+
     @app.post("/v1/keys/rotate")
     async def rotate() -> Response:
-        body = await _json_body()
-        _only(body, "provider")
-        provider = body.get("provider")
-        if provider is not None and not isinstance(provider, str):
-            raise ClientError("provider must be a string")
-        if provider is not None and not _configured(ops, provider):
-            log.info("control.rotate_refused", reason="unknown provider", via=_caller())
-            return error(UnknownProviderError("unknown provider"))
-        log.info("control.rotate", provider=provider, via=_caller())
-        try:
-            result = await ops.rotate_keys(provider)
-        except UnknownProviderError:
-            # Removed by a reload meanwhile; the key manager's text quotes the name.
-            return error(UnknownProviderError("unknown provider"))
-        except VaultError as exc:
-            # Whatever the cause, the operator's answer is the contract's: the keys in
-            # force are kept.
-            kept = VaultError(f"the keys in force are kept: {exc}")
-            return json_response(
-                {"error": kept.code, "message": str(kept)}, kept.http_status, redact=ops.redact
-            )
-        return json_response(
-            {
-                "providers": {
-                    name: {"from_version": a, "to_version": b, "changed": changed}
-                    for name, (a, b, changed) in result.items()
-                }
-            }
-        )
+        return await _rotate(ops)
 
     @app.post("/v1/drain")
     async def drain() -> Response:
@@ -316,45 +307,76 @@ def create_app(ops: Operations) -> QuartTrio:
         ops.resume()
         return json_response({"state": lifecycle.state.value})
 
-    @app.get("/metrics")
-    async def prometheus() -> Response:
-        return Response(metrics.render(), content_type=CONTENT_TYPE)
 
-    @app.errorhandler(OpenclawdError)
-    async def refused(exc: OpenclawdError) -> Response:
-        return error(exc)
+async def _rotate(ops: Operations) -> Response:
+    """``POST /v1/keys/rotate``: re-read one provider's keys, or every provider's."""
+    body = await _json_body()
+    _only(body, "provider")
+    provider = body.get("provider")
+    if provider is not None and not isinstance(provider, str):
+        raise ClientError("provider must be a string")
+    if provider is not None and not _configured(ops, provider):
+        log.info("control.rotate_refused", reason="unknown provider", via=_caller())
+        return error(UnknownProviderError("unknown provider"))
+    log.info("control.rotate", provider=provider, via=_caller())
+    try:
+        result = await ops.rotate_keys(provider)
+    except UnknownProviderError:
+        # Removed by a reload meanwhile; the key manager's text quotes the name.
+        return error(UnknownProviderError("unknown provider"))
+    except VaultError as exc:
+        # Whatever the cause, the operator's answer is the contract's: the keys in
+        # force are kept.
+        kept = VaultError(f"the keys in force are kept: {exc}")
+        return json_response(
+            {"error": kept.code, "message": str(kept)}, kept.http_status, redact=ops.redact
+        )
+    return json_response(
+        {
+            "providers": {
+                name: {"from_version": a, "to_version": b, "changed": changed}
+                for name, (a, b, changed) in result.items()
+            }
+        }
+    )
 
-    @app.errorhandler(HTTPException)
-    async def http_error(exc: HTTPException) -> Response:
-        status = exc.code or 500
-        if status == 404:
-            message = "no such route"  # the path is not repeated: it may hold a key
-        elif status == 405:
-            # Only a route's own path and a standard method are named.
-            routes = {rule.rule for rule in app.url_map.iter_rules()}
-            path = request.path if request.path in routes else "this route"
-            method = request.method if request.method in _METHODS else "this method"
-            message = f"{path} does not take {method}"
-        elif status == 413:
-            message = f"the body is larger than {MAX_BODY_BYTES} bytes"
-        else:
-            message = exc.description or exc.name
-        kind = _HTTP_ERRORS.get(status, ClientError if status < 500 else OpenclawdError)
-        failure = kind(message)
-        failure.http_status = status
-        response = error(failure)
-        if status == 405 and exc.get_headers():
-            for name, value in exc.get_headers():
-                if name.lower() == "allow":
-                    response.headers["Allow"] = value
-        return response
 
-    @app.errorhandler(Exception)
-    async def internal(exc: Exception) -> Response:
-        log.exception("control.internal_error", error=type(exc).__name__)
-        return error(OpenclawdError("internal error; see the daemon's log"))
+async def _refused(exc: OpenclawdError) -> Response:
+    return error(exc)
 
-    return app
+
+async def _http_error(exc: HTTPException) -> Response:
+    """werkzeug's answers (404, 405, 413, ...) in the error shape, naming nothing the
+    client sent that is not a route's own path or a standard method."""
+    status = exc.code or 500
+    kind = _HTTP_ERRORS.get(status, ClientError if status < 500 else OpenclawdError)
+    failure = kind(_http_message(exc, status))
+    failure.http_status = status
+    response = error(failure)
+    if status == 405 and exc.get_headers():
+        for name, value in exc.get_headers():
+            if name.lower() == "allow":
+                response.headers["Allow"] = value
+    return response
+
+
+def _http_message(exc: HTTPException, status: int) -> str:
+    if status == 404:
+        return "no such route"  # the path is not repeated: it may hold a key
+    if status == 405:
+        # Only a route's own path and a standard method are named.
+        routes = {rule.rule for rule in current_app.url_map.iter_rules()}
+        path = request.path if request.path in routes else "this route"
+        method = request.method if request.method in _METHODS else "this method"
+        return f"{path} does not take {method}"
+    if status == 413:
+        return f"the body is larger than {MAX_BODY_BYTES} bytes"
+    return exc.description or exc.name
+
+
+async def _internal(exc: Exception) -> Response:
+    log.exception("control.internal_error", error=type(exc).__name__)
+    return error(OpenclawdError("internal error; see the daemon's log"))
 
 
 class BearerAuth:
