@@ -21,7 +21,7 @@ import json
 import signal
 import socket
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
 from typing import Any
 
 import trio
@@ -55,49 +55,24 @@ def create_app(
         RESPONSE_TIMEOUT=None,  # a stream lasts as long as it has words to send
         PROVIDE_AUTOMATIC_OPTIONS=False,
     )
-    counter = itertools.count(1)
+    routes = _Routes(keys, chunk_delay_s)
+    app.get("/v1/models")(routes.models)
+    app.post("/v1/chat/completions")(routes.chat_completions)
+    app.websocket("/v1/realtime")(routes.realtime)
+    app.register_error_handler(HTTPException, _http_error)
+    return app
 
-    def headers(number: int) -> dict[str, str]:
-        return {
-            "x-request-id": f"req_mock_{number}",
-            "openai-organization": "openclawd-mock",
-            "x-ratelimit-limit-requests": str(RATE_LIMIT_REQUESTS),
-            "x-ratelimit-remaining-requests": str(
-                RATE_LIMIT_REQUESTS - number % RATE_LIMIT_REQUESTS
-            ),
-        }
 
-    def json_response(number: int, status: int, body: Mapping[str, Any]) -> Response:
-        return Response(
-            json.dumps(body),
-            status=status,
-            headers=headers(number),
-            content_type="application/json",
-        )
+class _Routes:
+    """The routes, over what they share: the key check, the pacing and a request counter."""
 
-    def refused(number: int, verdict: Verdict, method: str, path: str) -> Response:
-        log.info(
-            "mock.refused",
-            request=number,
-            method=method,
-            path=path,
-            status=verdict.status,
-            code=verdict.code,
-        )
-        body = content.error_body(verdict.message, code=verdict.code)
-        return json_response(number, verdict.status, body)
+    def __init__(self, keys: KeyCheck, chunk_delay_s: float) -> None:
+        self._keys = keys
+        self._chunk_delay_s = chunk_delay_s
+        self._counter = itertools.count(1)
 
-    async def admit(given: Headers, method: str, path: str) -> tuple[int, Verdict, Response | None]:
-        """Number the request and judge its key: the refusal to answer, if refused."""
-        number = next(counter)
-        verdict = await keys.check(_bearer(given))
-        if verdict.accepted:
-            return number, verdict, None
-        return number, verdict, refused(number, verdict, method, path)
-
-    @app.get("/v1/models")
-    async def models() -> Response:
-        number, verdict, refusal = await admit(request.headers, request.method, request.path)
+    async def models(self) -> Response:
+        number, verdict, refusal = await self._admit(request.headers, request.method, request.path)
         if refusal is not None:
             return refusal
         log.info(
@@ -107,18 +82,17 @@ def create_app(
             status=200,
             key_version=verdict.version,
         )
-        return json_response(number, 200, content.models(int(time.time())))
+        return _json_response(number, 200, content.models(int(time.time())))
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions() -> Response:
-        number, verdict, refusal = await admit(request.headers, request.method, request.path)
+    async def chat_completions(self) -> Response:
+        number, verdict, refusal = await self._admit(request.headers, request.method, request.path)
         if refusal is not None:
             return refusal
         try:
             chat = content.parse_chat_request(await request.get_data(as_text=False))
         except content.MockRequestError as exc:
             log.info("mock.request", request=number, path=request.path, status=exc.status)
-            return json_response(number, exc.status, exc.body)
+            return _json_response(number, exc.status, exc.body)
         text = content.reply_text(chat.prompt, verdict.version)
         completion_id = f"chatcmpl-mock{number}"
         created = int(time.time())
@@ -132,31 +106,30 @@ def create_app(
         )
         if not chat.stream:
             body = content.completion(chat, text, completion_id=completion_id, created=created)
-            return json_response(number, 200, body)
+            return _json_response(number, 200, body)
         chunks = content.stream_chunks(chat, text, completion_id=completion_id, created=created)
-
-        async def events() -> AsyncIterator[bytes]:
-            for chunk in chunks:
-                if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
-                    await trio.sleep(chunk_delay_s)
-                yield content.sse(chunk)
-            yield content.sse("[DONE]")
-
-        response = Response(events(), status=200, headers=headers(number))
+        response = Response(self._events(chunks), status=200, headers=_headers(number))
         response.headers["content-type"] = "text/event-stream; charset=utf-8"
         response.headers["cache-control"] = "no-cache"
         return response
 
-    @app.websocket("/v1/realtime")
-    async def realtime() -> Response | None:
-        number, verdict, refusal = await admit(websocket.headers, "GET", websocket.path)
+    async def _events(self, chunks: Iterable[dict[str, Any]]) -> AsyncIterator[bytes]:
+        """The SSE stream: a pause before each piece of content, then ``[DONE]``."""
+        for chunk in chunks:
+            if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                await trio.sleep(self._chunk_delay_s)
+            yield content.sse(chunk)
+        yield content.sse("[DONE]")
+
+    async def realtime(self) -> Response | None:
+        number, verdict, refusal = await self._admit(websocket.headers, "GET", websocket.path)
         if refusal is not None:
             return refusal  # the handshake's answer: the WebSocket is never accepted
         model = websocket.args.get("model", "gpt-realtime")
         session = content.RealtimeSession(
             session_id=f"sess_mock{number}", model=model, key_version=verdict.version
         )
-        await websocket.accept(headers=headers(number))
+        await websocket.accept(headers=_headers(number))
         log.info("mock.realtime", request=number, model=model, key_version=verdict.version)
         for event in session.opening():
             await websocket.send(json.dumps(event))
@@ -170,25 +143,64 @@ def create_app(
                 events = session.receive_binary()
             for event in events:
                 if event["type"].endswith(".delta"):
-                    await trio.sleep(chunk_delay_s)
+                    await trio.sleep(self._chunk_delay_s)
                 await websocket.send(json.dumps(event))
 
-    @app.errorhandler(HTTPException)
-    async def http_error(exc: HTTPException) -> Response:
-        status = exc.code or 500
-        # A WebSocket handshake to an unknown path lands here too, with no request context.
-        method, path = (
-            ("GET", websocket.path) if has_websocket_context() else (request.method, request.path)
-        )
-        message = {
-            404: f"Invalid URL ({method} {path})",
-            405: f"Method {method} not allowed on {path}",
-            413: f"Request body over {content.MAX_REQUEST_BYTES} bytes",
-        }.get(status, exc.description or "error")
-        body = content.error_body(message, code=None)
-        return Response(json.dumps(body), status=status, content_type="application/json")
+    async def _admit(
+        self, given: Headers, method: str, path: str
+    ) -> tuple[int, Verdict, Response | None]:
+        """Number the request and judge its key: the refusal to answer, if refused."""
+        number = next(self._counter)
+        verdict = await self._keys.check(_bearer(given))
+        if verdict.accepted:
+            return number, verdict, None
+        return number, verdict, _refused(number, verdict, method, path)
 
-    return app
+
+def _headers(number: int) -> dict[str, str]:
+    return {
+        "x-request-id": f"req_mock_{number}",
+        "openai-organization": "openclawd-mock",
+        "x-ratelimit-limit-requests": str(RATE_LIMIT_REQUESTS),
+        "x-ratelimit-remaining-requests": str(RATE_LIMIT_REQUESTS - number % RATE_LIMIT_REQUESTS),
+    }
+
+
+def _json_response(number: int, status: int, body: Mapping[str, Any]) -> Response:
+    return Response(
+        json.dumps(body),
+        status=status,
+        headers=_headers(number),
+        content_type="application/json",
+    )
+
+
+def _refused(number: int, verdict: Verdict, method: str, path: str) -> Response:
+    log.info(
+        "mock.refused",
+        request=number,
+        method=method,
+        path=path,
+        status=verdict.status,
+        code=verdict.code,
+    )
+    body = content.error_body(verdict.message, code=verdict.code)
+    return _json_response(number, verdict.status, body)
+
+
+async def _http_error(exc: HTTPException) -> Response:
+    status = exc.code or 500
+    # A WebSocket handshake to an unknown path lands here too, with no request context.
+    method, path = (
+        ("GET", websocket.path) if has_websocket_context() else (request.method, request.path)
+    )
+    message = {
+        404: f"Invalid URL ({method} {path})",
+        405: f"Method {method} not allowed on {path}",
+        413: f"Request body over {content.MAX_REQUEST_BYTES} bytes",
+    }.get(status, exc.description or "error")
+    body = content.error_body(message, code=None)
+    return Response(json.dumps(body), status=status, content_type="application/json")
 
 
 def _bearer(headers: Headers) -> str:
