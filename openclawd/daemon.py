@@ -19,12 +19,9 @@ removed on every way out.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
-import resource
 import signal
-import socket
 from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 
@@ -33,23 +30,30 @@ import trio
 from openclawd import __version__, logs
 from openclawd import config as config_module
 from openclawd.asgi import serve_asgi
-from openclawd.config import Config, ControlConfig, ListenConfig
+from openclawd.config import Config
 from openclawd.control import BearerAuth, create_app
-from openclawd.credentials import CredentialError, read_credential
-from openclawd.errors import ConfigError, ListenError, StoppingError
+from openclawd.errors import ConfigError, StoppingError
 from openclawd.keys.manager import KeyManager, VaultAPI
 from openclawd.keys.vault import Vault
 from openclawd.lifecycle import Lifecycle
+from openclawd.listeners import (
+    control_token,
+    files_needed,
+    listen_tcp,
+    listen_unix,
+    raise_file_limit,
+)
 from openclawd.local import passthrough, realtime
 from openclawd.local.channel import Channels
 from openclawd.local.passthrough import Passthrough
 from openclawd.local.realtime import Realtime
-from openclawd.local.server import REFUSING_AT_ONCE, Close, LocalServer
-from openclawd.local.unix import UnixListenSocket, listen_backlog, resolve_group
+from openclawd.local.server import Close, LocalServer
+from openclawd.local.unix import listen_backlog
 from openclawd.notify import Notifier
 from openclawd.protocol.closecodes import CloseCode
 from openclawd.protocol.exchange import Admission
 from openclawd.protocol.ratelimit import RateLimiter
+from openclawd.reload import RESTART_ONLY, changed_keys, keep_restart_only
 from openclawd.statistics import Statistics
 from openclawd.upstream.http import Upstreams
 
@@ -62,32 +66,6 @@ _CONTROL_LOG = "openclawd.control.server"
 
 _SHUTDOWN_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 HANDLED_SIGNALS = frozenset({*_SHUTDOWN_SIGNALS, signal.SIGHUP})
-
-# The keys a reload cannot change, and why: the sockets are bound once, at start; the Vault
-# client (address, credentials, mount, TLS, request timeout) is built once, at start. A
-# reload that changes one logs ``config.needs_restart`` and keeps the value in force; every
-# other key applies on SIGHUP (tests/daemon/test_reload.py proves each one).
-RESTART_ONLY = frozenset(
-    {
-        "listen.socket",
-        "listen.mode",
-        "listen.group",
-        "control.socket",
-        "control.mode",
-        "control.group",
-        "control.tcp",
-        "control.token_file",
-        "vault.addr",
-        "vault.auth",
-        "vault.token_file",
-        "vault.role_id_file",
-        "vault.secret_id_file",
-        "vault.mount",
-        "vault.request_timeout_s",
-        "vault.ca_cert",
-        "vault.allow_insecure",
-    }
-)
 
 
 class Daemon:
@@ -129,16 +107,16 @@ class Daemon:
         """
         cfg = self.config
         raise_file_limit(files_needed(cfg))
-        token = _control_token(cfg.control)
+        token = control_token(cfg.control)
         with (
             trio.open_signal_receiver(*HANDLED_SIGNALS) as signals,
             _signals_let_through(),
             ExitStack() as sockets,
         ):
             backlog = listen_backlog(cfg.listen.max_connections)
-            data = sockets.enter_context(_listen(cfg.listen, "listen", backlog))
-            control = sockets.enter_context(_listen(cfg.control, "control", backlog))
-            tcp = sockets.enter_context(_listen_tcp(cfg.control.tcp)) if token else None
+            data = sockets.enter_context(listen_unix(cfg.listen, "listen", backlog))
+            control = sockets.enter_context(listen_unix(cfg.control, "control", backlog))
+            tcp = sockets.enter_context(listen_tcp(cfg.control.tcp)) if token else None
             control_app = create_app(self)
             # The TCP listener serves the same app, behind the token; its lifespan runs
             # once, on the unix socket's server.
@@ -404,52 +382,6 @@ class Daemon:
             await trio.sleep(interval)
 
 
-def _flat(config: Config) -> dict[str, object]:
-    """Every key of ``config`` by its dotted path (``providers.NAME.KEY`` for providers)."""
-    keys: dict[str, object] = {}
-    for section in dataclasses.fields(config):
-        if section.name in ("providers", "source"):
-            continue
-        table = getattr(config, section.name)
-        for f in dataclasses.fields(table):
-            keys[f"{section.name}.{f.name}"] = getattr(table, f.name)
-    for name, provider in config.providers.items():
-        for f in dataclasses.fields(provider):
-            keys[f"providers.{name}.{f.name}"] = getattr(provider, f.name)
-    return keys
-
-
-def changed_keys(old: Config, new: Config) -> list[str]:
-    """The dotted keys whose values differ, sorted; a provider added or removed is one
-    entry, ``providers.NAME``."""
-    before, after = _flat(old), _flat(new)
-    both = old.providers.keys() & new.providers.keys()
-    changed = set()
-    for key in before.keys() | after.keys():
-        if before.get(key, _MISSING) == after.get(key, _MISSING):
-            continue
-        if key.startswith("providers.") and key.split(".")[1] not in both:
-            key = ".".join(key.split(".")[:2])
-        changed.add(key)
-    return sorted(changed)
-
-
-_MISSING = object()
-
-
-def keep_restart_only(old: Config, new: Config) -> Config:
-    """``new`` with the values of ``old`` for every key in ``RESTART_ONLY``."""
-    sections: dict[str, object] = {}
-    for key in RESTART_ONLY:
-        section, name = key.split(".")
-        table = sections.get(section, getattr(new, section))
-        sections[section] = dataclasses.replace(
-            table,  # type: ignore[type-var]
-            **{name: getattr(getattr(old, section), name)},
-        )
-    return dataclasses.replace(new, **sections)  # type: ignore[arg-type]
-
-
 @contextmanager
 def _signals_let_through() -> Iterator[None]:
     """Unblock the handled signals while trio's receiver is there to take them.
@@ -464,80 +396,6 @@ def _signals_let_through() -> Iterator[None]:
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
-
-
-def _control_token(control: ControlConfig) -> str | None:
-    """The control TCP listener's bearer token, read at start; None without a listener.
-
-    Raises:
-        ListenError: the token file cannot be read (or is empty).
-    """
-    if not control.tcp:
-        return None
-    try:
-        return read_credential(control.token_file, what="control.token_file")
-    except CredentialError as exc:
-        raise ListenError(str(exc)) from None
-
-
-@contextmanager
-def _listen_tcp(address: str) -> Iterator[socket.socket]:
-    """The control API's loopback TCP socket (``[control] tcp``, checked to be loopback).
-
-    Raises:
-        ListenError: the address cannot be bound (e.g. the port is taken).
-    """
-    host, _, port = address.rpartition(":")
-    host = host.strip("[]")
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, int(port)))
-        sock.listen(128)
-    except OSError as exc:
-        sock.close()
-        raise ListenError(f"control.tcp: cannot listen on {address}: {exc.strerror}") from None
-    with sock:
-        yield sock
-
-
-def _listen(section: ListenConfig | ControlConfig, name: str, backlog: int) -> UnixListenSocket:
-    """The socket file of a ``[listen]`` or ``[control]`` table, with its mode and group."""
-    gid = resolve_group(section.group, key=f"{name}.group")
-    return UnixListenSocket(
-        section.socket, mode=section.mode, gid=gid, backlog=backlog, key=f"{name}.socket"
-    )
-
-
-# Files besides connections: Vault's, the log, the sockets, the interpreter's own.
-_FILES_SPARE = 64
-
-
-def files_needed(config: Config) -> int:
-    """Open files the daemon may need at its limits: two per app connection (a realtime
-    session is one upstream connection too), the connections being refused, every
-    provider's pool, and some spare."""
-    pools = sum(p.max_connections for p in config.providers.values())
-    return 2 * config.listen.max_connections + REFUSING_AT_ONCE + pools + _FILES_SPARE
-
-
-def raise_file_limit(needed: int) -> int:
-    """Raise the soft limit on open files to the hard one, as far as the system allows,
-    and return it; warn if it is below ``needed``. (systemd's default soft limit, 1024,
-    is below what the default ``max_connections`` needs; the daemon uses epoll, never
-    select, so a high limit costs nothing.)"""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    target = hard if hard != resource.RLIM_INFINITY else 1 << 20
-    if soft != resource.RLIM_INFINITY and soft < target:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-            soft = target
-        except (ValueError, OSError):  # over the kernel's nr_open: keep the soft limit
-            pass
-    if soft != resource.RLIM_INFINITY and soft < needed:
-        log.warning("daemon.file_limit_low", limit=soft, needed=needed)
-    return soft
 
 
 async def run(config: Config, notifier: Notifier) -> None:

@@ -12,7 +12,7 @@ import textwrap
 from pathlib import Path
 
 from openclawd import config
-from openclawd.daemon import files_needed
+from openclawd.listeners import files_needed
 
 from ..conftest import REPO, daemon_tables
 
@@ -22,7 +22,7 @@ def run_with_limits(soft: int, hard: int, needed: int) -> subprocess.CompletedPr
         f"""
         import resource, sys
         from openclawd import logs
-        from openclawd.daemon import raise_file_limit
+        from openclawd.listeners import raise_file_limit
         resource.setrlimit(resource.RLIMIT_NOFILE, ({soft}, {hard}))
         logs.configure(stream=sys.stderr)
         returned = raise_file_limit({needed})

@@ -1,5 +1,5 @@
 """SIGHUP applies what etc/openclawd.toml says it applies: every key of the example config
-is either proved to take effect on reload, or listed in ``daemon.RESTART_ONLY`` and
+is either proved to take effect on reload, or listed in ``reload.RESTART_ONLY`` and
 reported as ``config.needs_restart``.
 
 The daemon runs in-process from the example config itself (sockets moved to a temporary
@@ -39,8 +39,9 @@ from openclawd import logs
 from openclawd.config import Config
 from openclawd.config import load as load_config
 from openclawd.config import parse as parse_config
-from openclawd.daemon import RESTART_ONLY, Daemon, changed_keys, keep_restart_only
+from openclawd.daemon import Daemon
 from openclawd.notify import Notifier
+from openclawd.reload import RESTART_ONLY, changed_keys, keep_restart_only
 from openclawd.upstream.http import UpstreamRequest
 
 from ..conftest import REPO, render_toml, unix_request

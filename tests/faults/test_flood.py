@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from openclawd.daemon import raise_file_limit
+from openclawd.listeners import raise_file_limit
 from openclawd.local.server import REFUSING_AT_ONCE
 
 from ..bao import BaoServer
