@@ -476,35 +476,34 @@ def _cross_checks(
         problems.append(ConfigProblem("control.socket", "must differ from listen.socket"))
     if config.control.tcp and not config.control.token_file:
         problems.append(ConfigProblem("control.token_file", "required when control.tcp is set"))
-    if "vault" in broken:
+    if "vault" in broken or not has_providers:
         return problems
+    return problems + _vault_checks(config.vault, env)
 
-    vault = config.vault
-    if has_providers:
-        if not vault.addr:
-            problems.append(
-                ConfigProblem("vault.addr", "required key is missing (or set VAULT_ADDR)")
+
+def _vault_checks(vault: VaultConfig, env: Mapping[str, str]) -> list[ConfigProblem]:
+    """What ``[vault]`` needs once there is a provider to read keys for."""
+    problems: list[ConfigProblem] = []
+    if not vault.addr:
+        problems.append(ConfigProblem("vault.addr", "required key is missing (or set VAULT_ADDR)"))
+    elif not vault.allow_insecure and _is_plaintext_remote(vault.addr):
+        problems.append(
+            ConfigProblem(
+                "vault.addr",
+                "plain http:// is allowed only to a loopback Vault "
+                "unless vault.allow_insecure = true",
             )
-        elif not vault.allow_insecure and _is_plaintext_remote(vault.addr):
-            problems.append(
-                ConfigProblem(
-                    "vault.addr",
-                    "plain http:// is allowed only to a loopback Vault "
-                    "unless vault.allow_insecure = true",
-                )
-            )
-        if vault.auth == "token" and not vault.token_file and not env.get("VAULT_TOKEN"):
-            problems.append(
-                ConfigProblem(
-                    "vault.token_file", 'required for auth = "token" (or set VAULT_TOKEN)'
-                )
-            )
-        if vault.auth == "approle":
-            for key in ("role_id_file", "secret_id_file"):
-                if not getattr(vault, key):
-                    problems.append(ConfigProblem(f"vault.{key}", 'required for auth = "approle"'))
-        if not vault.mount.strip("/"):
-            problems.append(ConfigProblem("vault.mount", "must not be empty"))
+        )
+    if vault.auth == "token" and not vault.token_file and not env.get("VAULT_TOKEN"):
+        problems.append(
+            ConfigProblem("vault.token_file", 'required for auth = "token" (or set VAULT_TOKEN)')
+        )
+    if vault.auth == "approle":
+        for key in ("role_id_file", "secret_id_file"):
+            if not getattr(vault, key):
+                problems.append(ConfigProblem(f"vault.{key}", 'required for auth = "approle"'))
+    if not vault.mount.strip("/"):
+        problems.append(ConfigProblem("vault.mount", "must not be empty"))
     return problems
 
 
