@@ -1,27 +1,29 @@
 """The data socket's front door: accept, identify the peer, read the request head, route.
 
-Owns the app-facing listener and the connections on it: each accepted connection gets an
-id (``c1``, ``c2``, ...) that every log line about it carries, its peer credentials, a
-deadline for sending its request head (so a client trickling bytes cannot hold a slot), a
-log line when it opens and when it closes, and a place in the connection nursery that the
-daemon drains. The request head is parsed with h11 and routed by path prefix: WebSocket
-entry points (``/v1/ws``, ``/v1/realtime/``) and plain HTTP ones (``/v1/http/``); any other
-path is answered 404. The refusals every entry point shares are made here, each in its own
-kind (CONTRACT.md 3.4): a peer not allowed gets close 1008 or HTTP 403, a connection over
+Owns the app-facing listener and the connections on it (accepted, or handed over in
+process by ``serve_stream``): each connection gets an id (``c1``, ``c2``, ...) that every
+log line about it carries, its peer credentials, a deadline for sending its request head
+(so a client trickling bytes cannot hold a slot), a log line when it opens and when it
+closes, and a place in the connection nursery that the daemon drains. The request head is
+parsed with h11 and routed by path prefix: WebSocket entry points (``/v1/ws``,
+``/v1/realtime/``) and plain HTTP ones (``/v1/http/``); any other path is answered 404.
+The refusals every entry point shares are made here, each in its own kind (CONTRACT.md
+3.4): a peer not allowed gets close 1008 or HTTP 403, a connection over
 ``max_connections`` close 1013 or 503, a new connection during a drain close 1013 or 503.
 Whether a connection is within ``max_connections`` is decided once, when it is accepted: a
 flood of new ones never turns an app already served away. While a flood is being refused,
 at most ``REFUSING_AT_ONCE`` connections over the limit are open; the rest wait in the
-listen backlog, so a flood cannot take the file descriptors upstream connections need.
-The daemon cuts connections through ``Cutter``: a deadline on every connection's cancel
-scope, and the close a cut WebSocket gets (1012 at shutdown, 1001 at the end of an
-operator's drain), chosen by the one who cuts. Knows nothing of upstreams or keys.
+listen backlog, so a flood cannot take the file descriptors upstream connections need. The
+daemon cuts connections through ``Cutter``: a deadline on every connection's cancel scope,
+and the close a cut WebSocket gets (1012 at shutdown, 1001 at the end of an operator's
+drain), chosen by the one who cuts. Knows nothing of upstreams or keys.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import itertools
 import json
 import math
@@ -70,12 +72,36 @@ _ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, e
 _ACCEPT_RETRY_S = 0.1
 
 
+class _HandedStream(trio.abc.Stream):
+    """A stream handed to ``serve_stream``, read as a socket is: in ``bytes`` (h11 takes
+    bytes; a memory stream gives bytearrays)."""
+
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self._stream = stream
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        return bytes(await self._stream.receive_some(max_bytes))
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self._stream.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self._stream.wait_send_all_might_not_block()
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()
+
+
+# An app's connection: accepted on the data socket, or handed to serve_stream.
+AppStream = trio.SocketStream | _HandedStream
+
+
 @dataclass(slots=True)
 class Connection:
     """One accepted app connection, as the front door hands it to an entry point."""
 
     id: str
-    stream: trio.SocketStream
+    stream: AppStream
     peer: PeerCredentials
     http: h11.Connection
     request: h11.Request
@@ -260,25 +286,44 @@ class LocalServer:
             if short:
                 log.info("connection.accept_recovered", clients=self.clients)
             short = False
-            seen = _Seen(admitted=self._admitted < self.config.max_connections)
-            self._admitted += seen.admitted
-            self.clients += 1
-            handler_nursery.start_soon(self._handle, stream, seen)
+            seen = self._count()
+            handler_nursery.start_soon(self._handle, stream, seen, _peer_of(stream))
 
-    async def _handle(self, stream: trio.SocketStream, seen: _Seen) -> None:
+    async def serve_stream(self, stream: trio.abc.Stream, peer: PeerCredentials) -> None:
+        """Serve one connection already open to a peer known to be ``peer``, as an
+        accepted one is served (counted against ``max_connections``, refused, cut, logged)
+        until it ends; the caller's task runs it. For a caller in the same process, such
+        as a test over ``trio.testing.memory_stream_pair()``: no socket, no file.
+
+        Cancellation: the connection is closed at once, as when the daemon cuts it.
+        """
+        await self._handle(_HandedStream(stream), self._count(), lambda: peer)
+
+    def _count(self) -> _Seen:
+        """A new connection: within ``max_connections`` or not is decided now, once."""
+        seen = _Seen(admitted=self._admitted < self.config.max_connections)
+        self._admitted += seen.admitted
+        self.clients += 1
+        return seen
+
+    async def _handle(
+        self, stream: AppStream, seen: _Seen, identify: Callable[[], PeerCredentials]
+    ) -> None:
         try:
-            await self._handle_counted(stream, seen)
+            await self._handle_counted(stream, seen, identify)
         finally:
             self.clients -= 1
             self._admitted -= seen.admitted
             self._room.unpark_all()
 
-    async def _handle_counted(self, stream: trio.SocketStream, seen: _Seen) -> None:
+    async def _handle_counted(
+        self, stream: AppStream, seen: _Seen, identify: Callable[[], PeerCredentials]
+    ) -> None:
         conn_id = f"c{next(self._ids)}"
         logs.connection_id.set(conn_id)
         started = trio.current_time()
         try:
-            peer = peer_credentials(stream.socket)  # type: ignore[arg-type]
+            peer = identify()
         except OSError as exc:
             log.warning("connection.no_peer_credentials", error=exc.strerror)
             await stream.aclose()
@@ -313,7 +358,7 @@ class LocalServer:
         seen.kind = kind
 
     async def _serve_connection(
-        self, conn_id: str, stream: trio.SocketStream, peer: PeerCredentials, seen: _Seen
+        self, conn_id: str, stream: AppStream, peer: PeerCredentials, seen: _Seen
     ) -> str:
         """Serve one connection, request after request while the app keeps it alive (plain
         HTTP); returns how it ended, for the close log line."""
@@ -475,6 +520,12 @@ class _Seen:
     reason: str | None = None
 
 
+def _peer_of(stream: trio.SocketStream) -> Callable[[], PeerCredentials]:
+    """Who is on the other end of an accepted connection, read (SO_PEERCRED) when its
+    task starts."""
+    return functools.partial(peer_credentials, stream.socket)  # type: ignore[arg-type]
+
+
 def _kind(prefix: str) -> str:
     return prefix.strip("/").rsplit("/", 1)[-1]
 
@@ -487,7 +538,7 @@ def _match(routes: Mapping[str, _H], path: str) -> tuple[str, _H | None]:
 
 
 async def _receive_head(
-    stream: trio.SocketStream, http: h11.Connection
+    stream: AppStream, http: h11.Connection
 ) -> tuple[h11.Request | None, bytes]:
     """Read until h11 has a whole request head; None if the peer left first. Also returns
     every byte read, for a WebSocket handshake to read again.
@@ -513,7 +564,7 @@ async def _receive_head(
 
 
 async def _send_json(
-    stream: trio.SocketStream,
+    stream: AppStream,
     http: h11.Connection,
     status: int,
     payload: object,
@@ -540,7 +591,7 @@ async def _send_json(
     return len(body)
 
 
-async def _discard_body(stream: trio.SocketStream, http: h11.Connection) -> None:
+async def _discard_body(stream: AppStream, http: h11.Connection) -> None:
     """Read and drop what the app still sends of its request body, up to a bound."""
     if http.they_are_waiting_for_100_continue:
         return  # it sends nothing until told to go on; it is told to stop
