@@ -136,11 +136,15 @@ class Realtime:
         admission: Admission,
         *,
         ssl_context: ssl.SSLContext | None = None,
+        open_stream: upstream_ws.StreamOpener | None = None,
     ) -> None:
+        """``open_stream`` opens the connection under each upstream session (default: TCP,
+        and TLS for wss:// against ``ssl_context``, else the system CA store)."""
         self.keys = keys
         self.lifecycle = lifecycle
         self.admission = admission
         self.ssl_context = ssl_context
+        self.open_stream = open_stream
         self.config = config
         self.sessions = 0
 
@@ -242,6 +246,7 @@ class Realtime:
                 max_message_bytes=listen.max_message_bytes,
                 activity=up_activity,
                 ssl_context=self.ssl_context,
+                open_stream=self.open_stream,
             )
         except UpstreamRejectedError as exc:
             log.info("realtime.rejected", provider=name, status=exc.status, key=key.fingerprint)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 import ssl
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -61,6 +61,12 @@ def target(ws_url: str, path: str, query: str) -> Target:
     return Target(tls, host, port, host_header, resource)
 
 
+# Opens the connection under a session to a ``Target``: TCP, then TLS for wss:// by default
+# (``_open_stream``); a test gives one end of a memory stream. Raises
+# UpstreamConnectionError when it cannot connect; the connect timeout is the caller's.
+StreamOpener = Callable[[Target], Awaitable[trio.abc.Stream]]
+
+
 @dataclass(frozen=True, slots=True)
 class UpstreamSession:
     """An open upstream WebSocket and the connection under it."""
@@ -95,12 +101,15 @@ async def open_session(
     max_message_bytes: int,
     activity: Activity,
     ssl_context: ssl.SSLContext | None = None,
+    open_stream: StreamOpener | None = None,
 ) -> UpstreamSession:
     """Connect to ``to`` and complete the WebSocket handshake, with ``key`` in the
     provider's auth header and ``headers`` besides, within ``connect_timeout_s``.
 
     ``nursery`` runs the connection's reader task: it must outlive the session, which the
     caller ends with ``aclose``. Every byte either way is noted in ``activity`` (liveness).
+    ``open_stream`` opens the connection (default: TCP, and TLS for wss:// verified against
+    ``ssl_context``, else the system CA store).
     Raises:
         UpstreamRejectedError: the upstream answered the handshake with an HTTP status.
         UpstreamConnectionError: no connection, a TLS failure, or a close mid-handshake.
@@ -111,11 +120,13 @@ async def open_session(
         f"{config.auth_scheme} {key.secret}" if config.auth_scheme else key.secret,
     )
     sent = [(k, v) for k, v in headers if k.lower() != config.auth_header.lower()]
+    if open_stream is None:
+        open_stream = functools.partial(_open_stream, tls=ssl_context or _system_tls())
     stream: trio.abc.Stream | None = None
     connected = False
     try:
         with trio.move_on_after(config.connect_timeout_s):
-            stream = await _open_stream(to, ssl_context or _system_tls())
+            stream = await open_stream(to)
             session = UpstreamSession(
                 await websocket.connect(
                     nursery,
