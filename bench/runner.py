@@ -1261,103 +1261,144 @@ def summary(results: dict[str, Any]) -> str:
         "",
         "| scenario | direct | via /v1/ws | via /v1/http |",
         "|---|---|---|---|",
+        *_latency_rows(s),
+        *_load_rows(s, results),
     ]
+    own = _own_rows(s)
+    if own:
+        lines += ["", "| scenario | figure |", "|---|---|", *own]
+    return "\n".join(lines)
 
-    def row(name: str, direct: str, ws: str, http: str) -> None:
-        lines.append(f"| {name} | {direct} | {ws} | {http} |")
 
-    def p50_p99(figures: dict[str, Any]) -> str:
-        return f"{figures['p50_us']:g} / {figures['p99_us']:g}"
+def _row(name: str, direct: str, ws: str, http: str) -> str:
+    return f"| {name} | {direct} | {ws} | {http} |"
 
-    def added(figures: dict[str, Any]) -> str:
-        return f"+{figures['added_p50_us']:g} / +{figures['added_p99_us']:g}"
 
+def _p50_p99(figures: dict[str, Any]) -> str:
+    return f"{figures['p50_us']:g} / {figures['p99_us']:g}"
+
+
+def _added(figures: dict[str, Any]) -> str:
+    return f"+{figures['added_p50_us']:g} / +{figures['added_p99_us']:g}"
+
+
+def _ms(us_: float) -> str:
+    return f"{us_ / 1000:,.2f}"
+
+
+def _latency_rows(s: dict[str, Any]) -> list[str]:
+    """Scenarios 1 and 2: one request's latency, after idle too, and the first event's."""
+    rows = []
     if "latency" in s:
         lat = s["latency"]
-        row("1 latency p50 / p99 (µs)", *(p50_p99(lat[p]) for p in PATHS))
-        row("1 added p50 / p99 (µs)", "", added(lat["ws"]), added(lat["http"]))
-        row(
-            "1 daemon CPU per request (µs)",
-            "",
-            f"{lat['ws']['daemon_cpu_us_per_request']:g}",
-            f"{lat['http']['daemon_cpu_us_per_request']:g}",
+        rows.append(_row("1 latency p50 / p99 (µs)", *(_p50_p99(lat[p]) for p in PATHS)))
+        rows.append(_row("1 added p50 / p99 (µs)", "", _added(lat["ws"]), _added(lat["http"])))
+        rows.append(
+            _row(
+                "1 daemon CPU per request (µs)",
+                "",
+                f"{lat['ws']['daemon_cpu_us_per_request']:g}",
+                f"{lat['http']['daemon_cpu_us_per_request']:g}",
+            )
         )
     if "latency_after_idle" in s:
         idle = s["latency_after_idle"]
-        row(
-            f"1 after {FIRST_EVENT_GAP_MS} ms idle: latency p50 / p99 (µs)",
-            *(p50_p99(idle[p]) for p in PATHS),
+        rows.append(
+            _row(
+                f"1 after {FIRST_EVENT_GAP_MS} ms idle: latency p50 / p99 (µs)",
+                *(_p50_p99(idle[p]) for p in PATHS),
+            )
         )
-        row(
-            f"1 after {FIRST_EVENT_GAP_MS} ms idle: added (µs)",
-            "",
-            added(idle["ws"]),
-            added(idle["http"]),
+        rows.append(
+            _row(
+                f"1 after {FIRST_EVENT_GAP_MS} ms idle: added (µs)",
+                "",
+                _added(idle["ws"]),
+                _added(idle["http"]),
+            )
         )
     if "first_event" in s:
         fe = s["first_event"]
-        row("2 first event p50 / p99 (µs)", *(p50_p99(fe[p]) for p in PATHS))
-        row("2 added p50 / p99 (µs)", "", added(fe["ws"]), added(fe["http"]))
+        rows.append(_row("2 first event p50 / p99 (µs)", *(_p50_p99(fe[p]) for p in PATHS)))
+        rows.append(_row("2 added p50 / p99 (µs)", "", _added(fe["ws"]), _added(fe["http"])))
+    return rows
+
+
+def _load_rows(s: dict[str, Any], results: dict[str, Any]) -> list[str]:
+    """Scenarios 3, 4 and 8: the SSE relay, requests/s, and concurrent streams."""
+    rows = []
     if "relay" in s:
         relay = s["relay"]
-        row(
-            f"3 relay, events/s ({results['plan']['relay_events']:,} events)",
-            f"{relay['direct']['events_per_s']:,}",
-            f"{relay['ws']['events_per_s']:,} (×{relay['ws']['ratio']:g})",
-            f"{relay['http']['events_per_s']:,} (×{relay['http']['ratio']:g})",
+        rows.append(
+            _row(
+                f"3 relay, events/s ({results['plan']['relay_events']:,} events)",
+                f"{relay['direct']['events_per_s']:,}",
+                f"{relay['ws']['events_per_s']:,} (×{relay['ws']['ratio']:g})",
+                f"{relay['http']['events_per_s']:,} (×{relay['http']['ratio']:g})",
+            )
         )
     for clients, tp in s.get("throughput", {}).items():
-        row(
-            f"4 requests/s, {clients} clients (daemon CPU)",
-            f"{tp['direct']['requests_per_s']:,}",
-            f"{tp['ws']['requests_per_s']:,} (×{tp['ws']['ratio']:g}, "
-            f"{tp['ws']['daemon_cpu_percent']}%)",
-            f"{tp['http']['requests_per_s']:,} (×{tp['http']['ratio']:g}, "
-            f"{tp['http']['daemon_cpu_percent']}%)",
+        rows.append(
+            _row(
+                f"4 requests/s, {clients} clients (daemon CPU)",
+                f"{tp['direct']['requests_per_s']:,}",
+                f"{tp['ws']['requests_per_s']:,} (×{tp['ws']['ratio']:g}, "
+                f"{tp['ws']['daemon_cpu_percent']}%)",
+                f"{tp['http']['requests_per_s']:,} (×{tp['http']['ratio']:g}, "
+                f"{tp['http']['daemon_cpu_percent']}%)",
+            )
         )
     for n, streams in s.get("streams", {}).items():
-        direct, ws, http = (streams[p] for p in PATHS)
+        rows += _streams_rows(int(n), streams)
+    return rows
 
-        def ms(us_: float) -> str:
-            return f"{us_ / 1000:,.2f}"
 
-        def via(figures: dict[str, Any]) -> str:
-            return (
-                f"+{ms(figures['added_p50_us'])} / +{ms(figures['added_p99_us'])} "
-                f"({figures['daemon_cpu_s_per_1k_events']:g} s, "
-                f"{figures['failures']} failed)"
-            )
+def _streams_rows(n: int, streams: dict[str, Any]) -> list[str]:
+    """Scenario 8 at ``n`` streams: each event's delay, and what the daemon adds to it."""
+    direct, ws, http = (streams[p] for p in PATHS)
 
-        row(
-            f"8 {int(n):,} streams: event delay p50 / p99 (ms)",
-            *(f"{ms(streams[p]['p50_us'])} / {ms(streams[p]['p99_us'])}" for p in PATHS),
+    def via(figures: dict[str, Any]) -> str:
+        return (
+            f"+{_ms(figures['added_p50_us'])} / +{_ms(figures['added_p99_us'])} "
+            f"({figures['daemon_cpu_s_per_1k_events']:g} s, "
+            f"{figures['failures']} failed)"
         )
-        row(
-            f"8 {int(n):,} streams: added p50 / p99 (ms) (daemon CPU per 1k events)",
+
+    return [
+        _row(
+            f"8 {n:,} streams: event delay p50 / p99 (ms)",
+            *(f"{_ms(streams[p]['p50_us'])} / {_ms(streams[p]['p99_us'])}" for p in PATHS),
+        ),
+        _row(
+            f"8 {n:,} streams: added p50 / p99 (ms) (daemon CPU per 1k events)",
             f"{direct['failures']} failed; clients {direct['client_cpu_percent_total']}% "
             f"(busiest {direct['client_cpu_percent_busiest']}%), upstream "
             f"{direct['upstream_cpu_percent']}% (p99 late "
-            f"{ms(direct['upstream_late_p99_us'])} ms), others "
+            f"{_ms(direct['upstream_late_p99_us'])} ms), others "
             f"{max(streams[p]['others_cpu_percent'] for p in PATHS)}%",
             via(ws),
             via(http),
-        )
-    if {"memory", "startup", "rotation"} & set(s):
-        lines += ["", "| scenario | figure |", "|---|---|"]
+        ),
+    ]
+
+
+def _own_rows(s: dict[str, Any]) -> list[str]:
+    """Scenarios 5, 6 and 7, which have no direct path to compare with."""
+    rows = []
     if "memory" in s:
         mem = s["memory"]
-        lines.append(
+        rows.append(
             f"| 5 idle RSS at READY / after the load | {mem['idle_rss_mb_at_ready']:g} MB / "
             f"{mem['idle_rss_mb_after_load']:g} MB |"
         )
         for step in mem["idle_connections"]:
-            lines.append(
+            rows.append(
                 f"| 5 RSS with {step['connections']:,} idle /v1/ws connections | "
                 f"{step['rss_mb']:g} MB ({step['kb_per_connection']:g} KB each) |"
             )
     if "startup" in s:
         st = s["startup"]
-        lines.append(
+        rows.append(
             f"| 6 start to READY=1, keys from bao (median of {st['starts']}) | "
             f"{st['ready_ms_p50']} ms (max {st['ready_ms_max']} ms; importing the daemon: "
             f"{st['python_import_daemon_ms_p50']} ms, bare interpreter "
@@ -1366,13 +1407,13 @@ def summary(results: dict[str, Any]) -> str:
     if "rotation" in s:
         rot = s["rotation"]
         delays = [d for d in rot["new_key_first_used_after_ms"] if d is not None]
-        lines.append(
+        rows.append(
             f"| 7 rotation under load: {rot['rotations']} rotations in {rot['seconds']:g} s, "
             f"{rot['ws']['requests'] + rot['http']['requests']:,} requests | "
             f"{rot['failures']} failed; new key first used at most {max(delays, default=0):g} ms "
             f"after the Vault write; upstream 401s: {rot['upstream_401s']} |"
         )
-    return "\n".join(lines)
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
