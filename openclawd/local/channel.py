@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import trio
@@ -174,14 +174,7 @@ class Channels:
                 except Exception:
                     log.exception("request.internal_error", request_id=rid)
                     exchange.fail(OpenclawdError("internal error"))
-            if scope.cancelled_caught and exchange.cancelled():
-                log.info("request.cancelled", request_id=rid, reason="cancel frame")
-                await finish(messages.error(rid, "cancelled", "cancelled by the app"))
-            elif exchange.late_error is not None:  # e.g. the deadline, once the end was queued
-                log.info("request.late_error", request_id=rid, error=str(exchange.late_error))
-            elif exchange.error is not None and not exchange.ended:
-                exchange.answered()
-                await finish(_error_frame(rid, exchange.error))
+            await _tell_the_end(rid, exchange, scope.cancelled_caught, finish)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             # The writer is gone, before the channel's reader may have seen the app go:
             # an app leaving is normal, not an error of ours.
@@ -278,19 +271,35 @@ class _Channel:
         except ConnectionClosed:
             pass
         finally:
-            # Whoever waits on a frame that will never be written is let go; after the
-            # close (no checkpoint in between), queueing fails at once.
+            self._let_go(batch)
+
+    def _let_go(self, batch: list[tuple[str, trio.Event | None]]) -> None:
+        """Whoever waits on a frame that will never be written is let go; after the close
+        (no checkpoint in between), queueing fails at once."""
+        while True:
             for _, written in batch:
                 if written is not None:
                     written.set()
-            while True:
-                try:
-                    _, written = self._frames.receive_nowait()
-                except (trio.WouldBlock, trio.EndOfChannel):
-                    break
-                if written is not None:
-                    written.set()
-            self._frames.close()
+            try:
+                batch = [self._frames.receive_nowait()]
+            except (trio.WouldBlock, trio.EndOfChannel):
+                break
+        self._frames.close()
+
+
+async def _tell_the_end(
+    rid: str, exchange: Exchange, cancelled: bool, finish: Callable[[str], Awaitable[None]]
+) -> None:
+    """The last frame a request that did not finish is owed: ``cancelled`` after the app's
+    cancel, else its error's; an error after its end is only logged."""
+    if cancelled and exchange.cancelled():
+        log.info("request.cancelled", request_id=rid, reason="cancel frame")
+        await finish(messages.error(rid, "cancelled", "cancelled by the app"))
+    elif exchange.late_error is not None:  # e.g. the deadline, once the end was queued
+        log.info("request.late_error", request_id=rid, error=str(exchange.late_error))
+    elif exchange.error is not None and not exchange.ended:
+        exchange.answered()
+        await finish(_error_frame(rid, exchange.error))
 
 
 def _cut_reason(conn: Connection) -> str:

@@ -108,26 +108,12 @@ class SSEDecoder:
         """
         if self._failed:
             self._fail()
+        if self._at_start:
+            data = self._past_bom(data)
         if not data:
             return []
-        if self._at_start:
-            self._partial += data
-            if len(self._partial) < len(_BOM) and _BOM.startswith(self._partial):
-                return []
-            self._at_start = False
-            data = bytes(self._partial)
-            self._partial.clear()
-            if data.startswith(_BOM):
-                data = data[len(_BOM) :]
-        if self._cr_pending:
-            self._cr_pending = False
-            if data[:1] == b"\n":
-                data = data[1:]
-        if b"\r" in data:
-            # A CR ending the chunk ends its line whatever follows; only a LF opening the
-            # next chunk must then be dropped, as the second half of a CRLF.
-            self._cr_pending = data[-1:] == b"\r"
-            data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        if self._cr_pending or b"\r" in data:
+            data = self._lf_endings(data)
         lines = data.split(b"\n")
         tail = lines.pop()
         if not lines:
@@ -145,6 +131,29 @@ class SSEDecoder:
             if len(tail) + self._data_bytes > self._max:
                 self._fail()
         return events
+
+    def _past_bom(self, data: bytes) -> bytes:
+        """The stream's first bytes without the BOM, once 3 have come (b"" until then)."""
+        self._partial += data
+        if len(self._partial) < len(_BOM) and _BOM.startswith(self._partial):
+            return b""
+        self._at_start = False
+        data = bytes(self._partial)
+        self._partial.clear()
+        return data[len(_BOM) :] if data.startswith(_BOM) else data
+
+    def _lf_endings(self, data: bytes) -> bytes:
+        """``data`` with every line ending a LF. A CR ending the chunk ends its line
+        whatever follows; only a LF opening the next chunk must then be dropped, as the
+        second half of a CRLF."""
+        if self._cr_pending:
+            self._cr_pending = False
+            if data[:1] == b"\n":
+                data = data[1:]
+        if b"\r" in data:
+            self._cr_pending = data[-1:] == b"\r"
+            data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        return data
 
     def close(self) -> list[Event]:
         """End the stream: flush what is pending, then reset for a new stream.
@@ -187,25 +196,30 @@ class SSEDecoder:
             # The common line first: one startswith instead of a partition and a compare.
             if line.startswith(b"data:"):
                 value = line[6:] if line[5:6] == b" " else line[5:]
-            elif line[0] == 0x3A:
-                continue
             else:
-                name, _, value = line.partition(b":")
-                if value[:1] == b" ":
-                    value = value[1:]
-                if name == b"event":
-                    self._event = value.decode("utf-8", "replace")
-                    continue
-                if name == b"id":
-                    if b"\0" not in value:
-                        self._id = value.decode("utf-8", "replace")
-                    continue
-                if name != b"data":
-                    # retry and unknown fields: nothing of them reaches the app.
+                value = self._field(line)
+                if value is None:
                     continue
             data.append(value.decode("utf-8", "replace"))
             self._data_bytes += len(line)
         return events
+
+    def _field(self, line: bytes) -> bytes | None:
+        """A line other than ``data:``: takes an ``event`` or ``id`` field; returns the
+        value of a ``data`` field written otherwise (``data`` alone), else None."""
+        if line[0] == 0x3A:  # a comment
+            return None
+        name, _, value = line.partition(b":")
+        if value[:1] == b" ":
+            value = value[1:]
+        if name == b"data":
+            return value
+        if name == b"event":
+            self._event = value.decode("utf-8", "replace")
+        elif name == b"id" and b"\0" not in value:
+            self._id = value.decode("utf-8", "replace")
+        # retry and unknown fields: nothing of them reaches the app.
+        return None
 
     def _fail(self) -> NoReturn:
         # Drop what we hold: a failed stream must not keep up to max_event_bytes alive.
