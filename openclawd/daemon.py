@@ -156,7 +156,7 @@ class Daemon:
                     root.start_soon(self._report_state)
 
                     await self._stop_requested.wait()
-                    if await self._drain("stopping"):
+                    if await self._drain():
                         log.info("daemon.drained")
                     else:
                         log.warning("daemon.drain_deadline", inflight=self.lifecycle.work.count)
@@ -258,9 +258,8 @@ class Daemon:
         on its own)."""
         lifecycle = self.lifecycle
         try:
-            if await self._drain("draining") and lifecycle.draining and not lifecycle.stopping:
+            if await self._drain() and lifecycle.draining and not lifecycle.stopping:
                 log.info("daemon.drained")
-                self.notifier.status("draining: nothing in flight")
             while lifecycle.draining and not lifecycle.stopping:
                 remaining = lifecycle.drain_remaining_s()
                 assert remaining is not None
@@ -276,18 +275,17 @@ class Daemon:
         finally:
             self._drain_running = False
 
-    async def _drain(self, state: str) -> bool:
+    async def _drain(self) -> bool:
         """The one drain (the operator's, or shutdown's): wait until no work is in flight
-        (True), or until its deadline (False), which a new drain may move; the STATUS line
-        says how many are left. Wakes only when something changes, never to poll. Returns
-        early (True) when the drain is undone (a resume)."""
+        (True), or until its deadline (False), which a new drain may move. Wakes only when
+        something changes (work ends, the drain moves), never to poll; the STATUS line is
+        ``_report_state``'s. Returns early (True) when the drain is undone (a resume)."""
         lifecycle = self.lifecycle
         work = lifecycle.work
         while work.count and (lifecycle.draining or lifecycle.stopping):
             remaining = lifecycle.drain_remaining_s()
             if remaining is None or remaining <= 0:
                 return False
-            self.notifier.status(f"{state}: {work.count} in flight, {math.ceil(remaining)}s left")
             with trio.move_on_at(lifecycle.drain_deadline or math.inf):
                 await lifecycle.wait_changed()
         return not work.count or not (lifecycle.draining or lifecycle.stopping)

@@ -9,6 +9,7 @@ Everything here is sync and never blocks, except the ``wait_*`` functions.
 from __future__ import annotations
 
 import enum
+import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -27,12 +28,12 @@ class State(enum.Enum):
 class WorkTracker:
     """Counts in-flight work (upstream requests, realtime sessions) so a drain can wait."""
 
-    def __init__(self, on_idle: Callable[[], None] = lambda: None) -> None:
-        """``on_idle`` is called each time the last piece of work in flight ends."""
+    def __init__(self, on_end: Callable[[], None] = lambda: None) -> None:
+        """``on_end`` is called each time a piece of work ends."""
         self._count = 0
         self._idle = trio.Event()
         self._idle.set()
-        self._on_idle = on_idle
+        self._on_end = on_end
 
     @property
     def count(self) -> int:
@@ -59,7 +60,7 @@ class WorkTracker:
         self._count -= 1
         if self._count == 0:
             self._idle.set()
-            self._on_idle()
+        self._on_end()
 
     async def wait_idle(self) -> None:
         """Return once no work is in flight."""
@@ -72,8 +73,9 @@ class Lifecycle:
 
     def __init__(self) -> None:
         self.started_monotonic = time.monotonic()
-        # A drain waits for the work to end: its end is a change of the daemon's state.
-        self.work = WorkTracker(on_idle=self._notify)
+        # During a drain, each piece of work that ends is a change: the drain waits for
+        # the last, and the STATUS line counts them down.
+        self.work = WorkTracker(on_end=self._work_ended)
         self.listening = False
         self.draining = False
         self.stopping = False
@@ -162,7 +164,11 @@ class Lifecycle:
         if state is State.DEGRADED:
             return "degraded: " + ", ".join(self.degradations())
         if state in (State.DRAINING, State.STOPPING):
-            return f"{state.value}: {self.work.count} in flight"
+            remaining = self.drain_remaining_s()
+            if not self.work.count:
+                return f"{state.value}: nothing in flight"
+            left = "" if remaining is None else f", {math.ceil(remaining)}s left"
+            return f"{state.value}: {self.work.count} in flight{left}"
         return "ready"
 
     async def wait_changed(self) -> None:
@@ -176,6 +182,10 @@ class Lifecycle:
         else:
             table[key] = reason
         if table.get(key) != before:
+            self._notify()
+
+    def _work_ended(self) -> None:
+        if self.draining or self.stopping:
             self._notify()
 
     def _notify(self) -> None:
