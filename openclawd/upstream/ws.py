@@ -120,13 +120,14 @@ async def open_session(
         f"{config.auth_scheme} {key.secret}" if config.auth_scheme else key.secret,
     )
     sent = [(k, v) for k, v in headers if k.lower() != config.auth_header.lower()]
-    if open_stream is None:
-        open_stream = functools.partial(_open_stream, tls=ssl_context or _system_tls())
     stream: trio.abc.Stream | None = None
     connected = False
     try:
         with trio.move_on_after(config.connect_timeout_s):
-            stream = await open_stream(to)
+            if open_stream is None:
+                stream = await _open_stream(to, ssl_context or _system_tls())
+            else:
+                stream = await open_stream(to)
             session = UpstreamSession(
                 await websocket.connect(
                     nursery,
