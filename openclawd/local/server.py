@@ -365,68 +365,61 @@ class LocalServer:
         http = h11.Connection(h11.SERVER, max_incomplete_event_size=_MAX_HEAD_BYTES)
         served = 0
         while True:
-            request: h11.Request | None = None
             # The first head must come within handshake_timeout_s; so must the next one on
             # a kept-alive connection, or it is closed as idle.
             timeout_s = self.config.handshake_timeout_s
             if not seen.admitted:
                 timeout_s = min(timeout_s, _REFUSED_WAIT_S)
-            with trio.move_on_after(timeout_s) as head_scope:
-                try:
-                    request, head = await _receive_head(stream, http)
-                except h11.RemoteProtocolError as exc:
-                    # h11's message may quote the request's bytes (headers included): not
-                    # echoed.
-                    await _send_json(
-                        stream,
-                        http,
-                        exc.error_status_hint,
-                        error_body("bad_request", "malformed HTTP request"),
-                    )
-                    return "bad request"
-            if head_scope.cancelled_caught:
-                return "idle" if served else "handshake timeout"
-            if request is None:
-                return f"closed after {served} requests" if served else "closed before a request"
-
+            received = await _next_request(stream, http, timeout_s, served)
+            if isinstance(received, str):
+                return received
+            request, head = received
             conn = Connection(conn_id, stream, peer, http, request, head, timeout_s, self.cutter)
-            path = request.target.decode("latin-1").split("?", 1)[0]
-            ws_prefix, ws_handler = _match(self.websocket_routes, path)
-            if ws_handler is not None and websocket.is_upgrade(request):
-                self._is(seen, _kind(ws_prefix))
-                return await self._serve_websocket(conn, ws_handler, seen)
-            if seen.kind != "http":
-                self._is(seen, "http")
-            # Refused before routing: a peer that is not allowed learns nothing of the routes.
-            refusal = self._refusal(peer, seen)
-            if refusal is not None:
-                await conn.respond_error(refusal)
-                return f"refused: {refusal}"
-            if ws_handler is not None:
-                # The route, not the path: what follows the prefix is the app's, maybe a key.
-                # 426 names the protocol to upgrade to (RFC 9110 15.5.22).
-                await conn.respond_error(
-                    UpgradeRequiredError(f"{ws_prefix} is a WebSocket endpoint"),
-                    [("upgrade", "websocket")],
-                )
-                return "bad request: not a WebSocket upgrade"
-            _, handler = _match(self.routes, path)
-            if handler is None:
-                # Not the path: an app may have put a key where a name goes.
-                await conn.respond_error(NotFoundError("no such route"))
-                return "not found"
-            try:
-                await handler(conn)
-            except Exception:
-                # A bug ends this request alone, never the daemon.
-                log.exception("connection.internal_error")
-                if http.our_state is h11.SEND_RESPONSE:
-                    await conn.respond_error(OpenclawdError("internal error"))
-                return "internal error"
+            ended = await self._route(conn, seen)
+            if ended is not None:
+                return ended
             served += 1
             if http.our_state is not h11.DONE or http.their_state is not h11.DONE:
                 return f"served {served} requests"
             http.start_next_cycle()
+
+    async def _route(self, conn: Connection, seen: _Seen) -> str | None:
+        """Serve one request by its path; returns how the connection ended, or None when
+        a plain HTTP handler answered it (the connection may carry another)."""
+        path = conn.request.target.decode("latin-1").split("?", 1)[0]
+        ws_prefix, ws_handler = _match(self.websocket_routes, path)
+        if ws_handler is not None and websocket.is_upgrade(conn.request):
+            self._is(seen, _kind(ws_prefix))
+            return await self._serve_websocket(conn, ws_handler, seen)
+        if seen.kind != "http":
+            self._is(seen, "http")
+        # Refused before routing: a peer that is not allowed learns nothing of the routes.
+        refusal = self._refusal(conn.peer, seen)
+        if refusal is not None:
+            await conn.respond_error(refusal)
+            return f"refused: {refusal}"
+        if ws_handler is not None:
+            # The route, not the path: what follows the prefix is the app's, maybe a key.
+            # 426 names the protocol to upgrade to (RFC 9110 15.5.22).
+            await conn.respond_error(
+                UpgradeRequiredError(f"{ws_prefix} is a WebSocket endpoint"),
+                [("upgrade", "websocket")],
+            )
+            return "bad request: not a WebSocket upgrade"
+        _, handler = _match(self.routes, path)
+        if handler is None:
+            # Not the path: an app may have put a key where a name goes.
+            await conn.respond_error(NotFoundError("no such route"))
+            return "not found"
+        try:
+            await handler(conn)
+        except Exception:
+            # A bug ends this request alone, never the daemon.
+            log.exception("connection.internal_error")
+            if conn.http.our_state is h11.SEND_RESPONSE:
+                await conn.respond_error(OpenclawdError("internal error"))
+            return "internal error"
+        return None
 
     def _refusal(self, peer: PeerCredentials, seen: _Seen) -> OpenclawdError | None:
         """Why a connection's request is refused (its code, HTTP status and close code
@@ -535,6 +528,28 @@ def _match(routes: Mapping[str, _H], path: str) -> tuple[str, _H | None]:
         if path == prefix or (prefix.endswith("/") and path.startswith(prefix)):
             return prefix, handler
     return "", None
+
+
+async def _next_request(
+    stream: AppStream, http: h11.Connection, timeout_s: float, served: int
+) -> tuple[h11.Request, bytes] | str:
+    """The next request's head (and every byte read), or how the connection ended
+    before one came (``served`` requests after the first), for the close log line."""
+    received: tuple[h11.Request | None, bytes] = (None, b"")
+    with trio.move_on_after(timeout_s) as head_scope:
+        try:
+            received = await _receive_head(stream, http)
+        except h11.RemoteProtocolError as exc:
+            # h11's message may quote the request's bytes (headers included): not echoed.
+            body = error_body("bad_request", "malformed HTTP request")
+            await _send_json(stream, http, exc.error_status_hint, body)
+            return "bad request"
+    if head_scope.cancelled_caught:
+        return "idle" if served else "handshake timeout"
+    request, head = received
+    if request is None:
+        return f"closed after {served} requests" if served else "closed before a request"
+    return request, head
 
 
 async def _receive_head(
