@@ -44,6 +44,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from functools import cache
+from typing import Any
 
 MAX_HEAD_BYTES = 64 * 1024
 MAX_BODY_BYTES = 16 * 1024 * 1024
@@ -210,6 +211,23 @@ class BadRequest(Exception):
     """The bytes are not a request this server reads; the connection is closed."""
 
 
+def _body_length(headers: dict[bytes, bytes]) -> int:
+    """The length of the request body the head announces.
+
+    Raises:
+        BadRequest: a chunked body, or a content-length that is not a number or too large.
+    """
+    if b"transfer-encoding" in headers:
+        raise BadRequest("chunked request bodies are not read here")
+    try:
+        length = int(headers.get(b"content-length", b"0"))
+    except ValueError:
+        raise BadRequest("bad content-length") from None
+    if not 0 <= length <= MAX_BODY_BYTES:
+        raise BadRequest("body too large")
+    return length
+
+
 class HttpProtocol(asyncio.Protocol):
     """One connection: requests parsed from the buffer as they complete, answered in order."""
 
@@ -261,14 +279,7 @@ class HttpProtocol(asyncio.Protocol):
             if not sep:
                 raise BadRequest("malformed header line")
             headers[name.strip().lower()] = value.strip()
-        if b"transfer-encoding" in headers:
-            raise BadRequest("chunked request bodies are not read here")
-        try:
-            length = int(headers.get(b"content-length", b"0"))
-        except ValueError:
-            raise BadRequest("bad content-length") from None
-        if not 0 <= length <= MAX_BODY_BYTES:
-            raise BadRequest("body too large")
+        length = _body_length(headers)
         start = end + 4
         if len(self.buffer) < start + length:
             return False
@@ -323,29 +334,7 @@ class HttpProtocol(asyncio.Protocol):
             if not isinstance(request, dict):
                 return _error(400, "Bad Request", "the body is not an object", "bad_json")
             if request.get("stream") is True:
-                events = request.get("max_tokens", 16)
-                if type(events) is not int or not 0 <= events <= MAX_STREAM_EVENTS:
-                    return _error(400, "Bad Request", "bad max_tokens", "bad_max_tokens")
-                gap_ms = request.get("bench_gap_ms", 0)
-                if type(gap_ms) not in (int, float) or not 0 <= gap_ms <= 60_000:
-                    return _error(400, "Bad Request", "bad bench_gap_ms", "bad_gap")
-                interval_ms = request.get("bench_interval_ms", 0)
-                offset_ms = request.get("bench_offset_ms", 0)
-                for value in (interval_ms, offset_ms):
-                    if type(value) not in (int, float) or not 0 <= value <= MAX_TIMED_MS:
-                        return _error(400, "Bad Request", "bad bench timing", "bad_timing")
-                start_ns = request.get("bench_start_ns")
-                if start_ns is not None and (
-                    type(start_ns) is not int
-                    or abs(start_ns - time.monotonic_ns()) > MAX_START_AHEAD_NS
-                ):
-                    return _error(400, "Bad Request", "bad bench_start_ns", "bad_timing")
-                if interval_ms and events:
-                    start_s = None if start_ns is None else start_ns / 1e9
-                    return Timed(events, interval_ms / 1000, offset_ms / 1000, start_s)
-                if gap_ms and events:
-                    return (*stream_parts(events), gap_ms / 1000)
-                return stream(events)
+                return _streamed(request)
             return completion()
         if path == b"/_bench/keys" and method == b"POST":
             try:
@@ -357,6 +346,33 @@ class HttpProtocol(asyncio.Protocol):
         if path == b"/_bench/stats" and method == b"GET":
             return _response(200, "OK", "application/json", _json(self.keys.stats()))
         return _error(404, "Not Found", "no such route", "not_found")
+
+
+def _streamed(request: dict[str, Any]) -> bytes | tuple[bytes, bytes, float] | Timed:
+    """The answer to a streamed completion request: the whole stream, its first event and
+    the rest ``bench_gap_ms`` later, or a timed stream (``bench_interval_ms``)."""
+    events = request.get("max_tokens", 16)
+    if type(events) is not int or not 0 <= events <= MAX_STREAM_EVENTS:
+        return _error(400, "Bad Request", "bad max_tokens", "bad_max_tokens")
+    gap_ms = request.get("bench_gap_ms", 0)
+    if type(gap_ms) not in (int, float) or not 0 <= gap_ms <= 60_000:
+        return _error(400, "Bad Request", "bad bench_gap_ms", "bad_gap")
+    interval_ms = request.get("bench_interval_ms", 0)
+    offset_ms = request.get("bench_offset_ms", 0)
+    for value in (interval_ms, offset_ms):
+        if type(value) not in (int, float) or not 0 <= value <= MAX_TIMED_MS:
+            return _error(400, "Bad Request", "bad bench timing", "bad_timing")
+    start_ns = request.get("bench_start_ns")
+    if start_ns is not None and (
+        type(start_ns) is not int or abs(start_ns - time.monotonic_ns()) > MAX_START_AHEAD_NS
+    ):
+        return _error(400, "Bad Request", "bad bench_start_ns", "bad_timing")
+    if interval_ms and events:
+        start_s = None if start_ns is None else start_ns / 1e9
+        return Timed(events, interval_ms / 1000, offset_ms / 1000, start_s)
+    if gap_ms and events:
+        return (*stream_parts(events), gap_ms / 1000)
+    return stream(events)
 
 
 async def serve(host: str, port: int) -> None:
