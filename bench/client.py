@@ -174,6 +174,40 @@ class SSECounter:
         return len(parts)
 
 
+def _sse_counter(
+    head: h11.Response, on_event: Callable[[bytes], object] | None
+) -> SSECounter | None:
+    """A counter for the events of a streamed response; None for any other."""
+    content_type = dict(head.headers).get(b"content-type", b"")
+    return SSECounter(on_event) if content_type.startswith(b"text/event-stream") else None
+
+
+def _http_outcome(
+    status: int,
+    sse: SSECounter | None,
+    parts: list[bytes],
+    latency: int,
+    first_event_ns: int | None,
+) -> Outcome:
+    """A complete HTTP response judged: 200, and every event through ``[DONE]`` or a JSON
+    body.
+
+    Raises:
+        PeerFailure: it was not.
+    """
+    if status != 200:
+        raise PeerFailure(f"status {status}")
+    if sse is not None:
+        if not sse.done:
+            raise PeerFailure("stream ended without [DONE]")
+        return Outcome(latency, first_event_ns, sse.events)
+    try:
+        json.loads(b"".join(parts))
+    except ValueError:
+        raise PeerFailure("body is not JSON") from None
+    return Outcome(latency, None, 0)
+
+
 class HttpPeer:
     """One keep-alive HTTP/1.1 connection (h11)."""
 
@@ -218,9 +252,7 @@ class HttpPeer:
                 http.receive_data(data)
             elif isinstance(event, h11.Response):
                 status = event.status_code
-                content_type = dict(event.headers).get(b"content-type", b"")
-                if content_type.startswith(b"text/event-stream"):
-                    sse = SSECounter(on_event)
+                sse = _sse_counter(event, on_event)
             elif isinstance(event, h11.Data):
                 if sse is not None:
                     if sse.feed(bytes(event.data)) and first_event_ns is None:
@@ -236,17 +268,7 @@ class HttpPeer:
             http.start_next_cycle()
         else:
             await self.aclose()
-        if status != 200:
-            raise PeerFailure(f"status {status}")
-        if sse is not None:
-            if not sse.done:
-                raise PeerFailure("stream ended without [DONE]")
-            return Outcome(latency, first_event_ns, sse.events)
-        try:
-            json.loads(b"".join(parts))
-        except ValueError:
-            raise PeerFailure("body is not JSON") from None
-        return Outcome(latency, None, 0)
+        return _http_outcome(status, sse, parts, latency, first_event_ns)
 
     @property
     def usable(self) -> bool:
@@ -306,18 +328,27 @@ class WsPeer:
                         self._text.clear()
                 elif isinstance(event, ws_events.Ping):
                     out += self.ws.send(event.response())
-                elif isinstance(event, ws_events.CloseConnection):
-                    self.closed = True
-                    out += self.ws.send(event.response())
-                    self._messages.append(
-                        json.dumps({"type": "closed", "code": event.code, "reason": event.reason})
-                    )
-                elif isinstance(event, ws_events.RejectConnection):
-                    self.closed = True
-                    raise PeerFailure(f"handshake refused: {event.status_code}")
+                elif isinstance(event, ws_events.CloseConnection | ws_events.RejectConnection):
+                    out += self._ended(event)
             if out:
                 await self.stream.send_all(out)
         return self._messages.pop(0)
+
+    def _ended(self, event: ws_events.CloseConnection | ws_events.RejectConnection) -> bytes:
+        """The channel closed (a ``closed`` message is queued; returns the close's answer),
+        or the handshake was refused.
+
+        Raises:
+            PeerFailure: the handshake was refused.
+        """
+        self.closed = True
+        if isinstance(event, ws_events.RejectConnection):
+            raise PeerFailure(f"handshake refused: {event.status_code}")
+        out = self.ws.send(event.response())
+        self._messages.append(
+            json.dumps({"type": "closed", "code": event.code, "reason": event.reason})
+        )
+        return out
 
     async def request(self, body: bytes, timed: EventDelays | None = None) -> Outcome:
         """One request; streamed and ``timed``, each event's delay noted there."""
@@ -342,22 +373,13 @@ class WsPeer:
                     done = True
                 elif timed is not None and isinstance(data, str):
                     timed.add(data, self.received_ns)
-            elif kind == "response.start":
-                if frame_.get("status") != 200:
-                    raise PeerFailure(f"status {frame_.get('status')}")
             elif kind == "response.body":
                 body_seen = isinstance(frame_.get("body"), dict)
             elif kind == "response.end":
                 latency = time.perf_counter_ns() - started
-                if events and not done:
-                    raise PeerFailure("stream ended without [DONE]")
-                if not events and not body_seen:
-                    raise PeerFailure("no JSON body")
-                return Outcome(latency, first_event_ns, events, frame_.get("key_version"))
-            elif kind == "error":
-                raise PeerFailure(f"error {frame_.get('code')}")
-            elif kind == "closed":
-                raise PeerFailure(f"closed {frame_.get('code')}")
+                return _ws_outcome(frame_, latency, first_event_ns, events, done, body_seen)
+            elif kind in _FAILING:
+                _check(frame_)
 
     @property
     def usable(self) -> bool:
@@ -373,6 +395,43 @@ class WsPeer:
 
     async def aclose(self) -> None:
         await self.stream.aclose()
+
+
+# The frames of /v1/ws that may end a request in failure, besides a missing [DONE] or body.
+_FAILING = frozenset({"response.start", "error", "closed"})
+
+
+def _check(frame_: dict[str, Any]) -> None:
+    """Raises PeerFailure if ``frame_`` (of a kind in ``_FAILING``) ends the request."""
+    kind = frame_["type"]
+    if kind == "response.start":
+        if frame_.get("status") != 200:
+            raise PeerFailure(f"status {frame_.get('status')}")
+    elif kind == "error":
+        raise PeerFailure(f"error {frame_.get('code')}")
+    elif kind == "closed":
+        raise PeerFailure(f"closed {frame_.get('code')}")
+
+
+def _ws_outcome(
+    end: dict[str, Any],
+    latency: int,
+    first_event_ns: int | None,
+    events: int,
+    done: bool,
+    body_seen: bool,
+) -> Outcome:
+    """A request that reached ``response.end`` judged: every event through ``[DONE]``, or
+    a JSON body.
+
+    Raises:
+        PeerFailure: it was not.
+    """
+    if events and not done:
+        raise PeerFailure("stream ended without [DONE]")
+    if not events and not body_seen:
+        raise PeerFailure("no JSON body")
+    return Outcome(latency, first_event_ns, events, end.get("key_version"))
 
 
 Peer = HttpPeer | WsPeer
