@@ -1,1 +1,2 @@
-"""Provider keys: Vault access (vault.py) and the key manager (manager.py)."""
+"""Provider keys: Vault access (vault.py), the key value (key.py), the keys held (store.py),
+the Vault token (token.py) and the key manager that keeps them in step (manager.py)."""
