@@ -296,8 +296,7 @@ def _first(causes: list[BaseException], *kinds: type[BaseException]) -> BaseExce
     return next((c for c in causes if isinstance(c, kinds)), None)
 
 
-# Answers that mean Vault cannot serve now (down, uninitialized, behind a broken proxy,
-# rate-limited): an outage, not a refusal.
+# Vault cannot serve now (sealed, uninitialized, a bad gateway, rate-limited): an outage.
 _OUTAGES = (
     hvac.exceptions.VaultDown,
     hvac.exceptions.BadGateway,
