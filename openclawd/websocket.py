@@ -1,13 +1,18 @@
-"""WebSockets, both ends, with trio-websocket: the only module that imports it.
+"""WebSockets, both ends, with trio-websocket: only this module and its adapter import it.
 
-The data socket's front door reads each request head itself (h11) to route it and to
-refuse it with the right answer; a WebSocket entry point then hands the connection to
-trio-websocket, which must see the head again: ``ReplayStream`` gives it back the bytes
-already read. Upstream sessions (``/v1/realtime``) are opened over a stream the caller
-connected itself (TCP, TLS), so a refused certificate is reported as what it is. Owns:
-the upgrade check, accepting, connecting (and turning a refused handshake into
-``UpstreamRejectedError``), liveness (``Activity``, ``watch``) and closing within a
-bounded time. Knows nothing of what runs over the WebSockets.
+trio-websocket is used through its public API: the data socket's front door reads each
+request head itself (h11) to route it and to refuse it with the right answer; a WebSocket
+entry point then hands the connection to ``wrap_server_stream``, which must see the head
+again: ``ActivityStream`` gives it back the bytes already read. Upstream sessions
+(``/v1/realtime``) are opened with ``wrap_client_stream`` over a stream the caller
+connected itself (TCP, TLS), so a refused certificate is reported as what it is. Where a
+peer's messages begin and end (for ``message_timeout_s``) is read off the bytes it sends,
+below trio-websocket. The one behaviour its public API cannot express, an app told why its
+frame was invalid, is fenced in ``openclawd._trio_websocket`` (imported here alone).
+
+Owns: the upgrade check, accepting, connecting (and turning a refused handshake into
+``UpstreamRejectedError``), liveness (``Activity``, ``watch``) and closing within a bounded
+time. Knows nothing of what runs over the WebSockets.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import contextlib
 import fcntl
 import functools
 import math
+import re
 import struct
 import termios
 from collections.abc import Awaitable, Callable, Iterator, Sequence
@@ -29,16 +35,16 @@ from trio_websocket import (
     ConnectionRejected,
     WebSocketConnection,
     wrap_client_stream,
+    wrap_server_stream,
 )
-from wsproto import ConnectionType, WSConnection
-from wsproto.connection import ConnectionState
-from wsproto.events import BytesMessage, CloseConnection, Ping, Pong, TextMessage
 
+from openclawd._trio_websocket import answer_invalid_frames
 from openclawd.errors import UpstreamConnectionError, UpstreamRejectedError
 from openclawd.protocol.closecodes import close_reason, handshake_refusal
 
 __all__ = [
     "Activity",
+    "ActivityStream",
     "Sender",
     "Verdict",
     "CloseReason",
@@ -74,10 +80,10 @@ class Activity:
 
     A peer that sends a message a byte at a time (slowloris) is alive by every byte, so
     liveness alone never cuts it off: a message must also be finished within
-    ``message_timeout_s`` of its first byte (``watch`` enforces both). Only a connection
-    that reports its messages (``message_part``, ``control_frame``: ``_AppConnection``)
-    is held to it; for any other, bytes received start a message that never ends, so its
-    ``message_timeout_s`` must stay infinite.
+    ``message_timeout_s`` of its first byte (``watch`` enforces both). An
+    ``ActivityStream`` over an activity whose ``message_timeout_s`` is finite reads where
+    the peer's messages begin and end off the bytes, and reports them (``message_part``);
+    ``received`` and ``control_frame`` serve a reporter that sees only bytes, or frames.
     """
 
     def __init__(self, *, message_timeout_s: float = math.inf) -> None:
@@ -149,9 +155,109 @@ class Activity:
         self._last_backlog = backlog
 
 
+class _PeerBytes:
+    """Where a peer's messages begin and end, read off the bytes it sends: its HTTP head,
+    then, if ``frames``, WebSocket frames (RFC 6455 5.2), of which only the headers are
+    read: payloads are counted past.
+
+    trio-websocket's public API hands over whole messages only; it never says that one
+    has begun, so the stream below it reads the framing itself. Validating is wsproto's:
+    bytes that are not valid frames end the connection there, whatever is read here.
+    """
+
+    def __init__(self, *, frames: bool) -> None:
+        self.head = bytearray()
+        self.in_head = True
+        self._frames = frames
+        self._header = bytearray()  # a frame header begun, not whole yet
+        self._left = 0  # payload bytes of the current frame still to come
+        self._fragmented = False  # a data frame without FIN came: its message goes on
+
+    @property
+    def between_messages(self) -> bool:
+        """Nothing begun is unfinished: no message, frame or frame header under way."""
+        return not (self._left or self._header or self._fragmented)
+
+    def feed(self, data: bytes | bytearray) -> None:
+        if self.in_head:
+            data = self._feed_head(data)
+        if self._frames:
+            self._feed_frames(data)
+
+    def _feed_head(self, data: bytes | bytearray) -> bytes:
+        """Keeps the head; returns what follows it in ``data``."""
+        start = max(0, len(self.head) - 2)  # the blank line may straddle two reads
+        self.head += data
+        blank = _BLANK_LINE.search(self.head, start)
+        if blank is None:
+            if len(self.head) > _MAX_HEAD_BYTES:  # no handshake takes it: stop keeping it
+                self.head.clear()
+                self.in_head = self._frames = False
+            return b""
+        rest = bytes(self.head[blank.end() :])
+        del self.head[blank.end() :]
+        self.in_head = False
+        return rest
+
+    def _feed_frames(self, data: bytes | bytearray) -> None:
+        at, end, header = 0, len(data), self._header
+        while at < end:
+            if self._left:
+                step = min(self._left, end - at)
+                self._left -= step
+                at += step
+                continue
+            if len(header) < 2:  # the first two bytes tell the header's size
+                at = self._take(data, at, 2)
+                if len(header) < 2:
+                    return
+            size = _header_size(header)
+            if len(header) < size:
+                at = self._take(data, at, size)
+                if len(header) < size:
+                    return
+            self._left = _payload_size(header)
+            if not header[0] & 0x08:  # a data frame; a control frame may sit inside one
+                self._fragmented = not header[0] & 0x80  # FIN
+            header.clear()
+
+    def _take(self, data: bytes | bytearray, at: int, size: int) -> int:
+        """Add to the header from ``data[at:]`` up to ``size`` bytes; returns the new ``at``."""
+        taken = data[at : at + size - len(self._header)]
+        self._header += taken
+        return at + len(taken)
+
+
+# Where an HTTP head ends (h11, which wsproto uses, takes a bare LF too).
+_BLANK_LINE = re.compile(b"\n\r?\n")
+_MAX_HEAD_BYTES = 64 * 1024  # h11 refuses a head past 16 KiB
+
+
+def _header_size(header: bytearray) -> int:
+    """The size of the frame header whose first two bytes begin ``header``."""
+    length = header[1] & 0x7F
+    extended = 2 if length == 126 else 8 if length == 127 else 0
+    return 2 + extended + (4 if header[1] & 0x80 else 0)  # and the mask key, if masked
+
+
+def _payload_size(header: bytearray) -> int:
+    length = header[1] & 0x7F
+    if length == 126:
+        return int.from_bytes(header[2:4], "big")
+    if length == 127:
+        return int.from_bytes(header[2:10], "big")
+    return length
+
+
 class ActivityStream(trio.abc.Stream):
     """``stream``, with ``prefix`` (bytes already read from it) received first; every
     byte that moves either way is noted in ``activity``.
+
+    If ``activity.message_timeout_s`` is finite, the peer's frames are read as they pass
+    (``_PeerBytes``): once whoever reads (trio-websocket's reader) has part of a message
+    and asks for more, the message is unfinished (``Activity.message_part``) until bytes
+    that finish it come. Not before that ask: the time a reader spends queueing the
+    messages that came before it is ours, not the peer's.
 
     Between ``hold()`` and ``release()`` what is sent is gathered (up to
     ``_SEND_SLICE_BYTES``, past which it goes out at once) and goes out with the first
@@ -162,6 +268,7 @@ class ActivityStream(trio.abc.Stream):
         self._stream = stream
         self._prefix = prefix
         self.activity = activity
+        self._peer = _PeerBytes(frames=activity.message_timeout_s < math.inf)
         self._held = bytearray()
         self._holding = False
         socket_ = _socket_of(stream)
@@ -178,10 +285,16 @@ class ActivityStream(trio.abc.Stream):
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
         if self._prefix:
             head, self._prefix = self._prefix, b""
+            self._peer.feed(head)
             await trio.lowlevel.checkpoint()
             return head
+        if not self._peer.between_messages:
+            self.activity.message_part(finished=False)
         data = await self._stream.receive_some(max_bytes)
-        self.activity.received()
+        self.activity.touch()
+        self._peer.feed(data)
+        if self._peer.between_messages:
+            self.activity.message_part(finished=True)
         return data
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
@@ -292,66 +405,24 @@ def is_upgrade(request: h11.Request) -> bool:
     )
 
 
-class _AppConnection(WebSocketConnection):
-    """trio-websocket's server connection, telling an app whose bytes break the protocol
-    why it is closed, and reporting where its messages begin and end to the wire's
-    ``Activity`` (for ``message_timeout_s``).
-
-    wsproto hands over a data frame's payload as it arrives, so ``_handle_message_event``
-    sees a message under way as well as its end. The state is noted before trio-websocket
-    queues a whole message: the time it then waits for room in the queue is ours, not the
-    app's.
-
-    When wsproto finds an app's frame invalid (text that is not UTF-8: 1007; any other
-    protocol error: 1002) it hands trio-websocket a close event the app never sent, and
-    trio-websocket then drops the TCP connection without a close frame: the app saw 1006
-    and no reason. Here our close frame, with wsproto's code and reason, goes out first.
-    (A close the app did send leaves wsproto in REMOTE_CLOSING, never OPEN.)
-    """
-
-    def __init__(self, wire: ActivityStream, ws_connection: WSConnection, **kwargs: Any) -> None:
-        super().__init__(wire, ws_connection, **kwargs)
-        self._activity = wire.activity
-
-    async def _handle_message_event(self, event: BytesMessage | TextMessage) -> None:
-        self._activity.message_part(finished=event.message_finished)
-        await super()._handle_message_event(event)
-
-    async def _handle_ping_event(self, event: Ping) -> None:
-        self._activity.control_frame()
-        await super()._handle_ping_event(event)
-
-    async def _handle_pong_event(self, event: Pong) -> None:
-        self._activity.control_frame()
-        await super()._handle_pong_event(event)
-
-    async def _handle_close_connection_event(self, event: CloseConnection) -> None:
-        self._activity.control_frame()
-        if self._wsproto.state is ConnectionState.OPEN:
-            with contextlib.suppress(ConnectionClosed):
-                await self._send(CloseConnection(event.code, close_reason(event.reason or "")))
-        await super()._handle_close_connection_event(event)
-
-
 async def accept(
     nursery: trio.Nursery, wire: ActivityStream, *, max_message_bytes: int
 ) -> WebSocketConnection:
     """Complete the handshake over ``wire``, whose prefix is the request already read.
 
-    ``nursery`` runs the connection's reader task; it must outlive the WebSocket. (Built
-    as trio-websocket's ``wrap_server_stream`` builds it, with ``_AppConnection``.)
+    ``nursery`` runs the connection's reader task; it must outlive the WebSocket. An app
+    whose frame is invalid is told why in a close frame (``answer_invalid_frames``).
     Raises:
         ConnectionClosed: the peer left during the handshake.
     """
-    connection = _AppConnection(
+    answer_invalid_frames(wire)
+    request = await wrap_server_stream(
+        nursery,
         wire,
-        WSConnection(ConnectionType.SERVER),
         message_queue_size=QUEUE_SIZE,
         max_message_size=max_message_bytes,
         receive_buffer_size=_RECEIVE_BYTES,
     )
-    nursery.start_soon(connection._reader_task)
-    request = await connection._get_request()
     return await request.accept()
 
 
