@@ -29,6 +29,7 @@ from openclawd.errors import (
     UnfinishedMessageError,
 )
 from openclawd.lifecycle import Lifecycle
+from openclawd.local.outbox import Outbox
 from openclawd.local.server import Connection
 from openclawd.protocol import messages
 from openclawd.protocol.exchange import Admission, Exchange
@@ -43,8 +44,6 @@ log = logs.get(__name__)
 MAX_BODY_BYTES = 64 * 1024 * 1024
 # A single SSE event is held whole before it is relayed: at most this much.
 MAX_EVENT_BYTES = 16 * 1024 * 1024
-# Frames queued for an app before its requests wait (they then stop reading upstream).
-_OUTBOX_FRAMES = 16
 
 # Upstream response headers an app is shown in response.start.
 _SHOWN_HEADERS = frozenset({"content-type", "retry-after", "request-id", "x-request-id"})
@@ -95,7 +94,7 @@ class Channels:
             )
         )
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(channel.write_frames)
+            nursery.start_soon(channel.outbox.run)
             nursery.start_soon(self._keepalive, channel, nursery.cancel_scope)
             try:
                 with contextlib.suppress(
@@ -228,63 +227,21 @@ class _Channel:
         # Why the channel ended, for the requests it leaves behind: "app gone", the
         # failure, or the daemon's cut. None while it runs.
         self.ending: str | None = None
-        # Frames wait here for the one writer: a cancelled request can stop queueing a
-        # frame, but never cut one in half on the wire. Bounded: a slow app holds up its
-        # requests' upstream reads, not memory.
-        self._outbox, self._frames = trio.open_memory_channel[tuple[str, trio.Event | None]](
-            _OUTBOX_FRAMES
-        )
+        # The frames for the app: whole, in order, and a slow app holds up its requests'
+        # upstream reads, not memory (local/outbox.py).
+        self.outbox = Outbox(self.sender)
 
-    async def send(self, text: str) -> None:
-        """Queue a frame for the app (waits while the queue is full).
+    async def send(self, *texts: str) -> None:
+        """Frames for the app, in order (waits while too many are queued).
 
         Raises:
-            trio.BrokenResourceError: the writer has stopped (the app is gone).
+            trio.BrokenResourceError: the app is gone.
         """
-        await self._outbox.send((text, None))
+        await self.outbox.send(texts)
 
     async def send_last(self, text: str) -> None:
-        """Queue a request's last frame and wait until it is written (or the app is gone)."""
-        written = trio.Event()
-        await self._outbox.send((text, written))
-        await written.wait()
-
-    async def write_frames(self) -> None:
-        """The channel's one writer. Ends when the app is gone; queueing then fails.
-
-        The frames queued by the time it wakes go out together, in one write (a stream's
-        events come in bursts: all those one upstream read brought)."""
-        batch: list[tuple[str, trio.Event | None]] = []
-        try:
-            async for first in self._frames:
-                batch.append(first)
-                while len(batch) < _OUTBOX_FRAMES:
-                    try:
-                        batch.append(self._frames.receive_nowait())
-                    except (trio.WouldBlock, trio.EndOfChannel):
-                        break
-                await self.sender.send_batch([text for text, _ in batch])
-                for _, written in batch:
-                    if written is not None:
-                        written.set()
-                batch.clear()
-        except ConnectionClosed:
-            pass
-        finally:
-            self._let_go(batch)
-
-    def _let_go(self, batch: list[tuple[str, trio.Event | None]]) -> None:
-        """Whoever waits on a frame that will never be written is let go; after the close
-        (no checkpoint in between), queueing fails at once."""
-        while True:
-            for _, written in batch:
-                if written is not None:
-                    written.set()
-            try:
-                batch = [self._frames.receive_nowait()]
-            except (trio.WouldBlock, trio.EndOfChannel):
-                break
-        self._frames.close()
+        """A request's last frame; returns once it is written (or the app is gone)."""
+        await self.outbox.send_last(text)
 
 
 async def _tell_the_end(
@@ -343,9 +300,9 @@ async def relay(
         await send(messages.response_start(rid, response.status, shown_headers(response.headers)))
         exchange.responded(response.status)
         if response.is_event_stream:
-            async with contextlib.aclosing(response.events(MAX_EVENT_BYTES)) as events:
-                async for event in events:
-                    await send(messages.response_event(rid, event.event, event.data))
+            async with contextlib.aclosing(response.events(MAX_EVENT_BYTES)) as reads:
+                async for events in reads:  # those one upstream read brought, sent together
+                    await send(*[messages.response_event(rid, e.event, e.data) for e in events])
         else:
             await send(
                 messages.response_body(rid, _body_of(response, await response.read(MAX_BODY_BYTES)))

@@ -197,9 +197,10 @@ class SSEDecoder:
             if line.startswith(b"data:"):
                 value = line[6:] if line[5:6] == b" " else line[5:]
             else:
-                value = self._field(line)
-                if value is None:
+                field = self._field(line)
+                if field is None:
                     continue
+                value = field
             data.append(value.decode("utf-8", "replace"))
             self._data_bytes += len(line)
         return events

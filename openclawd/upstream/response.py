@@ -98,9 +98,10 @@ class UpstreamResponse:
         """
         return self._chunks(raw=False)
 
-    async def events(self, max_event_bytes: int) -> AsyncGenerator[Event, None]:
-        """The body's SSE events (content-decoded), as they arrive; the usage they report
-        is merged and counted at the end.
+    async def events(self, max_event_bytes: int) -> AsyncGenerator[list[Event], None]:
+        """The body's SSE events (content-decoded) as they arrive: those each read
+        completed, together (never an empty list); the usage they report is merged and
+        counted at the end.
 
         Raises:
             UpstreamProtocolError: malformed SSE, or an event over ``max_event_bytes``.
@@ -110,16 +111,22 @@ class UpstreamResponse:
         try:
             async with contextlib.aclosing(self._chunks(raw=False)) as chunks:
                 async for chunk in chunks:
-                    for event in decoder.feed(chunk):
-                        self.usage = merge_usage(self.usage, usage_of(event.data))
-                        yield event
-            for event in decoder.close():
-                self.usage = merge_usage(self.usage, usage_of(event.data))
-                yield event
+                    events = decoder.feed(chunk)
+                    if events:
+                        self._merge_usage(events)
+                        yield events
+            events = decoder.close()
+            if events:
+                self._merge_usage(events)
+                yield events
         except UpstreamProtocolError as exc:
             self._pool.body_failed(exc)
             raise
         self._count(self.usage)
+
+    def _merge_usage(self, events: list[Event]) -> None:
+        for event in events:
+            self.usage = merge_usage(self.usage, usage_of(event.data))
 
     async def read(self, limit: int) -> bytes:
         """The whole body (content-decoded), at most ``limit`` bytes; a JSON body's usage

@@ -94,10 +94,10 @@ async def test_a_relay_cut_short_closes_the_upstream_body_at_once() -> None:
         headers: list[tuple[str, str]] = [("content-type", "text/event-stream")]
         is_event_stream = True
 
-        async def events(self, max_event_bytes: int) -> AsyncGenerator[Event, None]:
+        async def events(self, max_event_bytes: int) -> AsyncGenerator[list[Event], None]:
             try:
-                yield Event(event=None, data="one", id=None)
-                yield Event(event=None, data="two", id=None)
+                yield [Event(event=None, data="one", id=None)]
+                yield [Event(event=None, data="two", id=None)]
             finally:
                 closed.append(True)
 
@@ -108,8 +108,8 @@ async def test_a_relay_cut_short_closes_the_upstream_body_at_once() -> None:
 
     sent: list[str] = []
 
-    async def send(frame: str) -> None:
-        sent.append(frame)
+    async def send(*frames: str) -> None:
+        sent.extend(frames)
         if len(sent) == 2:  # response.start, then the first event
             raise _Gone
 
