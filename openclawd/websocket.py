@@ -24,8 +24,8 @@ import math
 import re
 import struct
 import termios
-from collections.abc import Awaitable, Callable, Iterator, Sequence
-from typing import Any, Literal
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Literal
 
 import h11
 import trio
@@ -37,6 +37,7 @@ from trio_websocket import (
     wrap_client_stream,
     wrap_server_stream,
 )
+from wsproto.utilities import ProtocolError
 
 from openclawd._trio_websocket import answer_invalid_frames
 from openclawd.errors import UpstreamConnectionError, UpstreamRejectedError
@@ -157,8 +158,8 @@ class Activity:
 
 class _PeerBytes:
     """Where a peer's messages begin and end, read off the bytes it sends: its HTTP head,
-    then, if ``frames``, WebSocket frames (RFC 6455 5.2), of which only the headers are
-    read: payloads are counted past.
+    kept (a refused handshake's status is in it), then, if ``frames``, WebSocket frames
+    (RFC 6455 5.2), of which only the headers are read: payloads are counted past.
 
     trio-websocket's public API hands over whole messages only; it never says that one
     has begun, so the stream below it reads the framing itself. Validating is wsproto's:
@@ -269,11 +270,21 @@ class ActivityStream(trio.abc.Stream):
         self._prefix = prefix
         self.activity = activity
         self._peer = _PeerBytes(frames=activity.message_timeout_s < math.inf)
+        self._ended = trio.Event()
         self._held = bytearray()
         self._holding = False
         socket_ = _socket_of(stream)
         if socket_ is not None:
             activity.observe(functools.partial(_unsent_bytes, socket_))
+
+    @property
+    def head(self) -> bytes:
+        """The HTTP head the peer sent (a request, or an answer to ours), once whole."""
+        return b"" if self._peer.in_head else bytes(self._peer.head)
+
+    async def wait_ended(self) -> None:
+        """Until the stream ends: the peer closed it, it broke, or it was closed here."""
+        await self._ended.wait()
 
     def hold(self) -> None:
         self._holding = True
@@ -290,8 +301,14 @@ class ActivityStream(trio.abc.Stream):
             return head
         if not self._peer.between_messages:
             self.activity.message_part(finished=False)
-        data = await self._stream.receive_some(max_bytes)
+        try:
+            data = await self._stream.receive_some(max_bytes)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self._ended.set()
+            raise
         self.activity.touch()
+        if not data:
+            self._ended.set()
         self._peer.feed(data)
         if self._peer.between_messages:
             self.activity.message_part(finished=True)
@@ -306,16 +323,21 @@ class ActivityStream(trio.abc.Stream):
             self._held.clear()
         # In slices, so a peer slowly reading a large frame still counts as alive.
         view = memoryview(data)
-        for start in range(0, len(view), _SEND_SLICE_BYTES):
-            await self._stream.send_all(view[start : start + _SEND_SLICE_BYTES])
-            self.activity.touch()
-        if not view:
-            await self._stream.send_all(b"")
+        try:
+            for start in range(0, len(view), _SEND_SLICE_BYTES):
+                await self._stream.send_all(view[start : start + _SEND_SLICE_BYTES])
+                self.activity.touch()
+            if not view:
+                await self._stream.send_all(b"")
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self._ended.set()
+            raise
 
     async def wait_send_all_might_not_block(self) -> None:
         await self._stream.wait_send_all_might_not_block()
 
     async def aclose(self) -> None:
+        self._ended.set()
         await self._stream.aclose()
 
 
@@ -426,36 +448,6 @@ async def accept(
     return await request.accept()
 
 
-class _ReaderHost:
-    """The nursery trio-websocket runs a client's reader task in (it only calls
-    ``start_soon``). The reader raises a refused handshake out of itself; caught here, it
-    reaches ``connect``'s caller as our error instead of tearing down the caller's nursery.
-    ``done`` is set when the reader ends, for whatever reason."""
-
-    def __init__(self, nursery: trio.Nursery) -> None:
-        self._nursery = nursery
-        self.done = trio.Event()
-        self.rejected: ConnectionRejected | None = None
-
-    def start_soon(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> None:
-        async def run() -> None:
-            try:
-                await fn(*args)
-            except ConnectionRejected as exc:
-                self.rejected = exc
-            finally:
-                # A refusal whose body ends with the connection (no length, not chunked)
-                # never raises: the reader stops at the end of the stream with the status
-                # noted (a private field of the connection, read here, the one importer).
-                status = getattr(getattr(fn, "__self__", None), "_reject_status", 0)
-                if self.rejected is None and status:
-                    headers = getattr(fn.__self__, "_reject_headers", ())  # type: ignore[attr-defined]
-                    self.rejected = ConnectionRejected(status, headers, None)
-                self.done.set()
-
-        self._nursery.start_soon(run)
-
-
 async def connect(
     nursery: trio.Nursery,
     stream: trio.abc.Stream,
@@ -475,37 +467,92 @@ async def connect(
             message names the status (and a Retry-After), never the body.
         UpstreamConnectionError: the connection closed during the handshake.
     """
-    host_nursery = _ReaderHost(nursery)
-    ws: WebSocketConnection | None = None
-    async with trio.open_nursery() as handshake:
-
-        async def give_up_when_reader_ends() -> None:
-            await host_nursery.done.wait()
-            handshake.cancel_scope.cancel()
-
-        handshake.start_soon(give_up_when_reader_ends)
-        ws = await wrap_client_stream(
-            host_nursery,  # type: ignore[arg-type]  # it only calls start_soon
-            stream,  # type: ignore[arg-type]  # any trio Stream works
-            host,
-            resource,
-            extra_headers=[(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers],
-            message_queue_size=QUEUE_SIZE,
-            max_message_size=max_message_bytes,
-            receive_buffer_size=_RECEIVE_BYTES,
+    wire = stream if isinstance(stream, ActivityStream) else ActivityStream(stream, Activity())
+    extra_headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers]
+    try:
+        ws: WebSocketConnection | None = await nursery.start(
+            _run_client, wire, host, resource, extra_headers, max_message_bytes
         )
-        handshake.cancel_scope.cancel()
-    rejected = host_nursery.rejected
-    if rejected is not None:
-        status = rejected.status_code
-        message = f"upstream {status}"
-        retry_after = dict(rejected.headers or ()).get(b"retry-after")
-        if status == 429 and retry_after and retry_after.strip().isdigit():
-            message += f", retry after {int(retry_after)}s"
-        raise UpstreamRejectedError(message, status=status, close_code=handshake_refusal(status))
-    if ws is None:
-        raise UpstreamConnectionError("upstream closed the connection during the handshake")
-    return ws  # maybe closed already: what it sent, and its close, are still to be read
+    except* ConnectionRejected as group:
+        rejected = _first(group)
+        raise _rejected(rejected.status_code, rejected.headers) from None
+    except* (h11.ProtocolError, ProtocolError):
+        # A 101 that is not a valid handshake, or no HTTP at all: trio-websocket's reader
+        # fails on it (h11 or wsproto's error), before the connection is handed over.
+        raise UpstreamConnectionError("upstream's answer is not a WebSocket handshake") from None
+    if ws is not None:
+        return ws  # maybe closed already: what it sent, and its close, are still to be read
+    # A refusal whose body ends with the connection (no length, not chunked) never raises
+    # ConnectionRejected: trio-websocket's reader stops at the end of the stream, the body
+    # unfinished. The status is in the head all the same.
+    answer = _answer(wire.head)
+    if answer is not None:
+        raise _rejected(answer.status_code, answer.headers)
+    raise UpstreamConnectionError("upstream closed the connection during the handshake")
+
+
+async def _run_client(
+    wire: ActivityStream,
+    host: str,
+    resource: str,
+    extra_headers: list[tuple[bytes, bytes]],
+    max_message_bytes: int,
+    *,
+    task_status: trio.TaskStatus[WebSocketConnection | None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run a client connection's reader task, in a nursery of its own, until it ends: a
+    refusal it raises reaches ``connect`` (through ``nursery.start``), not the caller's
+    nursery. Started with the connection, or None if the stream ended first."""
+    async with trio.open_nursery() as reader:
+        ws: WebSocketConnection | None = None
+        async with trio.open_nursery() as handshake:
+
+            async def give_up_when_the_wire_ends() -> None:
+                await wire.wait_ended()
+                handshake.cancel_scope.cancel()
+
+            handshake.start_soon(give_up_when_the_wire_ends)
+            # ``stream`` is annotated SocketStream | SSLStream; documented (and working) as any
+            # trio Stream.
+            ws = await wrap_client_stream(
+                reader,
+                wire,  # type: ignore[arg-type]
+                host,
+                resource,
+                extra_headers=extra_headers,
+                message_queue_size=QUEUE_SIZE,
+                max_message_size=max_message_bytes,
+                receive_buffer_size=_RECEIVE_BYTES,
+            )
+            handshake.cancel_scope.cancel()
+        task_status.started(ws)
+
+
+def _first(group: BaseExceptionGroup[ConnectionRejected]) -> ConnectionRejected:
+    first = group.exceptions[0]
+    return first if isinstance(first, ConnectionRejected) else _first(first)
+
+
+def _answer(head: bytes) -> h11.Response | None:
+    """The final HTTP answer (not a 101) whose head is ``head``, to a GET; None if none."""
+    if not head:
+        return None
+    http = h11.Connection(h11.CLIENT)
+    http.send(h11.Request(method="GET", target="/", headers=[("host", "upstream")]))
+    http.receive_data(head)
+    try:
+        event = http.next_event()
+    except h11.RemoteProtocolError:
+        return None
+    return event if isinstance(event, h11.Response) else None
+
+
+def _rejected(status: int, headers: Iterable[tuple[bytes, bytes]]) -> UpstreamRejectedError:
+    message = f"upstream {status}"
+    retry_after = dict(headers).get(b"retry-after")
+    if status == 429 and retry_after and retry_after.strip().isdigit():
+        message += f", retry after {int(retry_after)}s"
+    return UpstreamRejectedError(message, status=status, close_code=handshake_refusal(status))
 
 
 Verdict = Literal["closed", "silent", "unfinished"]
