@@ -280,10 +280,14 @@ class WsClient:
         self._inbox, self._messages = trio.open_memory_channel[str | bytes](math.inf)
         self._parts: list[Frame] = []
         self.done = trio.Event()  # the connection has ended
+        self.silent = False  # True: nothing more is sent (no pong, no close answered)
+        self.close_at: float | None = None  # when the daemon's close frame came
 
     async def flush(self) -> None:
         for data in self.protocol.data_to_send():
-            if data:  # (b"": the end of our side; the daemon closes the stream anyway)
+            if (
+                data and not self.silent
+            ):  # (b"": the end of our side; the daemon closes the stream anyway)
                 with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
                     await self.stream.send_all(data)
 
@@ -318,6 +322,8 @@ class WsClient:
             self.protocol.receive_eof()
 
     def _take(self, frame: Frame) -> None:
+        if frame.opcode is Opcode.CLOSE:
+            self.close_at = trio.current_time()
         if frame.opcode not in (Opcode.TEXT, Opcode.BINARY, Opcode.CONT):
             return  # pings are answered by the protocol, closes end the read
         self._parts.append(frame)

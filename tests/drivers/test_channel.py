@@ -15,7 +15,7 @@ import trio.testing
 
 from openclawd import __version__
 
-from .harness import KEY, LIMIT_S, NEW_KEY, FakeKeys, open_channel, open_plane
+from .harness import KEY, LIMIT_S, NEW_KEY, FakeKeys, closed, open_channel, open_plane
 
 USAGE = {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}
 
@@ -380,3 +380,30 @@ async def test_a_refused_key_is_retried_once_with_the_next(
             start, _, end = await app.call("a1", body={})
             assert (start["status"], end["key_version"], end["attempts"]) == (200, 2, 2)
             assert [k.version for k in keys.failures] == [1]
+
+
+async def test_a_message_over_max_message_bytes_closes_the_channel_1009(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    with trio.fail_after(LIMIT_S):
+        async with (
+            open_plane(listen={"max_message_bytes": 1024}) as plane,
+            open_channel(plane) as app,
+        ):
+            await app.send({"type": "ping", "id": "x" * 1024})
+            code, _ = await closed(app.ws)
+            assert code == 1009
+
+
+async def test_an_app_that_stops_answering_pings_is_closed_1011(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    with trio.fail_after(LIMIT_S):
+        async with (
+            open_plane(listen={"ping_interval_s": 20, "ping_timeout_s": 5}) as plane,
+            open_channel(plane) as app,
+        ):
+            app.ws.silent = True
+            code, _ = await closed(app.ws)
+            assert code == 1011
+            assert app.ws.close_at == 25  # quiet for 20 s, then 5 s without a pong

@@ -187,3 +187,36 @@ async def test_an_upstream_that_drops_the_connection_closes_the_app_1014(
         async with open_plane(ws=drop) as plane, open_ws(plane, RESOURCE) as app:
             await app.send_message("hi")
             assert await closed(app) == (1014, "upstream dropped the connection")
+
+
+async def test_an_app_message_over_max_message_bytes_closes_both_sides_1009(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    with trio.fail_after(LIMIT_S):
+        async with (
+            open_plane(listen={"max_message_bytes": 1024}) as plane,
+            open_ws(plane, RESOURCE) as app,
+        ):
+            await app.send_message(b"x" * 1024)
+            assert await app.get_message() == b"x" * 1024  # at the limit: relayed
+            await app.send_message(b"x" * 1025)
+            code, _ = await closed(app)
+            assert code == 1009
+            await plane.ws_upstream.ended.wait()
+            assert [code for code, _ in plane.ws_upstream.closes] == [1009]
+            assert plane.ws_upstream.received == [b"x" * 1024]
+
+
+async def test_an_app_that_stops_answering_pings_is_closed_1011_and_the_upstream_1001(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    with trio.fail_after(LIMIT_S):
+        async with (
+            open_plane(listen={"ping_interval_s": 20, "ping_timeout_s": 5}) as plane,
+            open_ws(plane, RESOURCE) as app,
+        ):
+            app.silent = True
+            assert await closed(app) == (1011, "no pong within 5s")
+            assert app.close_at == 25  # quiet for 20 s, then 5 s without a pong
+            await plane.ws_upstream.ended.wait()
+            assert plane.ws_upstream.closes == [(1001, "the app stopped answering pings")]
