@@ -113,6 +113,31 @@ class _Response:
     controls: Reply
 
 
+@dataclass
+class _Content:
+    """A reply's status, own headers and content, before the headers the fake adds."""
+
+    status: int
+    extra: list[tuple[str, str]]
+    pieces: Iterable[bytes]
+    chunked: bool = True
+    content_type: str = "text/event-stream"
+
+
+def _framing_headers(
+    names: set[str], chunked: bool, pieces: Iterable[bytes]
+) -> list[tuple[str, str]]:
+    """``transfer-encoding: chunked`` or the ``content-length`` of ``pieces``, unless the
+    reply's own headers (lower-cased ``names``) already frame it."""
+    if chunked:
+        if "transfer-encoding" not in names:
+            return [("transfer-encoding", "chunked")]
+    elif "content-length" not in names:
+        assert isinstance(pieces, list)
+        return [("content-length", str(sum(len(piece) for piece in pieces)))]
+    return []
+
+
 class FakeUpstream:
     """The fake's state: what it saw, what it will answer, its connections.
 
@@ -287,46 +312,41 @@ class FakeUpstream:
 
     def _resolve(self, reply: Reply, seen: SeenRequest, number: int) -> _Response:
         """The status, headers and content to send for ``reply`` to ``seen``."""
-        status = reply.status
-        extra = list(reply.headers)
-        chunked = True
-        content_type = "text/event-stream"
-        pieces: Iterable[bytes]
-        if reply.stream_bytes is not None:
-            pieces = _sse_stream(reply.stream_bytes)
-        elif reply.chunks is not None:
-            pieces = list(reply.chunks)
-        elif reply.body is not None:
-            pieces, chunked, content_type = [reply.body], False, "application/json"
-        elif status != 200:
-            body = _error_body(f"fake upstream answered {status}", "server_error")
-            pieces, chunked, content_type = [body], False, "application/json"
-        else:
-            default = self._default_reply(seen)
-            status = default.status
-            extra = default.headers + extra
-            if default.chunks is not None:
-                pieces = default.chunks
-            else:
-                assert default.body is not None
-                pieces, chunked, content_type = [default.body], False, "application/json"
+        content = self._content(reply, seen)
+        status, extra, pieces = content.status, content.extra, content.pieces
         names = {name.lower() for name, _ in extra}
         headers: list[tuple[str, str]] = []
         if "x-request-id" not in names:
             headers.append(("x-request-id", f"req-{number}"))
         if "content-type" not in names:
-            headers.append(("content-type", content_type))
-        if chunked:
-            if "transfer-encoding" not in names:
-                headers.append(("transfer-encoding", "chunked"))
-        elif "content-length" not in names:
-            assert isinstance(pieces, list)
-            headers.append(("content-length", str(sum(len(piece) for piece in pieces))))
+            headers.append(("content-type", content.content_type))
+        headers += _framing_headers(names, content.chunked, pieces)
         if reply.close_connection and "connection" not in names:
             headers.append(("connection", "close"))
         if seen.method == "HEAD" or status in (204, 304):
             pieces = []
         return _Response(status, headers + extra, pieces, reply)
+
+    def _content(self, reply: Reply, seen: SeenRequest) -> _Content:
+        """What ``reply`` sends to ``seen``, before the headers the fake adds: the
+        scripted content, an error body for a bare error status, or the default answer."""
+        status = reply.status
+        extra = list(reply.headers)
+        if reply.stream_bytes is not None:
+            return _Content(status, extra, _sse_stream(reply.stream_bytes))
+        if reply.chunks is not None:
+            return _Content(status, extra, list(reply.chunks))
+        if reply.body is not None:
+            return _Content(status, extra, [reply.body], False, "application/json")
+        if status != 200:
+            body = _error_body(f"fake upstream answered {status}", "server_error")
+            return _Content(status, extra, [body], False, "application/json")
+        default = self._default_reply(seen)
+        extra = default.headers + extra
+        if default.chunks is not None:
+            return _Content(default.status, extra, default.chunks)
+        assert default.body is not None
+        return _Content(default.status, extra, [default.body], False, "application/json")
 
     def _default_reply(self, seen: SeenRequest) -> Reply:
         """The OpenAI-shaped answer (content and headers only)."""

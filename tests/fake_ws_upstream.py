@@ -346,16 +346,9 @@ class FakeWsUpstream:
         count = 0
         parts: list[str | bytes] = []
         while True:
-            if count == session.drop_after:
-                return "drop"
-            if count == session.close_after:
-                reason = session.close_reason or None
-                await conn.send(CloseConnection(code=session.close_code, reason=reason))
-                await self._finish_close(conn)
-                return "server-close"
-            if count == session.go_silent_after:
-                await conn.wait_peer_gone()
-                return "client-gone"
+            scheduled = await self._scheduled_end(conn, session, count)
+            if scheduled is not None:
+                return scheduled
             event = await conn.next_event()
             if isinstance(event, TextMessage | BytesMessage):
                 message = self._message_part(event, parts)
@@ -375,6 +368,21 @@ class FakeWsUpstream:
                 await conn.send(event.response())
                 return "client-close"
             # Pong: nothing to do (the fake never pings)
+
+    async def _scheduled_end(self, conn: _Conn, session: Session, count: int) -> str | None:
+        """End the connection as ``session`` scripts it once ``count`` messages came in
+        (drop it, close it, or wait for the client to go); returns why, or None to go on."""
+        if count == session.drop_after:
+            return "drop"
+        if count == session.close_after:
+            reason = session.close_reason or None
+            await conn.send(CloseConnection(code=session.close_code, reason=reason))
+            await self._finish_close(conn)
+            return "server-close"
+        if count == session.go_silent_after:
+            await conn.wait_peer_gone()
+            return "client-gone"
+        return None
 
     async def _finish_close(self, conn: _Conn) -> None:
         """After our close frame: read (recording messages) until the client's close frame,

@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
 PATHS = ("direct", "ws", "http")
@@ -41,6 +42,24 @@ def test_a_smoke_run_reports_every_scenario_and_leaks_no_key(tmp_path: Path) -> 
     s = results["scenarios"]
     plan = results["plan"]
 
+    _assert_latencies(s, plan)
+    _assert_relay_and_throughput(s, plan)
+    _assert_memory_and_startup(s, plan)
+    _assert_rotation(s["rotation"])
+
+    assert len(results["load_average_at_start"]) == len(results["load_average_at_end"]) == 3
+    _assert_streams(s, plan, run.stdout)
+
+    assert "| scenario | direct | via /v1/ws | via /v1/http |" in run.stdout
+    # Keys: every one the runner makes starts with this; none is in any output.
+    for out in (run.stdout, run.stderr, text):
+        assert "sk-bench-" not in out
+    # Its runtime dir (Vault's data, the daemon's log, sockets) is gone.
+    assert list(scratch.iterdir()) == []
+
+
+def _assert_latencies(s: dict[str, Any], plan: dict[str, Any]) -> None:
+    """Scenarios 1-3: every request answered, the figures ordered, the added delay right."""
     for name in ("latency", "latency_after_idle", "first_event"):
         for path in PATHS:
             figures = s[name][path]
@@ -57,6 +76,9 @@ def test_a_smoke_run_reports_every_scenario_and_leaks_no_key(tmp_path: Path) -> 
             assert added == round(s[name][path]["p50_us"] - s[name]["direct"]["p50_us"], 1)
             # CPU time comes in clock ticks (10 ms): a smoke run's few requests may show 0.
             assert s[name][path]["daemon_cpu_us_per_request"] >= 0
+
+
+def _assert_relay_and_throughput(s: dict[str, Any], plan: dict[str, Any]) -> None:
     for path in PATHS:
         assert s["relay"][path]["failures"] == 0
         assert s["relay"][path]["events_per_s"] > 0
@@ -65,12 +87,17 @@ def test_a_smoke_run_reports_every_scenario_and_leaks_no_key(tmp_path: Path) -> 
         for path in PATHS:
             assert row[path]["requests_per_s"] > 0
             assert row[path]["failures"] == 0
+
+
+def _assert_memory_and_startup(s: dict[str, Any], plan: dict[str, Any]) -> None:
     steps = s["memory"]["idle_connections"]
     assert [step["connections"] for step in steps] == plan["idle"]
     assert all(step["rss_mb"] > 0 for step in steps)
     assert s["startup"]["starts"] == plan["starts"]
     assert s["startup"]["ready_ms_p50"] > 0
-    rotation = s["rotation"]
+
+
+def _assert_rotation(rotation: dict[str, Any]) -> None:
     assert rotation["failures"] == 0, rotation
     assert rotation["rotations"] >= 1
     # Every new key reached the upstream: the daemon followed each rotation.
@@ -79,8 +106,9 @@ def test_a_smoke_run_reports_every_scenario_and_leaks_no_key(tmp_path: Path) -> 
     # The ws clients saw the versions move on (key_version in response.end).
     assert len(rotation["ws"]["key_versions"]) >= 2
 
-    assert len(results["load_average_at_start"]) == len(results["load_average_at_end"]) == 3
-    # 8: every stream complete, every event timed, on every path, at every N.
+
+def _assert_streams(s: dict[str, Any], plan: dict[str, Any], stdout: str) -> None:
+    """8: every stream complete, every event timed, on every path, at every N."""
     assert set(s["streams"]) == {str(n) for n in plan["streams"]}
     for n, row in s["streams"].items():
         streams = int(n) * plan["streams_rounds"]
@@ -100,11 +128,4 @@ def test_a_smoke_run_reports_every_scenario_and_leaks_no_key(tmp_path: Path) -> 
             assert figures["added_p50_us"] == round(figures["p50_us"] - direct["p50_us"], 1)
             assert figures["added_p99_us"] == round(figures["p99_us"] - direct["p99_us"], 1)
             assert figures["daemon_cpu_s_per_1k_events"] >= 0  # clock ticks: may be 0
-        assert f"| 8 {int(n):,} streams: event delay p50 / p99 (ms) |" in run.stdout
-
-    assert "| scenario | direct | via /v1/ws | via /v1/http |" in run.stdout
-    # Keys: every one the runner makes starts with this; none is in any output.
-    for out in (run.stdout, run.stderr, text):
-        assert "sk-bench-" not in out
-    # Its runtime dir (Vault's data, the daemon's log, sockets) is gone.
-    assert list(scratch.iterdir()) == []
+        assert f"| 8 {int(n):,} streams: event delay p50 / p99 (ms) |" in stdout

@@ -323,6 +323,19 @@ class DemoProcess:
         if self.proc.poll() is None:
             known = {child.pid for child in self.children}
             self.children += [p for p in descendants(self.pid) if p.pid not in known]
+        self._kill_children()
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        self._await_children_dead()
+        for reader in self._readers:
+            reader.join(5.0)
+        for stream in (self.proc.stdout, self.proc.stderr):
+            if stream is not None:
+                stream.close()
+
+    def _kill_children(self) -> None:
+        """SIGKILL each child still alive: its process group if it leads one, else itself."""
         for child in self.children:
             if alive(child):
                 with contextlib.suppress(ProcessLookupError):
@@ -330,18 +343,13 @@ class DemoProcess:
                         os.killpg(child.pgrp, signal.SIGKILL)
                     else:
                         os.kill(child.pid, signal.SIGKILL)
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait()
-        # SIGKILL is asynchronous: wait until each is dead (a zombie at most, for init).
+
+    def _await_children_dead(self) -> None:
+        """SIGKILL is asynchronous: wait until each is dead (a zombie at most, for init),
+        5 s at most in all."""
         deadline = time.monotonic() + 5.0
         for child in self.children:
             while (now := proc(child.pid)) and now.start == child.start and now.state != "Z":
                 if time.monotonic() > deadline:
                     break
                 time.sleep(0.01)
-        for reader in self._readers:
-            reader.join(5.0)
-        for stream in (self.proc.stdout, self.proc.stderr):
-            if stream is not None:
-                stream.close()
