@@ -592,39 +592,52 @@ async def _watch(
     timeout_s: float,
     excused: Callable[[], bool],
 ) -> Verdict:
-    def overdue() -> bool:
-        return trio.current_time() >= activity.message_deadline
-
     while True:
         with activity.waiting_until(activity.last + interval_s):
             await trio.sleep_forever()
-        if overdue():
+        if _overdue(activity):
             return "unfinished"
         if trio.current_time() - activity.last < interval_s:
             continue
         answered = trio.Event()
         activity.check()  # the backlog now, to compare with from here on
         nursery.start_soon(_ping, ws, answered)
-        deadline = trio.current_time() + timeout_s
-        step = timeout_s / _BACKLOG_SAMPLES
-        while not answered.is_set() and ws.closed is None:
-            with activity.waiting_until(min(deadline, trio.current_time() + step)):
-                await answered.wait()
-            if overdue():
-                return "unfinished"
-            if answered.is_set():
-                break
-            activity.check()
-            deadline = max(deadline, activity.last + timeout_s)
-            now = trio.current_time()
-            if now < deadline:
-                continue
-            if not excused():
-                return "silent"
-            deadline = now + timeout_s
-        if ws.closed is not None:
-            return "closed"
+        verdict = await _wait_for_pong(ws, activity, answered, timeout_s, excused)
+        if verdict is not None:
+            return verdict
         activity.touch()
+
+
+async def _wait_for_pong(
+    ws: WebSocketConnection,
+    activity: Activity,
+    answered: trio.Event,
+    timeout_s: float,
+    excused: Callable[[], bool],
+) -> Verdict | None:
+    """Until the ping is ``answered`` (None), or a verdict comes first."""
+    deadline = trio.current_time() + timeout_s
+    step = timeout_s / _BACKLOG_SAMPLES
+    while not answered.is_set() and ws.closed is None:
+        with activity.waiting_until(min(deadline, trio.current_time() + step)):
+            await answered.wait()
+        if _overdue(activity):
+            return "unfinished"
+        if answered.is_set():
+            break
+        activity.check()
+        deadline = max(deadline, activity.last + timeout_s)
+        now = trio.current_time()
+        if now < deadline:
+            continue
+        if not excused():
+            return "silent"
+        deadline = now + timeout_s
+    return "closed" if ws.closed is not None else None
+
+
+def _overdue(activity: Activity) -> bool:
+    return trio.current_time() >= activity.message_deadline
 
 
 async def _ping(ws: WebSocketConnection, answered: trio.Event) -> None:
