@@ -11,21 +11,15 @@ below trio-websocket. The one behaviour its public API cannot express, an app to
 frame was invalid, is fenced in ``openclawd._trio_websocket`` (imported here alone).
 
 Owns: the upgrade check, accepting, connecting (and turning a refused handshake into
-``UpstreamRejectedError``), liveness (``Activity``, ``watch``) and closing within a bounded
-time. Knows nothing of what runs over the WebSockets.
+``UpstreamRejectedError``), watching a WebSocket (``liveness.py`` decides) and closing
+within a bounded time. Knows nothing of what runs over the WebSockets.
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import functools
 import math
-import re
-import struct
-import termios
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Literal
+from collections.abc import Callable, Iterable, Sequence
 
 import h11
 import trio
@@ -39,9 +33,12 @@ from trio_websocket import (
 )
 from wsproto.utilities import ProtocolError
 
+from openclawd import liveness
 from openclawd._trio_websocket import answer_invalid_frames
 from openclawd.errors import UpstreamConnectionError, UpstreamRejectedError
+from openclawd.liveness import Activity, Verdict, socket_of, unsent_bytes
 from openclawd.protocol.closecodes import close_reason, handshake_refusal
+from openclawd.protocol.wsframes import PeerBytes
 
 __all__ = [
     "Activity",
@@ -67,187 +64,7 @@ CUT_CLOSE_WAIT_S = 0.2
 # Messages trio-websocket holds for us before it stops reading the socket (back-pressure).
 QUEUE_SIZE = 4
 _SEND_SLICE_BYTES = 64 * 1024
-# How often, per ping timeout, a peer that owes a pong has its backlog looked at. While a
-# writer is blocked on it, the backlog is a sawtooth: it falls as the peer reads, and jumps
-# back when the writer refills it (after half the buffer is free, for a unix socket). Two
-# looks a timeout apart can see the same height; looks closer together see it fall.
-_BACKLOG_SAMPLES = 8
 _RECEIVE_BYTES = 64 * 1024
-
-
-class Activity:
-    """When the peer last showed it is alive: sent us bytes, or took some of ours; and,
-    for an app's connection, since when it has left a message unfinished.
-
-    A peer that sends a message a byte at a time (slowloris) is alive by every byte, so
-    liveness alone never cuts it off: a message must also be finished within
-    ``message_timeout_s`` of its first byte (``watch`` enforces both). An
-    ``ActivityStream`` over an activity whose ``message_timeout_s`` is finite reads where
-    the peer's messages begin and end off the bytes, and reports them (``message_part``);
-    ``received`` and ``control_frame`` serve a reporter that sees only bytes, or frames.
-    """
-
-    def __init__(self, *, message_timeout_s: float = math.inf) -> None:
-        self.last = trio.current_time()
-        self.message_timeout_s = message_timeout_s
-        self.unfinished_since = math.inf  # the first byte of what is not finished yet
-        self._in_message = False  # a data message has begun (a frame of it was parsed)
-        self._alarm: trio.CancelScope | None = None  # the waiting watch's, if it waits
-        self._backlog: Callable[[], int | None] | None = None
-        self._last_backlog: int | None = None
-
-    def touch(self) -> None:
-        self.last = trio.current_time()
-
-    def received(self) -> None:
-        """Bytes came: a sign of life, and the start of a message if none was under way
-        (they may be a whole message: ``message_part`` then ends it at once)."""
-        self.last = trio.current_time()
-        self._begin()
-
-    def message_part(self, *, finished: bool) -> None:
-        """A data frame, or part of one, was parsed; ``finished``: its message is whole."""
-        self._in_message = not finished
-        if finished:
-            self.unfinished_since = math.inf
-        else:
-            self._begin()
-
-    def control_frame(self) -> None:
-        """A ping, pong or close was parsed: finished, unless it came inside a message."""
-        if not self._in_message:
-            self.unfinished_since = math.inf
-
-    @property
-    def message_deadline(self) -> float:
-        """When what the peer began must be finished by (inf: nothing under way)."""
-        return self.unfinished_since + self.message_timeout_s
-
-    @contextlib.contextmanager
-    def waiting_until(self, deadline: float) -> Iterator[trio.CancelScope]:
-        """``trio.move_on_at(deadline)``, moved earlier to ``message_deadline`` as soon as
-        it comes first, even if the message begins during the wait."""
-        with trio.move_on_at(min(deadline, self.message_deadline)) as scope:
-            self._alarm = scope
-            try:
-                yield scope
-            finally:
-                self._alarm = None
-
-    def _begin(self) -> None:
-        if self.unfinished_since == math.inf:
-            self.unfinished_since = trio.current_time()
-            if self._alarm is not None:
-                self._alarm.deadline = min(self._alarm.deadline, self.message_deadline)
-
-    def observe(self, backlog: Callable[[], int | None]) -> None:
-        """``backlog()``: the bytes sent that the peer has not taken yet (None: unknown).
-        A send may wait long behind a slow reader; the backlog shrinking in the meantime
-        shows that reader alive all the same."""
-        self._backlog = backlog
-
-    def check(self) -> None:
-        """Touch if the peer has taken some of its backlog since the last check."""
-        if self._backlog is None:
-            return
-        backlog = self._backlog()
-        if backlog is not None and self._last_backlog is not None and backlog < self._last_backlog:
-            self.touch()
-        self._last_backlog = backlog
-
-
-class _PeerBytes:
-    """Where a peer's messages begin and end, read off the bytes it sends: its HTTP head,
-    kept (a refused handshake's status is in it), then, if ``frames``, WebSocket frames
-    (RFC 6455 5.2), of which only the headers are read: payloads are counted past.
-
-    trio-websocket's public API hands over whole messages only; it never says that one
-    has begun, so the stream below it reads the framing itself. Validating is wsproto's:
-    bytes that are not valid frames end the connection there, whatever is read here.
-    """
-
-    def __init__(self, *, frames: bool) -> None:
-        self.head = bytearray()
-        self.in_head = True
-        self._frames = frames
-        self._header = bytearray()  # a frame header begun, not whole yet
-        self._left = 0  # payload bytes of the current frame still to come
-        self._fragmented = False  # a data frame without FIN came: its message goes on
-
-    @property
-    def between_messages(self) -> bool:
-        """Nothing begun is unfinished: no message, frame or frame header under way."""
-        return not (self._left or self._header or self._fragmented)
-
-    def feed(self, data: bytes | bytearray) -> None:
-        if self.in_head:
-            data = self._feed_head(data)
-        if self._frames:
-            self._feed_frames(data)
-
-    def _feed_head(self, data: bytes | bytearray) -> bytes:
-        """Keeps the head; returns what follows it in ``data``."""
-        start = max(0, len(self.head) - 2)  # the blank line may straddle two reads
-        self.head += data
-        blank = _BLANK_LINE.search(self.head, start)
-        if blank is None:
-            if len(self.head) > _MAX_HEAD_BYTES:  # no handshake takes it: stop keeping it
-                self.head.clear()
-                self.in_head = self._frames = False
-            return b""
-        rest = bytes(self.head[blank.end() :])
-        del self.head[blank.end() :]
-        self.in_head = False
-        return rest
-
-    def _feed_frames(self, data: bytes | bytearray) -> None:
-        at, end, header = 0, len(data), self._header
-        while at < end:
-            if self._left:
-                step = min(self._left, end - at)
-                self._left -= step
-                at += step
-                continue
-            if len(header) < 2:  # the first two bytes tell the header's size
-                at = self._take(data, at, 2)
-                if len(header) < 2:
-                    return
-            size = _header_size(header)
-            if len(header) < size:
-                at = self._take(data, at, size)
-                if len(header) < size:
-                    return
-            self._left = _payload_size(header)
-            if not header[0] & 0x08:  # a data frame; a control frame may sit inside one
-                self._fragmented = not header[0] & 0x80  # FIN
-            header.clear()
-
-    def _take(self, data: bytes | bytearray, at: int, size: int) -> int:
-        """Add to the header from ``data[at:]`` up to ``size`` bytes; returns the new ``at``."""
-        taken = data[at : at + size - len(self._header)]
-        self._header += taken
-        return at + len(taken)
-
-
-# Where an HTTP head ends (h11, which wsproto uses, takes a bare LF too).
-_BLANK_LINE = re.compile(b"\n\r?\n")
-_MAX_HEAD_BYTES = 64 * 1024  # h11 refuses a head past 16 KiB
-
-
-def _header_size(header: bytearray) -> int:
-    """The size of the frame header whose first two bytes begin ``header``."""
-    length = header[1] & 0x7F
-    extended = 2 if length == 126 else 8 if length == 127 else 0
-    return 2 + extended + (4 if header[1] & 0x80 else 0)  # and the mask key, if masked
-
-
-def _payload_size(header: bytearray) -> int:
-    length = header[1] & 0x7F
-    if length == 126:
-        return int.from_bytes(header[2:4], "big")
-    if length == 127:
-        return int.from_bytes(header[2:10], "big")
-    return length
 
 
 class ActivityStream(trio.abc.Stream):
@@ -255,10 +72,11 @@ class ActivityStream(trio.abc.Stream):
     byte that moves either way is noted in ``activity``.
 
     If ``activity.message_timeout_s`` is finite, the peer's frames are read as they pass
-    (``_PeerBytes``): once whoever reads (trio-websocket's reader) has part of a message
-    and asks for more, the message is unfinished (``Activity.message_part``) until bytes
-    that finish it come. Not before that ask: the time a reader spends queueing the
-    messages that came before it is ours, not the peer's.
+    (``protocol.wsframes.PeerBytes``): once whoever reads (trio-websocket's reader) has
+    part of a message and asks for more, the message is unfinished
+    (``Activity.message_part``) until bytes that finish it come. Not before that ask:
+    the time a reader spends queueing the messages that came before it is ours, not the
+    peer's.
 
     Between ``hold()`` and ``release()`` what is sent is gathered (up to
     ``_SEND_SLICE_BYTES``, past which it goes out at once) and goes out with the first
@@ -269,13 +87,13 @@ class ActivityStream(trio.abc.Stream):
         self._stream = stream
         self._prefix = prefix
         self.activity = activity
-        self._peer = _PeerBytes(frames=activity.message_timeout_s < math.inf)
+        self._peer = PeerBytes(frames=activity.message_timeout_s < math.inf)
         self._ended = trio.Event()
         self._held = bytearray()
         self._holding = False
-        socket_ = _socket_of(stream)
+        socket_ = socket_of(stream)
         if socket_ is not None:
-            activity.observe(functools.partial(_unsent_bytes, socket_))
+            activity.observe(functools.partial(unsent_bytes, socket_))
 
     @property
     def head(self) -> bytes:
@@ -390,22 +208,6 @@ class Sender:
         self._stop_at = min(self._stop_at, trio.current_time() + CLOSE_TIMEOUT_S)
         if self._sending is not None:
             self._sending.deadline = self._stop_at
-
-
-def _socket_of(stream: trio.abc.Stream) -> trio.socket.SocketType | None:
-    if isinstance(stream, trio.SSLStream):
-        stream = stream.transport_stream
-    return stream.socket if isinstance(stream, trio.SocketStream) else None
-
-
-def _unsent_bytes(sock: trio.socket.SocketType) -> int | None:
-    """What the socket holds that the peer has not read yet (SIOCOUTQ), if it can tell."""
-    try:
-        raw = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
-    except (OSError, ValueError):  # closed, or not a kind that says
-        return None
-    value: int = struct.unpack("i", raw)[0]
-    return value
 
 
 def over_limit(message: str | bytes, limit: int) -> bool:
@@ -555,7 +357,22 @@ def _rejected(status: int, headers: Iterable[tuple[bytes, bytes]]) -> UpstreamRe
     return UpstreamRejectedError(message, status=status, close_code=handshake_refusal(status))
 
 
-Verdict = Literal["closed", "silent", "unfinished"]
+class _Peer:
+    """A WebSocket as ``liveness.watch`` looks after it."""
+
+    def __init__(self, ws: WebSocketConnection) -> None:
+        self._ws = ws
+
+    @property
+    def closed(self) -> bool:
+        return self._ws.closed is not None
+
+    async def ping(self) -> bool:
+        try:
+            await self._ws.ping()
+        except ConnectionClosed:
+            return False
+        return True
 
 
 async def watch(
@@ -566,86 +383,11 @@ async def watch(
     timeout_s: float,
     excused: Callable[[], bool] = lambda: False,
 ) -> Verdict:
-    """Ping ``ws`` whenever it has been quiet for ``interval_s``. Runs until it returns:
-    ``"silent"`` once the peer has not answered for ``timeout_s``, ``"unfinished"`` once
-    it has left a message unfinished for ``activity.message_timeout_s``, ``"closed"`` if
-    it closed while a ping waited.
-
-    Any sign of life counts, both ways (``activity``): a peer slowly reading a backlog is
-    alive. While ``excused()`` is true a missing pong is not held against the peer: its
-    pong may sit unread behind messages we hold back (our queue for it is full because
-    the other side of a relay is slow).
-
-    Cancellation: safe; a ping is never cut off half sent (it is sent in its own task).
-    """
-    async with trio.open_nursery() as nursery:
-        verdict = await _watch(nursery, ws, activity, interval_s, timeout_s, excused)
-        nursery.cancel_scope.cancel()
-        return verdict
-
-
-async def _watch(
-    nursery: trio.Nursery,
-    ws: WebSocketConnection,
-    activity: Activity,
-    interval_s: float,
-    timeout_s: float,
-    excused: Callable[[], bool],
-) -> Verdict:
-    while True:
-        with activity.waiting_until(activity.last + interval_s):
-            await trio.sleep_forever()
-        if _overdue(activity):
-            return "unfinished"
-        if trio.current_time() - activity.last < interval_s:
-            continue
-        answered = trio.Event()
-        activity.check()  # the backlog now, to compare with from here on
-        nursery.start_soon(_ping, ws, answered)
-        verdict = await _wait_for_pong(ws, activity, answered, timeout_s, excused)
-        if verdict is not None:
-            return verdict
-        activity.touch()
-
-
-async def _wait_for_pong(
-    ws: WebSocketConnection,
-    activity: Activity,
-    answered: trio.Event,
-    timeout_s: float,
-    excused: Callable[[], bool],
-) -> Verdict | None:
-    """Until the ping is ``answered`` (None), or a verdict comes first."""
-    deadline = trio.current_time() + timeout_s
-    step = timeout_s / _BACKLOG_SAMPLES
-    while not answered.is_set() and ws.closed is None:
-        with activity.waiting_until(min(deadline, trio.current_time() + step)):
-            await answered.wait()
-        if _overdue(activity):
-            return "unfinished"
-        if answered.is_set():
-            break
-        activity.check()
-        deadline = max(deadline, activity.last + timeout_s)
-        now = trio.current_time()
-        if now < deadline:
-            continue
-        if not excused():
-            return "silent"
-        deadline = now + timeout_s
-    return "closed" if ws.closed is not None else None
-
-
-def _overdue(activity: Activity) -> bool:
-    return trio.current_time() >= activity.message_deadline
-
-
-async def _ping(ws: WebSocketConnection, answered: trio.Event) -> None:
-    try:
-        await ws.ping()
-    except ConnectionClosed:
-        return
-    answered.set()
+    """``liveness.watch`` over ``ws``: ping it whenever it has been quiet for
+    ``interval_s``; returns ``"silent"``, ``"unfinished"`` or ``"closed"`` (see there)."""
+    return await liveness.watch(
+        _Peer(ws), activity, interval_s=interval_s, timeout_s=timeout_s, excused=excused
+    )
 
 
 async def close(

@@ -1,5 +1,5 @@
 """Where a peer's messages begin and end, read by ``ActivityStream`` off the bytes it sends
-(``websocket._PeerBytes``): trio-websocket's public API hands over whole messages only, so
+(``protocol.wsframes.PeerBytes``): trio-websocket's public API hands over whole messages only, so
 ``message_timeout_s`` is kept below it. The reader is fed byte by byte and in random
 splits and compared, at every offset, with where the frames it was given begin and end;
 then the timing, over a real trio-websocket connection: the unfinished-message clock runs
@@ -16,7 +16,8 @@ import trio
 import trio.testing
 
 from openclawd import websocket
-from openclawd.websocket import Activity, ActivityStream, _PeerBytes
+from openclawd.protocol.wsframes import PeerBytes
+from openclawd.websocket import Activity, ActivityStream
 
 from .test_trio_websocket_adapter import UPGRADE, close_payload, frame, upgrade
 
@@ -52,7 +53,7 @@ def stream_and_boundaries() -> tuple[bytes, list[bool]]:
 
 def test_fed_byte_by_byte_it_is_between_messages_exactly_where_the_frames_say() -> None:
     data, between = stream_and_boundaries()
-    peer = _PeerBytes(frames=True)
+    peer = PeerBytes(frames=True)
     assert peer.between_messages
     for offset in range(len(data)):
         peer.feed(data[offset : offset + 1])
@@ -64,7 +65,7 @@ def test_fed_byte_by_byte_it_is_between_messages_exactly_where_the_frames_say() 
 def test_fed_in_random_splits_it_agrees_at_every_split(seed: int) -> None:
     data, between = stream_and_boundaries()
     rng = random.Random(seed)
-    peer = _PeerBytes(frames=True)
+    peer = PeerBytes(frames=True)
     offset = 0
     while offset < len(data):
         size = rng.choice([1, 2, 3, 7, 50, 300, 5_000, 80_000])
@@ -76,7 +77,7 @@ def test_fed_in_random_splits_it_agrees_at_every_split(seed: int) -> None:
 
 def test_a_head_ends_at_its_blank_line_wherever_the_reads_split_it() -> None:
     for split in range(len(UPGRADE) + 1):
-        peer = _PeerBytes(frames=True)
+        peer = PeerBytes(frames=True)
         peer.feed(UPGRADE[:split])
         assert peer.in_head == (split < len(UPGRADE)), split
         peer.feed(UPGRADE[split:] + frame(0x1, b"half")[:4])
@@ -86,7 +87,7 @@ def test_a_head_ends_at_its_blank_line_wherever_the_reads_split_it() -> None:
 
 
 def test_a_head_with_bare_line_feeds_ends_as_h11_ends_it() -> None:
-    peer = _PeerBytes(frames=True)
+    peer = PeerBytes(frames=True)
     peer.feed(b"HTTP/1.1 401 Unauthorized\ncontent-length: 0\n\n" + frame(0x1, b"x")[:3])
     assert bytes(peer.head) == b"HTTP/1.1 401 Unauthorized\ncontent-length: 0\n\n"
     assert not peer.between_messages
@@ -94,7 +95,7 @@ def test_a_head_with_bare_line_feeds_ends_as_h11_ends_it() -> None:
 
 def test_without_frames_it_keeps_the_head_and_is_always_between_messages() -> None:
     data, _ = stream_and_boundaries()
-    peer = _PeerBytes(frames=False)
+    peer = PeerBytes(frames=False)
     for offset in range(0, len(data), 5):
         peer.feed(data[offset : offset + 5])
         assert peer.between_messages
@@ -102,7 +103,7 @@ def test_without_frames_it_keeps_the_head_and_is_always_between_messages() -> No
 
 
 def test_a_head_that_never_ends_is_not_kept_past_the_limit() -> None:
-    peer = _PeerBytes(frames=True)
+    peer = PeerBytes(frames=True)
     for _ in range(100):
         peer.feed(b"x-header: " + b"y" * 1000 + b"\r\n")
     assert not peer.in_head

@@ -17,7 +17,7 @@ import trio
 import trio.testing
 from trio_websocket import WebSocketConnection, wrap_client_stream
 
-from openclawd import websocket
+from openclawd import liveness, websocket
 from openclawd.websocket import Activity, ActivityStream, Sender
 
 from ..dataplane.harness import client_frame
@@ -340,13 +340,13 @@ async def test_a_closed_socket_has_no_backlog_and_check_does_not_raise(
         sock = pair[0]
         activity = wire.activity
         await wire.send_all(b"x" * 1000)
-        backlog = websocket._unsent_bytes(sock)
+        backlog = liveness.unsent_bytes(sock)
         assert backlog is not None
         assert backlog > 0
         activity.check()
         last = activity.last
         await wire.aclose()
-        assert websocket._unsent_bytes(sock) is None
+        assert liveness.unsent_bytes(sock) is None
         mock_clock.jump(1)
         activity.check()
         activity.check()
