@@ -45,9 +45,10 @@ from openclawd.listeners import (
 )
 from openclawd.local import passthrough, realtime
 from openclawd.local.channel import Channels
+from openclawd.local.cutter import Close
 from openclawd.local.passthrough import Passthrough
 from openclawd.local.realtime import Realtime
-from openclawd.local.server import Close, LocalServer
+from openclawd.local.server import LocalServer
 from openclawd.local.unix import listen_backlog
 from openclawd.notify import Notifier
 from openclawd.protocol.closecodes import CloseCode

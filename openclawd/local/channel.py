@@ -29,8 +29,8 @@ from openclawd.errors import (
     UnfinishedMessageError,
 )
 from openclawd.lifecycle import Lifecycle
+from openclawd.local.http11 import Connection
 from openclawd.local.outbox import Outbox
-from openclawd.local.server import Connection
 from openclawd.protocol import messages
 from openclawd.protocol.exchange import Admission, Exchange
 from openclawd.protocol.messages import Request

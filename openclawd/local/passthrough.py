@@ -32,7 +32,7 @@ from openclawd.errors import (
     UnknownProviderError,
 )
 from openclawd.lifecycle import Lifecycle
-from openclawd.local.server import Connection, reason_phrase
+from openclawd.local.http11 import Connection, reason_phrase
 from openclawd.protocol.exchange import Admission, Exchange
 from openclawd.protocol.messages import (
     CREDENTIAL_HEADERS,

@@ -29,7 +29,8 @@ from openclawd.errors import (
 )
 from openclawd.keys.manager import Key
 from openclawd.lifecycle import Lifecycle
-from openclawd.local.server import Close, Connection
+from openclawd.local.cutter import Close
+from openclawd.local.http11 import Connection
 from openclawd.protocol import relay
 from openclawd.protocol.closecodes import CloseCode
 from openclawd.protocol.exchange import Admission

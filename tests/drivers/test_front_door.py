@@ -10,7 +10,7 @@ import trio.testing
 
 from openclawd import websocket
 from openclawd.daemon import DRAIN_DEADLINE_CLOSE, SHUTDOWN_CLOSE
-from openclawd.local.server import Close
+from openclawd.local.cutter import Close
 from openclawd.local.unix import PeerCredentials
 
 from .harness import APP, LIMIT_S, Plane, call, closed, open_channel, open_plane, open_ws

@@ -1,4 +1,4 @@
-"""The one drain's cut (local/server.py ``Cutter``): a deadline on every connection's
+"""The one drain's cut (local/cutter.py): a deadline on every connection's
 cancel scope, and the close chosen by whoever cut, in virtual time."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import math
 import trio
 import trio.testing
 
-from openclawd.local.server import Close, Cutter
+from openclawd.local.cutter import Close, Cutter
 
 DRAIN = Close(1001, "drain deadline reached")
 SHUTDOWN = Close(1012, "openclawd is shutting down")
