@@ -37,7 +37,7 @@ from openclawd import liveness
 from openclawd._trio_websocket import answer_invalid_frames
 from openclawd.errors import UpstreamConnectionError, UpstreamRejectedError
 from openclawd.liveness import Activity, Verdict, socket_of, unsent_bytes
-from openclawd.protocol.closecodes import close_reason, handshake_refusal
+from openclawd.protocol.closecodes import close_reason, handshake_refusal, sendable
 from openclawd.protocol.wsframes import PeerBytes
 
 __all__ = [
@@ -50,6 +50,7 @@ __all__ = [
     "WebSocketConnection",
     "accept",
     "close",
+    "closed_as_sent",
     "connect",
     "is_upgrade",
     "over_limit",
@@ -87,13 +88,21 @@ class ActivityStream(trio.abc.Stream):
         self._stream = stream
         self._prefix = prefix
         self.activity = activity
-        self._peer = PeerBytes(frames=activity.message_timeout_s < math.inf)
+        # Frames are read for the message deadline (an app's) and for the close frame
+        # as the peer sent it (``closed_as_sent``).
+        self._timed = activity.message_timeout_s < math.inf
+        self._peer = PeerBytes(frames=True)
         self._ended = trio.Event()
         self._held = bytearray()
         self._holding = False
         socket_ = socket_of(stream)
         if socket_ is not None:
             activity.observe(functools.partial(unsent_bytes, socket_))
+
+    @property
+    def close_frame(self) -> tuple[int, str] | None:
+        """The code and reason of the close frame the peer sent, as sent (a server's)."""
+        return self._peer.close_frame
 
     @property
     def head(self) -> bytes:
@@ -117,7 +126,7 @@ class ActivityStream(trio.abc.Stream):
             self._peer.feed(head)
             await trio.lowlevel.checkpoint()
             return head
-        if not self._peer.between_messages:
+        if self._timed and not self._peer.between_messages:
             self.activity.message_part(finished=False)
         try:
             data = await self._stream.receive_some(max_bytes)
@@ -128,7 +137,7 @@ class ActivityStream(trio.abc.Stream):
         if not data:
             self._ended.set()
         self._peer.feed(data)
-        if self._peer.between_messages:
+        if self._timed and self._peer.between_messages:
             self.activity.message_part(finished=True)
         return data
 
@@ -355,6 +364,18 @@ def _rejected(status: int, headers: Iterable[tuple[bytes, bytes]]) -> UpstreamRe
     if status == 429 and retry_after and retry_after.strip().isdigit():
         message += f", retry after {int(retry_after)}s"
     return UpstreamRejectedError(message, status=status, close_code=handshake_refusal(status))
+
+
+def closed_as_sent(ws: WebSocketConnection, wire: ActivityStream) -> CloseReason | None:
+    """How ``ws`` (a client's, over ``wire``) was closed: ``ws.closed``, except where
+    wsproto refused the peer's close code because it does not know it (1014 "Bad
+    Gateway", registered after wsproto's table) and reports 1002 instead: then the code
+    and reason the peer's close frame carried, read off the bytes."""
+    closed = ws.closed
+    sent = wire.close_frame
+    if closed is not None and closed.code == 1002 and sent is not None and sendable(sent[0]):
+        return CloseReason(sent[0], sent[1])
+    return closed
 
 
 class _Peer:

@@ -38,6 +38,7 @@ from openclawd.protocol.messages import has_dot_segment
 from openclawd.protocol.relay import Cause, Relay, Side
 from openclawd.upstream import ws as upstream_ws
 from openclawd.upstream.http import KeySource
+from openclawd.upstream.ws import UpstreamSession
 from openclawd.websocket import Activity, ConnectionClosed, WebSocketConnection
 
 log = logs.get(__name__)
@@ -55,6 +56,7 @@ class _Pumps:
 
     core: Relay
     ws: dict[Side, WebSocketConnection]
+    upstream: UpstreamSession
     max_bytes: int  # max_message_bytes
     messages: dict[Side, int]  # relayed, by the side that sent them
     ended: trio.Event = field(default_factory=trio.Event)
@@ -74,7 +76,7 @@ class _Pumps:
     def report_closed(self) -> None:
         """A pump met a closed WebSocket: report each side that closed, the upstream
         first (both may have closed by now; the first reported decides)."""
-        closed = [(side, self.ws[side].closed) for side in (Side.UPSTREAM, Side.APP)]
+        closed = [(Side.UPSTREAM, self.upstream.closed), (Side.APP, self.ws[Side.APP].closed)]
         for side, reason in closed:
             if reason is not None:
                 self.report(relay.Closed(side, reason.code, reason.reason or ""))
@@ -268,7 +270,7 @@ class Realtime:
             key_version=key.version,
         )
         sides = {Side.APP: app, Side.UPSTREAM: session.ws}
-        pumps = _Pumps(core, sides, listen.max_message_bytes, messages)
+        pumps = _Pumps(core, sides, session, listen.max_message_bytes, messages)
         try:
             await self._relay(pumps, conn.activity or Activity(), up_activity)
         except Exception:

@@ -31,6 +31,10 @@ class PeerBytes:
         self._header = bytearray()  # a frame header begun, not whole yet
         self._left = 0  # payload bytes of the current frame still to come
         self._fragmented = False  # a data frame without FIN came: its message goes on
+        self._close: bytearray | None = None  # an unmasked close frame's payload, begun
+        # The code and reason of the peer's close frame, as sent, once whole (a server's
+        # frames only: a client's are masked, and never needed).
+        self.close_frame: tuple[int, str] | None = None
 
     @property
     def between_messages(self) -> bool:
@@ -62,9 +66,7 @@ class PeerBytes:
         at, end, header = 0, len(data), self._header
         while at < end:
             if self._left:
-                step = min(self._left, end - at)
-                self._left -= step
-                at += step
+                at = self._skip(data, at, end)
                 continue
             if len(header) < 2:  # the first two bytes tell the header's size
                 at = self._take(data, at, 2)
@@ -78,7 +80,25 @@ class PeerBytes:
             self._left = payload_size(header)
             if not header[0] & 0x08:  # a data frame; a control frame may sit inside one
                 self._fragmented = not header[0] & 0x80  # FIN
+            elif header[0] & 0x0F == _CLOSE and not header[1] & 0x80 and self._left >= 2:
+                self._close = bytearray()
             header.clear()
+
+    def _skip(self, data: bytes | bytearray, at: int, end: int) -> int:
+        """Past the payload of the current frame in ``data[at:end]`` (a close frame's is
+        kept); returns the new ``at``."""
+        step = min(self._left, end - at)
+        if self._close is not None:
+            self._close += data[at : at + step]
+        self._left -= step
+        if not self._left and self._close is not None:
+            self._closed(self._close)
+        return at + step
+
+    def _closed(self, payload: bytearray) -> None:
+        self._close = None
+        code = int.from_bytes(payload[:2], "big")
+        self.close_frame = (code, payload[2:].decode("utf-8", "replace"))
 
     def _take(self, data: bytes | bytearray, at: int, size: int) -> int:
         """Add to the header from ``data[at:]`` up to ``size`` bytes; returns the new ``at``."""
@@ -86,6 +106,8 @@ class PeerBytes:
         self._header += taken
         return at + len(taken)
 
+
+_CLOSE = 0x8  # the close frame's opcode
 
 # Where an HTTP head ends (h11, which wsproto uses, takes a bare LF too).
 _BLANK_LINE = re.compile(b"\n\r?\n")

@@ -73,6 +73,12 @@ class UpstreamSession:
 
     ws: WebSocketConnection
     stream: trio.abc.Stream
+    wire: websocket.ActivityStream  # ``stream`` as the WebSocket reads it
+
+    @property
+    def closed(self) -> websocket.CloseReason | None:
+        """How the upstream closed, with the code its close frame carried."""
+        return websocket.closed_as_sent(self.ws, self.wire)
 
     async def aclose(
         self, code: int, reason: str, *, wait_s: float = websocket.CLOSE_TIMEOUT_S
@@ -128,16 +134,18 @@ async def open_session(
                 stream = await _open_stream(to, ssl_context or _system_tls())
             else:
                 stream = await open_stream(to)
+            wire = websocket.ActivityStream(stream, activity)
             session = UpstreamSession(
                 await websocket.connect(
                     nursery,
-                    websocket.ActivityStream(stream, activity),
+                    wire,
                     host=to.host_header,
                     resource=to.resource,
                     headers=[*sent, auth],
                     max_message_bytes=max_message_bytes,
                 ),
                 stream,
+                wire,
             )
             connected = True
             return session

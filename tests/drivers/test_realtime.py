@@ -86,6 +86,23 @@ async def test_the_upstreams_close_is_passed_on_after_what_it_sent(
             assert await closed(app) == (4001, "expired")
 
 
+@pytest.mark.parametrize("code", [1012, 1013, 1014, 3000, 4999])
+async def test_an_upstream_close_code_wsproto_does_not_know_is_passed_on_too(
+    code: int, autojump_clock: trio.testing.MockClock
+) -> None:
+    """CONTRACT.md 3.2: the upstream's close code and reason are passed on. wsproto (under
+    trio-websocket) refuses 1014, registered after its table, and reports 1002 "CLOSE with
+    unknown reserved code"; the code the upstream's frame carried is read off the bytes."""
+
+    async def bad_gateway(request: WebSocketRequest, up: WsUpstream) -> None:
+        ws = await request.accept()
+        await ws.aclose(code, "its own upstream failed")
+
+    with trio.fail_after(LIMIT_S):
+        async with open_plane(ws=bad_gateway) as plane, open_ws(plane, RESOURCE) as app:
+            assert await closed(app) == (code, "its own upstream failed")
+
+
 @pytest.mark.parametrize(
     ("status", "headers", "close", "refused_keys"),
     [

@@ -175,3 +175,29 @@ async def test_a_reader_waiting_for_room_in_its_queue_does_not_run_the_peers_clo
             ]
             assert await ws.get_message() == "later"
             nursery.cancel_scope.cancel()
+
+
+def test_a_servers_close_frame_is_read_as_sent_however_the_bytes_are_split() -> None:
+    """The code and reason of the peer's close frame, read off the bytes (wsproto refuses
+    codes it does not know, such as 1014, and reports 1002 instead)."""
+    close = (1014).to_bytes(2, "big") + "upstream failed: é".encode()
+    stream = b"".join(
+        frame(op, data, masked=False) for op, data in ((1, b"hi"), (9, b"p"), (8, close))
+    )
+    for cut in range(len(stream) + 1):
+        peer = PeerBytes(frames=True)
+        peer.in_head = False
+        peer.feed(stream[:cut])
+        if cut < len(stream):
+            assert peer.close_frame is None
+        peer.feed(stream[cut:])
+        assert peer.close_frame == (1014, "upstream failed: é")
+
+
+def test_a_close_frame_without_a_code_or_masked_is_not_read() -> None:
+    for sent in (frame(0x8, b"", masked=False), frame(0x8, b"\x03\xf6bye")):
+        peer = PeerBytes(frames=True)
+        peer.in_head = False
+        peer.feed(sent)
+        assert peer.close_frame is None
+        assert peer.between_messages
