@@ -98,7 +98,6 @@ class Daemon:
         self._root: trio.Nursery | None = None
         self._reload_lock = trio.Lock()
         self._announced_ready = False
-        self._drain_running = False
 
     async def run(self) -> None:
         """Serve until a shutdown signal; return once everything is closed.
@@ -127,6 +126,7 @@ class Daemon:
                 self._root = root
                 root.start_soon(self._handle_signals, signals)
                 root.start_soon(self._feed_watchdog)
+                root.start_soon(self._follow_drains)
                 # Not awaited: the sockets listen meanwhile, and /readyz says what we wait for.
                 root.start_soon(self.keys.serve)
                 async with trio.open_nursery() as connections, trio.open_nursery() as front:
@@ -233,10 +233,6 @@ class Daemon:
         self.lifecycle.set_draining(deadline)
         self.local.cutter.cut_at(deadline, DRAIN_DEADLINE_CLOSE)
         log.info("daemon.draining", deadline_s=deadline_s, inflight=self.lifecycle.work.count)
-        if not self._drain_running:
-            assert self._root is not None
-            self._drain_running = True
-            self._root.start_soon(self._operator_drain)
         return deadline_s
 
     def resume(self) -> None:
@@ -252,29 +248,41 @@ class Daemon:
             self.local.cutter.cut_at(math.inf, None)
             log.info("daemon.resumed")
 
+    async def _follow_drains(self) -> None:
+        """Follow each operator's drain (``drain`` only changes the state: this task, of
+        the daemon's own, sees it), until the daemon stops."""
+        lifecycle = self.lifecycle
+        followed: float | None = None  # the deadline already followed to its end
+        while True:
+            if lifecycle.draining and not lifecycle.stopping:
+                if lifecycle.drain_deadline != followed:
+                    await self._operator_drain()
+                    followed = lifecycle.drain_deadline
+                    continue
+            else:
+                followed = None
+            await lifecycle.wait_changed()
+
     async def _operator_drain(self) -> None:
         """Follow the operator's drain to its deadline: log and report when nothing is in
         flight any more, and when the deadline cuts what is left (the cut itself is the
         connections' own: ``Cutter``). Ends early on a resume or a shutdown (which drains
         on its own)."""
         lifecycle = self.lifecycle
-        try:
-            if await self._drain() and lifecycle.draining and not lifecycle.stopping:
-                log.info("daemon.drained")
-            while lifecycle.draining and not lifecycle.stopping:
-                remaining = lifecycle.drain_remaining_s()
-                assert remaining is not None
-                if remaining <= 0:
-                    open_ = self.local.cutter.open
-                    log.warning(
-                        "daemon.drain_deadline", inflight=lifecycle.work.count, connections=open_
-                    )
-                    self.notifier.status(f"draining: deadline reached, {open_} connections cut")
-                    return
-                with trio.move_on_at(lifecycle.drain_deadline or math.inf):
-                    await lifecycle.wait_changed()
-        finally:
-            self._drain_running = False
+        if await self._drain() and lifecycle.draining and not lifecycle.stopping:
+            log.info("daemon.drained")
+        while lifecycle.draining and not lifecycle.stopping:
+            remaining = lifecycle.drain_remaining_s()
+            assert remaining is not None
+            if remaining <= 0:
+                open_ = self.local.cutter.open
+                log.warning(
+                    "daemon.drain_deadline", inflight=lifecycle.work.count, connections=open_
+                )
+                self.notifier.status(f"draining: deadline reached, {open_} connections cut")
+                return
+            with trio.move_on_at(lifecycle.drain_deadline or math.inf):
+                await lifecycle.wait_changed()
 
     async def _drain(self) -> bool:
         """The one drain (the operator's, or shutdown's): wait until no work is in flight

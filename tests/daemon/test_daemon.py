@@ -119,6 +119,40 @@ async def test_drain_deadline_cuts_stuck_work(
     assert "daemon.drained" not in events
 
 
+async def test_each_operators_drain_is_followed_to_its_deadline_by_the_daemon(
+    runtime_dir: Path, caplog: pytest.LogCaptureFixture, autojump_clock: trio.testing.MockClock
+) -> None:
+    """``drain`` only changes the state; the daemon's own task follows each drain: a drain
+    that reaches its deadline is logged once, a resume ends the drain quietly, and a new
+    drain after a deadline is followed again."""
+    daemon = make_daemon(runtime_dir)
+    never = trio.Event()
+
+    def deadlines() -> int:
+        return [r.getMessage() for r in caplog.records].count("daemon.drain_deadline")
+
+    with trio.fail_after(1000), caplog.at_level(logging.INFO, logger="openclawd.daemon"):
+        async with trio.open_nursery() as nursery:
+            running = await start_ready(nursery, daemon)
+            await nursery.start(hold_work, daemon, never)
+            daemon.drain(10.0)
+            await trio.sleep(5)
+            daemon.drain(10.0)  # moves the deadline: one drain, one deadline
+            await trio.sleep(30)
+            assert deadlines() == 1
+            daemon.drain(3.0)  # after a deadline: a new drain, followed again
+            await trio.sleep(30)
+            assert deadlines() == 2
+            daemon.resume()
+            daemon.drain(50.0)
+            await trio.sleep(10)
+            daemon.resume()  # before its deadline: nothing is cut or logged
+            await trio.sleep(100)
+            assert deadlines() == 2
+            assert not running.done.is_set()
+            nursery.cancel_scope.cancel()
+
+
 async def test_second_signal_stops_at_once(
     runtime_dir: Path, caplog: pytest.LogCaptureFixture, autojump_clock: trio.testing.MockClock
 ) -> None:
