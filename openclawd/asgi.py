@@ -35,22 +35,31 @@ from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.trio import serve as hypercorn_serve
 from hypercorn.typing import ASGIFramework, ASGIReceiveCallable, ASGISendCallable, Scope
 
+from openclawd.errors import (
+    ClientError,
+    HeadTooLargeError,
+    NotImplementedByUsError,
+    OpenclawdError,
+)
+
 __all__ = ["ASGIFramework", "ASGIReceiveCallable", "ASGISendCallable", "Scope", "serve_asgi"]
 
 # The longest request head (request line and headers) taken; a longer one is a 431.
 MAX_HEAD_BYTES = 16 * 1024
-# What an unparseable request is told, by the status h11 suggests (its error_status_hint).
-_UNPARSEABLE = {
-    400: ("bad_request", "the request is not valid HTTP/1.1"),
-    431: ("too_large", f"the request line and headers are larger than {MAX_HEAD_BYTES} bytes"),
-    501: ("not_implemented", "only the chunked Transfer-Encoding is supported"),
+# What an unparseable request is told, by the status h11 suggests (its error_status_hint),
+# as errors of the one table (errors.py).
+_UNPARSEABLE: dict[int, OpenclawdError] = {
+    400: ClientError("the request is not valid HTTP/1.1"),
+    431: HeadTooLargeError(f"the request line and headers are larger than {MAX_HEAD_BYTES} bytes"),
+    501: NotImplementedByUsError("only the chunked Transfer-Encoding is supported"),
 }
 
 
 def unparseable_body(status: int) -> bytes:
     """The JSON body of the answer to a request that could not be parsed."""
-    code, message = _UNPARSEABLE.get(status, _UNPARSEABLE[400])
-    return json.dumps({"error": code, "message": message}, separators=(",", ":")).encode()
+    error = _UNPARSEABLE.get(status, _UNPARSEABLE[400])
+    body = {"error": error.code, "message": str(error)}
+    return json.dumps(body, separators=(",", ":")).encode()
 
 
 class _Config(HypercornConfig):

@@ -72,6 +72,19 @@ class TooLargeError(ClientError):
     http_status = 413
 
 
+class HeadTooLargeError(TooLargeError):
+    """A request line and headers larger than the daemon takes (RFC 6585 5)."""
+
+    http_status = 431
+
+
+class NotImplementedByUsError(ClientError):
+    """A request the daemon's HTTP server cannot handle (a transfer coding but chunked)."""
+
+    code = "not_implemented"
+    http_status = 501
+
+
 class ForbiddenError(ClientError):
     """The peer is not allowed (``[listen] allowed_uids`` / ``allowed_gids``)."""
 

@@ -16,6 +16,8 @@ TABLE = [
     (errors.MethodNotAllowedError, "method_not_allowed", 405, 1008),
     (errors.UpgradeRequiredError, "bad_request", 426, 1008),
     (errors.TooLargeError, "too_large", 413, 1009),
+    (errors.HeadTooLargeError, "too_large", 431, 1009),
+    (errors.NotImplementedByUsError, "not_implemented", 501, 1008),
     (errors.ForbiddenError, "forbidden", 403, 1008),  # 3.4, 5.1: HTTP 403, close 1008
     (errors.BusyError, "busy", 503, 1013),  # 3.4: max_connections, close 1013
     (errors.MessageTooBigError, "bad_request", 400, 1009),
