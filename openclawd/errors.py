@@ -2,8 +2,9 @@
 
 Errors are split by who is at fault, as h11 splits Local from Remote and trio splits
 Closed from Broken: the app (``ClientError``), the provider or the network
-(``UpstreamError``), the key source (``VaultError``) and the operator's configuration
-(``ConfigError``, startup and reload only).
+(``UpstreamError``), the key source (``VaultError``), the fleet's shared engine
+(``SharedUnavailableError``) and the operator's configuration (``ConfigError``, startup and
+reload only).
 
 This is the one table of codes (CONTRACT.md 3.1-3.4, 4): each class carries its wire
 ``code``, its ``http_status`` (the data socket's and the control API's answer) and its
@@ -147,6 +148,12 @@ class RateLimitedError(ClientError):
         self.retry_after_s = retry_after_s
 
 
+class BudgetExhaustedError(RateLimitedError):
+    """A daily token budget (``tokens_per_day``) is spent: room again on the next UTC day."""
+
+    code = "budget_exhausted"
+
+
 class NoKeyError(OpenclawdError):
     """The provider has no key yet (Vault never answered for it): try again later."""
 
@@ -220,6 +227,16 @@ class VaultError(OpenclawdError):
     """The key source failed: unreachable, refused our token, or returned junk."""
 
     code = "vault_unreachable"
+    http_status = 503
+
+
+class SharedUnavailableError(OpenclawdError):
+    """The shared engine (``[shared]``, Valkey or Redis OSS) failed: unreachable, timed out,
+    refused our password, or answered junk. Raised only by ``openclawd/shared/engine.py``;
+    its message names the engine's host and port, never its password."""
+
+    code = "shared_unavailable"
+    close_code = CloseCode.TRY_AGAIN
     http_status = 503
 
 

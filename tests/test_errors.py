@@ -24,6 +24,7 @@ TABLE = [
     (errors.PeerTimeoutError, "bad_request", 400, 1011),
     (errors.UnfinishedMessageError, "bad_request", 400, 1008),
     (errors.RateLimitedError, "rate_limited", 429, 1013),
+    (errors.BudgetExhaustedError, "budget_exhausted", 429, 1013),  # 5.5
     (errors.NoKeyError, "no_key", 503, 1013),
     (errors.DrainingError, "draining", 503, 1013),  # 4: new connections 1013 / 503
     (errors.StoppingError, "stopping", 409, 1011),
@@ -33,6 +34,7 @@ TABLE = [
     (errors.CircuitOpenError, "upstream_unavailable", 503, 1014),
     (errors.UpstreamTimeoutError, "upstream_timeout", 504, 1014),
     (errors.VaultError, "vault_unreachable", 503, 1011),
+    (errors.SharedUnavailableError, "shared_unavailable", 503, 1013),  # 5.6: the engine
     (errors.OpenclawdError, "internal", 500, 1011),
 ]
 
