@@ -30,6 +30,7 @@ ERROR_CODES = frozenset(
         "unknown_provider",
         "too_many_inflight",
         "rate_limited",
+        "budget_exhausted",  # 5.5: a daily token budget spent
         "no_key",
         "upstream_unavailable",
         "upstream_timeout",

@@ -1,0 +1,323 @@
+"""Token control's arithmetic: per-minute buckets, daily budgets, and what a request is
+charged (CONTRACT.md 5.1-5.3, 5.5). Sans-IO: ``now`` (trio's clock, for the buckets) and
+``day`` (the UTC day's number, for the budgets) are passed in; nothing here reads a clock,
+a socket or a file.
+
+A per-minute limit of N is a bucket of N refilled continuously (N/60 a second). A request
+is admitted only if every limit over it has room, and then takes from all of them at once
+(``Limits.admit``): a request count of 1 and its tokens, charged before it is sent (an
+estimate: the prompt's bytes / 4 and the completion's allowance). The ``Charge`` it gets is
+settled when the request ends: corrected to the usage the upstream reported, kept if none
+was reported, refunded whole if the upstream never answered.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from openclawd.errors import BudgetExhaustedError, RateLimitedError
+
+__all__ = [
+    "Bucket",
+    "Charge",
+    "DayBudget",
+    "Limit",
+    "Limits",
+    "Scope",
+    "estimate_tokens",
+]
+
+_SECONDS_PER_DAY = 86_400.0
+# The body fields that bound a completion, in the order they are looked for.
+_COMPLETION_FIELDS = ("max_completion_tokens", "max_tokens", "max_output_tokens")
+
+
+@dataclass(frozen=True, slots=True)
+class Scope:
+    """Whose limit: a client's or a provider's, by name."""
+
+    kind: str  # "client" | "provider"
+    name: str
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.name}"
+
+
+class Bucket:
+    """A per-minute limit of ``limit``: holds at most ``limit``, refilled ``limit``/60 a
+    second. Corrections may take it below zero (a request that used more than charged);
+    it then has no room until refilled past the next amount."""
+
+    def __init__(self, limit: int, now: float) -> None:
+        self.limit = limit
+        self._level = float(limit)
+        self._at = now
+
+    def _refill(self, now: float) -> float:
+        if now > self._at:
+            self._level = min(float(self.limit), self._level + (now - self._at) * self.limit / 60)
+            self._at = now
+        return self._level
+
+    def used(self, now: float) -> int:
+        """What it has spent and not yet refilled."""
+        return max(0, math.ceil(self.limit - self._refill(now)))
+
+    def wait_for(self, amount: int, now: float) -> float | None:
+        """None if ``amount`` fits now, else the seconds until it will (an amount over
+        the whole limit waits for a full bucket)."""
+        level = self._refill(now)
+        want = min(float(amount), float(self.limit))
+        if level >= want:
+            return None
+        return (want - level) * 60 / self.limit
+
+    def take(self, amount: int, now: float) -> None:
+        self._level = self._refill(now) - amount
+
+    def give(self, amount: int, now: float) -> None:
+        self._level = min(float(self.limit), self._refill(now) + amount)
+
+
+class DayBudget:
+    """A daily budget of ``limit`` tokens; the day is UTC, given as its number (days since
+    the epoch), so a new day starts from nothing."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._day = -1
+        self._spent = 0
+
+    def _on(self, day: int) -> None:
+        if day != self._day:
+            self._day, self._spent = day, 0
+
+    def used(self, day: int) -> int:
+        self._on(day)
+        return self._spent
+
+    def wait_for(self, amount: int, day: int, seconds_into_day: float) -> float | None:
+        """None if ``amount`` fits in what is left today, else the seconds until the next
+        UTC day."""
+        self._on(day)
+        if self._spent + amount <= self.limit:
+            return None
+        return max(0.0, _SECONDS_PER_DAY - seconds_into_day)
+
+    def take(self, amount: int, day: int) -> None:
+        self._on(day)
+        self._spent += amount
+
+    def give(self, amount: int, day: int) -> None:
+        self._on(day)
+        self._spent = max(0, self._spent - amount)
+
+
+@dataclass(slots=True)
+class Limit:
+    """One limit of a scope: ``name`` is ``requests_per_minute``, ``tokens_per_minute`` or
+    ``tokens_per_day``."""
+
+    scope: Scope
+    name: str
+    meter: Bucket | DayBudget
+
+    @property
+    def counts_tokens(self) -> bool:
+        return self.name != "requests_per_minute"
+
+    def wait_for(self, amount: int, now: float, day: int, into_day: float) -> float | None:
+        if isinstance(self.meter, DayBudget):
+            return self.meter.wait_for(amount, day, into_day)
+        return self.meter.wait_for(amount, now)
+
+    def take(self, amount: int, now: float, day: int) -> None:
+        if isinstance(self.meter, DayBudget):
+            self.meter.take(amount, day)
+        else:
+            self.meter.take(amount, now)
+
+    def give(self, amount: int, now: float, day: int) -> None:
+        if isinstance(self.meter, DayBudget):
+            self.meter.give(amount, day)
+        else:
+            self.meter.give(amount, now)
+
+    def used(self, now: float, day: int) -> int:
+        if isinstance(self.meter, DayBudget):
+            return self.meter.used(day)
+        return self.meter.used(now)
+
+    def refusal(self, retry_after_s: float) -> RateLimitedError:
+        """The error a request over this limit gets (its message names the scope and the
+        limit, never anything the app sent)."""
+        message = f"{self.scope}: {self.name} {self.meter.limit} reached"
+        retry = math.ceil(retry_after_s * 1000) / 1000
+        if isinstance(self.meter, DayBudget):
+            return BudgetExhaustedError(message, retry_after_s=retry)
+        return RateLimitedError(message, retry_after_s=retry)
+
+
+@dataclass(slots=True)
+class Charge:
+    """What one admitted request took; settle it once, when the request ends."""
+
+    tokens: int  # the estimate charged to every token limit
+    limits: list[Limit] = field(default_factory=list)
+    settled: bool = False
+
+    def settle(self, used_tokens: int | None, now: float, day: int) -> None:
+        """The request ended with the upstream's answer: correct the token limits to
+        ``used_tokens`` (None: no usage reported, the estimate stands)."""
+        if self.settled:
+            return
+        self.settled = True
+        if used_tokens is None:
+            return
+        delta = used_tokens - self.tokens
+        for limit in self.limits:
+            if limit.counts_tokens and delta > 0:
+                limit.take(delta, now, day)
+            elif limit.counts_tokens and delta < 0:
+                limit.give(-delta, now, day)
+
+    def refund(self, now: float, day: int) -> None:
+        """The request was cancelled or refused before the upstream answered: everything
+        it took is given back."""
+        if self.settled:
+            return
+        self.settled = True
+        for limit in self.limits:
+            limit.give(self.tokens if limit.counts_tokens else 1, now, day)
+
+
+class Limits:
+    """Every limit of the clients and providers, built from their configured figures
+    (``{"requests_per_minute": N, "tokens_per_minute": N, "tokens_per_day": N}``, 0 or
+    absent: no such limit)."""
+
+    def __init__(
+        self,
+        clients: Mapping[str, Mapping[str, int]],
+        providers: Mapping[str, Mapping[str, int]],
+        now: float,
+    ) -> None:
+        self.clients = {
+            name: _limits(Scope("client", name), figures, now) for name, figures in clients.items()
+        }
+        self.providers = {
+            name: _limits(Scope("provider", name), figures, now)
+            for name, figures in providers.items()
+        }
+
+    def over(self, client: str | None, provider: str | None) -> list[Limit]:
+        """The limits a request of ``client`` to ``provider`` is under."""
+        found = list(self.clients.get(client or "", ()))
+        found.extend(self.providers.get(provider or "", ()))
+        return found
+
+    def admit(
+        self,
+        client: str | None,
+        provider: str | None,
+        tokens: int,
+        *,
+        now: float,
+        day: int,
+        into_day: float,
+    ) -> Charge:
+        """Take one request and ``tokens`` from every limit over it, or none of them.
+
+        Raises:
+            RateLimitedError: a per-minute limit has no room (``retry_after_s`` says when).
+            BudgetExhaustedError: a daily budget is spent.
+        """
+        limits = self.over(client, provider)
+        waits = [
+            (wait, limit)
+            for limit in limits
+            if (wait := limit.wait_for(tokens if limit.counts_tokens else 1, now, day, into_day))
+            is not None
+        ]
+        if waits:
+            wait, limit = max(waits, key=lambda pair: pair[0])
+            raise limit.refusal(wait)
+        for limit in limits:
+            limit.take(tokens if limit.counts_tokens else 1, now, day)
+        return Charge(tokens, limits)
+
+    def snapshot(self, now: float, day: int) -> dict[str, dict[str, dict[str, dict[str, int]]]]:
+        """``{"clients": {NAME: {LIMIT: {"limit": N, "used": N}}}, "providers": ...}``:
+        only the limits that are set (``GET /v1/limits``)."""
+
+        def table(groups: Mapping[str, list[Limit]]) -> dict[str, dict[str, dict[str, int]]]:
+            return {
+                name: {
+                    lim.name: {"limit": lim.meter.limit, "used": lim.used(now, day)}
+                    for lim in limits
+                }
+                for name, limits in groups.items()
+            }
+
+        return {"clients": table(self.clients), "providers": table(self.providers)}
+
+
+def _limits(scope: Scope, figures: Mapping[str, int], now: float) -> list[Limit]:
+    found: list[Limit] = []
+    for name in ("requests_per_minute", "tokens_per_minute"):
+        if figures.get(name, 0) > 0:
+            found.append(Limit(scope, name, Bucket(figures[name], now)))
+    if figures.get("tokens_per_day", 0) > 0:
+        found.append(Limit(scope, "tokens_per_day", DayBudget(figures["tokens_per_day"])))
+    return found
+
+
+def estimate_tokens(body: bytes, default_completion: int) -> int:
+    """A request's tokens before it is sent: its body's bytes / 4, rounded up, plus its
+    completion allowance (the first of ``max_completion_tokens``, ``max_tokens``,
+    ``max_output_tokens`` in a JSON body, else ``default_completion``)."""
+    return math.ceil(len(body) / 4) + completion_allowance(_json_object(body), default_completion)
+
+
+def completion_allowance(body: Any, default_completion: int) -> int:
+    """The completion's allowance a parsed body asks for (see ``estimate_tokens``)."""
+    if isinstance(body, dict):
+        for name in _COMPLETION_FIELDS:
+            value = body.get(name)
+            if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+                return value
+    return default_completion
+
+
+def used_tokens(usage: Any) -> int | None:
+    """Prompt plus completion tokens of a ``usage`` object (OpenAI's or Anthropic's
+    names), None if it reports neither."""
+    if not isinstance(usage, dict):
+        return None
+    counts = [
+        value
+        for names in (("prompt_tokens", "input_tokens"), ("completion_tokens", "output_tokens"))
+        for value in _first_count(usage, names)
+    ]
+    return sum(counts) if counts else None
+
+
+def _first_count(usage: Mapping[str, Any], names: Iterable[str]) -> list[int]:
+    for name in names:
+        value = usage.get(name)
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            return [value]
+    return []
+
+
+def _json_object(body: bytes) -> Any:
+    if not body.lstrip().startswith(b"{"):
+        return None
+    try:
+        return json.loads(body)
+    except (ValueError, RecursionError):
+        return None
