@@ -30,6 +30,7 @@ ERROR_CODES = frozenset(
         "unknown_provider",
         "too_many_inflight",
         "rate_limited",
+        "forbidden",  # 5.1: a provider, route or model outside the client's lists
         "budget_exhausted",  # 5.5: a daily token budget spent
         "no_key",
         "upstream_unavailable",

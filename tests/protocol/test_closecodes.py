@@ -41,6 +41,8 @@ def test_error_codes_are_exactly_the_contract_list() -> None:
         "cancelled",
         "draining",
         "internal",
+        "forbidden",  # 5.1: a provider, route or model outside the client's lists
+        "budget_exhausted",  # 5.5: tokens_per_day spent
     } == ERROR_CODES
 
 
