@@ -3,8 +3,9 @@
 ``parse(mapping, source=..., environ=...)`` is a pure function of the TOML mapping and the
 environment it is given: it never touches files, sockets or the clock, and it reports every
 problem at once, each naming the full key path. ``load(path)`` reads and parses a file.
-The config holds Vault paths and file names, never a secret: there is nothing to redact,
-and ``dump()`` prints the effective config as TOML.
+The config holds Vault paths and file names, never a secret (a URL carrying a user or
+password is refused, and the refusal never quotes it): there is nothing to redact, and
+``dump()`` prints the effective config as TOML.
 
 Each field's metadata carries the converter that checks and converts its TOML value, so the
 dataclasses below are the single description of what is accepted.
@@ -201,6 +202,113 @@ def _url(*schemes: str) -> Callable[[object], str]:
     return convert
 
 
+# Limits are counted in engine scripts whose numbers are doubles: 10**15 stays exact.
+_MAX_LIMIT = 10**15
+_limit = _integer(minimum=0, maximum=_MAX_LIMIT)
+
+
+def _strings(raw: object) -> tuple[str, ...]:
+    if not isinstance(raw, list):
+        raise _Invalid(f"must be a list of strings, not {_toml_type(raw)}")
+    for item in raw:
+        if not isinstance(item, str) or not item:
+            shown = repr(item) if isinstance(item, str) else _toml_type(item)
+            raise _Invalid(f"must hold only non-empty strings, not {shown}")
+    return tuple(raw)
+
+
+# The unit types whose processes /proc/PID/cgroup can name.
+_UNIT_RE = re.compile(r"[A-Za-z0-9:_.\\@-]{1,240}\.(service|scope|slice|socket|mount|swap)")
+
+
+def _units(raw: object) -> tuple[str, ...]:
+    units = _strings(raw)
+    for unit in units:
+        if not _UNIT_RE.fullmatch(unit):
+            raise _Invalid(
+                f'must hold systemd unit names like "billing.service" (or .scope, .slice, '
+                f".socket, .mount, .swap), not {unit!r}"
+            )
+    return units
+
+
+def _route_providers(raw: object) -> tuple[str, ...]:
+    providers = _strings(raw)
+    if not providers:
+        raise _Invalid("must name at least one provider")
+    twice = [name for name in providers if providers.count(name) > 1]
+    if twice:
+        raise _Invalid(f"names {twice[0]!r} twice")
+    return providers
+
+
+_REWRITES_LAYOUT = 'a table of tables: { PROVIDER = { "MODEL" = "REWRITTEN MODEL" } }'
+
+
+def _model_rewrites(raw: object) -> Mapping[str, Mapping[str, str]]:
+    if not isinstance(raw, dict):
+        raise _Invalid(f"must be {_REWRITES_LAYOUT}, not {_toml_type(raw)}")
+    rewrites: dict[str, Mapping[str, str]] = {}
+    for provider, table in raw.items():
+        if not isinstance(table, dict):
+            raise _Invalid(f"must be {_REWRITES_LAYOUT}; {provider} is {_toml_type(table)}")
+        for model, rewritten in table.items():
+            if not model or not isinstance(rewritten, str) or not rewritten:
+                raise _Invalid(
+                    f"must be {_REWRITES_LAYOUT}; {provider} rewrites {model!r} "
+                    "to something other than a non-empty string"
+                )
+        rewrites[provider] = types.MappingProxyType(dict(table))
+    return types.MappingProxyType(rewrites)
+
+
+def _dump_rewrites(value: object) -> str:
+    assert isinstance(value, Mapping)
+    tables = (
+        json.dumps(provider)
+        + " = { "
+        + ", ".join(f"{json.dumps(k)} = {json.dumps(v)}" for k, v in models.items())
+        + " }"
+        for provider, models in value.items()
+    )
+    return "{ " + ", ".join(tables) + " }" if value else "{}"
+
+
+_ENGINE_SCHEMES = ("redis", "rediss", "valkey")
+
+
+def _engine_url(raw: object) -> str:
+    """``[shared] url``. No message quotes the value: a user's mistake may hold a password."""
+    value = _string(raw)
+    if not value:
+        return value
+    if "@" in value:
+        raise _Invalid("must not hold a user or password; the password goes in password_file")
+    try:
+        parts = urlsplit(value)
+        port = parts.port
+    except ValueError:
+        raise _Invalid("is not a valid URL (redis://, rediss:// or valkey:// HOST:PORT)") from None
+    if parts.scheme not in _ENGINE_SCHEMES:
+        raise _Invalid("must be a redis://, rediss:// or valkey:// URL")
+    if not parts.hostname or port is None:
+        raise _Invalid("must name a host and a port: SCHEME://HOST:PORT")
+    if parts.path.strip("/") or parts.query or parts.fragment:
+        raise _Invalid("must be SCHEME://HOST:PORT alone: no database number, query or fragment")
+    return value.rstrip("/")
+
+
+# A key prefix: no braces, which would break the cluster's {hash tags}, nor spaces.
+_NAMESPACE_RE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+
+
+def _namespace(raw: object) -> str:
+    value = _string(raw)
+    if not _NAMESPACE_RE.fullmatch(value):
+        raise _Invalid(f"must be 1-64 of A-Z a-z 0-9 _ . : -, not {value!r}")
+    return value
+
+
 def _opt(
     default: _T, convert: Callable[[object], Any], dump: Callable[[object], str] | None = None
 ) -> _T:
@@ -210,6 +318,20 @@ def _opt(
 
 def _required(convert: Callable[[object], Any]) -> Any:
     return field(metadata={"convert": convert, "dump": None})
+
+
+def _given() -> Any:
+    """A field that is no TOML key: the table's name, given by the parser."""
+    return field(metadata={})
+
+
+def _subtable(cls: type[Any]) -> Any:
+    """A field that is a TOML table of its own (``[providers.NAME.limits]``)."""
+    return field(default_factory=cls, metadata={"table": cls})
+
+
+def _empty_mapping() -> Mapping[str, Any]:
+    return types.MappingProxyType({})
 
 
 # --- the configuration ---------------------------------------------------------------------
@@ -255,6 +377,12 @@ class VaultConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ProviderLimits:
+    requests_per_minute: int = _opt(0, _limit)
+    tokens_per_minute: int = _opt(0, _limit)
+
+
+@dataclass(frozen=True, slots=True)
 class ProviderConfig:
     base_url: str = _required(_url("http", "https"))
     vault_path: str = _required(_string)
@@ -273,11 +401,46 @@ class ProviderConfig:
     retry_backoff_max_s: float = _opt(8.0, _seconds())
     circuit_failure_threshold: int = _opt(5, _integer(minimum=1, maximum=10_000))
     circuit_reset_s: float = _opt(30.0, _seconds())
+    limits: ProviderLimits = _subtable(ProviderLimits)
 
 
 @dataclass(frozen=True, slots=True)
 class LimitsConfig:
     requests_per_minute: int = _opt(0, _integer(minimum=0, maximum=1_000_000_000))
+    default_completion_tokens: int = _opt(1024, _integer(minimum=1, maximum=_MAX_LIMIT))
+
+
+@dataclass(frozen=True, slots=True)
+class ClientConfig:
+    name: str = _given()
+    uids: tuple[int, ...] = _opt((), _ids)
+    gids: tuple[int, ...] = _opt((), _ids)
+    units: tuple[str, ...] = _opt((), _units)
+    providers: tuple[str, ...] = _opt((), _strings)
+    models: tuple[str, ...] = _opt((), _strings)
+    requests_per_minute: int = _opt(0, _limit)
+    tokens_per_minute: int = _opt(0, _limit)
+    tokens_per_day: int = _opt(0, _limit)
+
+
+@dataclass(frozen=True, slots=True)
+class RouteConfig:
+    name: str = _given()
+    providers: tuple[str, ...] = _required(_route_providers)
+    models: Mapping[str, Mapping[str, str]] = field(
+        default_factory=_empty_mapping,
+        metadata={"convert": _model_rewrites, "dump": _dump_rewrites},
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class SharedConfig:
+    url: str = _opt("", _engine_url)
+    cluster: bool = _opt(False, _boolean)
+    password_file: str = _opt("", _path(may_be_empty=True, credential=True))
+    namespace: str = _opt("openclawd", _namespace)
+    on_failure: str = _opt("local", _choice("local", "refuse"))
+    expected_daemons: int = _opt(1, _integer(minimum=1, maximum=100_000))
 
 
 @dataclass(frozen=True, slots=True)
@@ -298,9 +461,13 @@ _SECTIONS: dict[str, type[Any]] = {
     "limits": LimitsConfig,
     "shutdown": ShutdownConfig,
     "logging": LoggingConfig,
+    "shared": SharedConfig,
 }
+# The tables of named tables: [providers.NAME], [clients.NAME], [routes.NAME].
+_NAMED = ("providers", "clients", "routes")
 
 _PROVIDER_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+_CLIENT_NAME_RE = re.compile(r"[a-z0-9_-]{1,64}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -310,12 +477,13 @@ class Config:
     listen: ListenConfig = field(default_factory=ListenConfig)
     control: ControlConfig = field(default_factory=ControlConfig)
     vault: VaultConfig = field(default_factory=VaultConfig)
-    providers: Mapping[str, ProviderConfig] = field(
-        default_factory=lambda: types.MappingProxyType({})
-    )
+    providers: Mapping[str, ProviderConfig] = field(default_factory=_empty_mapping)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     shutdown: ShutdownConfig = field(default_factory=ShutdownConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    clients: Mapping[str, ClientConfig] = field(default_factory=_empty_mapping)  # file order
+    routes: Mapping[str, RouteConfig] = field(default_factory=_empty_mapping)
+    shared: SharedConfig = field(default_factory=SharedConfig)
     source: str = "<memory>"
 
 
@@ -365,9 +533,9 @@ def parse(
     for name, value in mapping.items():
         if name in _SECTIONS:
             sections[name] = _section(_SECTIONS[name], value, name, problems)
-        elif name != "providers":
+        elif name not in _NAMED:
             problems.append(ConfigProblem(name, "unknown key"))
-    providers = _providers(mapping.get("providers", {}), problems)
+    named = _named_tables(mapping, problems)
 
     vault = sections.get("vault", VaultConfig())
     if vault is not None and not vault.addr and env.get("VAULT_ADDR"):
@@ -380,7 +548,7 @@ def parse(
 
     config = Config(
         **{k: v for k, v in sections.items() if v is not None},
-        providers=types.MappingProxyType(providers),
+        **named,
         source=source,
     )
     raw_providers = mapping.get("providers")
@@ -401,24 +569,24 @@ def _section(cls: type[_T], raw: object, path: str, problems: list[ConfigProblem
 
 
 def _convert_table(
-    cls: type[_T], raw: object, path: str, problems: list[ConfigProblem]
+    cls: type[_T],
+    raw: object,
+    path: str,
+    problems: list[ConfigProblem],
+    given: Mapping[str, Any] | None = None,
 ) -> tuple[_T | None, dict[str, Any]]:
     """Convert a table; returns the instance (None on any problem) and the keys that
-    converted, so that checks spanning keys can still run on a partly wrong table."""
+    converted, so that checks spanning keys can still run on a partly wrong table.
+    ``given`` holds the fields that are no TOML key (a named table's name)."""
     if not isinstance(raw, dict):
         problems.append(ConfigProblem(path, f"must be a table, not {_toml_type(raw)}"))
         return None, {}
-    known = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    known = {f.name: f for f in dataclasses.fields(cls) if f.metadata}  # type: ignore[arg-type]
     values: dict[str, Any] = {}
     ok = True
     for key, value in raw.items():
-        f = known.get(key)
-        if f is None:
-            problems.append(ConfigProblem(f"{path}.{key}", "unknown key"))
-            ok = False
-            continue
         try:
-            values[key] = f.metadata["convert"](value)
+            values[key] = _convert_key(known.get(key), value, f"{path}.{key}", problems)
         except _Invalid as exc:
             problems.append(ConfigProblem(f"{path}.{key}", str(exc)))
             ok = False
@@ -427,13 +595,45 @@ def _convert_table(
         if missing and name not in raw:
             problems.append(ConfigProblem(f"{path}.{name}", "required key is missing"))
             ok = False
-    return (cls(**values) if ok else None), values
+    ok = ok and not any(value is _BROKEN for value in values.values())
+    return (cls(**(given or {}), **values) if ok else None), values
 
 
-def _providers(raw: object, problems: list[ConfigProblem]) -> dict[str, ProviderConfig]:
-    if not isinstance(raw, dict):
-        problems.append(ConfigProblem("providers", f"must be a table, not {_toml_type(raw)}"))
-        return {}
+_BROKEN = object()  # a sub-table whose problems are already reported
+
+
+def _convert_key(
+    f: dataclasses.Field[Any] | None, value: object, path: str, problems: list[ConfigProblem]
+) -> Any:
+    """One key's value; raises _Invalid for a problem with the key itself."""
+    if f is None:
+        raise _Invalid("unknown key")
+    if "table" in f.metadata:
+        table, _ = _convert_table(f.metadata["table"], value, path, problems)
+        return _BROKEN if table is None else table
+    return f.metadata["convert"](value)
+
+
+def _named_tables(mapping: Mapping[str, Any], problems: list[ConfigProblem]) -> dict[str, Any]:
+    """[providers.NAME], [routes.NAME] and [clients.NAME], each in file order, read-only.
+
+    The names a route or a client refers to are checked against the names in the file,
+    so that an entry with a problem of its own is not also reported as missing."""
+    raw = {name: mapping.get(name, {}) for name in _NAMED}
+    for name, value in raw.items():
+        if not isinstance(value, dict):
+            problems.append(ConfigProblem(name, f"must be a table, not {_toml_type(value)}"))
+            raw[name] = {}
+    provider_names, route_names = set(raw["providers"]), set(raw["routes"])
+    named: dict[str, dict[str, Any]] = {
+        "providers": _providers(raw["providers"], problems),
+        "routes": _routes(raw["routes"], provider_names, problems),
+        "clients": _clients(raw["clients"], provider_names | route_names, problems),
+    }
+    return {name: types.MappingProxyType(tables) for name, tables in named.items()}
+
+
+def _providers(raw: dict[str, Any], problems: list[ConfigProblem]) -> dict[str, ProviderConfig]:
     providers: dict[str, ProviderConfig] = {}
     for name, table in raw.items():
         path = f"providers.{name}"
@@ -446,6 +646,90 @@ def _providers(raw: object, problems: list[ConfigProblem]) -> dict[str, Provider
         if provider is not None:
             providers[name] = provider
     return providers
+
+
+def _routes(
+    raw: dict[str, Any], provider_names: set[str], problems: list[ConfigProblem]
+) -> dict[str, RouteConfig]:
+    routes: dict[str, RouteConfig] = {}
+    for name, table in raw.items():
+        path = f"routes.{name}"
+        if not _PROVIDER_NAME_RE.fullmatch(name):
+            problems.append(
+                ConfigProblem(path, "route names are 1-64 of A-Z a-z 0-9 _ - (used in URLs)")
+            )
+        if name in provider_names:
+            problems.append(ConfigProblem(path, "a route and a provider may not share a name"))
+        route, values = _convert_table(RouteConfig, table, path, problems, {"name": name})
+        problems.extend(_route_checks(path, values, provider_names, set(raw)))
+        if route is not None:
+            routes[name] = route
+    return routes
+
+
+def _route_checks(
+    path: str, values: Mapping[str, Any], provider_names: set[str], route_names: set[str]
+) -> list[ConfigProblem]:
+    """A route's providers are configured providers; its rewrites are for them."""
+    if "providers" not in values:
+        return []  # missing or wrong: already reported
+    problems = []
+    members = values["providers"]
+    for member in members:
+        if member in provider_names:
+            continue
+        what = "a route, not a provider" if member in route_names else "no configured provider"
+        problems.append(ConfigProblem(f"{path}.providers", f"{member!r} is {what}"))
+    for provider in values.get("models", {}):
+        if provider not in members:
+            problems.append(
+                ConfigProblem(f"{path}.models.{provider}", "is not one of this route's providers")
+            )
+    return problems
+
+
+def _clients(
+    raw: dict[str, Any], targets: set[str], problems: list[ConfigProblem]
+) -> dict[str, ClientConfig]:
+    clients: dict[str, ClientConfig] = {}
+    for name, table in raw.items():
+        path = f"clients.{name}"
+        if not _CLIENT_NAME_RE.fullmatch(name):
+            problems.append(ConfigProblem(path, "client names are 1-64 of a-z 0-9 _ -"))
+        client, values = _convert_table(ClientConfig, table, path, problems, {"name": name})
+        if isinstance(table, dict):
+            problems.extend(_client_checks(path, name, table, values, targets))
+        if client is not None:
+            clients[name] = client
+    return clients
+
+
+_MATCH_KEYS = ("uids", "gids", "units")
+
+
+def _client_checks(
+    path: str, name: str, raw: Mapping[str, Any], values: Mapping[str, Any], targets: set[str]
+) -> list[ConfigProblem]:
+    """A client matches some peer (``default`` matches the rest); it may use only
+    providers and routes that exist."""
+    problems = [
+        ConfigProblem(f"{path}.providers", f"{target!r} is no configured provider or route")
+        for target in values.get("providers", ())
+        if target not in targets
+    ]
+    matches = [key for key in _MATCH_KEYS if raw.get(key)]
+    if name == "default":
+        problems += [
+            ConfigProblem(
+                f"{path}.{key}",
+                "client default is every peer that matches no other client: "
+                "it takes no uids, gids or units",
+            )
+            for key in matches
+        ]
+    elif not matches:
+        problems.append(ConfigProblem(path, "matches no peer: set uids, gids or units"))
+    return problems
 
 
 def _provider_checks(path: str, values: Mapping[str, Any]) -> list[ConfigProblem]:
@@ -476,6 +760,8 @@ def _cross_checks(
         problems.append(ConfigProblem("control.socket", "must differ from listen.socket"))
     if config.control.tcp and not config.control.token_file:
         problems.append(ConfigProblem("control.token_file", "required when control.tcp is set"))
+    if "shared" not in broken and config.shared.password_file and not config.shared.url:
+        problems.append(ConfigProblem("shared.password_file", "is used only with shared.url"))
     if "vault" in broken or not has_providers:
         return problems
     return problems + _vault_checks(config.vault, env)
@@ -547,12 +833,20 @@ def dump(config: Config) -> str:
         out += ["", f"[{name}]", *_dump_fields(getattr(config, name))]
     for name, provider in config.providers.items():
         out += ["", f"[providers.{name}]", *_dump_fields(provider)]
+        out += ["", f"[providers.{name}.limits]", *_dump_fields(provider.limits)]
+    for name, route in config.routes.items():
+        out += ["", f"[routes.{name}]", *_dump_fields(route)]
+    for name, client in config.clients.items():
+        out += ["", f"[clients.{name}]", *_dump_fields(client)]
     return "\n".join(out) + "\n"
 
 
 def _dump_fields(obj: object) -> list[str]:
+    """The keys of one table; a name (the table's own) and a sub-table are not keys."""
     lines = []
     for f in dataclasses.fields(obj):  # type: ignore[arg-type]
+        if "convert" not in f.metadata:
+            continue
         value = getattr(obj, f.name)
         writer = f.metadata.get("dump") or _toml_value
         lines.append(f"{f.name} = {writer(value)}")

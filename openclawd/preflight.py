@@ -2,10 +2,11 @@
 
 Owns two checks, used by ``openclawd check-config`` and (the first) by ``openclawd run``:
 every file the config names that the daemon reads at its start (the Vault credentials of
-the auth in use, the control TCP token, Vault's CA certificate) exists, is readable and is
-not empty; and, online, that Vault takes our credentials and lets us read every provider's
-secret. Each problem is a ``ConfigProblem`` naming the config key and the file or Vault path,
-never what a file or secret holds. It reads files and talks to Vault; it never writes.
+the auth in use, the control TCP token, the shared engine's password, Vault's CA
+certificate) exists, is readable and is not empty; and, online, that Vault takes our
+credentials and lets us read every provider's secret. Each problem is a ``ConfigProblem``
+naming the config key and the file or Vault path, never what a file or secret holds. It
+reads files and talks to Vault; it never writes.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ def credential_files(cfg: Config) -> Iterator[tuple[str, str]]:
             yield "vault.secret_id_file", vault.secret_id_file
     if cfg.control.tcp:
         yield "control.token_file", cfg.control.token_file
+    if cfg.shared.url and cfg.shared.password_file:
+        yield "shared.password_file", cfg.shared.password_file
 
 
 def check_files(cfg: Config) -> list[ConfigProblem]:

@@ -12,9 +12,11 @@ import dataclasses
 from openclawd.config import Config
 
 # The keys a reload cannot change, and why: the sockets are bound once, at start; the Vault
-# client (address, credentials, mount, TLS, request timeout) is built once, at start. A
-# reload that changes one logs ``config.needs_restart`` and keeps the value in force; every
-# other key applies on SIGHUP (tests/daemon/test_reload.py proves each one).
+# client (address, credentials, mount, TLS, request timeout) is built once, at start; so is
+# the connection to the shared engine of [shared] (its address, password, key namespace and
+# the policy and share it falls back to). A reload that changes one logs
+# ``config.needs_restart`` and keeps the value in force; every other key applies on SIGHUP
+# (tests/daemon/test_reload.py proves each one), clients, routes and limits included.
 RESTART_ONLY = frozenset(
     {
         "listen.socket",
@@ -34,36 +36,57 @@ RESTART_ONLY = frozenset(
         "vault.request_timeout_s",
         "vault.ca_cert",
         "vault.allow_insecure",
+        "shared.url",
+        "shared.cluster",
+        "shared.password_file",
+        "shared.namespace",
+        "shared.on_failure",
+        "shared.expected_daemons",
     }
 )
+# Tables of named tables: an entry added or removed is one change, ``SECTION.NAME``.
+_NAMED = ("providers", "clients", "routes")
 
 
 def _flat(config: Config) -> dict[str, object]:
-    """Every key of ``config`` by its dotted path (``providers.NAME.KEY`` for providers)."""
+    """Every key of ``config`` by its dotted path: ``SECTION.KEY``, ``providers.NAME.KEY``
+    (``providers.NAME.limits.KEY`` for a sub-table), ``clients.NAME.KEY``, ``routes.NAME.KEY``."""
     keys: dict[str, object] = {}
     for section in dataclasses.fields(config):
-        if section.name in ("providers", "source"):
+        if section.name == "source":
             continue
-        table = getattr(config, section.name)
-        for f in dataclasses.fields(table):
-            keys[f"{section.name}.{f.name}"] = getattr(table, f.name)
-    for name, provider in config.providers.items():
-        for f in dataclasses.fields(provider):
-            keys[f"providers.{name}.{f.name}"] = getattr(provider, f.name)
+        value = getattr(config, section.name)
+        if section.name in _NAMED:
+            for name, table in value.items():
+                _flatten(f"{section.name}.{name}", table, keys)
+        else:
+            _flatten(section.name, value, keys)
     return keys
 
 
+def _flatten(prefix: str, table: object, keys: dict[str, object]) -> None:
+    for f in dataclasses.fields(table):  # type: ignore[arg-type]
+        value = getattr(table, f.name)
+        if dataclasses.is_dataclass(value):
+            _flatten(f"{prefix}.{f.name}", value, keys)
+        else:
+            keys[f"{prefix}.{f.name}"] = value
+
+
 def changed_keys(old: Config, new: Config) -> list[str]:
-    """The dotted keys whose values differ, sorted; a provider added or removed is one
-    entry, ``providers.NAME``."""
+    """The dotted keys whose values differ, sorted; a provider, client or route added or
+    removed is one entry, ``providers.NAME`` (``clients.NAME``, ``routes.NAME``)."""
     before, after = _flat(old), _flat(new)
-    both = old.providers.keys() & new.providers.keys()
+    both = {
+        section: getattr(old, section).keys() & getattr(new, section).keys() for section in _NAMED
+    }
     changed = set()
     for key in before.keys() | after.keys():
         if before.get(key, _MISSING) == after.get(key, _MISSING):
             continue
-        if key.startswith("providers.") and key.split(".")[1] not in both:
-            key = ".".join(key.split(".")[:2])
+        section, name, *_ = key.split(".")
+        if section in both and name not in both[section]:
+            key = f"{section}.{name}"
         changed.add(key)
     return sorted(changed)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,11 @@ def test_empty_mapping_gives_every_default() -> None:
     assert cfg.vault.mount == "secret"
     assert cfg.vault.refresh_interval_s == 30
     assert dict(cfg.providers) == {}
+    assert cfg.limits.default_completion_tokens == 1024
+    assert (dict(cfg.clients), dict(cfg.routes)) == ({}, {})
+    s = cfg.shared
+    assert (s.url, s.cluster, s.password_file) == ("", False, "")
+    assert (s.namespace, s.on_failure, s.expected_daemons) == ("openclawd", "local", 1)
 
 
 def test_provider_defaults_match_the_contract() -> None:
@@ -62,6 +68,13 @@ def test_provider_defaults_match_the_contract() -> None:
     assert (p.max_retries, p.max_connections, p.allow_insecure) == (2, 100, False)
     assert p.base_url == "https://api.example.com"
     assert p.ws_url == ""
+    assert (p.limits.requests_per_minute, p.limits.tokens_per_minute) == (0, 0)
+
+
+def uncommented(text: str) -> str:
+    """The example with its commented-out tables and keys (``# [table]``, ``# key = ...``)
+    uncommented; prose comments stay comments."""
+    return re.sub(r"(?m)^# (\[.*\]|[a-z_]+ = .*)$", r"\1", text)
 
 
 def test_the_shipped_example_parses_and_names_every_key() -> None:
@@ -69,8 +82,14 @@ def test_the_shipped_example_parses_and_names_every_key() -> None:
     cfg = config.load(str(path), environ={})
     assert cfg.source == str(path)
     assert cfg.providers["openai"].vault_path == "openclawd/openai"
-    # The example shows every key of every table, so it documents the whole config.
-    mapping = tomllib.loads(path.read_text())
+    # Token control is shown commented out: as shipped, it is off.
+    assert (dict(cfg.clients), dict(cfg.routes)) == ({}, {})
+    assert cfg.shared == config.SharedConfig()
+    assert cfg.providers["openai"].limits == config.ProviderLimits()
+    # The example shows every key of every table, the commented-out ones included, so it
+    # documents the whole config; uncommented, it parses.
+    mapping = tomllib.loads(uncommented(path.read_text()))
+    full = config.parse(mapping, environ={})
     for section, cls in (
         ("listen", config.ListenConfig),
         ("control", config.ControlConfig),
@@ -78,9 +97,22 @@ def test_the_shipped_example_parses_and_names_every_key() -> None:
         ("limits", config.LimitsConfig),
         ("shutdown", config.ShutdownConfig),
         ("logging", config.LoggingConfig),
+        ("shared", config.SharedConfig),
     ):
         assert set(mapping[section]) == set(cls.__dataclass_fields__), section
     assert set(mapping["providers"]["openai"]) == set(config.ProviderConfig.__dataclass_fields__)
+    limits = mapping["providers"]["openai"]["limits"]
+    assert set(limits) == set(config.ProviderLimits.__dataclass_fields__)
+    named = {"name"}  # a table's name is its key, not a key in it
+    assert set(mapping["routes"]["chat"]) | named == set(config.RouteConfig.__dataclass_fields__)
+    for client in ("billing", "default"):
+        keys = set(mapping["clients"][client]) | named
+        if client == "default":
+            keys |= {"uids", "gids", "units"}  # the default client takes none of them
+        assert keys == set(config.ClientConfig.__dataclass_fields__), client
+    assert list(full.clients) == ["billing", "default"]
+    assert full.routes["chat"].providers == ("openai", "openai_eu")
+    assert full.shared.url == "rediss://valkey.internal:6379"
 
 
 def test_config_is_frozen() -> None:
@@ -456,3 +488,541 @@ def test_parse_is_pure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("VAULT_ADDR", "https://from-process-env:8200")
     cfg = config.parse({}, environ={})
     assert cfg.vault.addr == ""
+
+
+# --- token control: clients, limits, routes, a shared fleet (CONTRACT.md 5) ----------------
+
+TWO = {"vault": VAULT, "providers": {"openai": PROVIDER, "openai_eu": PROVIDER}}
+CHAT = {"providers": ["openai", "openai_eu"]}
+BILLING = {"uids": [1001]}
+
+
+def with_tables(**tables: Any) -> dict[str, Any]:
+    """Two providers and a vault, plus ``tables``."""
+    return {**TWO, **tables}
+
+
+def test_token_control_tables_parse() -> None:
+    cfg = config.parse(
+        with_tables(
+            providers={
+                "openai": {**PROVIDER, "limits": {"requests_per_minute": 6000}},
+                "openai_eu": PROVIDER,
+            },
+            limits={"default_completion_tokens": 256},
+            routes={
+                "chat": {**CHAT, "models": {"openai_eu": {"gpt-4o-mini": "gpt-4o-mini-eu"}}},
+                "solo": {"providers": ["openai"]},
+            },
+            clients={
+                "zeta": {"units": ["zeta.service"], "providers": ["chat", "openai"]},
+                "billing": {
+                    "uids": [1001],
+                    "gids": [50],
+                    "models": ["gpt-4o"],
+                    "tokens_per_minute": 200000,
+                    "tokens_per_day": 10**12,
+                },
+                "default": {"requests_per_minute": 60},
+            },
+            shared={
+                "url": "valkey://[::1]:6379",
+                "cluster": True,
+                "password_file": "valkey-password",
+                "namespace": "fleet:eu-1",
+                "on_failure": "refuse",
+                "expected_daemons": 50,
+            },
+        )
+    )
+    assert cfg.providers["openai"].limits == config.ProviderLimits(requests_per_minute=6000)
+    assert cfg.providers["openai_eu"].limits == config.ProviderLimits()
+    assert cfg.limits.default_completion_tokens == 256
+    assert list(cfg.clients) == ["zeta", "billing", "default"]  # file order: match order
+    assert cfg.clients["billing"] == config.ClientConfig(
+        name="billing",
+        uids=(1001,),
+        gids=(50,),
+        models=("gpt-4o",),
+        tokens_per_minute=200000,
+        tokens_per_day=10**12,
+    )
+    assert cfg.clients["zeta"].providers == ("chat", "openai")
+    assert cfg.clients["zeta"].units == ("zeta.service",)
+    chat = cfg.routes["chat"]
+    assert (chat.name, chat.providers) == ("chat", ("openai", "openai_eu"))
+    assert chat.models == {"openai_eu": {"gpt-4o-mini": "gpt-4o-mini-eu"}}
+    assert cfg.routes["solo"].models == {}
+    assert cfg.shared == config.SharedConfig(
+        url="valkey://[::1]:6379",
+        cluster=True,
+        password_file="valkey-password",
+        namespace="fleet:eu-1",
+        on_failure="refuse",
+        expected_daemons=50,
+    )
+
+
+def test_token_control_tables_are_read_only() -> None:
+    cfg = config.parse(
+        with_tables(
+            routes={"chat": {**CHAT, "models": {"openai": {"a": "b"}}}},
+            clients={"billing": BILLING},
+        )
+    )
+    with pytest.raises(TypeError):
+        cfg.clients["x"] = cfg.clients["billing"]  # type: ignore[index]
+    with pytest.raises(TypeError):
+        cfg.routes["chat"].models["openai"]["a"] = "c"  # type: ignore[index]
+    with pytest.raises(AttributeError):
+        cfg.shared.url = "redis://x:1"  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("tables", "expected"),
+    [
+        ({"clients": {"billing": {**BILLING, "uid": 1}}}, "clients.billing.uid: unknown key"),
+        # The name is the table's own key, not a key in it.
+        ({"clients": {"billing": {**BILLING, "name": "x"}}}, "clients.billing.name: unknown key"),
+        ({"routes": {"chat": {**CHAT, "model": {}}}}, "routes.chat.model: unknown key"),
+        ({"routes": {"chat": {**CHAT, "name": "x"}}}, "routes.chat.name: unknown key"),
+        ({"shared": {"urls": "redis://v:6379"}}, "shared.urls: unknown key"),
+        (
+            {"providers": {"openai": {**PROVIDER, "limits": {"rpm": 1}}}},
+            "providers.openai.limits.rpm: unknown key",
+        ),
+        (
+            {"providers": {"openai": {**PROVIDER, "limits": {"tokens_per_day": 1}}}},
+            "providers.openai.limits.tokens_per_day: unknown key",
+        ),
+        ({"clients": "billing"}, "clients: must be a table, not a string"),
+        ({"routes": []}, "routes: must be a table, not an array"),
+        ({"clients": {"billing": 1}}, "clients.billing: must be a table, not an integer"),
+        ({"routes": {"chat": "openai"}}, "routes.chat: must be a table, not a string"),
+        (
+            {"providers": {"openai": {**PROVIDER, "limits": 5}}},
+            "providers.openai.limits: must be a table, not an integer",
+        ),
+        ({"shared": "redis://v:6379"}, "shared: must be a table, not a string"),
+    ],
+)
+def test_token_control_unknown_keys_and_tables(tables: dict[str, Any], expected: str) -> None:
+    assert expected in problems_of(with_tables(**tables))
+
+
+@pytest.mark.parametrize(
+    ("name", "ok"),
+    [
+        ("billing", True),
+        ("batch-jobs_2", True),
+        ("x" * 64, True),
+        ("default", True),
+        ("Billing", False),  # lower case only
+        ("x" * 65, False),
+        ("bill ing", False),
+        ("bill.ing", False),
+    ],
+)
+def test_client_names(name: str, ok: bool) -> None:
+    clients = {name: {} if name == "default" else BILLING}
+    if ok:
+        assert name in config.parse(with_tables(clients=clients)).clients
+    else:
+        assert problems_of(with_tables(clients=clients)) == [
+            f"clients.{name}: client names are 1-64 of a-z 0-9 _ -"
+        ]
+
+
+@pytest.mark.parametrize("name", ["my route", "-chat", "x" * 65, "chat/eu"])
+def test_route_names_are_url_safe(name: str) -> None:
+    assert problems_of(with_tables(routes={name: CHAT})) == [
+        f"routes.{name}: route names are 1-64 of A-Z a-z 0-9 _ - (used in URLs)"
+    ]
+
+
+LIMIT_KEYS = ("requests_per_minute", "tokens_per_minute", "tokens_per_day")
+
+
+@pytest.mark.parametrize("key", LIMIT_KEYS)
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (-1, "must be at least 0, not -1"),
+        ("100", "must be an integer, not a string"),
+        (1.5, "must be an integer, not a float"),
+        (True, "must be an integer, not a boolean"),
+        (10**15 + 1, "must be at most 1000000000000000, not 1000000000000001"),
+    ],
+)
+def test_client_limits_are_non_negative_integers(key: str, value: object, expected: str) -> None:
+    tables = with_tables(clients={"billing": {**BILLING, key: value}})
+    assert problems_of(tables) == [f"clients.billing.{key}: {expected}"]
+
+
+@pytest.mark.parametrize("key", LIMIT_KEYS[:2])
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [(-5, "must be at least 0, not -5"), ("x", "must be an integer, not a string")],
+)
+def test_provider_limits_are_non_negative_integers(key: str, value: object, expected: str) -> None:
+    provider = {**PROVIDER, "limits": {key: value}}
+    tables = with_tables(providers={"openai": provider})
+    assert problems_of(tables) == [f"providers.openai.limits.{key}: {expected}"]
+
+
+def test_limits_of_zero_are_no_limit_and_accepted() -> None:
+    provider = {**PROVIDER, "limits": dict.fromkeys(LIMIT_KEYS[:2], 0)}
+    client = {**BILLING, **dict.fromkeys(LIMIT_KEYS, 0)}
+    cfg = config.parse(with_tables(providers={"openai": provider}, clients={"billing": client}))
+    assert cfg.clients["billing"].tokens_per_day == 0
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (0, "must be at least 1, not 0"),
+        (-1, "must be at least 1, not -1"),
+        ("1024", "must be an integer, not a string"),
+    ],
+)
+def test_default_completion_tokens_is_positive(value: object, expected: str) -> None:
+    assert problems_of({"limits": {"default_completion_tokens": value}}) == [
+        f"limits.default_completion_tokens: {expected}"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("route", "expected"),
+    [
+        ({}, ["routes.chat.providers: required key is missing"]),
+        ({"providers": []}, ["routes.chat.providers: must name at least one provider"]),
+        (
+            {"providers": ["openai", "openai_eu", "openai"]},
+            ["routes.chat.providers: names 'openai' twice"],
+        ),
+        (
+            {"providers": "openai"},
+            ["routes.chat.providers: must be a list of strings, not a string"],
+        ),
+        (
+            {"providers": ["openai", ""]},
+            ["routes.chat.providers: must hold only non-empty strings, not ''"],
+        ),
+        (
+            {"providers": ["openai", "azure"]},
+            ["routes.chat.providers: 'azure' is no configured provider"],
+        ),
+        (
+            {"providers": ["openai", "eu"]},  # "eu" is a route, below
+            ["routes.chat.providers: 'eu' is a route, not a provider"],
+        ),
+        (
+            {**CHAT, "models": {"azure": {"gpt-4o": "gpt-4o-az"}}},
+            ["routes.chat.models.azure: is not one of this route's providers"],
+        ),
+        (
+            {"providers": ["openai"], "models": {"openai_eu": {"gpt-4o": "gpt-4o-eu"}}},
+            ["routes.chat.models.openai_eu: is not one of this route's providers"],
+        ),
+    ],
+)
+def test_route_rules(route: dict[str, Any], expected: list[str]) -> None:
+    routes = {"chat": route, "eu": {"providers": ["openai_eu"]}}
+    assert problems_of(with_tables(routes=routes)) == expected
+
+
+@pytest.mark.parametrize(
+    "models",
+    [
+        "gpt-4o",
+        {"openai": "gpt-4o"},
+        {"openai": {"gpt-4o": 4}},
+        {"openai": {"gpt-4o": ""}},
+        {"openai": {"": "gpt-4o"}},
+    ],
+)
+def test_route_model_rewrites_are_tables_of_strings(models: object) -> None:
+    problems = problems_of(with_tables(routes={"chat": {**CHAT, "models": models}}))
+    assert len(problems) == 1
+    assert problems[0].startswith(
+        'routes.chat.models: must be a table of tables: { PROVIDER = { "MODEL" = '
+    ), problems
+
+
+def test_a_route_and_a_provider_may_not_share_a_name() -> None:
+    tables = with_tables(routes={"openai": {"providers": ["openai_eu"]}})
+    assert problems_of(tables) == ["routes.openai: a route and a provider may not share a name"]
+
+
+def test_a_route_over_a_provider_with_a_problem_of_its_own_names_only_that_problem() -> None:
+    broken = {"base_url": "https://api.example.com"}  # no vault_path
+    tables = with_tables(providers={"openai": PROVIDER, "openai_eu": broken}, routes={"chat": CHAT})
+    assert problems_of(tables) == ["providers.openai_eu.vault_path: required key is missing"]
+
+
+@pytest.mark.parametrize(
+    ("client", "expected"),
+    [
+        (
+            {**BILLING, "providers": ["openai", "azure"]},
+            ["clients.billing.providers: 'azure' is no configured provider or route"],
+        ),
+        (
+            {**BILLING, "models": ["gpt-4o", 4]},
+            ["clients.billing.models: must hold only non-empty strings, not an integer"],
+        ),
+        (
+            {"units": ["billing"]},
+            [
+                'clients.billing.units: must hold systemd unit names like "billing.service" '
+                "(or .scope, .slice, .socket, .mount, .swap), not 'billing'"
+            ],
+        ),
+        (
+            {"units": ["../billing.service"]},
+            [
+                'clients.billing.units: must hold systemd unit names like "billing.service" '
+                "(or .scope, .slice, .socket, .mount, .swap), not '../billing.service'"
+            ],
+        ),
+        (
+            {"gids": [-1]},
+            ["clients.billing.gids: must hold only numeric ids (integers >= 0), not -1"],
+        ),
+        ({}, ["clients.billing: matches no peer: set uids, gids or units"]),
+        (
+            {"uids": [], "gids": [], "units": [], "requests_per_minute": 5},
+            ["clients.billing: matches no peer: set uids, gids or units"],
+        ),
+    ],
+)
+def test_client_rules(client: dict[str, Any], expected: list[str]) -> None:
+    assert problems_of(with_tables(clients={"billing": client})) == expected
+
+
+def test_a_client_may_use_providers_and_routes() -> None:
+    client = {**BILLING, "providers": ["openai", "chat"]}
+    cfg = config.parse(with_tables(routes={"chat": CHAT}, clients={"billing": client}))
+    assert cfg.clients["billing"].providers == ("openai", "chat")
+
+
+@pytest.mark.parametrize(
+    "units", [["billing.service"], ["app@1.service"], ["session-3.scope"], ["user-1000.slice"]]
+)
+def test_client_units(units: list[str]) -> None:
+    cfg = config.parse(with_tables(clients={"billing": {"units": units}}))
+    assert cfg.clients["billing"].units == tuple(units)
+
+
+@pytest.mark.parametrize("key", ["uids", "gids", "units"])
+def test_the_default_client_matches_no_peer_of_its_own(key: str) -> None:
+    value = ["x.service"] if key == "units" else [1001]
+    assert problems_of(with_tables(clients={"default": {key: value}})) == [
+        f"clients.default.{key}: client default is every peer that matches no other client: "
+        "it takes no uids, gids or units"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("http://valkey.internal:6379", "must be a redis://, rediss:// or valkey:// URL"),
+        ("valkeys://valkey.internal:6379", "must be a redis://, rediss:// or valkey:// URL"),
+        ("valkey.internal:6379", "must be a redis://, rediss:// or valkey:// URL"),
+        ("redis://valkey.internal", "must name a host and a port: SCHEME://HOST:PORT"),
+        ("redis://:6379", "must name a host and a port: SCHEME://HOST:PORT"),
+        (
+            "redis://valkey.internal:99999",
+            "is not a valid URL (redis://, rediss:// or valkey:// HOST:PORT)",
+        ),
+        (
+            "redis://valkey.internal:6379/2",
+            "must be SCHEME://HOST:PORT alone: no database number, query or fragment",
+        ),
+        (
+            "redis://valkey.internal:6379?db=2",
+            "must be SCHEME://HOST:PORT alone: no database number, query or fragment",
+        ),
+        (5, "must be a string, not an integer"),
+    ],
+)
+def test_shared_url_rules(url: object, expected: str) -> None:
+    assert problems_of({"shared": {"url": url}}) == [f"shared.url: {expected}"]
+
+
+@pytest.mark.parametrize(
+    "url", ["redis://valkey.internal:6379", "rediss://10.0.0.5:6380/", "valkey://[::1]:6379"]
+)
+def test_shared_url_schemes(url: str) -> None:
+    assert config.parse({"shared": {"url": url}}).shared.url == url.rstrip("/")
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://:s3cr3t@valkey.internal:6379",
+        "redis://default:s3cr3t@valkey.internal:6379",
+        "rediss://s3cr3t@valkey.internal:6379",
+        "valkey://admin:s3cr3t/x@valkey.internal:6379",  # "/" splits the password off
+        "redis://admin:s3cr3t#x@valkey.internal:6379",
+        "ftp://admin:s3cr3t@valkey.internal:6379",
+    ],
+)
+def test_a_password_or_user_in_the_shared_url_is_refused_and_never_echoed(url: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        config.parse({"shared": {"url": url}}, source="/etc/oc.toml")
+    assert [str(p) for p in info.value.problems] == [
+        "shared.url: must not hold a user or password; the password goes in password_file"
+    ]
+    assert "s3cr3t" not in str(info.value)
+    assert not any("s3cr3t" in line for line in info.value.lines())
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://valkey.internal:6379?password=s3cr3t",
+        "redis://valkey.internal:6379/s3cr3t",
+        "redis://valkey.internal:s3cr3t",
+        "s3cr3t://valkey.internal:6379",
+    ],
+)
+def test_no_problem_with_the_shared_url_quotes_it(url: str) -> None:
+    problems = problems_of({"shared": {"url": url}})
+    assert len(problems) == 1
+    assert "s3cr3t" not in problems[0]
+
+
+@pytest.mark.parametrize(
+    ("shared", "expected"),
+    [
+        (
+            {"on_failure": "open"},
+            "shared.on_failure: must be one of 'local', 'refuse', not 'open'",
+        ),
+        ({"expected_daemons": 0}, "shared.expected_daemons: must be at least 1, not 0"),
+        ({"expected_daemons": "2"}, "shared.expected_daemons: must be an integer, not a string"),
+        ({"cluster": "yes"}, "shared.cluster: must be true or false, not a string"),
+        ({"namespace": ""}, "shared.namespace: must be 1-64 of A-Z a-z 0-9 _ . : -, not ''"),
+        (
+            {"namespace": "{fleet}"},
+            "shared.namespace: must be 1-64 of A-Z a-z 0-9 _ . : -, not '{fleet}'",
+        ),
+        (
+            {"url": "redis://v:6379", "password_file": "secrets/valkey"},
+            "shared.password_file: must be an absolute path or a bare credential name, "
+            "not 'secrets/valkey'",
+        ),
+        ({"password_file": "/etc/oc/valkey"}, "shared.password_file: is used only with shared.url"),
+    ],
+)
+def test_shared_rules(shared: dict[str, Any], expected: str) -> None:
+    assert problems_of({"shared": shared}) == [expected]
+
+
+@pytest.mark.parametrize("password_file", ["/etc/oc/valkey-password", "valkey-password"])
+def test_shared_password_file_with_a_url(password_file: str) -> None:
+    shared = {"url": "rediss://v:6380", "password_file": password_file}
+    assert config.parse({"shared": shared}).shared.password_file == password_file
+
+
+def test_a_wrong_shared_url_does_not_also_report_the_password_file() -> None:
+    shared = {"url": "redis://v", "password_file": "/etc/oc/valkey"}
+    assert problems_of({"shared": shared}) == [
+        "shared.url: must name a host and a port: SCHEME://HOST:PORT"
+    ]
+
+
+def test_token_control_problems_are_reported_at_once() -> None:
+    tables = with_tables(
+        providers={"openai": {**PROVIDER, "limits": {"tokens_per_minute": -1}}, "openai_eu": {}},
+        routes={"openai_eu": {"providers": ["nope"]}},
+        clients={"Bad": {}, "billing": {**BILLING, "providers": ["gone"]}},
+        shared={"url": "redis://u:p@v:1", "on_failure": "x"},
+        limits={"default_completion_tokens": 0},
+    )
+    keys = {p.split(":", 1)[0] for p in problems_of(tables)}
+    assert keys == {
+        "providers.openai.limits.tokens_per_minute",
+        "providers.openai_eu.base_url",
+        "providers.openai_eu.vault_path",
+        "routes.openai_eu",
+        "routes.openai_eu.providers",
+        "clients.Bad",
+        "clients.billing.providers",
+        "shared.url",
+        "shared.on_failure",
+        "limits.default_completion_tokens",
+    }
+
+
+def test_dump_round_trips_token_control() -> None:
+    cfg = config.parse(
+        with_tables(
+            providers={
+                "openai": {**PROVIDER, "limits": {"tokens_per_minute": 90000}},
+                "openai_eu": PROVIDER,
+            },
+            routes={
+                "chat": {
+                    **CHAT,
+                    "models": {"openai_eu": {"gpt-4.1": "eu/gpt-4.1", 'a "b"': "c"}},
+                }
+            },
+            clients={"zeta": {"units": ["z.service"]}, "billing": {**BILLING, "models": ["m"]}},
+            shared={"url": "rediss://v:6380", "password_file": "valkey-password"},
+            limits={"default_completion_tokens": 2048},
+        ),
+        source="/x.toml",
+    )
+    text = config.dump(cfg)
+    assert "[providers.openai.limits]\nrequests_per_minute = 0\ntokens_per_minute = 90000\n" in text
+    again = config.parse(tomllib.loads(text), source="/x.toml")
+    assert again == cfg
+    assert list(again.clients) == ["zeta", "billing"]
+
+
+# --- what a reload sees of these tables (reload.py; the daemon's side is in tests/daemon) ---
+
+
+def test_the_shared_engine_needs_a_restart_and_the_rest_reloads() -> None:
+    from openclawd.reload import RESTART_ONLY, changed_keys, keep_restart_only
+
+    assert {k for k in RESTART_ONLY if k.startswith("shared.")} == {
+        f"shared.{f}" for f in config.SharedConfig.__dataclass_fields__
+    }
+    old = config.parse(
+        with_tables(
+            routes={"chat": CHAT},
+            clients={"billing": BILLING, "gone": {"uids": [7]}},
+            shared={"url": "redis://v:6379"},
+        )
+    )
+    new = config.parse(
+        with_tables(
+            providers={
+                "openai": {**PROVIDER, "limits": {"requests_per_minute": 10}},
+                "openai_eu": PROVIDER,
+            },
+            routes={"chat": {**CHAT, "models": {"openai": {"a": "b"}}}, "solo": CHAT},
+            clients={"billing": {**BILLING, "tokens_per_day": 5}, "added": {"gids": [3]}},
+            limits={"default_completion_tokens": 10},
+            shared={"url": "redis://w:6379", "namespace": "other"},
+        )
+    )
+    changed = changed_keys(old, new)
+    assert changed == [
+        "clients.added",
+        "clients.billing.tokens_per_day",
+        "clients.gone",
+        "limits.default_completion_tokens",
+        "providers.openai.limits.requests_per_minute",
+        "routes.chat.models",
+        "routes.solo",
+        "shared.namespace",
+        "shared.url",
+    ]
+    kept = keep_restart_only(old, new)
+    assert kept.shared == old.shared
+    assert (kept.clients, kept.routes, kept.limits) == (new.clients, new.routes, new.limits)
+    assert kept.providers == new.providers

@@ -94,6 +94,62 @@ def test_missing_control_token_file(write_config: WriteConfig, tmp_path: Path) -
     )
 
 
+def test_missing_shared_password_file(write_config: WriteConfig, tmp_path: Path) -> None:
+    missing = tmp_path / "valkey-password"
+    shared = {"url": "rediss://valkey.internal:6380", "password_file": str(missing)}
+    path = write_config(shared=shared)
+    assert check(path) == (
+        2,
+        [f"shared.password_file: cannot read {missing}: No such file or directory (in {path})"],
+    )
+
+
+def test_shared_password_file_as_a_credential_name(
+    write_config: WriteConfig, tmp_path: Path
+) -> None:
+    shared = {"url": "redis://127.0.0.1:6379", "password_file": "valkey-password"}
+    path = write_config(shared=shared)
+    assert check(path) == (
+        2,
+        [
+            "shared.password_file: 'valkey-password' is a credential name but "
+            f"CREDENTIALS_DIRECTORY is not set (in {path})"
+        ],
+    )
+    credentials = tmp_path / "credentials"
+    credentials.mkdir()
+    (credentials / "valkey-password").write_text("\n")
+    env = {"CREDENTIALS_DIRECTORY": str(credentials)}
+    assert check(path, env=env) == (
+        2,
+        [f"shared.password_file: {credentials / 'valkey-password'} is empty (in {path})"],
+    )
+
+
+def test_a_readable_shared_password_file_passes_unshown(
+    write_config: WriteConfig, secret_file: Path
+) -> None:
+    shared = {"url": "rediss://valkey.internal:6380", "password_file": str(secret_file)}
+    path = write_config(shared=shared)
+    result = run_cli("check-config", "--config", str(path))
+    assert result.returncode == 0, result.stderr
+    effective = tomllib.loads(result.stdout)["shared"]
+    assert effective["password_file"] == str(secret_file)
+    assert effective["url"] == "rediss://valkey.internal:6380"
+    assert SECRET not in result.stdout + result.stderr
+
+
+def test_run_exits_1_naming_an_unreadable_shared_password_file(
+    write_config: WriteConfig, runtime_dir: Path
+) -> None:
+    missing = runtime_dir / "valkey-password"
+    path = write_config(shared={"url": "redis://127.0.0.1:6379", "password_file": str(missing)})
+    result = run_cli("run", "--config", str(path))
+    assert result.returncode == 1, result.stderr
+    assert f"shared.password_file: cannot read {missing}: No such file" in result.stderr
+    assert list(runtime_dir.glob("*.sock")) == []  # stopped before listening
+
+
 def test_files_of_an_auth_not_in_use_are_not_checked(
     write_config: WriteConfig, secret_file: Path, tmp_path: Path
 ) -> None:
