@@ -53,6 +53,7 @@ from openclawd.local.unix import listen_backlog
 from openclawd.notify import Notifier
 from openclawd.protocol.closecodes import CloseCode
 from openclawd.protocol.exchange import Admission
+from openclawd.protocol.limits import Limits
 from openclawd.protocol.ratelimit import RateLimiter
 from openclawd.reload import RESTART_ONLY, changed_keys, keep_restart_only
 from openclawd.statistics import Statistics
@@ -87,7 +88,8 @@ class Daemon:
         # One request rate per peer uid, whichever entry point its requests come in by.
         self.limiter = RateLimiter(config.limits.requests_per_minute)
         # Every entry point admits new work through the same gate: the drain, the limits.
-        admission = Admission(self.lifecycle, [self.limiter])
+        self.limits = Limits.of(config, now=trio.current_time())
+        admission = Admission(self.lifecycle, [self.limiter], self.limits)
         self.channels = Channels(config, self.upstreams, self.lifecycle, admission)
         self.realtime = Realtime(config, self.keys, self.lifecycle, admission)
         self.passthrough = Passthrough(config, self.upstreams, self.lifecycle, admission)
@@ -358,6 +360,7 @@ class Daemon:
         logs.configure(new.logging.level, new.logging.format)
         self.local.config = new.listen
         self.limiter.requests_per_minute = new.limits.requests_per_minute
+        self.limits.configure_from(new, now=trio.current_time())
         self.channels.configure(new)
         self.realtime.configure(new)
         self.passthrough.configure(new)

@@ -1,10 +1,11 @@
 """Structured logging to stderr, one line per event, for journald.
 
-Owns the log format (``logfmt`` or ``json``) and the ``conn`` field: code that handles one
-connection sets ``connection_id`` once, and every line logged from that task (and the tasks
-it starts) carries it. Call sites log an event name plus fields, never prose with values
-pasted in, so lines stay machine-readable: ``log.info("socket.listening", path=p)``.
-This module must never be handed a key: callers log fingerprints and versions.
+Owns the log format (``logfmt`` or ``json``) and the ``conn`` and ``client`` fields: code
+that handles one connection sets ``connection_id`` (and, once it knows it, ``client_name``)
+once, and every line logged from that task (and the tasks it starts) carries it. Call
+sites log an event name plus fields, never prose with values pasted in, so lines stay
+machine-readable: ``log.info("socket.listening", path=p)``. This module must never be
+handed a key: callers log fingerprints and versions.
 """
 
 from __future__ import annotations
@@ -18,6 +19,11 @@ from typing import Any, TextIO
 
 connection_id: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "openclawd_connection_id", default=None
+)
+# The client (CONTRACT.md 5.1) of the connection being handled: every line about one of
+# its requests carries ``client=NAME``.
+client_name: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "openclawd_client_name", default=None
 )
 
 _LEVELS = {
@@ -86,6 +92,9 @@ def _record_fields(record: logging.LogRecord) -> dict[str, Any]:
     conn = connection_id.get()
     if conn is not None:
         fields["conn"] = conn
+    client = client_name.get()
+    if client is not None:
+        fields["client"] = client
     fields.update(getattr(record, "fields", {}))
     return fields
 

@@ -14,13 +14,15 @@ from __future__ import annotations
 
 import contextlib
 import json
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import trio
 
 from openclawd import __version__, logs, websocket
-from openclawd.config import Config
+from openclawd.clients import identify
+from openclawd.config import ClientConfig, Config
 from openclawd.errors import (
     MessageTooBigError,
     OpenclawdError,
@@ -32,7 +34,8 @@ from openclawd.lifecycle import Lifecycle
 from openclawd.local.http11 import Connection
 from openclawd.local.outbox import Outbox
 from openclawd.protocol import messages
-from openclawd.protocol.exchange import Admission, Exchange
+from openclawd.protocol.exchange import Admission, Ask, Exchange
+from openclawd.protocol.limits import Charge, estimate_tokens, utc_day
 from openclawd.protocol.messages import Request
 from openclawd.protocol.session import Abort, Send, Session, Start
 from openclawd.upstream.http import UpstreamRequest, UpstreamResponse, Upstreams
@@ -85,6 +88,8 @@ class Channels:
         channel = _Channel(
             conn, ws, Session(self.refused_headers, listen.max_inflight_per_connection)
         )
+        channel.client = identify(conn.peer, self.config.clients)
+        logs.client_name.set(channel.client.name)
         await ws.send_message(
             messages.hello(
                 __version__,
@@ -131,25 +136,46 @@ class Channels:
             elif isinstance(action, Abort):
                 channel.scopes[action.id].cancel()
             elif isinstance(action, Start):
-                rid = action.request.id
-                try:
-                    self.admission.admit(channel.conn.peer.uid, trio.current_time())
-                except OpenclawdError as refusal:
-                    session.finish(rid)
-                    await channel.send(_error_frame(rid, refusal))
-                else:
-                    scope = channel.scopes[rid] = trio.CancelScope()
-                    # In flight from here: a drain that starts before the task runs waits
-                    # for it. The task ends the count.
-                    self.lifecycle.work.begin()
-                    nursery.start_soon(self._request, channel, action.request, scope)
+                await self._start(channel, nursery, action.request)
 
-    async def _request(self, channel: _Channel, request: Request, scope: trio.CancelScope) -> None:
+    async def _start(self, channel: _Channel, nursery: trio.Nursery, request: Request) -> None:
+        """Admit a request (or send its refusal) and start it in its own task."""
+        rid = request.id
+        try:
+            charge = self.admission.admit_request(self._ask(channel, request), trio.current_time())
+        except OpenclawdError as refusal:
+            channel.session.finish(rid)
+            await channel.send(_error_frame(rid, refusal))
+            return
+        scope = channel.scopes[rid] = trio.CancelScope()
+        # In flight from here: a drain that starts before the task runs waits for it. The
+        # task ends the count.
+        self.lifecycle.work.begin()
+        nursery.start_soon(self._request, channel, request, scope, charge)
+
+    def _ask(self, channel: _Channel, request: Request) -> Ask:
+        """What admission needs to know of a request: who, where, which model, how many
+        tokens (estimated only when a limit counts them)."""
+        tokens = 0
+        limits = self.admission.limits
+        if limits is not None and limits.counts_tokens:
+            body = messages.encode_body(request.body) if request.has_body else b""
+            tokens = estimate_tokens(body, self.config.limits.default_completion_tokens)
+        model = request.body.get("model") if isinstance(request.body, dict) else None
+        day, into_day = utc_day(time.time())
+        uid = channel.conn.peer.uid
+        return Ask(uid, channel.client, request.provider, model, tokens, day, into_day)
+
+    async def _request(
+        self, channel: _Channel, request: Request, scope: trio.CancelScope, charge: Charge | None
+    ) -> None:
         """One request, start to last frame. ``scope`` is the app's ``cancel``; it only
         ever interrupts the upstream side or the queueing of a frame, never a write. The
-        request was counted as work when it was accepted; this ends the count."""
+        request was counted as work when it was accepted; this ends the count, and settles
+        what admission charged it."""
         rid = request.id
         exchange = Exchange(answers_after_head=True)
+        exchange.charge = charge
 
         async def finish(text: str) -> None:
             # The id is free before the last frame is queued: the app may reuse it as soon
@@ -181,6 +207,7 @@ class Channels:
         finally:
             self.inflight -= 1
             self.lifecycle.work.end()
+            exchange.settle(trio.current_time(), utc_day(time.time())[0])
             if not exchange.ended:
                 # Left behind: the app went, or the daemon cut the channel (the
                 # connection's cancel ended the request, and why is the channel's).
@@ -223,6 +250,7 @@ class _Channel:
         self.session = session
         self.activity = conn.activity or websocket.Activity()
         self.scopes: dict[str, trio.CancelScope] = {}
+        self.client: ClientConfig | None = None  # who is calling (CONTRACT.md 5.1)
         self.failure: OpenclawdError | None = None  # what ended the channel, if not the app
         # Why the channel ended, for the requests it leaves behind: "app gone", the
         # failure, or the daemon's cut. None while it runs.
@@ -307,6 +335,7 @@ async def relay(
             await send(
                 messages.response_body(rid, _body_of(response, await response.read(MAX_BODY_BYTES)))
             )
+        exchange.usage = response.usage
         await finish(
             messages.response_end(rid, response.key.version, response.attempts, response.usage)
         )

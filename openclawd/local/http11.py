@@ -20,6 +20,7 @@ import h11
 import trio
 
 from openclawd import websocket
+from openclawd.config import ClientConfig
 from openclawd.errors import OpenclawdError, RateLimitedError
 from openclawd.local.cutter import Cutter
 from openclawd.local.unix import PeerCredentials
@@ -69,6 +70,7 @@ class Connection:
     cutter: Cutter  # why the connection was cut, if the daemon cut it
     activity: websocket.Activity | None = None  # a WebSocket's last sign of life
     wire: websocket.ActivityStream | None = None  # the stream under a WebSocket
+    client: ClientConfig | None = None  # who is calling (CONTRACT.md 5.1), once known
 
     async def respond_json(
         self, status: int, payload: object, headers: Sequence[tuple[str, str]] = ()

@@ -17,6 +17,9 @@ Knows nothing of WebSockets.
 from __future__ import annotations
 
 import contextlib
+import json
+import math
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
@@ -24,6 +27,7 @@ import h11
 import trio
 
 from openclawd import logs
+from openclawd.clients import identify
 from openclawd.config import Config
 from openclawd.errors import (
     ClientError,
@@ -33,7 +37,8 @@ from openclawd.errors import (
 )
 from openclawd.lifecycle import Lifecycle
 from openclawd.local.http11 import Connection, reason_phrase
-from openclawd.protocol.exchange import Admission, Exchange
+from openclawd.protocol.exchange import Admission, Ask, Exchange
+from openclawd.protocol.limits import Charge, estimate_tokens, utc_day
 from openclawd.protocol.messages import (
     CREDENTIAL_HEADERS,
     HOP_BY_HOP_HEADERS,
@@ -152,6 +157,8 @@ class Passthrough:
         started = trio.current_time()
         route = _Route.of(conn.request)
         exchange = Exchange(answers_after_head=False)
+        conn.client = identify(conn.peer, self.config.clients)
+        logs.client_name.set(conn.client.name)
         self.inflight += 1
         try:
             with self.lifecycle.work.track(), trio.CancelScope() as app_gone:
@@ -170,6 +177,7 @@ class Passthrough:
         finally:
             self.inflight -= 1
             exchange.left("cut", cut=True)  # unless it ended: cut by the daemon
+            exchange.settle(trio.current_time(), utc_day(time.time())[0])
             log.info(
                 "http.request",
                 provider=shown_name(route.provider, self.config.providers),
@@ -189,7 +197,7 @@ class Passthrough:
         ``watch`` is called once the app's body is all read: from then on the app leaving
         cancels the exchange."""
         try:
-            request = await self._prepare(conn, route, watch)
+            request = await self._prepare(conn, route, watch, exchange)
             pool = self.upstreams[route.provider]
             async with pool.open(request) as response:
                 head = h11.Response(
@@ -203,6 +211,7 @@ class Passthrough:
                     async for chunk in chunks:
                         await _send(conn, h11.Data(data=chunk))
                         exchange.sent(len(chunk))
+                exchange.usage = response.usage
                 await _send(conn, h11.EndOfMessage())
                 exchange.finished()
         except OpenclawdError as exc:
@@ -218,14 +227,34 @@ class Passthrough:
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             exchange.left("app gone")
 
+    def _admit(
+        self, conn: Connection, route: _Route, held: bytes, length: int | None
+    ) -> Charge | None:
+        """Admission (CONTRACT.md 5.1-5.3) of the request with what is known of its body:
+        the bytes ``held`` (the whole body, or its first ``REPLAYABLE_BYTES`` of
+        ``length``)."""
+        tokens = 0
+        limits = self.admission.limits
+        if limits is not None and limits.counts_tokens:
+            default = self.config.limits.default_completion_tokens
+            tokens = estimate_tokens(held, default)
+            if length is not None and length > len(held):
+                tokens += math.ceil((length - len(held)) / 4)
+        day, into_day = utc_day(time.time())
+        model = _body_model(held)
+        ask = Ask(conn.peer.uid, conn.client, route.provider, model, tokens, day, into_day)
+        return self.admission.admit_request(ask, trio.current_time())
+
     async def _prepare(
-        self, conn: Connection, route: _Route, on_complete: Callable[[], None]
+        self, conn: Connection, route: _Route, on_complete: Callable[[], None], exchange: Exchange
     ) -> UpstreamRequest:
-        """Check the request and start reading its body.
+        """Check the request, admit it and start reading its body. Admitted before its
+        body is read, unless admission needs the body: its tokens for a token limit, its
+        ``model`` for the client's list (then up to ``REPLAYABLE_BYTES`` of it are read).
 
         Raises:
             OpenclawdError: the request is refused (unknown provider, bad path, a drain,
-                a limit).
+                a limit, a provider or model the client may not use).
         """
         provider = self.config.providers.get(route.provider)
         if provider is None:
@@ -234,13 +263,19 @@ class Passthrough:
         bad = _bad_segment(route.rest)
         if bad is not None:
             raise ClientError(f"{bad} path segments are not allowed")
-        self.admission.admit(conn.peer.uid, trio.current_time())
+        limits = self.admission.limits
+        models = conn.client.models if conn.client is not None else ()
+        late = bool(models) or (limits is not None and limits.counts_tokens)
+        if not late:
+            exchange.charge = self._admit(conn, route, b"", None)
         headers, length = request_headers(conn.request.headers, provider.auth_header)
         if conn.http.they_are_waiting_for_100_continue:
             go_on = h11.InformationalResponse(status_code=100, headers=[], reason=b"Continue")
             await _send(conn, go_on)
         body = _AppBody(conn, on_complete, self.config.listen.message_timeout_s)
         held = await body.hold(REPLAYABLE_BYTES)
+        if late:
+            exchange.charge = self._admit(conn, route, held, length)
         content: bytes | AsyncIterator[bytes] | None
         if body.complete:
             chunked = any(n == b"transfer-encoding" for n, _ in conn.request.headers)
@@ -250,6 +285,17 @@ class Passthrough:
             if length is not None:  # else it goes chunked
                 headers.append(("content-length", str(length)))
         return UpstreamRequest(route.method, route.upstream_target, tuple(headers), content)
+
+
+def _body_model(held: bytes) -> object:
+    """The ``model`` of a JSON body held whole, if it names one."""
+    if not held.lstrip().startswith(b"{"):
+        return None
+    try:
+        body = json.loads(held)
+    except (ValueError, RecursionError):
+        return None
+    return body.get("model") if isinstance(body, dict) else None
 
 
 def _bad_segment(path: str) -> str | None:

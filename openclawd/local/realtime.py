@@ -14,11 +14,13 @@ rotation does not cut it. Knows nothing of HTTP upstreams or of the /v1/ws frame
 from __future__ import annotations
 
 import ssl
+import time
 from dataclasses import dataclass, field
 
 import trio
 
 from openclawd import logs, websocket
+from openclawd.clients import identify
 from openclawd.config import Config, ProviderConfig
 from openclawd.errors import (
     ClientError,
@@ -33,7 +35,8 @@ from openclawd.local.cutter import Close
 from openclawd.local.http11 import Connection
 from openclawd.protocol import relay
 from openclawd.protocol.closecodes import CloseCode
-from openclawd.protocol.exchange import Admission
+from openclawd.protocol.exchange import Admission, Ask
+from openclawd.protocol.limits import utc_day
 from openclawd.protocol.messages import has_dot_segment
 from openclawd.protocol.relay import Cause, Relay, Side
 from openclawd.upstream import ws as upstream_ws
@@ -173,7 +176,11 @@ class Realtime:
             raise ClientError(f"provider {name!r} has no ws_url")
         if has_dot_segment(rest):
             raise ClientError("dot path segments are not allowed")
-        self.admission.admit(conn.peer.uid, trio.current_time())
+        conn.client = identify(conn.peer, self.config.clients)
+        logs.client_name.set(conn.client.name)
+        day, into_day = utc_day(time.time())
+        ask = Ask(conn.peer.uid, conn.client, name, day=day, into_day=into_day)
+        self.admission.admit_request(ask, trio.current_time())  # a session is a request
         key = self.keys.current(name)
         if key is None:
             raise NoKeyError(f"no key for {name} yet")

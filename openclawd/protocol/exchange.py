@@ -6,18 +6,22 @@ per-uid request rate; token control plugs in here). An admitted request is an
 ``Exchange``: the driver tells it what happened on the wire (the head went out, body
 bytes went out, the end went out, an error, the app's cancel, the app leaving, the daemon's
 cut) and it decides how the request ended, once, whatever order those come in, and what
-the app is still owed. After h11's ``Connection``: no sockets, tasks or clock; ``now``
-is passed in. The drivers only move bytes.
+the app is still owed, and how what admission charged it is settled (corrected to the
+usage reported, or refunded). After h11's ``Connection``: no sockets, tasks or clock;
+``now`` is passed in. The drivers only move bytes.
 """
 
 from __future__ import annotations
 
 import enum
-from typing import Protocol
+from dataclasses import dataclass
+from typing import Any, Protocol
 
+from openclawd.config import ClientConfig
 from openclawd.errors import DrainingError, OpenclawdError, RateLimitedError
+from openclawd.protocol.limits import Charge, Limits, check_allowed, has_limits, used_tokens
 
-__all__ = ["Admission", "Ending", "Exchange"]
+__all__ = ["Admission", "Ask", "Ending", "Exchange"]
 
 
 class DaemonState(Protocol):
@@ -36,26 +40,67 @@ class Limit(Protocol):
     def check(self, uid: int, now: float) -> RateLimitedError | None: ...
 
 
-class Admission:
-    """Whether a new request may start now; shared by every entry point."""
+@dataclass(frozen=True, slots=True)
+class Ask:
+    """One request asking to start: who (the peer's uid, its client), where (a provider or
+    a route), with which body ``model`` (None: none) and how many tokens (the estimate).
+    ``day`` and ``into_day`` are the UTC day's number and the seconds into it."""
 
-    def __init__(self, daemon: DaemonState, limits: list[Limit]) -> None:
+    uid: int
+    client: ClientConfig | None = None
+    provider: str | None = None
+    model: object = None
+    tokens: int = 0
+    day: int = 0
+    into_day: float = 0.0
+
+
+class Admission:
+    """Whether a new request may start now; shared by every entry point.
+
+    Args:
+        per_uid: limits per peer uid (``[limits] requests_per_minute``); they apply to a
+            client without limits of its own.
+        limits: the clients' and providers' limits (token control), if any are set.
+    """
+
+    def __init__(
+        self, daemon: DaemonState, per_uid: list[Limit], limits: Limits | None = None
+    ) -> None:
         self.daemon = daemon
+        self.per_uid = per_uid
         self.limits = limits
 
     def admit(self, uid: int, now: float) -> None:
-        """Let one request of peer ``uid`` through, taking its share of every limit.
+        """``admit_request`` for a request known only by its peer's uid."""
+        self.admit_request(Ask(uid), now)
+
+    def admit_request(self, ask: Ask, now: float) -> Charge | None:
+        """Let one request through, taking its share of every limit over it; returns what
+        it took (settle it at the request's end), or None if no token limit is set.
 
         Raises:
             DrainingError: the daemon is draining or stopping.
+            ForbiddenError: the client may not use the provider, route or model.
             RateLimitedError: a limit refused it (the error says until when).
+            BudgetExhaustedError: a daily budget is spent.
         """
         if self.daemon.draining or self.daemon.stopping:
             raise DrainingError("openclawd is draining: send new requests elsewhere or later")
-        for limit in self.limits:
-            refused = limit.check(uid, now)
-            if refused is not None:
-                raise refused
+        client = ask.client
+        if client is not None and ask.provider is not None:
+            check_allowed(client, ask.provider, ask.model)
+        if client is None or not has_limits(client):
+            for limit in self.per_uid:
+                refused = limit.check(ask.uid, now)
+                if refused is not None:
+                    raise refused
+        if self.limits is None:
+            return None
+        name = client.name if client is not None else None
+        return self.limits.admit(
+            name, ask.provider, ask.tokens, now=now, day=ask.day, into_day=ask.into_day
+        )
 
 
 class Ending(enum.Enum):
@@ -85,6 +130,8 @@ class Exchange:
         self.late_error: OpenclawdError | None = None  # an error after it had ended
         self.ending: Ending | None = None
         self.reason: str | None = None  # why it was left behind (APP_GONE, CUT)
+        self.charge: Charge | None = None  # what admission took, settled at the end
+        self.usage: Any = None  # the token usage the upstream reported, once read
 
     @property
     def ended(self) -> bool:
@@ -141,6 +188,17 @@ class Exchange:
         if not self.ended:
             self._end(Ending.CUT if cut else Ending.APP_GONE)
             self.reason = reason
+
+    def settle(self, now: float, day: int) -> None:
+        """The request is over: what admission charged is corrected to ``usage`` (the
+        upstream answered; None: no usage reported, the estimate stands), or refunded
+        whole if the upstream never answered (cancelled or refused before it)."""
+        if self.charge is None:
+            return
+        if self.head_sent:
+            self.charge.settle(used_tokens(self.usage), now, day)
+        else:
+            self.charge.refund(now, day)
 
     def logged_status(self) -> int | str:
         """The status a log line shows: the status sent, once the answer ended; "app

@@ -19,16 +19,23 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from openclawd.errors import BudgetExhaustedError, RateLimitedError
+from openclawd.config import ClientConfig, Config, ProviderLimits
+from openclawd.errors import BudgetExhaustedError, ForbiddenError, RateLimitedError
 
 __all__ = [
     "Bucket",
+    "check_allowed",
+    "client_figures",
+    "has_limits",
+    "provider_figures",
     "Charge",
     "DayBudget",
     "Limit",
     "Limits",
     "Scope",
     "estimate_tokens",
+    "used_tokens",
+    "utc_day",
 ]
 
 _SECONDS_PER_DAY = 86_400.0
@@ -206,13 +213,38 @@ class Limits:
         providers: Mapping[str, Mapping[str, int]],
         now: float,
     ) -> None:
-        self.clients = {
-            name: _limits(Scope("client", name), figures, now) for name, figures in clients.items()
-        }
-        self.providers = {
-            name: _limits(Scope("provider", name), figures, now)
-            for name, figures in providers.items()
-        }
+        self.clients: dict[str, list[Limit]] = {}
+        self.providers: dict[str, list[Limit]] = {}
+        self.configure(clients, providers, now)
+
+    @classmethod
+    def of(cls, config: Config, *, now: float) -> Limits:
+        """Every client's and provider's limit in ``config``."""
+        return cls(*_figures_of(config), now=now)
+
+    def configure_from(self, config: Config, *, now: float) -> None:
+        """``configure`` from a reloaded ``config``."""
+        self.configure(*_figures_of(config), now=now)
+
+    def configure(
+        self,
+        clients: Mapping[str, Mapping[str, int]],
+        providers: Mapping[str, Mapping[str, int]],
+        now: float,
+    ) -> None:
+        """Take reloaded figures: a limit whose figure is unchanged keeps what it has
+        counted; a new or changed one starts full."""
+        self.clients = _reconfigured(self.clients, "client", clients, now)
+        self.providers = _reconfigured(self.providers, "provider", providers, now)
+
+    @property
+    def counts_tokens(self) -> bool:
+        """Does any limit count tokens? (Else a request's tokens need no estimate.)"""
+        return any(
+            lim.counts_tokens
+            for group in (*self.clients.values(), *self.providers.values())
+            for lim in group
+        )
 
     def over(self, client: str | None, provider: str | None) -> list[Limit]:
         """The limits a request of ``client`` to ``provider`` is under."""
@@ -266,6 +298,26 @@ class Limits:
         return {"clients": table(self.clients), "providers": table(self.providers)}
 
 
+def _reconfigured(
+    before: Mapping[str, list[Limit]],
+    kind: str,
+    figures: Mapping[str, Mapping[str, int]],
+    now: float,
+) -> dict[str, list[Limit]]:
+    kept = {
+        (lim.scope.name, lim.name, lim.meter.limit): lim
+        for group in before.values()
+        for lim in group
+    }
+    return {
+        name: [
+            kept.get((name, lim.name, lim.meter.limit), lim)
+            for lim in _limits(Scope(kind, name), values, now)
+        ]
+        for name, values in figures.items()
+    }
+
+
 def _limits(scope: Scope, figures: Mapping[str, int], now: float) -> list[Limit]:
     found: list[Limit] = []
     for name in ("requests_per_minute", "tokens_per_minute"):
@@ -274,6 +326,13 @@ def _limits(scope: Scope, figures: Mapping[str, int], now: float) -> list[Limit]
     if figures.get("tokens_per_day", 0) > 0:
         found.append(Limit(scope, "tokens_per_day", DayBudget(figures["tokens_per_day"])))
     return found
+
+
+def utc_day(wall: float) -> tuple[int, float]:
+    """The UTC day of the wall-clock time ``wall`` (seconds since the epoch): its number,
+    and the seconds into it."""
+    day, into = divmod(wall, _SECONDS_PER_DAY)
+    return int(day), into
 
 
 def estimate_tokens(body: bytes, default_completion: int) -> int:
@@ -321,3 +380,46 @@ def _json_object(body: bytes) -> Any:
         return json.loads(body)
     except (ValueError, RecursionError):
         return None
+
+
+def check_allowed(client: ClientConfig, provider: str, model: object) -> None:
+    """Raise unless ``client`` may use ``provider`` (a provider or a route) with this body
+    ``model`` (None: the body names none).
+
+    Raises:
+        ForbiddenError: the provider or route, or the model, is outside the client's lists
+            (the app's values are not repeated: they may hold what should not be echoed).
+    """
+    if client.providers and provider not in client.providers:
+        raise ForbiddenError(f"client {client.name} may not use this provider or route")
+    if client.models and model is not None and model not in client.models:
+        raise ForbiddenError(f"client {client.name} may not use this model")
+
+
+def has_limits(client: ClientConfig) -> bool:
+    """Does the client have limits of its own? (Else ``[limits] requests_per_minute``
+    applies to it per uid.)"""
+    return bool(client.requests_per_minute or client.tokens_per_minute or client.tokens_per_day)
+
+
+def client_figures(client: ClientConfig) -> dict[str, int]:
+    """The client's limits, as ``protocol.limits.Limits`` takes them."""
+    return {
+        "requests_per_minute": client.requests_per_minute,
+        "tokens_per_minute": client.tokens_per_minute,
+        "tokens_per_day": client.tokens_per_day,
+    }
+
+
+def provider_figures(limits: ProviderLimits) -> dict[str, int]:
+    """A provider's limits, as ``Limits`` takes them."""
+    return {
+        "requests_per_minute": limits.requests_per_minute,
+        "tokens_per_minute": limits.tokens_per_minute,
+    }
+
+
+def _figures_of(config: Config) -> tuple[dict[str, dict[str, int]], dict[str, dict[str, int]]]:
+    clients = {name: client_figures(client) for name, client in config.clients.items()}
+    providers = {name: provider_figures(p.limits) for name, p in config.providers.items()}
+    return clients, providers

@@ -36,6 +36,7 @@ from openclawd.local.realtime import Realtime
 from openclawd.local.server import LocalServer
 from openclawd.local.unix import UnixListenSocket
 from openclawd.protocol.exchange import Admission
+from openclawd.protocol.limits import Limits
 from openclawd.protocol.ratelimit import RateLimiter
 from openclawd.upstream.http import Upstreams
 
@@ -118,7 +119,7 @@ async def open_dataplane(
     keys = KeyManager(cfg, Vault(cfg.vault), lifecycle)
     upstreams = Upstreams(cfg, keys)
     limiter = RateLimiter(cfg.limits.requests_per_minute)
-    admission = Admission(lifecycle, [limiter])
+    admission = Admission(lifecycle, [limiter], Limits.of(cfg, now=trio.current_time()))
     channels = Channels(cfg, upstreams, lifecycle, admission)
     realtime_ = Realtime(cfg, keys, lifecycle, admission)
     passthrough_ = Passthrough(cfg, upstreams, lifecycle, admission)

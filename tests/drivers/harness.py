@@ -46,6 +46,7 @@ from openclawd.local.realtime import Realtime
 from openclawd.local.server import LocalServer
 from openclawd.local.unix import PeerCredentials
 from openclawd.protocol.exchange import Admission
+from openclawd.protocol.limits import Limits
 from openclawd.protocol.ratelimit import RateLimiter
 from openclawd.upstream.http import Upstreams
 from openclawd.upstream.ws import Target
@@ -191,6 +192,7 @@ def make_config(
     listen: dict[str, Any] | None = None,
     provider: dict[str, Any] | None = None,
     limits: dict[str, Any] | None = None,
+    clients: dict[str, Any] | None = None,
 ) -> config.Config:
     tables: dict[str, Any] = {
         "listen": listen or {},
@@ -203,6 +205,7 @@ def make_config(
             }
         },
         "limits": limits or {},
+        "clients": clients or {},
     }
     # Vault is never asked (the keys are FakeKeys'); the config only has to be valid.
     return config.parse(tables, environ={"VAULT_ADDR": "http://127.0.0.1:8200", "VAULT_TOKEN": "-"})
@@ -217,14 +220,15 @@ async def open_plane(
     listen: dict[str, Any] | None = None,
     provider: dict[str, Any] | None = None,
     limits: dict[str, Any] | None = None,
+    clients: dict[str, Any] | None = None,
 ) -> AsyncIterator[Plane]:
     """The data plane with provider ``openai`` (``provider`` adds to its table), its HTTP
     upstream answered by ``http``, its WebSocket upstream sessions run by ``ws``."""
-    cfg = make_config(listen, provider, limits)
+    cfg = make_config(listen, provider, limits, clients)
     keys = keys or FakeKeys()
     lifecycle = Lifecycle()
     limiter = RateLimiter(cfg.limits.requests_per_minute)
-    admission = Admission(lifecycle, [limiter])
+    admission = Admission(lifecycle, [limiter], Limits.of(cfg, now=trio.current_time()))
     upstream = HttpUpstream(http)
     upstreams = Upstreams(cfg, keys, transport=upstream)
     async with trio.open_nursery() as nursery:

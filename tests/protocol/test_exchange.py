@@ -192,3 +192,55 @@ def test_an_error_whose_answer_never_went_out_logs_as_error() -> None:
     assert exchange.fail(OpenclawdError("internal error"))
     exchange.left("cut", cut=True)
     assert exchange.logged_status() == "error"
+
+
+# --- admission with clients and token limits (CONTRACT.md 5.1-5.3) ----------------------------
+
+
+def test_the_per_uid_rate_is_for_clients_without_limits_of_their_own() -> None:
+    from openclawd.config import ClientConfig
+    from openclawd.protocol.exchange import Ask
+    from openclawd.protocol.limits import Limits
+
+    limited = ClientConfig(name="billing", uids=(1,), requests_per_minute=100)
+    plain = ClientConfig(name="ops", uids=(2,))
+    limits = Limits({"billing": {"requests_per_minute": 100}, "ops": {}}, {}, now=0.0)
+    admission = Admission(Daemon(), [RateLimiter(1)], limits)
+    for _ in range(5):
+        admission.admit_request(Ask(1, limited, "openai"), 0.0)  # its own 100/minute
+    admission.admit_request(Ask(2, plain, "openai"), 0.0)
+    with pytest.raises(RateLimitedError, match="uid 2"):
+        admission.admit_request(Ask(2, plain, "openai"), 0.0)
+
+
+def test_admission_checks_the_clients_lists_before_spending_anything() -> None:
+    from openclawd.config import ClientConfig
+    from openclawd.errors import ForbiddenError
+    from openclawd.protocol.exchange import Ask
+    from openclawd.protocol.limits import Limits
+
+    client = ClientConfig(name="billing", uids=(1,), providers=("openai",), tokens_per_minute=10)
+    limits = Limits({"billing": {"tokens_per_minute": 10}}, {}, now=0.0)
+    admission = Admission(Daemon(), [], limits)
+    with pytest.raises(ForbiddenError):
+        admission.admit_request(Ask(1, client, "anthropic", tokens=10), 0.0)
+    charge = admission.admit_request(Ask(1, client, "openai", tokens=10), 0.0)
+    assert charge is not None
+    assert charge.tokens == 10
+
+
+def test_an_exchange_settles_its_charge_by_how_it_ended() -> None:
+    from openclawd.protocol.limits import Limits
+
+    limits = Limits({"c": {"tokens_per_minute": 1000}}, {}, now=0.0)
+    answered = Exchange(answers_after_head=True)
+    answered.charge = limits.admit("c", None, 500, now=0.0, day=0, into_day=0.0)
+    answered.responded(200)
+    answered.usage = {"prompt_tokens": 40, "completion_tokens": 2}
+    answered.finished()
+    answered.settle(0.0, 0)
+    never = Exchange(answers_after_head=True)
+    never.charge = limits.admit("c", None, 300, now=0.0, day=0, into_day=0.0)
+    never.fail(UpstreamError("refused"))
+    never.settle(0.0, 0)
+    assert limits.snapshot(0.0, 0)["clients"]["c"]["tokens_per_minute"]["used"] == 42

@@ -210,3 +210,28 @@ def test_a_body_that_is_not_json_is_its_bytes_and_the_default() -> None:
 )
 def test_used_tokens(usage: object, tokens: int | None) -> None:
     assert used_tokens(usage) == tokens
+
+
+def test_a_reload_keeps_what_unchanged_limits_counted_and_starts_changed_ones_full() -> None:
+    lim = Limits(
+        {"billing": {"requests_per_minute": 10, "tokens_per_minute": 1000}},
+        {"openai": {"requests_per_minute": 5}},
+        now=0.0,
+    )
+    lim.admit("billing", "openai", 400, now=0.0, day=DAY, into_day=0.0)
+    lim.configure(
+        {"billing": {"requests_per_minute": 10, "tokens_per_minute": 2000}, "ops": {}},
+        {},
+        now=0.0,
+    )
+    snap = lim.snapshot(0.0, DAY)
+    assert snap == {
+        "clients": {
+            "billing": {
+                "requests_per_minute": {"limit": 10, "used": 1},  # unchanged: kept
+                "tokens_per_minute": {"limit": 2000, "used": 0},  # changed: full
+            },
+            "ops": {},
+        },
+        "providers": {},
+    }
