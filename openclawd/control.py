@@ -38,6 +38,7 @@ from openclawd.lifecycle import Lifecycle
 from openclawd.metrics import CONTENT_TYPE, Metrics
 from openclawd.protocol.messages import shown_name
 from openclawd.statistics import Statistics
+from openclawd.status import limits_body, status_body
 
 log = logs.get(__name__)
 
@@ -100,67 +101,6 @@ def _redacted(value: object, redact: Callable[[str], str]) -> object:
 def error(exc: OpenclawdError) -> Response:
     """The control API's error shape, with the status and code of ``exc``."""
     return json_response({"error": exc.code, "message": str(exc)}, exc.http_status)
-
-
-def status_body(stats: Statistics, config: Config) -> dict[str, Any]:
-    """``GET /v1/status`` (CONTRACT.md 4) from one statistics snapshot.
-
-    Besides the contract's fields, each provider shows where its secret is read from and
-    why the last read failed (``vault``: ``path`` is ``MOUNT/PATH`` from ``config``, since
-    the key statistics do not carry it; ``last_error`` is the key manager's).
-    """
-    providers: dict[str, Any] = {}
-    for name, keyed in stats.keys.providers.items():
-        key = keyed.key
-        upstream = stats.upstreams.get(name)
-        provider = config.providers.get(name)
-        providers[name] = {
-            "key": None
-            if key is None
-            else {
-                "version": key.version,
-                "fingerprint": key.fingerprint,
-                "fetched_at": key.fetched_at,
-                "pool_size": key.pool_size,
-            },
-            "upstream": {
-                "circuit": upstream.circuit if upstream else "closed",
-                "last_error": upstream.last_error if upstream else None,
-            },
-            "ratelimit": {
-                "remaining_requests": upstream.remaining_requests if upstream else None,
-                "remaining_tokens": upstream.remaining_tokens if upstream else None,
-            },
-            "vault": {
-                "path": _vault_path(config, provider.vault_path) if provider else None,
-                "last_error": keyed.last_error,
-            },
-        }
-    keys = stats.keys
-    return {
-        "state": stats.state,
-        "version": stats.version,
-        "uptime_s": round(stats.uptime_s, 1),
-        "connections": {
-            "clients": stats.local.clients,
-            "inflight": stats.requests_inflight,
-            "realtime": stats.realtime_sessions,
-        },
-        "providers": providers,
-        "vault": {
-            "addr": keys.addr,
-            "auth": keys.auth,
-            "reachable": keys.reachable,
-            "token_ttl_s": keys.token_ttl_s,
-            "last_refresh": keys.last_refresh,
-            "last_error": keys.last_error,
-        },
-    }
-
-
-def _vault_path(config: Config, path: str) -> str:
-    """A KV v2 secret as operators name it (``bao kv get MOUNT/PATH``)."""
-    return f"{config.vault.mount.strip('/')}/{path.strip('/')}"
 
 
 async def _json_body() -> dict[str, Any]:
@@ -242,7 +182,7 @@ def create_app(ops: Operations) -> QuartTrio:
 
 
 def _add_reading_routes(app: QuartTrio, ops: Operations) -> None:
-    """The routes that only read: liveness, readiness, status and metrics."""
+    """The routes that only read: liveness, readiness, status, limits and metrics."""
     metrics = Metrics(ops.statistics)
     lifecycle = ops.lifecycle
 
@@ -259,6 +199,10 @@ def _add_reading_routes(app: QuartTrio, ops: Operations) -> None:
     @app.get("/v1/status")
     async def status() -> Response:
         return json_response(status_body(ops.statistics(), ops.config), redact=ops.redact)
+
+    @app.get("/v1/limits")
+    async def limits() -> Response:
+        return json_response(limits_body(ops.statistics()), redact=ops.redact)
 
     @app.get("/metrics")
     async def prometheus() -> Response:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import math
 import signal
+import time
 from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 
@@ -53,10 +54,10 @@ from openclawd.local.unix import listen_backlog
 from openclawd.notify import Notifier
 from openclawd.protocol.closecodes import CloseCode
 from openclawd.protocol.exchange import Admission
-from openclawd.protocol.limits import Limits
+from openclawd.protocol.limits import Limits, utc_day
 from openclawd.protocol.ratelimit import RateLimiter
 from openclawd.reload import RESTART_ONLY, changed_keys, keep_restart_only
-from openclawd.statistics import Statistics
+from openclawd.statistics import Statistics, TokenControlStatistics
 from openclawd.upstream.http import Upstreams
 
 log = logs.get(__name__)
@@ -209,6 +210,31 @@ class Daemon:
             local=self.local.statistics(),
             keys=self.keys.statistics(),
             upstreams=self.upstreams.statistics(),
+            token_control=self._token_control(),
+        )
+
+    def _token_control(self) -> TokenControlStatistics:
+        """Token control's figures; the limits as ``GET /v1/limits`` shows them."""
+        tally = self.limits.tally
+        day = utc_day(time.time())[0]
+        snapshot = self.limits.snapshot(trio.current_time(), day)
+        providers: dict[str, dict[str, object]] = {
+            name: dict(set_limits) for name, set_limits in snapshot["providers"].items()
+        }
+        for name, stats in self.upstreams.statistics().items():
+            providers.setdefault(name, {})["upstream"] = {
+                "remaining_requests": stats.remaining_requests,
+                "remaining_tokens": stats.remaining_tokens,
+                "reset_s": None,
+            }
+        limits = {"clients": snapshot["clients"], "providers": providers}
+        return TokenControlStatistics(
+            shared_mode="local",
+            shared_reachable=None if not self.config.shared.url else False,
+            requests=dict(tally.requests),
+            tokens=dict(tally.tokens),
+            refusals=dict(tally.refusals),
+            limits=limits,
         )
 
     def redact(self, text: str) -> str:

@@ -39,6 +39,7 @@ class _Collector(Collector):
         yield from _connections(stats)
         yield from _upstreams(stats)
         yield from _keys(stats)
+        yield from _token_control(stats)
 
 
 class Metrics:
@@ -186,4 +187,48 @@ def _keys(stats: Statistics) -> Iterator[Metric]:
             "openclawd_vault_token_ttl_seconds",
             "Seconds the daemon's Vault token has left.",
             value=keys.token_ttl_s,
+        )
+
+
+def _token_control(stats: Statistics) -> Iterator[Metric]:
+    """Token control (CONTRACT.md 5.7): label values are configured client, provider,
+    route and limit names and statuses, never an app's data."""
+    tc = stats.token_control
+    refusals = CounterMetricFamily(
+        "openclawd_limit_refusals",
+        "Requests refused by token control, by whose limit and which.",
+        labels=["scope", "name", "limit"],
+    )
+    for labels, count in sorted(tc.refusals.items()):
+        refusals.add_metric(list(labels), count)
+    yield refusals
+    requests = CounterMetricFamily(
+        "openclawd_client_requests",
+        "Requests ended, by client, provider and the status the app was sent.",
+        labels=["client", "provider", "status"],
+    )
+    for labels, count in sorted(tc.requests.items()):
+        requests.add_metric(list(labels), count)
+    yield requests
+    tokens = CounterMetricFamily(
+        "openclawd_client_tokens",
+        "Tokens the upstream reported, by client, provider and kind (prompt, completion).",
+        labels=["client", "provider", "kind"],
+    )
+    for labels, count in sorted(tc.tokens.items()):
+        tokens.add_metric(list(labels), count)
+    yield tokens
+    fallbacks = CounterMetricFamily(
+        "openclawd_route_fallbacks",
+        "Requests a route sent on to its next provider, and why.",
+        labels=["route", "from", "to", "reason"],
+    )
+    for labels4, count in sorted(tc.fallbacks.items()):
+        fallbacks.add_metric(list(labels4), count)
+    yield fallbacks
+    if tc.shared_reachable is not None:
+        yield GaugeMetricFamily(
+            "openclawd_shared_reachable",
+            "1 while the shared limits' engine answers, 0 while it does not.",
+            value=1 if tc.shared_reachable else 0,
         )

@@ -9,11 +9,26 @@ text, so both always agree. It holds no key: keys appear as version and fingerpr
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from openclawd.keys.manager import KeyStatistics
 from openclawd.local.server import LocalStatistics
 from openclawd.upstream.http import UpstreamStatistics
+
+
+@dataclass(frozen=True, slots=True)
+class TokenControlStatistics:
+    """Token control's figures (CONTRACT.md 5.7): where limits are counted, and what was
+    counted, by label values (client and provider names, statuses, limit names)."""
+
+    shared_mode: str = "local"  # "local" | "shared"
+    shared_reachable: bool | None = None  # None: no engine configured
+    requests: Mapping[tuple[str, str, str], int] = field(default_factory=dict)
+    tokens: Mapping[tuple[str, str, str], int] = field(default_factory=dict)
+    refusals: Mapping[tuple[str, str, str], int] = field(default_factory=dict)
+    fallbacks: Mapping[tuple[str, str, str, str], int] = field(default_factory=dict)
+    limits: Mapping[str, Any] = field(default_factory=dict)  # GET /v1/limits' clients, providers
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,3 +41,4 @@ class Statistics:
     local: LocalStatistics
     keys: KeyStatistics
     upstreams: Mapping[str, UpstreamStatistics]
+    token_control: TokenControlStatistics = field(default_factory=TokenControlStatistics)

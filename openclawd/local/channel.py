@@ -35,9 +35,10 @@ from openclawd.local.http11 import Connection
 from openclawd.local.outbox import Outbox
 from openclawd.protocol import messages
 from openclawd.protocol.exchange import Admission, Ask, Exchange
-from openclawd.protocol.limits import Charge, estimate_tokens, utc_day
+from openclawd.protocol.limits import Charge, utc_day
 from openclawd.protocol.messages import Request
 from openclawd.protocol.session import Abort, Send, Session, Start
+from openclawd.protocol.usage import estimate_tokens
 from openclawd.upstream.http import UpstreamRequest, UpstreamResponse, Upstreams
 from openclawd.websocket import ConnectionClosed, WebSocketConnection
 

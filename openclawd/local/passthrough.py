@@ -38,13 +38,14 @@ from openclawd.errors import (
 from openclawd.lifecycle import Lifecycle
 from openclawd.local.http11 import Connection, reason_phrase
 from openclawd.protocol.exchange import Admission, Ask, Exchange
-from openclawd.protocol.limits import Charge, estimate_tokens, utc_day
+from openclawd.protocol.limits import Charge, utc_day
 from openclawd.protocol.messages import (
     CREDENTIAL_HEADERS,
     HOP_BY_HOP_HEADERS,
     has_dot_segment,
     shown_name,
 )
+from openclawd.protocol.usage import estimate_tokens
 from openclawd.upstream.http import UpstreamRequest, Upstreams
 
 log = logs.get(__name__)

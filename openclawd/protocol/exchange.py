@@ -18,8 +18,9 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from openclawd.config import ClientConfig
-from openclawd.errors import DrainingError, OpenclawdError, RateLimitedError
-from openclawd.protocol.limits import Charge, Limits, check_allowed, has_limits, used_tokens
+from openclawd.errors import DrainingError, ForbiddenError, OpenclawdError, RateLimitedError
+from openclawd.protocol.limits import Charge, Limits, check_allowed, has_limits
+from openclawd.protocol.usage import used_tokens
 
 __all__ = ["Admission", "Ask", "Ending", "Exchange"]
 
@@ -89,7 +90,12 @@ class Admission:
             raise DrainingError("openclawd is draining: send new requests elsewhere or later")
         client = ask.client
         if client is not None and ask.provider is not None:
-            check_allowed(client, ask.provider, ask.model)
+            try:
+                check_allowed(client, ask.provider, ask.model)
+            except ForbiddenError:
+                if self.limits is not None:
+                    self.limits.tally.refusals[("client", client.name, "forbidden")] += 1
+                raise
         if client is None or not has_limits(client):
             for limit in self.per_uid:
                 refused = limit.check(ask.uid, now)
@@ -193,12 +199,13 @@ class Exchange:
         """The request is over: what admission charged is corrected to ``usage`` (the
         upstream answered; None: no usage reported, the estimate stands), or refunded
         whole if the upstream never answered (cancelled or refused before it)."""
-        if self.charge is None:
+        if self.charge is None or self.charge.settled:
             return
         if self.head_sent:
             self.charge.settle(used_tokens(self.usage), now, day)
         else:
             self.charge.refund(now, day)
+        self.charge.account(str(self.logged_status()), self.usage)
 
     def logged_status(self) -> int | str:
         """The status a log line shows: the status sent, once the answer ended; "app

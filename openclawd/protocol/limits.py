@@ -8,19 +8,21 @@ is admitted only if every limit over it has room, and then takes from all of the
 (``Limits.admit``): a request count of 1 and its tokens, charged before it is sent (an
 estimate: the prompt's bytes / 4 and the completion's allowance). The ``Charge`` it gets is
 settled when the request ends: corrected to the usage the upstream reported, kept if none
-was reported, refunded whole if the upstream never answered.
+was reported, refunded whole if the upstream never answered. The estimate, and what a
+usage counts, are ``protocol/usage.py``'s.
 """
 
 from __future__ import annotations
 
-import json
 import math
-from collections.abc import Iterable, Mapping
+from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from openclawd.config import ClientConfig, Config, ProviderLimits
 from openclawd.errors import BudgetExhaustedError, ForbiddenError, RateLimitedError
+from openclawd.protocol.usage import token_counts
 
 __all__ = [
     "Bucket",
@@ -33,14 +35,11 @@ __all__ = [
     "Limit",
     "Limits",
     "Scope",
-    "estimate_tokens",
-    "used_tokens",
+    "Tally",
     "utc_day",
 ]
 
 _SECONDS_PER_DAY = 86_400.0
-# The body fields that bound a completion, in the order they are looked for.
-_COMPLETION_FIELDS = ("max_completion_tokens", "max_tokens", "max_output_tokens")
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,12 +169,35 @@ class Limit:
 
 
 @dataclass(slots=True)
+class Tally:
+    """What token control counted, for the metrics: requests and tokens by client and
+    provider, refusals by scope and limit. Counters only go up."""
+
+    requests: Counter[tuple[str, str, str]] = field(
+        default_factory=Counter
+    )  # client, provider, status
+    tokens: Counter[tuple[str, str, str]] = field(default_factory=Counter)  # client, provider, kind
+    refusals: Counter[tuple[str, str, str]] = field(default_factory=Counter)  # scope, name, limit
+
+
+@dataclass(slots=True)
 class Charge:
     """What one admitted request took; settle it once, when the request ends."""
 
     tokens: int  # the estimate charged to every token limit
     limits: list[Limit] = field(default_factory=list)
     settled: bool = False
+    client: str = ""
+    provider: str = ""
+    tally: Tally | None = None
+
+    def account(self, status: str, usage: Any) -> None:
+        """Count the request's end in the tally: its status and the tokens it reported."""
+        if self.tally is None:
+            return
+        self.tally.requests[(self.client, self.provider, status)] += 1
+        for kind, count in token_counts(usage).items():
+            self.tally.tokens[(self.client, self.provider, kind)] += count
 
     def settle(self, used_tokens: int | None, now: float, day: int) -> None:
         """The request ended with the upstream's answer: correct the token limits to
@@ -215,6 +237,7 @@ class Limits:
     ) -> None:
         self.clients: dict[str, list[Limit]] = {}
         self.providers: dict[str, list[Limit]] = {}
+        self.tally = Tally()
         self.configure(clients, providers, now)
 
     @classmethod
@@ -277,10 +300,13 @@ class Limits:
         ]
         if waits:
             wait, limit = max(waits, key=lambda pair: pair[0])
+            self.tally.refusals[(limit.scope.kind, limit.scope.name, limit.name)] += 1
             raise limit.refusal(wait)
         for limit in limits:
             limit.take(tokens if limit.counts_tokens else 1, now, day)
-        return Charge(tokens, limits)
+        return Charge(
+            tokens, limits, client=client or "", provider=provider or "", tally=self.tally
+        )
 
     def snapshot(self, now: float, day: int) -> dict[str, dict[str, dict[str, dict[str, int]]]]:
         """``{"clients": {NAME: {LIMIT: {"limit": N, "used": N}}}, "providers": ...}``:
@@ -333,53 +359,6 @@ def utc_day(wall: float) -> tuple[int, float]:
     and the seconds into it."""
     day, into = divmod(wall, _SECONDS_PER_DAY)
     return int(day), into
-
-
-def estimate_tokens(body: bytes, default_completion: int) -> int:
-    """A request's tokens before it is sent: its body's bytes / 4, rounded up, plus its
-    completion allowance (the first of ``max_completion_tokens``, ``max_tokens``,
-    ``max_output_tokens`` in a JSON body, else ``default_completion``)."""
-    return math.ceil(len(body) / 4) + completion_allowance(_json_object(body), default_completion)
-
-
-def completion_allowance(body: Any, default_completion: int) -> int:
-    """The completion's allowance a parsed body asks for (see ``estimate_tokens``)."""
-    if isinstance(body, dict):
-        for name in _COMPLETION_FIELDS:
-            value = body.get(name)
-            if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-                return value
-    return default_completion
-
-
-def used_tokens(usage: Any) -> int | None:
-    """Prompt plus completion tokens of a ``usage`` object (OpenAI's or Anthropic's
-    names), None if it reports neither."""
-    if not isinstance(usage, dict):
-        return None
-    counts = [
-        value
-        for names in (("prompt_tokens", "input_tokens"), ("completion_tokens", "output_tokens"))
-        for value in _first_count(usage, names)
-    ]
-    return sum(counts) if counts else None
-
-
-def _first_count(usage: Mapping[str, Any], names: Iterable[str]) -> list[int]:
-    for name in names:
-        value = usage.get(name)
-        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-            return [value]
-    return []
-
-
-def _json_object(body: bytes) -> Any:
-    if not body.lstrip().startswith(b"{"):
-        return None
-    try:
-        return json.loads(body)
-    except (ValueError, RecursionError):
-        return None
 
 
 def check_allowed(client: ClientConfig, provider: str, model: object) -> None:

@@ -10,6 +10,8 @@ without changing them; ``usage_of`` and ``merge_usage`` read it from decoded eve
 from __future__ import annotations
 
 import json
+import math
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from openclawd.errors import UpstreamProtocolError
@@ -144,3 +146,54 @@ class UsageReader:
         except (ValueError, RecursionError):
             self.usage = None
         self._body.clear()
+
+
+# The body fields that bound a completion, in the order they are looked for.
+_COMPLETION_FIELDS = ("max_completion_tokens", "max_tokens", "max_output_tokens")
+
+
+def estimate_tokens(body: bytes, default_completion: int) -> int:
+    """A request's tokens before it is sent: its body's bytes / 4, rounded up, plus its
+    completion allowance (the first of ``max_completion_tokens``, ``max_tokens``,
+    ``max_output_tokens`` in a JSON body, else ``default_completion``)."""
+    return math.ceil(len(body) / 4) + completion_allowance(_json_object(body), default_completion)
+
+
+def completion_allowance(body: Any, default_completion: int) -> int:
+    """The completion's allowance a parsed body asks for (see ``estimate_tokens``)."""
+    if isinstance(body, dict):
+        for name in _COMPLETION_FIELDS:
+            value = body.get(name)
+            if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+                return value
+    return default_completion
+
+
+def used_tokens(usage: Any) -> int | None:
+    """Prompt plus completion tokens of a ``usage`` object (OpenAI's or Anthropic's
+    names), None if it reports neither."""
+    if not isinstance(usage, dict):
+        return None
+    counts = [
+        value
+        for names in (("prompt_tokens", "input_tokens"), ("completion_tokens", "output_tokens"))
+        for value in _first_count(usage, names)
+    ]
+    return sum(counts) if counts else None
+
+
+def _first_count(usage: Mapping[str, Any], names: Iterable[str]) -> list[int]:
+    for name in names:
+        value = usage.get(name)
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            return [value]
+    return []
+
+
+def _json_object(body: bytes) -> Any:
+    if not body.lstrip().startswith(b"{"):
+        return None
+    try:
+        return json.loads(body)
+    except (ValueError, RecursionError):
+        return None

@@ -217,6 +217,7 @@ async def test_status_has_the_contract_shape_and_is_redacted(client: QuartClient
                 },
             },
         },
+        "shared": {"mode": "local", "reachable": None},  # 5.7
         "vault": vault,
     }
 
