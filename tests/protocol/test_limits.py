@@ -13,10 +13,8 @@ from openclawd.protocol.limits import (
     Bucket,
     DayBudget,
     Limits,
-    completion_allowance,
-    estimate_tokens,
-    used_tokens,
 )
+from openclawd.protocol.usage import completion_allowance, estimate_tokens, used_tokens
 
 DAY = 20_000  # a UTC day's number
 
