@@ -221,11 +221,12 @@ class Daemon:
         providers: dict[str, dict[str, object]] = {
             name: dict(set_limits) for name, set_limits in snapshot["providers"].items()
         }
-        for name, stats in self.upstreams.statistics().items():
+        now = trio.current_time()
+        for name, pool in self.upstreams.pools.items():
             providers.setdefault(name, {})["upstream"] = {
-                "remaining_requests": stats.remaining_requests,
-                "remaining_tokens": stats.remaining_tokens,
-                "reset_s": None,
+                "remaining_requests": pool.headroom.remaining["requests"],
+                "remaining_tokens": pool.headroom.remaining["tokens"],
+                "reset_s": pool.headroom.reset_s(now),
             }
         limits = {"clients": snapshot["clients"], "providers": providers}
         return TokenControlStatistics(

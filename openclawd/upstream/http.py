@@ -33,6 +33,7 @@ from openclawd.errors import (
     NoKeyError,
     OpenclawdError,
     PoolBusyError,
+    RateLimitedError,
     UnknownProviderError,
     UpstreamError,
     UpstreamTimeoutError,
@@ -47,6 +48,7 @@ from openclawd.upstream.figures import (
     LatencySnapshot,
     UpstreamStatistics,
 )
+from openclawd.upstream.headroom import Headroom
 from openclawd.upstream.request import UpstreamRequest, UrlBase, timeouts
 from openclawd.upstream.response import (
     CLOSE_TIMEOUT_S,
@@ -68,14 +70,6 @@ __all__ = [
 ]
 
 log = logs.get(__name__)
-
-_RATELIMIT_HEADERS = {
-    "remaining_requests": (
-        "x-ratelimit-remaining-requests",
-        "anthropic-ratelimit-requests-remaining",
-    ),
-    "remaining_tokens": ("x-ratelimit-remaining-tokens", "anthropic-ratelimit-tokens-remaining"),
-}
 
 
 class KeySource(Protocol):
@@ -115,7 +109,8 @@ class ProviderPool:
         self._base = UrlBase(config.base_url)
         self._timeout = timeouts(config)
         self._last_error: str | None = None
-        self._ratelimit: dict[str, int | None] = dict.fromkeys(_RATELIMIT_HEADERS)
+        # What the upstream's rate-limit headers said is left (CONTRACT.md 5.2).
+        self.headroom = Headroom()
         self.figures = figures or Figures()
         self._active = 0
         self._idle = trio.Event()
@@ -210,6 +205,7 @@ class ProviderPool:
         key = self.keys.current(self.name)
         if key is None:
             raise NoKeyError(f"no key for {self.name}: Vault has not answered for it yet")
+        await self._wait_for_headroom(deadline)
         backoff = full_jitter(cfg.retry_backoff_s, cfg.retry_backoff_max_s, self._jitter)
         attempts = Attempts(cfg.max_retries if request.replayable else 0, backoff, deadline)
         while True:
@@ -313,13 +309,25 @@ class ProviderPool:
         return parse_retry_after(response.headers.get("retry-after"), now=time.time())
 
     def _record_headers(self, response: httpx.Response) -> None:
-        for figure, names in _RATELIMIT_HEADERS.items():
-            for name in names:
-                value = response.headers.get(name)
-                if value is not None:
-                    with contextlib.suppress(ValueError):
-                        self._ratelimit[figure] = int(value)
-                    break
+        self.headroom.observe(response.headers.get, trio.current_time(), time.time())
+
+    async def _wait_for_headroom(self, deadline: float) -> None:
+        """Wait until the upstream's spent limit resets, rather than send into a known
+        429 (CONTRACT.md 5.2).
+
+        Raises:
+            RateLimitedError: it resets only after the request's deadline.
+        """
+        wait = self.headroom.wait(trio.current_time())
+        if wait <= 0:
+            return
+        if trio.current_time() + wait >= deadline:
+            raise RateLimitedError(
+                f"provider {self.name}: the upstream's limit is spent until its reset",
+                retry_after_s=math.ceil(wait * 1000) / 1000,
+            )
+        log.info("upstream.headroom_wait", provider=self.name, wait_s=round(wait, 3))
+        await trio.sleep(wait)
 
     def count_tokens(self, usage: Any) -> None:
         """A response's body reported ``usage`` (its own observation, once)."""
@@ -338,8 +346,8 @@ class ProviderPool:
         return UpstreamStatistics(
             circuit=state.value,
             last_error=self._last_error,
-            remaining_requests=self._ratelimit["remaining_requests"],
-            remaining_tokens=self._ratelimit["remaining_tokens"],
+            remaining_requests=self.headroom.remaining["requests"],
+            remaining_tokens=self.headroom.remaining["tokens"],
             requests=dict(self.figures.requests),
             retries=self.figures.retries,
             tokens=dict(self.figures.tokens),
