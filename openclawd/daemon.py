@@ -235,6 +235,7 @@ class Daemon:
             requests=dict(tally.requests),
             tokens=dict(tally.tokens),
             refusals=dict(tally.refusals),
+            fallbacks=dict(self.upstreams.fallbacks),
             limits=limits,
         )
 

@@ -40,6 +40,7 @@ from openclawd.protocol.messages import Request
 from openclawd.protocol.session import Abort, Send, Session, Start
 from openclawd.protocol.usage import estimate_tokens
 from openclawd.upstream.http import UpstreamRequest, UpstreamResponse, Upstreams
+from openclawd.upstream.routes import Candidate, open_route, rewrite_model
 from openclawd.websocket import ConnectionClosed, WebSocketConnection
 
 log = logs.get(__name__)
@@ -82,6 +83,10 @@ class Channels:
             name: frozenset({provider.auth_header.lower()})
             for name, provider in config.providers.items()
         }
+        for name, route in config.routes.items():  # a route refuses what its providers do
+            self.refused_headers[name] = frozenset(
+                config.providers[p].auth_header.lower() for p in route.providers
+            )
 
     async def serve(self, conn: Connection, ws: WebSocketConnection) -> None:
         """Run one channel until the app leaves or the keepalive gives up on it."""
@@ -314,18 +319,18 @@ async def relay(
             ``response.start`` (the caller ends the request with an ``error`` frame).
         trio.BrokenResourceError: the app left (the channel's writer is gone).
     """
-    pool = upstreams[request.provider]
-    headers = list(request.headers)
-    content = None
-    if request.has_body:
-        content = messages.encode_body(request.body)
-        if not any(name == "content-type" for name, _ in headers):
-            headers.append(("content-type", "application/json"))
-    upstream_request = UpstreamRequest(
-        request.method, request.path, headers=tuple(headers), content=content
-    )
     rid = request.id
-    async with pool.open(upstream_request) as response:
+    headers = list(request.headers)
+    if request.has_body and not any(name == "content-type" for name, _ in headers):
+        headers.append(("content-type", "application/json"))
+
+    def request_for(candidate: Candidate) -> UpstreamRequest:
+        content = None
+        if request.has_body:
+            content = messages.encode_body(rewrite_model(request.body, candidate.models))
+        return UpstreamRequest(request.method, request.path, tuple(headers), content)
+
+    async with open_route(upstreams, request.provider, request_for) as (provider, response):
         await send(messages.response_start(rid, response.status, shown_headers(response.headers)))
         exchange.responded(response.status)
         if response.is_event_stream:
@@ -333,13 +338,11 @@ async def relay(
                 async for events in reads:  # those one upstream read brought, sent together
                     await send(*[messages.response_event(rid, e.event, e.data) for e in events])
         else:
-            await send(
-                messages.response_body(rid, _body_of(response, await response.read(MAX_BODY_BYTES)))
-            )
+            body = _body_of(response, await response.read(MAX_BODY_BYTES))
+            await send(messages.response_body(rid, body))
         exchange.usage = response.usage
-        await finish(
-            messages.response_end(rid, response.key.version, response.attempts, response.usage)
-        )
+        version, attempts, usage = response.key.version, response.attempts, response.usage
+        await finish(messages.response_end(rid, version, attempts, usage, provider))
 
 
 def _body_of(response: UpstreamResponse, raw: bytes) -> Any:

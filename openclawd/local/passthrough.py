@@ -17,10 +17,11 @@ Knows nothing of WebSockets.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import h11
@@ -47,6 +48,7 @@ from openclawd.protocol.messages import (
 )
 from openclawd.protocol.usage import estimate_tokens
 from openclawd.upstream.http import UpstreamRequest, Upstreams
+from openclawd.upstream.routes import Candidate, open_route, rewrite_model_bytes
 
 log = logs.get(__name__)
 
@@ -61,7 +63,7 @@ _NOT_FORWARDED = HOP_BY_HOP_HEADERS | {"host", "content-length", "expect"}
 
 
 def request_headers(
-    raw: Sequence[tuple[bytes, bytes]], auth_header: str
+    raw: Sequence[tuple[bytes, bytes]], auth_header: str | Iterable[str]
 ) -> tuple[list[tuple[str, str]], int | None]:
     """The app's headers to pass on, and its Content-Length (None if it sent none).
 
@@ -86,7 +88,8 @@ def request_headers(
     if chunked and length is not None:
         # Which one frames the body? Two readers may disagree (request smuggling).
         raise ClientError("both Content-Length and Transfer-Encoding: send one")
-    dropped = _NOT_FORWARDED | CREDENTIAL_HEADERS | named | {auth_header.lower()}
+    auth = {auth_header} if isinstance(auth_header, str) else set(auth_header)
+    dropped = _NOT_FORWARDED | CREDENTIAL_HEADERS | named | {name.lower() for name in auth}
     headers: list[tuple[str, str]] = []
     for place, (raw_name, raw_value) in enumerate(raw, 1):
         name = raw_name.decode("latin-1")
@@ -199,11 +202,20 @@ class Passthrough:
         cancels the exchange."""
         try:
             request = await self._prepare(conn, route, watch, exchange)
-            pool = self.upstreams[route.provider]
-            async with pool.open(request) as response:
+
+            def request_for(candidate: Candidate) -> UpstreamRequest:
+                if not isinstance(request.content, bytes) or not candidate.models:
+                    return request
+                content = rewrite_model_bytes(request.content, candidate.models)
+                return dataclasses.replace(request, content=content)
+
+            opened = open_route(self.upstreams, route.provider, request_for)
+            async with opened as (provider, response):
+                headers = response_headers(response.headers)
+                headers.append((b"openclawd-provider", provider.encode("ascii")))
                 head = h11.Response(
                     status_code=response.status,
-                    headers=response_headers(response.headers),
+                    headers=headers,
                     reason=reason_phrase(response.status, response.reason),
                 )
                 await _send(conn, head)
@@ -227,6 +239,20 @@ class Passthrough:
                 log.warning("http.cut", error=str(exc))
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             exchange.left("app gone")
+
+    def _members(self, name: str) -> tuple[str, ...]:
+        """The providers ``name`` sends to: itself, or a route's.
+
+        Raises:
+            UnknownProviderError: neither a provider nor a route.
+        """
+        if name in self.config.providers:
+            return (name,)
+        route = self.config.routes.get(name)
+        if route is None:
+            # Not repeated back, nor logged: it may be a key pasted in the wrong place.
+            raise UnknownProviderError("unknown provider")
+        return route.providers
 
     def _admit(
         self, conn: Connection, route: _Route, held: bytes, length: int | None
@@ -257,10 +283,7 @@ class Passthrough:
             OpenclawdError: the request is refused (unknown provider, bad path, a drain,
                 a limit, a provider or model the client may not use).
         """
-        provider = self.config.providers.get(route.provider)
-        if provider is None:
-            # Not repeated back, nor logged: it may be a key pasted in the wrong place.
-            raise UnknownProviderError("unknown provider")
+        members = self._members(route.provider)
         bad = _bad_segment(route.rest)
         if bad is not None:
             raise ClientError(f"{bad} path segments are not allowed")
@@ -269,7 +292,8 @@ class Passthrough:
         late = bool(models) or (limits is not None and limits.counts_tokens)
         if not late:
             exchange.charge = self._admit(conn, route, b"", None)
-        headers, length = request_headers(conn.request.headers, provider.auth_header)
+        auth = [self.config.providers[name].auth_header for name in members]
+        headers, length = request_headers(conn.request.headers, auth)
         if conn.http.they_are_waiting_for_100_continue:
             go_on = h11.InformationalResponse(status_code=100, headers=[], reason=b"Continue")
             await _send(conn, go_on)

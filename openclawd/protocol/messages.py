@@ -246,7 +246,11 @@ def response_body(rid: str, body: Any) -> str:
     return encode({"type": "response.body", "id": rid, "body": body})
 
 
-def response_end(rid: str, key_version: int, attempts: int, usage: Any) -> str:
+def response_end(
+    rid: str, key_version: int, attempts: int, usage: Any, provider: str | None = None
+) -> str:
+    """The last frame of a relayed response; ``provider`` is the one that answered (a
+    route's, CONTRACT.md 5.4)."""
     return encode(
         {
             "type": "response.end",
@@ -254,6 +258,7 @@ def response_end(rid: str, key_version: int, attempts: int, usage: Any) -> str:
             "key_version": key_version,
             "attempts": attempts,
             "usage": usage,
+            "provider": provider,
         }
     )
 

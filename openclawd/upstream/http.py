@@ -17,17 +17,15 @@ import math
 import random
 import ssl
 import time
-from collections.abc import (
-    AsyncIterator,
-    Callable,
-)
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any, Protocol
 
 import httpx
 import trio
 
 from openclawd import logs
-from openclawd.config import Config, ProviderConfig
+from openclawd.config import Config, ProviderConfig, RouteConfig
 from openclawd.errors import (
     CircuitOpenError,
     NoKeyError,
@@ -127,7 +125,9 @@ class ProviderPool:
             self._transport.resize(config.max_connections)
 
     @contextlib.asynccontextmanager
-    async def open(self, request: UpstreamRequest) -> AsyncIterator[UpstreamResponse]:
+    async def open(
+        self, request: UpstreamRequest, *, retry: bool = True
+    ) -> AsyncIterator[UpstreamResponse]:
         """Send ``request`` (with retries) and yield the response whose head came back.
 
         The ``total_timeout_s`` deadline covers the retries and the body read inside the
@@ -153,7 +153,7 @@ class ProviderPool:
         key: Key | None = None
         with trio.move_on_after(cfg.total_timeout_s) as deadline:
             try:
-                response, key, attempts = await self._send(request, deadline.deadline)
+                response, key, attempts = await self._send(request, deadline.deadline, retry)
                 latency_s = trio.current_time() - started
                 self.figures.observe_latency(latency_s)
                 # Until the caller is done with the body, an end is the app's cancel (or
@@ -197,7 +197,7 @@ class ProviderPool:
             raise UpstreamTimeoutError(self._last_error)
 
     async def _send(
-        self, request: UpstreamRequest, deadline: float
+        self, request: UpstreamRequest, deadline: float, retry: bool = True
     ) -> tuple[httpx.Response, Key, int]:
         """The retry loop: returns the response to relay, the key it was sent with and the
         number of attempts."""
@@ -207,7 +207,8 @@ class ProviderPool:
             raise NoKeyError(f"no key for {self.name}: Vault has not answered for it yet")
         await self._wait_for_headroom(deadline)
         backoff = full_jitter(cfg.retry_backoff_s, cfg.retry_backoff_max_s, self._jitter)
-        attempts = Attempts(cfg.max_retries if request.replayable else 0, backoff, deadline)
+        retries = cfg.max_retries if request.replayable and retry else 0
+        attempts = Attempts(retries, backoff, deadline)
         while True:
             ticket = self._ticket(attempts)
             attempts.start()
@@ -308,6 +309,13 @@ class ProviderPool:
     def _retry_after(self, response: httpx.Response) -> float | None:
         return parse_retry_after(response.headers.get("retry-after"), now=time.time())
 
+    def has_room(self, now: float) -> bool:
+        """Would a request be sent now? Not while the circuit is open (before its probe)
+        or the upstream said its limit is spent (before the reset)."""
+        if self.breaker.state is CircuitState.OPEN and self.breaker.retry_after(now) > 0:
+            return False
+        return self.headroom.wait(now) <= 0
+
     def _record_headers(self, response: httpx.Response) -> None:
         self.headroom.observe(response.headers.get, trio.current_time(), time.time())
 
@@ -379,6 +387,9 @@ class Upstreams:
     ) -> None:
         self.keys = keys
         self._transport = transport
+        self.routes: Mapping[str, RouteConfig] = config.routes
+        # (route, from, to, reason) -> requests a route sent on to its next provider.
+        self.fallbacks: Counter[tuple[str, str, str, str]] = Counter()
         self.pools = {
             name: ProviderPool(name, provider, keys, transport=transport)
             for name, provider in config.providers.items()
@@ -392,6 +403,7 @@ class Upstreams:
 
     def reload(self, config: Config) -> list[ProviderPool]:
         """Follow a reloaded config; returns the pools of removed providers, to close."""
+        self.routes = config.routes
         removed = [self.pools.pop(n) for n in list(self.pools) if n not in config.providers]
         for name, provider in config.providers.items():
             pool = self.pools.get(name)

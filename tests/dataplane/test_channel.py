@@ -75,6 +75,7 @@ async def test_streaming_request_relays_every_event_and_injects_the_key(
                 "key_version": 1,
                 "attempts": 1,
                 "usage": USAGE,
+                "provider": "openai",  # CONTRACT.md 5.4
             }
             seen = up.requests[0]
             assert seen.headers["authorization"] == f"Bearer {KEY}"

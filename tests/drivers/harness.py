@@ -80,9 +80,10 @@ class FakeKeys:
         ]
         self.at = 0
         self.failures: list[Key] = []  # the keys an upstream refused, in order
+        self.providers = {"openai"}  # those that have a key (open_plane: every one)
 
     def current(self, provider: str) -> Key | None:
-        return self.keys[self.at] if provider == "openai" else None
+        return self.keys[self.at] if provider in self.providers else None
 
     async def auth_failure(self, provider: str, failed: Key) -> Key | None:
         await trio.lowlevel.checkpoint()
@@ -193,6 +194,8 @@ def make_config(
     provider: dict[str, Any] | None = None,
     limits: dict[str, Any] | None = None,
     clients: dict[str, Any] | None = None,
+    more_providers: dict[str, Any] | None = None,
+    routes: dict[str, Any] | None = None,
 ) -> config.Config:
     tables: dict[str, Any] = {
         "listen": listen or {},
@@ -202,10 +205,15 @@ def make_config(
                 "ws_url": WS_URL,
                 "vault_path": "openclawd/openai",
                 **(provider or {}),
-            }
+            },
+            **{
+                name: {"vault_path": f"openclawd/{name}", **table}
+                for name, table in (more_providers or {}).items()
+            },
         },
         "limits": limits or {},
         "clients": clients or {},
+        "routes": routes or {},
     }
     # Vault is never asked (the keys are FakeKeys'); the config only has to be valid.
     return config.parse(tables, environ={"VAULT_ADDR": "http://127.0.0.1:8200", "VAULT_TOKEN": "-"})
@@ -221,11 +229,14 @@ async def open_plane(
     provider: dict[str, Any] | None = None,
     limits: dict[str, Any] | None = None,
     clients: dict[str, Any] | None = None,
+    more_providers: dict[str, Any] | None = None,
+    routes: dict[str, Any] | None = None,
 ) -> AsyncIterator[Plane]:
     """The data plane with provider ``openai`` (``provider`` adds to its table), its HTTP
     upstream answered by ``http``, its WebSocket upstream sessions run by ``ws``."""
-    cfg = make_config(listen, provider, limits, clients)
+    cfg = make_config(listen, provider, limits, clients, more_providers, routes)
     keys = keys or FakeKeys()
+    keys.providers = set(cfg.providers)
     lifecycle = Lifecycle()
     limiter = RateLimiter(cfg.limits.requests_per_minute)
     admission = Admission(lifecycle, [limiter], Limits.of(cfg, now=trio.current_time()))

@@ -101,6 +101,7 @@ async def test_a_non_streaming_response_is_one_body_frame_with_the_key_added(
                     "key_version": 1,
                     "attempts": 1,
                     "usage": USAGE,
+                    "provider": "openai",  # CONTRACT.md 5.4
                 },
             ]
             [seen] = plane.upstream.requests
@@ -146,6 +147,7 @@ async def test_an_event_stream_is_relayed_event_by_event_then_ended_with_its_usa
                 "key_version": 1,
                 "attempts": 1,
                 "usage": USAGE,
+                "provider": "openai",  # CONTRACT.md 5.4
             }
 
 

@@ -49,6 +49,7 @@ async def test_the_upstream_answer_is_relayed_byte_for_byte_without_hop_headers(
                 (b"x-multi", b"1"),
                 (b"x-multi", b"2"),
                 (b"content-length", b"1024"),
+                (b"openclawd-provider", b"openai"),  # CONTRACT.md 5.4
             ]
 
 

@@ -102,9 +102,14 @@ async def test_a_relay_cut_short_closes_the_upstream_body_at_once() -> None:
                 closed.append(True)
 
     class Pool:
+        name = "p"
+
         @contextlib.asynccontextmanager
-        async def open(self, request: UpstreamRequest) -> AsyncIterator[Response]:
+        async def open(self, request: UpstreamRequest, *, retry: bool) -> AsyncIterator[Response]:
             yield Response()
+
+    class Pools(dict[str, Pool]):
+        routes: dict[str, object] = {}
 
     sent: list[str] = []
 
@@ -118,7 +123,7 @@ async def test_a_relay_cut_short_closes_the_upstream_body_at_once() -> None:
 
     request = Request(id="r1", provider="p", method="POST", path="/v1/chat")
     exchange = Exchange(answers_after_head=True)
-    upstreams = cast(Upstreams, {"p": Pool()})
+    upstreams = cast(Upstreams, Pools(p=Pool()))
     with pytest.raises(_Gone) as caught:
         await relay(upstreams, request, exchange, send, finish)
     assert caught.value is not None  # the traceback, and the relay's frame, still held

@@ -527,12 +527,13 @@ def test_response_body(body: Any) -> None:
 
 @pytest.mark.parametrize("usage", [None, {"prompt_tokens": 3, "completion_tokens": 5}])
 def test_response_end(usage: Any) -> None:
-    assert json.loads(messages.response_end("r1", 4, 2, usage)) == {
+    assert json.loads(messages.response_end("r1", 4, 2, usage, "openai_eu")) == {
         "type": "response.end",
         "id": "r1",
         "key_version": 4,
         "attempts": 2,
         "usage": usage,
+        "provider": "openai_eu",  # CONTRACT.md 5.4: the provider that answered
     }
 
 
