@@ -22,13 +22,12 @@ from __future__ import annotations
 import functools
 import math
 import signal
-import time
 from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 
 import trio
 
-from openclawd import __version__, logs
+from openclawd import __version__, logs, tokencontrol
 from openclawd import config as config_module
 from openclawd.asgi import serve_asgi
 from openclawd.config import Config
@@ -54,15 +53,18 @@ from openclawd.local.unix import listen_backlog
 from openclawd.notify import Notifier
 from openclawd.protocol.closecodes import CloseCode
 from openclawd.protocol.exchange import Admission
-from openclawd.protocol.limits import Limits, utc_day
+from openclawd.protocol.limits import Limits
 from openclawd.protocol.ratelimit import RateLimiter
 from openclawd.reload import RESTART_ONLY, changed_keys, keep_restart_only
+from openclawd.shared.leases import LeaseKeeper
 from openclawd.statistics import Statistics, TokenControlStatistics
 from openclawd.upstream.http import Upstreams
 
 log = logs.get(__name__)
 
 # How the daemon's cuts close a WebSocket (CONTRACT.md 3.2, 4).
+# How often a daemon tops its share of the fleet's limits up from the engine.
+LEASE_TICK_S = 0.1
 SHUTDOWN_CLOSE = Close(CloseCode.SHUTDOWN, "openclawd is shutting down")
 DRAIN_DEADLINE_CLOSE = Close(CloseCode.DRAIN_DEADLINE, "drain deadline reached")
 _CONTROL_LOG = "openclawd.control.server"
@@ -89,7 +91,10 @@ class Daemon:
         # One request rate per peer uid, whichever entry point its requests come in by.
         self.limiter = RateLimiter(config.limits.requests_per_minute)
         # Every entry point admits new work through the same gate: the drain, the limits.
-        self.limits = Limits.of(config, now=trio.current_time())
+        # With [shared] url, the limits are the fleet's: leases a keeper fills (run()).
+        tick = LEASE_TICK_S if config.shared.url else None
+        self.limits = Limits.of(config, now=trio.current_time(), lease_tick_s=tick)
+        self.keeper: LeaseKeeper | None = None
         admission = Admission(self.lifecycle, [self.limiter], self.limits)
         self.channels = Channels(config, self.upstreams, self.lifecycle, admission)
         self.realtime = Realtime(config, self.keys, self.lifecycle, admission)
@@ -130,6 +135,8 @@ class Daemon:
                 root.start_soon(self._handle_signals, signals)
                 root.start_soon(self._feed_watchdog)
                 root.start_soon(self._follow_drains)
+                if cfg.shared.url:
+                    root.start_soon(self._keep_leases)
                 # Not awaited: the sockets listen meanwhile, and /readyz says what we wait for.
                 root.start_soon(self.keys.serve)
                 async with trio.open_nursery() as connections, trio.open_nursery() as front:
@@ -214,30 +221,7 @@ class Daemon:
         )
 
     def _token_control(self) -> TokenControlStatistics:
-        """Token control's figures; the limits as ``GET /v1/limits`` shows them."""
-        tally = self.limits.tally
-        day = utc_day(time.time())[0]
-        snapshot = self.limits.snapshot(trio.current_time(), day)
-        providers: dict[str, dict[str, object]] = {
-            name: dict(set_limits) for name, set_limits in snapshot["providers"].items()
-        }
-        now = trio.current_time()
-        for name, pool in self.upstreams.pools.items():
-            providers.setdefault(name, {})["upstream"] = {
-                "remaining_requests": pool.headroom.remaining["requests"],
-                "remaining_tokens": pool.headroom.remaining["tokens"],
-                "reset_s": pool.headroom.reset_s(now),
-            }
-        limits = {"clients": snapshot["clients"], "providers": providers}
-        return TokenControlStatistics(
-            shared_mode="local",
-            shared_reachable=None if not self.config.shared.url else False,
-            requests=dict(tally.requests),
-            tokens=dict(tally.tokens),
-            refusals=dict(tally.refusals),
-            fallbacks=dict(self.upstreams.fallbacks),
-            limits=limits,
-        )
+        return tokencontrol.statistics(self.config, self.limits, self.upstreams, self.keeper)
 
     def redact(self, text: str) -> str:
         return self.keys.redact(text)
@@ -277,6 +261,14 @@ class Daemon:
             self.lifecycle.set_draining(None)
             self.local.cutter.cut_at(math.inf, None)
             log.info("daemon.resumed")
+
+    async def _keep_leases(self) -> None:
+        """Feed the fleet's limits from the engine until the daemon stops."""
+
+        def started(keeper: LeaseKeeper) -> None:
+            self.keeper = keeper
+
+        await tokencontrol.keep_leases(self.config.shared, self.limits, self.lifecycle, started)
 
     async def _follow_drains(self) -> None:
         """Follow each operator's drain (``drain`` only changes the state: this task, of

@@ -22,6 +22,7 @@ from typing import Any
 
 from openclawd.config import ClientConfig, Config, ProviderLimits
 from openclawd.errors import BudgetExhaustedError, ForbiddenError, RateLimitedError
+from openclawd.protocol.meters import Allowance, Bucket, DayBudget
 from openclawd.protocol.usage import token_counts
 
 __all__ = [
@@ -53,76 +54,6 @@ class Scope:
         return f"{self.kind} {self.name}"
 
 
-class Bucket:
-    """A per-minute limit of ``limit``: holds at most ``limit``, refilled ``limit``/60 a
-    second. Corrections may take it below zero (a request that used more than charged);
-    it then has no room until refilled past the next amount."""
-
-    def __init__(self, limit: int, now: float) -> None:
-        self.limit = limit
-        self._level = float(limit)
-        self._at = now
-
-    def _refill(self, now: float) -> float:
-        if now > self._at:
-            self._level = min(float(self.limit), self._level + (now - self._at) * self.limit / 60)
-            self._at = now
-        return self._level
-
-    def used(self, now: float) -> int:
-        """What it has spent and not yet refilled."""
-        return max(0, math.ceil(self.limit - self._refill(now)))
-
-    def wait_for(self, amount: int, now: float) -> float | None:
-        """None if ``amount`` fits now, else the seconds until it will (an amount over
-        the whole limit waits for a full bucket)."""
-        level = self._refill(now)
-        want = min(float(amount), float(self.limit))
-        if level >= want:
-            return None
-        return (want - level) * 60 / self.limit
-
-    def take(self, amount: int, now: float) -> None:
-        self._level = self._refill(now) - amount
-
-    def give(self, amount: int, now: float) -> None:
-        self._level = min(float(self.limit), self._refill(now) + amount)
-
-
-class DayBudget:
-    """A daily budget of ``limit`` tokens; the day is UTC, given as its number (days since
-    the epoch), so a new day starts from nothing."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self._day = -1
-        self._spent = 0
-
-    def _on(self, day: int) -> None:
-        if day != self._day:
-            self._day, self._spent = day, 0
-
-    def used(self, day: int) -> int:
-        self._on(day)
-        return self._spent
-
-    def wait_for(self, amount: int, day: int, seconds_into_day: float) -> float | None:
-        """None if ``amount`` fits in what is left today, else the seconds until the next
-        UTC day."""
-        self._on(day)
-        if self._spent + amount <= self.limit:
-            return None
-        return max(0.0, _SECONDS_PER_DAY - seconds_into_day)
-
-    def take(self, amount: int, day: int) -> None:
-        self._on(day)
-        self._spent += amount
-
-    def give(self, amount: int, day: int) -> None:
-        self._on(day)
-        self._spent = max(0, self._spent - amount)
-
-
 @dataclass(slots=True)
 class Limit:
     """One limit of a scope: ``name`` is ``requests_per_minute``, ``tokens_per_minute`` or
@@ -130,7 +61,17 @@ class Limit:
 
     scope: Scope
     name: str
-    meter: Bucket | DayBudget
+    meter: Bucket | DayBudget | Allowance
+    figure: int = 0  # the configured limit (a local fallback's share is a part of it)
+
+    @property
+    def key(self) -> str:
+        """The limit's name in the fleet's engine: ``client:billing:tokens_per_minute``."""
+        return f"{self.scope.kind}:{self.scope.name}:{self.name}"
+
+    @property
+    def per_day(self) -> bool:
+        return self.name == "tokens_per_day"
 
     @property
     def counts_tokens(self) -> bool:
@@ -163,7 +104,7 @@ class Limit:
         limit, never anything the app sent)."""
         message = f"{self.scope}: {self.name} {self.meter.limit} reached"
         retry = math.ceil(retry_after_s * 1000) / 1000
-        if isinstance(self.meter, DayBudget):
+        if self.per_day:
             return BudgetExhaustedError(message, retry_after_s=retry)
         return RateLimitedError(message, retry_after_s=retry)
 
@@ -234,16 +175,27 @@ class Limits:
         clients: Mapping[str, Mapping[str, int]],
         providers: Mapping[str, Mapping[str, int]],
         now: float,
+        *,
+        lease_tick_s: float | None = None,
     ) -> None:
+        """``lease_tick_s``: the limits are the fleet's (CONTRACT.md 5.6), each an
+        ``Allowance`` a lease keeper tops up that often; None: this daemon's alone."""
         self.clients: dict[str, list[Limit]] = {}
         self.providers: dict[str, list[Limit]] = {}
         self.tally = Tally()
+        self.lease_tick_s = lease_tick_s
         self.configure(clients, providers, now)
 
     @classmethod
-    def of(cls, config: Config, *, now: float) -> Limits:
+    def of(cls, config: Config, *, now: float, lease_tick_s: float | None = None) -> Limits:
         """Every client's and provider's limit in ``config``."""
-        return cls(*_figures_of(config), now=now)
+        return cls(*_figures_of(config), now=now, lease_tick_s=lease_tick_s)
+
+    def all(self) -> list[Limit]:
+        """Every limit, clients' then providers'."""
+        return [
+            lim for group in (*self.clients.values(), *self.providers.values()) for lim in group
+        ]
 
     def configure_from(self, config: Config, *, now: float) -> None:
         """``configure`` from a reloaded ``config``."""
@@ -257,8 +209,9 @@ class Limits:
     ) -> None:
         """Take reloaded figures: a limit whose figure is unchanged keeps what it has
         counted; a new or changed one starts full."""
-        self.clients = _reconfigured(self.clients, "client", clients, now)
-        self.providers = _reconfigured(self.providers, "provider", providers, now)
+        tick = self.lease_tick_s
+        self.clients = _reconfigured(self.clients, "client", clients, now, tick)
+        self.providers = _reconfigured(self.providers, "provider", providers, now, tick)
 
     @property
     def counts_tokens(self) -> bool:
@@ -329,28 +282,36 @@ def _reconfigured(
     kind: str,
     figures: Mapping[str, Mapping[str, int]],
     now: float,
+    tick: float | None,
 ) -> dict[str, list[Limit]]:
     kept = {
-        (lim.scope.name, lim.name, lim.meter.limit): lim
-        for group in before.values()
-        for lim in group
+        (lim.scope.name, lim.name, lim.figure): lim for group in before.values() for lim in group
     }
     return {
         name: [
-            kept.get((name, lim.name, lim.meter.limit), lim)
-            for lim in _limits(Scope(kind, name), values, now)
+            kept.get((name, lim.name, lim.figure), lim)
+            for lim in _limits(Scope(kind, name), values, now, tick)
         ]
         for name, values in figures.items()
     }
 
 
-def _limits(scope: Scope, figures: Mapping[str, int], now: float) -> list[Limit]:
+def _limits(
+    scope: Scope, figures: Mapping[str, int], now: float, tick: float | None
+) -> list[Limit]:
     found: list[Limit] = []
-    for name in ("requests_per_minute", "tokens_per_minute"):
-        if figures.get(name, 0) > 0:
-            found.append(Limit(scope, name, Bucket(figures[name], now)))
-    if figures.get("tokens_per_day", 0) > 0:
-        found.append(Limit(scope, "tokens_per_day", DayBudget(figures["tokens_per_day"])))
+    for name in ("requests_per_minute", "tokens_per_minute", "tokens_per_day"):
+        figure = figures.get(name, 0)
+        if figure <= 0:
+            continue
+        meter: Bucket | DayBudget | Allowance
+        if tick is not None:
+            meter = Allowance(figure, tick)
+        elif name == "tokens_per_day":
+            meter = DayBudget(figure)
+        else:
+            meter = Bucket(figure, now)
+        found.append(Limit(scope, name, meter, figure))
     return found
 
 

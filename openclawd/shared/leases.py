@@ -1,0 +1,131 @@
+"""This daemon's share of the fleet's limits: leases from the engine (CONTRACT.md 5.6).
+
+The hot path never waits on the network. In shared mode each limit is an ``Allowance``
+(protocol/meters.py) that admission spends locally; ``LeaseKeeper`` fills it from the
+fleet's bucket in the engine, every ``tick_s``: up to a reserve (a tick's worth of the
+limit, and at least the largest amount refused for want of it), paying a correction up
+(an allowance in debt), and giving back what it holds over the reserve (refunds, an idle
+daemon). Whatever is spent here was first taken from the engine, so the fleet never spends
+more than its limit (corrections of a request's estimate aside).
+
+While the engine does not answer (``on_failure``):
+- ``"local"``: each limit becomes a bucket of this daemon's own, limit / ``expected_daemons``;
+  a request under it is never refused for the engine's sake;
+- ``"refuse"``: the allowances are no longer filled; what was leased is spent, then
+  requests under a shared limit are refused (``rate_limited``).
+The keeper goes back to leasing by itself once the engine answers, and reports the
+engine's reachability (``reachable``; the daemon is ``degraded`` meanwhile).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import trio
+
+from openclawd import logs
+from openclawd.errors import SharedUnavailableError
+from openclawd.protocol.limits import Limit, Limits
+from openclawd.protocol.meters import Allowance, Bucket, DayBudget
+from openclawd.shared.engine import Engine, Period
+from openclawd.shared.engine import Limit as EngineLimit
+
+__all__ = ["LeaseKeeper"]
+
+log = logs.get(__name__)
+
+
+class LeaseKeeper:
+    """Keeps ``limits`` (made with ``lease_tick_s``) fed from ``engine``."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        limits: Limits,
+        *,
+        on_failure: str,
+        expected_daemons: int,
+        on_change: Callable[[bool], None] = lambda reachable: None,
+    ) -> None:
+        assert limits.lease_tick_s is not None
+        self.engine = engine
+        self.limits = limits
+        self.tick_s = limits.lease_tick_s
+        self.on_failure = on_failure
+        self.expected_daemons = expected_daemons
+        self.reachable: bool | None = None  # None until the engine first answered or not
+        self._on_change = on_change
+
+    async def run(self) -> None:
+        """Lease every tick, until cancelled."""
+        while True:
+            await self.tick()
+            await trio.sleep(self.tick_s)
+
+    async def tick(self) -> None:
+        """One round of leases over every limit; notices the engine failing or back."""
+        try:
+            for limit in self.limits.all():
+                await self._lease(limit)
+        except SharedUnavailableError as exc:
+            self._unreachable(str(exc))
+        else:
+            self._reachable()
+
+    async def _lease(self, limit: Limit) -> None:
+        meter = limit.meter
+        if not isinstance(meter, Allowance):
+            # A local bucket while the engine was down: leasing again from nothing.
+            meter = limit.meter = Allowance(limit.figure, self.tick_s)
+        shared = EngineLimit(
+            limit.key, limit.figure, Period.DAY if limit.per_day else Period.MINUTE
+        )
+        reserve = max(1, math.ceil(limit.figure * self.tick_s / 60), meter.want)
+        with trio.CancelScope(shield=True):  # a call cut short may or may not be made
+            await self._settle(shared, meter, reserve)
+
+    async def _settle(self, shared: EngineLimit, meter: Allowance, reserve: int) -> None:
+        if meter.level > reserve and not meter.want:
+            excess = math.floor(meter.level - reserve)
+            meter.level -= excess
+            meter.fleet_used = await self.engine.adjust(shared, -excess)
+            return
+        want = math.ceil(reserve - meter.level)
+        if want <= 0:
+            meter.fleet_used = await self.engine.used(shared)
+            return
+        taken = await self.engine.take(shared, want)
+        if not taken.fitted:
+            # What the fleet's bucket still has, if anything, rather than nothing.
+            room = math.floor(shared.capacity - taken.used)
+            if 0 < room < want:
+                taken = await self.engine.take(shared, room)
+                want = room if taken.fitted else 0
+            else:
+                want = 0
+        meter.level += want
+        meter.fleet_used = taken.used
+        meter.retry_s = taken.retry_after_s if want == 0 else 0.0
+        if want:
+            meter.want = 0
+
+    def _unreachable(self, error: str) -> None:
+        if self.reachable is False:
+            return
+        self.reachable = False
+        log.warning("shared.unreachable", error=error, on_failure=self.on_failure)
+        if self.on_failure == "local":
+            now = trio.current_time()
+            for limit in self.limits.all():
+                share = max(1, limit.figure // self.expected_daemons)
+                limit.meter = DayBudget(share) if limit.per_day else Bucket(share, now)
+        self._on_change(False)
+
+    def _reachable(self) -> None:
+        if self.reachable:
+            return
+        if self.reachable is False:
+            log.info("shared.reachable")
+        self.reachable = True
+        self._on_change(True)

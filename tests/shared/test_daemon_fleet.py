@@ -1,0 +1,79 @@
+"""A daemon in a fleet ([shared], CONTRACT.md 5.6-5.7), in process against a real Valkey:
+its limits leased from the engine, ``/v1/limits`` and status saying so, ``degraded`` while
+the engine does not answer, and back by itself."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import trio
+
+from openclawd import config
+from openclawd.daemon import Daemon
+from openclawd.lifecycle import State
+from openclawd.notify import Notifier
+
+from ..conftest import daemon_tables, unix_request
+from ..daemon.test_daemon import start_ready
+from ..valkey import ValkeyServer
+
+
+async def limits_of(runtime: Path) -> dict[str, object]:
+    status, _, body = await trio.to_thread.run_sync(
+        unix_request, runtime / "control.sock", "GET", "/v1/limits"
+    )
+    assert status == 200
+    assert isinstance(body, dict)
+    return body
+
+
+async def test_a_daemon_leases_its_limits_and_degrades_while_the_engine_is_gone(
+    runtime_dir: Path, valkey: ValkeyServer, namespace: str, log_text: io.StringIO
+) -> None:
+    tables = daemon_tables(
+        runtime_dir,
+        shared={
+            "url": valkey.url,
+            "password_file": str(valkey.password_file),
+            "namespace": namespace,
+            "on_failure": "local",
+            "expected_daemons": 2,
+        },
+        clients={"billing": {"uids": [1001], "requests_per_minute": 600}},
+    )
+    daemon = Daemon(config.parse(tables, source=str(runtime_dir / "x.toml")), Notifier(None))
+    lifecycle = daemon.lifecycle
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            await start_ready(nursery, daemon)
+            while lifecycle.state is not State.READY:  # degraded until the engine answers
+                await lifecycle.wait_changed()
+            body = await limits_of(runtime_dir)
+            assert body["shared"] == {"mode": "shared", "reachable": True}
+            assert lifecycle.state is State.READY
+
+            valkey.stop()
+            while lifecycle.state is not State.DEGRADED:
+                await lifecycle.wait_changed()
+            assert "shared limits' engine unreachable" in lifecycle.degradations()
+            body = await limits_of(runtime_dir)
+            assert body["shared"] == {"mode": "local", "reachable": False}
+
+            valkey.start()
+            while lifecycle.state is not State.READY:
+                await lifecycle.wait_changed()
+            body = await limits_of(runtime_dir)
+            assert body["shared"] == {"mode": "shared", "reachable": True}
+            shown = [json.dumps(body)]
+            for target in ("/v1/status", "/metrics"):
+                _, _, answer = await trio.to_thread.run_sync(
+                    unix_request, runtime_dir / "control.sock", "GET", target
+                )
+                shown.append(answer.decode() if isinstance(answer, bytes) else json.dumps(answer))
+            nursery.cancel_scope.cancel()
+    shown.append(log_text.getvalue())
+    assert "event=shared.unreachable" in log_text.getvalue()
+    for text in shown:  # the engine's password, nowhere
+        assert valkey.password not in text

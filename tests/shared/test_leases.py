@@ -1,0 +1,131 @@
+"""The fleet's limits as leases (shared/leases.py, CONTRACT.md 5.6), against a real Valkey:
+daemons spend locally what their keepers leased from the engine, so together they never
+spend more than the limit; corrections and refunds go back; an engine that does not answer
+falls back as ``on_failure`` says, and leasing comes back with it."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import pytest
+import trio
+
+from openclawd.errors import BudgetExhaustedError, RateLimitedError
+from openclawd.protocol.limits import Limits
+from openclawd.protocol.meters import Allowance, Bucket
+from openclawd.shared.engine import Engine, Period, open_engine
+from openclawd.shared.engine import Limit as EngineLimit
+from openclawd.shared.leases import LeaseKeeper
+
+from ..valkey import ValkeyServer
+
+DAY = 20_000
+TICK_S = 0.05
+
+
+def daemon_limits(figures: dict[str, int]) -> Limits:
+    return Limits({"c": figures}, {}, now=trio.current_time(), lease_tick_s=TICK_S)
+
+
+@asynccontextmanager
+async def engine_of(server: ValkeyServer, namespace: str) -> AsyncIterator[Engine]:
+    async with open_engine(server.url, password=server.password, namespace=namespace) as engine:
+        yield engine
+
+
+def spend_all(limits: Limits, amount: int) -> int:
+    """Admit ``amount`` at a time until refused; returns what was admitted."""
+    admitted = 0
+    while True:
+        try:
+            limits.admit("c", None, amount, now=trio.current_time(), day=DAY, into_day=0.0)
+        except RateLimitedError:
+            return admitted
+        admitted += amount
+
+
+async def test_two_daemons_never_spend_more_than_the_fleets_budget(
+    shared_valkey: ValkeyServer, namespace: str
+) -> None:
+    async with engine_of(shared_valkey, namespace) as engine:
+        fleet = [daemon_limits({"tokens_per_day": 1000}) for _ in range(2)]
+        keepers = [
+            LeaseKeeper(engine, lim, on_failure="local", expected_daemons=2) for lim in fleet
+        ]
+        admitted = [0, 0]
+        idle = 0
+        for _ in range(500):  # rounds of leasing and spending, until nothing moves
+            for keeper in keepers:
+                await keeper.tick()
+            spent = [spend_all(lim, 10) for lim in fleet]
+            admitted = [a + s for a, s in zip(admitted, spent, strict=True)]
+            idle = 0 if any(spent) else idle + 1
+            if idle == 3:  # a refusal's want is leased the next round: three is nothing
+                break
+        used = await engine.used(EngineLimit("client:c:tokens_per_day", 1000, Period.DAY))
+        held = sum(lim.all()[0].meter.level for lim in fleet)  # type: ignore[union-attr]
+    assert sum(admitted) + held == used  # every token spent was leased first
+    assert used <= 1000
+    assert sum(admitted) >= 1000 - 2 * 20  # and the fleet does not starve itself
+    assert min(admitted) > 0  # both daemons had a share
+    with pytest.raises(BudgetExhaustedError):
+        fleet[0].admit("c", None, 1000, now=trio.current_time(), day=DAY, into_day=0.0)
+
+
+async def test_a_correction_down_is_given_back_to_the_fleet(
+    shared_valkey: ValkeyServer, namespace: str
+) -> None:
+    async with engine_of(shared_valkey, namespace) as engine:
+        limits = daemon_limits({"tokens_per_minute": 6000})
+        keeper = LeaseKeeper(engine, limits, on_failure="local", expected_daemons=1)
+        await keeper.tick()
+        with pytest.raises(RateLimitedError):  # more than the reserve: wanted next tick
+            limits.admit("c", None, 800, now=trio.current_time(), day=DAY, into_day=0.0)
+        await keeper.tick()
+        charge = limits.admit("c", None, 800, now=trio.current_time(), day=DAY, into_day=0.0)
+        charge.settle(50, now=trio.current_time(), day=DAY)
+        await keeper.tick()  # the 750 given back locally go back to the engine
+        meter = limits.all()[0].meter
+        assert isinstance(meter, Allowance)
+        assert meter.level <= max(5, 6000 * TICK_S / 60) + 1
+        assert meter.fleet_used < 800
+
+
+async def test_an_engine_that_does_not_answer_falls_back_and_leasing_comes_back(
+    valkey: ValkeyServer, namespace: str
+) -> None:
+    changes: list[bool] = []
+    async with engine_of(valkey, namespace) as engine:
+        local = daemon_limits({"requests_per_minute": 600})
+        keeper = LeaseKeeper(
+            engine, local, on_failure="local", expected_daemons=3, on_change=changes.append
+        )
+        refuse = daemon_limits({"requests_per_minute": 600})
+        strict = LeaseKeeper(engine, refuse, on_failure="refuse", expected_daemons=3)
+        await keeper.tick()
+        await strict.tick()
+        assert (keeper.reachable, strict.reachable) == (True, True)
+
+        valkey.stop()
+        await keeper.tick()
+        await strict.tick()
+        assert (keeper.reachable, strict.reachable) == (False, False)
+        assert changes == [True, False]
+        # "local": a bucket of this daemon's own, 600 / 3 at once.
+        assert isinstance(local.all()[0].meter, Bucket)
+        assert spend_all(local, 1) == 200
+        # "refuse": what was leased is spent, then refused.
+        leased = spend_all(refuse, 1)
+        assert leased <= 10
+        with pytest.raises(RateLimitedError):
+            refuse.admit("c", None, 1, now=trio.current_time(), day=DAY, into_day=0.0)
+
+        valkey.start()
+        with trio.fail_after(30):
+            while not keeper.reachable:
+                await keeper.tick()
+        assert changes == [True, False, True]
+        assert isinstance(local.all()[0].meter, Allowance)
+        await keeper.tick()
+        assert spend_all(local, 1) > 0  # leasing again
