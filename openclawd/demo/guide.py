@@ -12,6 +12,8 @@ import shlex
 import sys
 
 from openclawd.demo.layout import (
+    CLIENT,
+    CLIENT_TOKENS_PER_MINUTE,
     MODEL,
     PROVIDER,
     REFRESH_INTERVAL_S,
@@ -54,6 +56,13 @@ def guide(layout: Layout, *, vault_addr: str, root_token: str, bao: str, mock_po
             "messages": [{"role": "user", "content": "Hi"}],
         }
     )
+    big = json.dumps(
+        {
+            "model": MODEL,
+            "max_tokens": 2 * CLIENT_TOKENS_PER_MINUTE,
+            "messages": [{"role": "user", "content": "Hi"}],
+        }
+    )
     ws = _WS_SNIPPET.format(
         python=shlex.quote(sys.executable),
         socket=json.dumps(str(layout.data_socket)),
@@ -90,6 +99,15 @@ printf 'sk-demo-%s' "$(date +%s%N)" | BAO_ADDR={vault_addr} BAO_TOKEN={root_toke
 
 # metrics, as Prometheus scrapes them
 curl -sS --unix-socket {control} http://openclawd/metrics | grep ^openclawd_
+
+# token control: a request that asks for more than client {CLIENT}'s tokens_per_minute
+# ({CLIENT_TOKENS_PER_MINUTE}) is refused before it reaches the provider: 429 rate_limited
+curl -sS --unix-socket {data} \
+  http://openclawd/v1/http/{PROVIDER}/v1/chat/completions \
+  -H 'content-type: application/json' -d '{big}'; echo
+
+# what client {CLIENT} and the provider have used of their limits
+curl -sS --unix-socket {control} http://openclawd/v1/limits; echo
 
 Press Ctrl-C to drain the daemon and stop everything the demo started.
 """

@@ -29,6 +29,9 @@ VAULT_PATH = "openclawd/mock"
 MODEL = "mock-1"
 REFRESH_INTERVAL_S = 2.0
 DRAIN_TIMEOUT_S = 10.0
+# The demo's client (this user) gets a small token limit, for the guide to run into.
+CLIENT = "demo"
+CLIENT_TOKENS_PER_MINUTE = 20_000
 INSTALL_HINT = "pip install -e '.[demo]' in a clone, or pip install 'openclawd[demo]'"
 # sockaddr_un holds 108 bytes, the terminating NUL included.
 _MAX_SOCKET_PATH = 107
@@ -207,6 +210,11 @@ drain_timeout_s = {DRAIN_TIMEOUT_S}
 base_url = "http://127.0.0.1:{mock_port}"
 ws_url = "ws://127.0.0.1:{mock_port}"
 vault_path = {quoted(VAULT_PATH)}
+
+# Token control: this user's requests are client "{CLIENT}", with a small token limit.
+[clients.{CLIENT}]
+uids = [{os.getuid()}]
+tokens_per_minute = {CLIENT_TOKENS_PER_MINUTE}
 """
     try:
         layout.config.write_text(text)

@@ -33,13 +33,14 @@ class Bucket:
         return max(0, math.ceil(self.limit - self._refill(now)))
 
     def wait_for(self, amount: int, now: float) -> float | None:
-        """None if ``amount`` fits now, else the seconds until it will (an amount over
-        the whole limit waits for a full bucket)."""
+        """None if ``amount`` fits now, else the seconds until it will. An amount over
+        the whole limit never fits (at most N at once): it is told a full minute."""
         level = self._refill(now)
-        want = min(float(amount), float(self.limit))
-        if level >= want:
+        if amount > self.limit:
+            return 60.0
+        if level >= amount:
             return None
-        return (want - level) * 60 / self.limit
+        return (amount - level) * 60 / self.limit
 
     def take(self, amount: int, now: float) -> None:
         self._level = self._refill(now) - amount
@@ -103,6 +104,8 @@ class Allowance:
         return math.ceil(self.fleet_used)
 
     def wait_for(self, amount: int, now: float) -> float | None:
+        if amount > self.limit:  # never fits, whatever is leased
+            return 60.0
         if self.level >= amount:
             return None
         self.want = max(self.want, amount)

@@ -56,6 +56,8 @@ HTTP_CHAT = "through /v1/http"
 WS_CHAT = "over the /v1/ws channel"
 ROTATE = "rotate the key in Vault"
 METRICS = "metrics"
+LIMITED = "token control"
+LIMITS = "have used of their limits"
 
 
 def short_dir(prefix: str) -> Path:
@@ -170,10 +172,10 @@ def test_ready_prints_a_guide_to_what_runs(running: Running) -> None:
     assert guide.root_token.startswith("demo-root-")
     assert guide.vault_key_path == "secret/openclawd/mock"
     assert guide.mock_url == f"http://127.0.0.1:{guide.mock_port}"
-    # Five blocks, each opening with a comment that says what it does.
-    assert len(guide.blocks) == 5, guide.text
+    # Seven blocks, each opening with a comment that says what it does.
+    assert len(guide.blocks) == 7, guide.text
     assert all(block.startswith("# ") for block in guide.blocks), guide.text
-    for topic in (STATUS, HTTP_CHAT, WS_CHAT, ROTATE, METRICS):
+    for topic in (STATUS, HTTP_CHAT, WS_CHAT, ROTATE, METRICS, LIMITED, LIMITS):
         guide.block(topic)
     # The demo's children: the daemon on the written config, and bao's dev server.
     argvs = [cmdline(child.pid) for child in running.process.children]
@@ -228,6 +230,25 @@ def test_the_printed_metrics_command_shows_the_daemons_counters(running: Running
     lines = running.run(METRICS).splitlines()
     assert lines
     assert all(line.startswith("openclawd_") for line in lines)
+
+
+def test_the_printed_token_control_commands_run_into_the_limit_and_show_it(
+    running: Running,
+) -> None:
+    """The demo's client has a small tokens_per_minute (issue 19: the demo shows it)."""
+    refused = json.loads(running.run(LIMITED))
+    assert refused["error"]["code"] == "rate_limited"
+    assert "client demo: tokens_per_minute" in refused["error"]["message"]
+    running.run(HTTP_CHAT)
+    limits = json.loads(running.run(LIMITS))
+    assert limits["shared"] == {"mode": "local", "reachable": None}
+    used = limits["clients"]["demo"]["tokens_per_minute"]
+    assert used["limit"] == 20000
+    assert 0 <= used["used"] < 20000  # the chat's usage (the bucket refills 333 a second)
+    metrics = running.run(METRICS)
+    refusal = 'openclawd_limit_refusals_total{limit="tokens_per_minute",name="demo",scope="client"}'
+    assert f"{refusal} 1.0" in metrics
+    assert 'openclawd_client_requests_total{client="demo",provider="mock",status="200"}' in metrics
 
 
 # --- rotation --------------------------------------------------------------------------------

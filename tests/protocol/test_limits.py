@@ -46,11 +46,12 @@ def test_at_most_n_plus_n_t_over_60_over_any_t_seconds() -> None:
     assert taken <= 120 + 120 * 30 / 60 + 1
 
 
-def test_an_amount_over_the_whole_limit_waits_for_a_full_bucket() -> None:
+def test_an_amount_over_the_whole_limit_never_fits() -> None:
+    """At most N at once (CONTRACT.md 5.1): not even a full bucket takes more than N."""
     bucket = Bucket(100, now=0.0)
-    bucket.take(100, 0.0)
-    assert bucket.wait_for(500, 0.0) == pytest.approx(60.0)
-    assert bucket.wait_for(500, 60.0) is None
+    assert bucket.wait_for(100, 0.0) is None
+    assert bucket.wait_for(101, 0.0) == pytest.approx(60.0)
+    assert bucket.wait_for(500, 600.0) == pytest.approx(60.0)
 
 
 def test_a_correction_may_take_a_bucket_below_zero() -> None:
