@@ -24,6 +24,7 @@ import math
 import signal
 from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -56,9 +57,11 @@ from openclawd.protocol.exchange import Admission
 from openclawd.protocol.limits import Limits
 from openclawd.protocol.ratelimit import RateLimiter
 from openclawd.reload import RESTART_ONLY, changed_keys, keep_restart_only
-from openclawd.shared.leases import LeaseKeeper
 from openclawd.statistics import Statistics, TokenControlStatistics
 from openclawd.upstream.http import Upstreams
+
+if TYPE_CHECKING:  # valkey-glide is imported only by a fleet's daemon (tokencontrol)
+    from openclawd.shared.leases import LeaseKeeper
 
 log = logs.get(__name__)
 

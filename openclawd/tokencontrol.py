@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -14,10 +15,11 @@ from openclawd.config import Config, SharedConfig
 from openclawd.credentials import read_credential
 from openclawd.lifecycle import Lifecycle
 from openclawd.protocol.limits import Limits, utc_day
-from openclawd.shared.engine import open_engine
-from openclawd.shared.leases import LeaseKeeper
 from openclawd.statistics import TokenControlStatistics
 from openclawd.upstream.http import Upstreams
+
+if TYPE_CHECKING:  # the engine's client (valkey-glide) is imported only by a fleet's daemon
+    from openclawd.shared.leases import LeaseKeeper
 
 __all__ = ["keep_leases", "statistics"]
 
@@ -59,6 +61,9 @@ async def keep_leases(
     """Feed ``limits`` from the engine of ``shared`` until cancelled; the daemon is
     ``degraded`` until the engine first answers, and while it does not. The engine's
     password is read from its credential file here, and only handed to its client."""
+    from openclawd.shared.engine import open_engine
+    from openclawd.shared.leases import LeaseKeeper
+
     password = None
     if shared.password_file:
         password = read_credential(shared.password_file, what="shared.password_file")

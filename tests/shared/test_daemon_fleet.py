@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import io
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import trio
@@ -77,3 +79,10 @@ async def test_a_daemon_leases_its_limits_and_degrades_while_the_engine_is_gone(
     assert "event=shared.unreachable" in log_text.getvalue()
     for text in shown:  # the engine's password, nowhere
         assert valkey.password not in text
+
+
+def test_a_daemon_without_a_fleet_never_imports_the_engines_client() -> None:
+    """valkey-glide costs a quarter of a second to import (and starts machinery of its
+    own): only a daemon with ``[shared] url`` loads it."""
+    code = "import sys, openclawd.cli, openclawd.daemon; assert 'glide' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
