@@ -11,6 +11,10 @@ import pytest
 
 from openclawd.shared.engine import Engine, open_engine
 
+# A daemon run in process here (test_daemon_fleet) leaves its signals blocked, as the
+# daemon tests' does: the same fixture puts the mask back (else every process a later test
+# starts inherits SIGTERM and SIGINT blocked, and cannot be stopped).
+from ..daemon.conftest import restore_signal_mask  # noqa: F401 - an autouse fixture
 from ..valkey import (  # noqa: F401 - fixtures
     ValkeyCluster,
     ValkeyServer,
