@@ -34,13 +34,13 @@ from openclawd.lifecycle import Lifecycle
 from openclawd.local.http11 import Connection
 from openclawd.local.outbox import Outbox
 from openclawd.protocol import messages
-from openclawd.protocol.exchange import Admission, Ask, Exchange
+from openclawd.protocol.exchange import Admission, Ask, Exchange, provider_limits
 from openclawd.protocol.limits import Charge, utc_day
 from openclawd.protocol.messages import Request
 from openclawd.protocol.session import Abort, Send, Session, Start
 from openclawd.protocol.usage import estimate_tokens
 from openclawd.upstream.http import UpstreamRequest, UpstreamResponse, Upstreams
-from openclawd.upstream.routes import Candidate, open_route, rewrite_model
+from openclawd.upstream.routes import Candidate, TakeLimits, open_route, rewrite_model
 from openclawd.websocket import ConnectionClosed, WebSocketConnection
 
 log = logs.get(__name__)
@@ -197,7 +197,8 @@ class Channels:
         try:
             with scope:
                 try:
-                    await relay(self.upstreams, request, exchange, channel.send, finish)
+                    limits = provider_limits(exchange, self.admission.limits, _clock)
+                    await relay(self.upstreams, request, exchange, channel.send, finish, limits)
                 except OpenclawdError as exc:
                     exchange.fail(exc)
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -293,6 +294,10 @@ async def _tell_the_end(
         await finish(_error_frame(rid, exchange.error))
 
 
+def _clock() -> tuple[float, int, float]:
+    return (trio.current_time(), *utc_day(time.time()))
+
+
 def _cut_reason(conn: Connection) -> str:
     """Why the daemon cut a channel (its connection's cancel came from outside)."""
     why = conn.cutter.why
@@ -310,6 +315,7 @@ async def relay(
     exchange: Exchange,
     send: Callable[[str], Any],
     finish: Callable[[str], Any],
+    take_limits: TakeLimits | None = None,
 ) -> None:
     """Send ``request`` upstream and relay the response as frames (CONTRACT.md 3.1).
 
@@ -330,7 +336,8 @@ async def relay(
             content = messages.encode_body(rewrite_model(request.body, candidate.models))
         return UpstreamRequest(request.method, request.path, tuple(headers), content)
 
-    async with open_route(upstreams, request.provider, request_for) as (provider, response):
+    opened = open_route(upstreams, request.provider, request_for, take_limits)
+    async with opened as (provider, response):
         await send(messages.response_start(rid, response.status, shown_headers(response.headers)))
         exchange.responded(response.status)
         if response.is_event_stream:

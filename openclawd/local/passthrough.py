@@ -38,7 +38,7 @@ from openclawd.errors import (
 )
 from openclawd.lifecycle import Lifecycle
 from openclawd.local.http11 import Connection, reason_phrase
-from openclawd.protocol.exchange import Admission, Ask, Exchange
+from openclawd.protocol.exchange import Admission, Ask, Exchange, provider_limits
 from openclawd.protocol.limits import Charge, utc_day
 from openclawd.protocol.messages import (
     CREDENTIAL_HEADERS,
@@ -209,7 +209,9 @@ class Passthrough:
                 content = rewrite_model_bytes(request.content, candidate.models)
                 return dataclasses.replace(request, content=content)
 
-            opened = open_route(self.upstreams, route.provider, request_for)
+            clock = lambda: (trio.current_time(), *utc_day(time.time()))  # noqa: E731
+            limits = provider_limits(exchange, self.admission.limits, clock)
+            opened = open_route(self.upstreams, route.provider, request_for, limits)
             async with opened as (provider, response):
                 headers = response_headers(response.headers)
                 headers.append((b"openclawd-provider", provider.encode("ascii")))

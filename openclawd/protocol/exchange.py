@@ -14,6 +14,7 @@ usage reported, or refunded). After h11's ``Connection``: no sockets, tasks or c
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -221,3 +222,36 @@ class Exchange:
     def _end(self, ending: Ending) -> None:
         if self.ending is None:
             self.ending = ending
+
+
+Clock = Callable[[], tuple[float, int, float]]  # now (trio's), the UTC day, seconds into it
+
+
+def provider_limits(
+    exchange: Exchange, limits: Limits | None, clock: Clock
+) -> Callable[[str], Callable[[], None]] | None:
+    """For a request to a route: a function that charges the provider about to be tried
+    its own limits (the request's token estimate, and one request) and joins that charge
+    to the exchange's, returning what gives it back if the route moves on. None without
+    limits.
+
+    The function raises the limit's refusal (``RateLimitedError``)."""
+    if limits is None:
+        return None
+
+    def take(provider: str) -> Callable[[], None]:
+        now, day, into_day = clock()
+        whole = exchange.charge
+        tokens = whole.tokens if whole is not None else 0
+        charge = limits.admit(None, provider, tokens, now=now, day=day, into_day=into_day)
+        if whole is None:
+            whole = exchange.charge = Charge(tokens, tally=limits.tally)
+        whole.join(charge)
+
+        def give_back() -> None:
+            now, day, _ = clock()
+            whole.leave(charge, now, day)
+
+        return give_back
+
+    return take

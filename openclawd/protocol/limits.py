@@ -132,6 +132,17 @@ class Charge:
     provider: str = ""
     tally: Tally | None = None
 
+    def join(self, other: Charge) -> None:
+        """Take ``other`` (the same request's charge on the provider a route chose) in:
+        settled together, accounted to its provider."""
+        self.limits.extend(other.limits)
+        self.provider = other.provider
+
+    def leave(self, other: Charge, now: float, day: int) -> None:
+        """Give ``other`` back and take it out (the route moved on to its next provider)."""
+        other.refund(now, day)
+        self.limits = [lim for lim in self.limits if lim not in other.limits]
+
     def account(self, status: str, usage: Any) -> None:
         """Count the request's end in the tally: its status and the tokens it reported."""
         if self.tally is None:

@@ -20,7 +20,7 @@ from typing import Any
 import trio
 
 from openclawd import logs
-from openclawd.errors import OpenclawdError, UnknownProviderError, UpstreamError
+from openclawd.errors import OpenclawdError, RateLimitedError, UnknownProviderError, UpstreamError
 from openclawd.upstream.http import ProviderPool, UpstreamRequest, UpstreamResponse, Upstreams
 
 __all__ = ["Candidate", "candidates", "open_route", "rewrite_model"]
@@ -81,24 +81,43 @@ def _gives_way(response: UpstreamResponse) -> str | None:
     return None
 
 
+# A route's provider's limits: take them for the provider about to be tried, and return a
+# function that gives them back (when the route moves on). Raises the refusal.
+TakeLimits = Callable[[str], Callable[[], None]]
+
+
 @contextlib.asynccontextmanager
 async def open_route(
     upstreams: Upstreams,
     name: str,
     request_for: Callable[[Candidate], UpstreamRequest],
+    take_limits: TakeLimits | None = None,
 ) -> AsyncIterator[tuple[str, UpstreamResponse]]:
     """Send the request (``request_for`` builds it for each provider tried) to the first
-    provider of ``name`` that takes it; yields that provider's name and its response.
+    provider of ``name`` that takes it; yields that provider's name and its response. For
+    a route, ``take_limits`` charges each provider's own limits as it is tried (a provider
+    named directly was charged at admission).
 
     Raises:
-        OpenclawdError: as ``ProviderPool.open``, from the last provider tried.
+        OpenclawdError: as ``ProviderPool.open``, from the last provider tried; a limit's
+            refusal of the last provider.
     """
     tried = candidates(upstreams, name)
+    routed = name in upstreams.routes
     for index, candidate in enumerate(tried):
         pool = candidate.pool
         if not candidate.last and not pool.has_room(trio.current_time()):
             _fell_back(upstreams, name, pool.name, tried[index + 1].pool.name, "no room")
             continue
+        give_back: Callable[[], None] = lambda: None  # noqa: E731
+        if routed and take_limits is not None:
+            try:
+                give_back = take_limits(pool.name)
+            except RateLimitedError as refused:
+                if candidate.last:
+                    raise
+                _fell_back(upstreams, name, pool.name, tried[index + 1].pool.name, refused.code)
+                continue
         request = request_for(candidate)
         # A body streamed from the app is read once: it goes to this provider or nowhere.
         last = candidate.last or not request.replayable
@@ -109,12 +128,14 @@ async def open_route(
             except (UpstreamError, UnknownProviderError) as exc:
                 if last:
                     raise
+                give_back()
                 _fell_back(upstreams, name, pool.name, tried[index + 1].pool.name, exc.code)
                 continue
             reason = None if last else _gives_way(response)
             if reason is None:
                 yield pool.name, response
                 return
+            give_back()
             _fell_back(upstreams, name, pool.name, tried[index + 1].pool.name, reason)
     raise OpenclawdError(f"route {name} has no provider")  # the config forbids it
 

@@ -100,3 +100,25 @@ async def test_a_provider_with_an_open_circuit_is_passed_over(
             assert frames[-1]["provider"] == "openai_eu"
             assert [r.url.host for r in plane.upstream.requests] == ["eu.openai.test"]
             assert plane.upstreams.fallbacks == {("chat", "openai", "openai_eu", "no room"): 1}
+
+
+async def test_a_routes_provider_over_its_own_limit_is_passed_over(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """CONTRACT.md 5.4: the first provider 'whose limits have room'; its limit is charged
+    only when it is the one tried, and given back when the route moves on."""
+    limited = {"limits": {"requests_per_minute": 1}}
+    with trio.fail_after(LIMIT_S):
+        async with (
+            open_plane(by_host(200), provider=limited, more_providers=EU, routes=CHAT) as plane,
+            open_channel(plane) as app,
+        ):
+            first = await app.call("r1", body={"model": "m"}, provider="chat")
+            assert first[-1]["provider"] == "openai"
+            second = await app.call("r2", body={"model": "m"}, provider="chat")
+            assert second[-1]["provider"] == "openai_eu"
+            assert plane.upstreams.fallbacks == {("chat", "openai", "openai_eu", "rate_limited"): 1}
+            # A 5xx from openai would give its request back: here it answered, so it is spent.
+            [refused] = await app.call("r3", body={"model": "m"})  # openai itself
+            assert refused["code"] == "rate_limited"
+            assert refused["message"] == "provider openai: requests_per_minute 1 reached"
