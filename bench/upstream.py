@@ -28,6 +28,11 @@ Routes:
 * ``GET /_bench/stats`` -- per key fingerprint: requests accepted and the
   ``time.monotonic()`` of the first (CLOCK_MONOTONIC: comparable across processes on one
   host); and the number of 401s. Keys never appear in it.
+* ``POST /_bench/arrivals`` -- ``{"record": true}``: from now on note the
+  ``time.monotonic()`` of every accepted completion request, per key fingerprint (the
+  earlier notes are dropped); ``false`` stops it. Off by default: then a request costs one
+  attribute test more. ``GET /_bench/arrivals``: ``{"arrivals": {FINGERPRINT: [T, ...]}}``
+  (``bench/fleet_runner.py`` counts them per minute window).
 
 It prints ``{"port": N}`` on stdout once it listens, and runs until SIGTERM or SIGINT.
 """
@@ -183,6 +188,8 @@ class Keys:
     requests: dict[str, int] = field(default_factory=dict)
     first_seen: dict[str, float] = field(default_factory=dict)
     refused: int = 0
+    recording: bool = False  # note every accepted request's arrival in ``arrivals``
+    arrivals: dict[str, list[float]] = field(default_factory=dict)
 
     def admit(self, authorization: bytes | None) -> bool:
         if authorization is None or not authorization.startswith(b"Bearer "):
@@ -197,7 +204,15 @@ class Keys:
             self.requests[name] = 0
             self.first_seen[name] = time.monotonic()
         self.requests[name] += 1
+        if self.recording:
+            self.arrivals.setdefault(name, []).append(time.monotonic())
         return True
+
+    def record(self, on: bool) -> None:
+        """Start (dropping what was noted) or stop noting arrivals."""
+        if on:
+            self.arrivals = {}
+        self.recording = on
 
     def stats(self) -> dict[str, object]:
         return {
@@ -336,16 +351,34 @@ class HttpProtocol(asyncio.Protocol):
             if request.get("stream") is True:
                 return _streamed(request)
             return completion()
-        if path == b"/_bench/keys" and method == b"POST":
-            try:
-                accept = json.loads(body)["accept"]
-            except (ValueError, KeyError, TypeError):
-                return _error(400, "Bad Request", 'expected {"accept": [...]}', "bad_json")
-            self.keys.accepted = {str(key) for key in accept}
-            return _response(200, "OK", "application/json", b"{}")
-        if path == b"/_bench/stats" and method == b"GET":
-            return _response(200, "OK", "application/json", _json(self.keys.stats()))
+        if path.startswith(b"/_bench/"):
+            return _bench_route(self.keys, method, path, body)
         return _error(404, "Not Found", "no such route", "not_found")
+
+
+def _bench_route(keys: Keys, method: bytes, path: bytes, body: bytes) -> bytes:
+    """The benchmarks' own routes (``/_bench/...``)."""
+    if path == b"/_bench/keys" and method == b"POST":
+        try:
+            accept = json.loads(body)["accept"]
+        except (ValueError, KeyError, TypeError):
+            return _error(400, "Bad Request", 'expected {"accept": [...]}', "bad_json")
+        keys.accepted = {str(key) for key in accept}
+        return _response(200, "OK", "application/json", b"{}")
+    if path == b"/_bench/stats" and method == b"GET":
+        return _response(200, "OK", "application/json", _json(keys.stats()))
+    if path == b"/_bench/arrivals" and method == b"POST":
+        try:
+            on = json.loads(body)["record"]
+        except (ValueError, KeyError, TypeError):
+            on = None
+        if not isinstance(on, bool):
+            return _error(400, "Bad Request", 'expected {"record": BOOL}', "bad_json")
+        keys.record(on)
+        return _response(200, "OK", "application/json", b"{}")
+    if path == b"/_bench/arrivals" and method == b"GET":
+        return _response(200, "OK", "application/json", _json({"arrivals": keys.arrivals}))
+    return _error(404, "Not Found", "no such route", "not_found")
 
 
 def _streamed(request: dict[str, Any]) -> bytes | tuple[bytes, bytes, float] | Timed:
