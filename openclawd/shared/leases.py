@@ -66,6 +66,8 @@ class LeaseKeeper:
     async def tick(self) -> None:
         """One round of leases over every limit; notices the engine failing or back."""
         try:
+            if self.reachable is False:
+                await self.engine.ping()  # the local buckets stay until the engine answers
             for limit in self.limits.all():
                 await self._lease(limit)
         except SharedUnavailableError as exc:
@@ -86,6 +88,8 @@ class LeaseKeeper:
             await self._settle(shared, meter, reserve)
 
     async def _settle(self, shared: EngineLimit, meter: Allowance, reserve: int) -> None:
+        if meter.level >= meter.want:
+            meter.want = 0  # what a refused request wanted is here
         if meter.level > reserve and not meter.want:
             excess = math.floor(meter.level - reserve)
             meter.level -= excess
@@ -107,7 +111,9 @@ class LeaseKeeper:
         meter.level += want
         meter.fleet_used = taken.used
         meter.retry_s = taken.retry_after_s if want == 0 else 0.0
-        if want:
+        # A partial lease is kept, and ``want`` with it, until the level reaches it: given
+        # back at the next tick, a request larger than the reserve would never fit.
+        if meter.level >= meter.want:
             meter.want = 0
 
     def _unreachable(self, error: str) -> None:
