@@ -96,6 +96,10 @@ class Allowance:
         self.limit = limit
         self.level = 0.0
         self.want = 0
+        # The largest amount a request asked for lately (decayed by the keeper): the share
+        # kept on hand, so a request larger than a tick's lease finds it there.
+        self.peak = 0.0
+        self.asked = False  # a request asked since the keeper last looked
         self.fleet_used = 0.0
         self.retry_s = retry_s
         self._tick_s = retry_s
@@ -104,6 +108,8 @@ class Allowance:
         return math.ceil(self.fleet_used)
 
     def wait_for(self, amount: int, now: float) -> float | None:
+        self.peak = max(self.peak, float(amount))
+        self.asked = True
         if amount > self.limit:  # never fits, whatever is leased
             return 60.0
         if self.level >= amount:

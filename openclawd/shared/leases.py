@@ -3,10 +3,11 @@
 The hot path never waits on the network. In shared mode each limit is an ``Allowance``
 (protocol/meters.py) that admission spends locally; ``LeaseKeeper`` fills it from the
 fleet's bucket in the engine, every ``tick_s``: up to a reserve (a tick's worth of the
-limit, and at least the largest amount refused for want of it), paying a correction up
-(an allowance in debt), and giving back what it holds over the reserve (refunds, an idle
-daemon). Whatever is spent here was first taken from the engine, so the fleet never spends
-more than its limit (corrections of a request's estimate aside).
+limit, or the largest amount requests asked for lately, or refused for want of it),
+paying a correction up (an allowance in debt), and giving back what it holds over the
+reserve (refunds, an idle daemon). Whatever is spent here was first taken from the
+engine, so the fleet never spends more than its limit (corrections of a request's
+estimate aside).
 
 While the engine does not answer (``on_failure``):
 - ``"local"``: each limit becomes a bucket of this daemon's own, limit / ``expected_daemons``;
@@ -35,6 +36,11 @@ __all__ = ["LeaseKeeper"]
 
 log = logs.get(__name__)
 
+# A request's size is kept on hand while such requests come; after this many ticks with
+# none, its memory fades by _PEAK_DECAY a tick, so an idle daemon gives its share back.
+_IDLE_TICKS = 30
+_PEAK_DECAY = 0.9
+
 
 class LeaseKeeper:
     """Keeps ``limits`` (made with ``lease_tick_s``) fed from ``engine``."""
@@ -55,6 +61,7 @@ class LeaseKeeper:
         self.on_failure = on_failure
         self.expected_daemons = expected_daemons
         self.reachable: bool | None = None  # None until the engine first answered or not
+        self._idle: dict[str, int] = {}  # ticks since a request asked, by limit
         self._on_change = on_change
 
     async def run(self) -> None:
@@ -84,8 +91,20 @@ class LeaseKeeper:
             limit.key, limit.figure, Period.DAY if limit.per_day else Period.MINUTE
         )
         reserve = max(1, math.ceil(limit.figure * self.tick_s / 60), meter.want)
+        reserve = max(reserve, min(limit.figure, math.ceil(meter.peak)))
+        self._forget(limit, meter)
         with trio.CancelScope(shield=True):  # a call cut short may or may not be made
             await self._settle(shared, meter, reserve)
+
+    def _forget(self, limit: Limit, meter: Allowance) -> None:
+        """Fade what requests asked for once they stop coming (``_IDLE_TICKS``)."""
+        if meter.asked:
+            meter.asked = False
+            self._idle[limit.key] = 0
+            return
+        idle = self._idle[limit.key] = self._idle.get(limit.key, 0) + 1
+        if idle > _IDLE_TICKS:
+            meter.peak *= _PEAK_DECAY
 
     async def _settle(self, shared: EngineLimit, meter: Allowance, reserve: int) -> None:
         if meter.level >= meter.want:

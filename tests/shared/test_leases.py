@@ -85,11 +85,16 @@ async def test_a_correction_down_is_given_back_to_the_fleet(
         await keeper.tick()
         charge = limits.admit("c", None, 800, now=trio.current_time(), day=DAY, into_day=0.0)
         charge.settle(50, now=trio.current_time(), day=DAY)
-        await keeper.tick()  # the 750 given back locally go back to the engine
+        await keeper.tick()
         meter = limits.all()[0].meter
         assert isinstance(meter, Allowance)
+        # Requests of 800 come: that much is kept on hand (the 750 of the correction).
+        assert meter.level == 800
+        assert meter.fleet_used <= 850  # held + spent; the bucket refills meanwhile
+        for _ in range(150):  # no more such requests: the share goes back to the fleet
+            await keeper.tick()
         assert meter.level <= max(5, 6000 * TICK_S / 60) + 1
-        assert meter.fleet_used < 800
+        assert meter.fleet_used < 100
 
 
 async def test_an_engine_that_does_not_answer_falls_back_and_leasing_comes_back(
@@ -149,3 +154,25 @@ async def test_daemons_competing_for_requests_larger_than_a_ticks_lease_all_prog
             for keeper in keepers:
                 await keeper.tick()
     assert sum(admitted) == 2000  # five requests of 400: the whole budget, none over
+
+
+async def test_requests_larger_than_a_ticks_lease_find_it_on_hand_between_ticks(
+    shared_valkey: ValkeyServer, namespace: str
+) -> None:
+    """Found by bench/fleet: requests of 41 tokens every five ticks, under a limit whose
+    tick's share is 17: the lease a refusal asked for was given back at the next tick, so
+    every request was refused. What requests ask for lately is now kept on hand."""
+    async with engine_of(shared_valkey, namespace) as engine:
+        limits = daemon_limits({"tokens_per_minute": 10200})
+        keeper = LeaseKeeper(engine, limits, on_failure="local", expected_daemons=1)
+        admitted = 0
+        for _ in range(20):
+            for _ in range(5):
+                await keeper.tick()
+            try:
+                charge = limits.admit("c", None, 41, now=trio.current_time(), day=DAY, into_day=0)
+            except RateLimitedError:
+                continue
+            charge.settle(17, now=trio.current_time(), day=DAY)
+            admitted += 1
+    assert admitted == 19  # all but the first, which showed what requests ask for
