@@ -9,7 +9,7 @@ hold counters of its own, and no label value may ever come from a key or an app'
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from itertools import accumulate
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -194,41 +194,42 @@ def _token_control(stats: Statistics) -> Iterator[Metric]:
     """Token control (CONTRACT.md 5.7): label values are configured client, provider,
     route and limit names and statuses, never an app's data."""
     tc = stats.token_control
-    refusals = CounterMetricFamily(
+    yield _counted(
         "openclawd_limit_refusals",
         "Requests refused by token control, by whose limit and which.",
-        labels=["scope", "name", "limit"],
+        ["scope", "name", "limit"],
+        tc.refusals.items(),
     )
-    for labels, count in sorted(tc.refusals.items()):
-        refusals.add_metric(list(labels), count)
-    yield refusals
-    requests = CounterMetricFamily(
+    yield _counted(
         "openclawd_client_requests",
         "Requests ended, by client, provider and the status the app was sent.",
-        labels=["client", "provider", "status"],
+        ["client", "provider", "status"],
+        tc.requests.items(),
     )
-    for labels, count in sorted(tc.requests.items()):
-        requests.add_metric(list(labels), count)
-    yield requests
-    tokens = CounterMetricFamily(
+    yield _counted(
         "openclawd_client_tokens",
         "Tokens the upstream reported, by client, provider and kind (prompt, completion).",
-        labels=["client", "provider", "kind"],
+        ["client", "provider", "kind"],
+        tc.tokens.items(),
     )
-    for labels, count in sorted(tc.tokens.items()):
-        tokens.add_metric(list(labels), count)
-    yield tokens
-    fallbacks = CounterMetricFamily(
+    yield _counted(
         "openclawd_route_fallbacks",
         "Requests a route sent on to its next provider, and why.",
-        labels=["route", "from", "to", "reason"],
+        ["route", "from", "to", "reason"],
+        tc.fallbacks.items(),
     )
-    for labels4, count in sorted(tc.fallbacks.items()):
-        fallbacks.add_metric(list(labels4), count)
-    yield fallbacks
     if tc.shared_reachable is not None:
         yield GaugeMetricFamily(
             "openclawd_shared_reachable",
             "1 while the shared limits' engine answers, 0 while it does not.",
             value=1 if tc.shared_reachable else 0,
         )
+
+
+def _counted(
+    name: str, text: str, labels: list[str], counts: Iterable[tuple[tuple[str, ...], int]]
+) -> CounterMetricFamily:
+    family = CounterMetricFamily(name, text, labels=labels)
+    for values, count in sorted(counts):
+        family.add_metric(list(values), count)
+    return family
