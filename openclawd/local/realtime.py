@@ -52,6 +52,23 @@ PREFIX = "/v1/realtime/"
 _FORWARDED_PREFIXES = ("openai-", "anthropic-")
 
 
+@dataclass(frozen=True, slots=True)
+class _Try:
+    """A provider a session may open on: its name, config, key and where it goes."""
+
+    name: str
+    provider: ProviderConfig
+    key: Key
+    to: upstream_ws.Target
+
+
+def _gives_way(exc: OpenclawdError) -> bool:
+    """Does a route's provider give way to its next after this handshake failure?"""
+    if isinstance(exc, UpstreamRejectedError):
+        return exc.status == 429 or exc.status >= 500
+    return True  # unreachable, or no handshake in time
+
+
 @dataclass(slots=True)
 class _Pumps:
     """The I/O of one session, shared by its two pumps and two watchers: they move
@@ -168,12 +185,7 @@ class Realtime:
         target = conn.request.target.decode("ascii")
         path, _, query = target.partition("?")
         name, slash, rest = path[len(PREFIX) :].partition("/")
-        provider = self.config.providers.get(name)
-        if provider is None:
-            # Not repeated back (the close reason), nor logged: it may be a key.
-            raise UnknownProviderError("unknown provider")
-        if not provider.ws_url:
-            raise ClientError(f"provider {name!r} has no ws_url")
+        members = self._members(name)
         if has_dot_segment(rest):
             raise ClientError("dot path segments are not allowed")
         conn.client = identify(conn.peer, self.config.clients)
@@ -181,10 +193,19 @@ class Realtime:
         day, into_day = utc_day(time.time())
         ask = Ask(conn.peer.uid, conn.client, name, day=day, into_day=into_day)
         self.admission.admit_request(ask, trio.current_time())  # a session is a request
-        key = self.keys.current(name)
-        if key is None:
+        tries = [
+            _Try(
+                member,
+                self.config.providers[member],
+                key,
+                upstream_ws.target(self.config.providers[member].ws_url, slash + rest, query),
+            )
+            for member in members
+            if (key := self.keys.current(member)) is not None
+        ]
+        if not tries:
             raise NoKeyError(f"no key for {name} yet")
-        to = upstream_ws.target(provider.ws_url, slash + rest, query)
+        key = tries[0].key
         headers = [
             (k.decode("latin-1"), v.decode("latin-1"))
             for k, v in conn.request.headers
@@ -204,9 +225,7 @@ class Realtime:
             messages = dict.fromkeys(Side, 0)
             try:
                 async with trio.open_nursery() as nursery:
-                    await self._session(
-                        nursery, conn, ws, core, messages, name, provider, key, to, headers
-                    )
+                    await self._session(nursery, conn, ws, core, messages, tries, headers)
                     nursery.cancel_scope.cancel()
             except Exception:
                 core.handle(relay.Failed())  # the connection's handler logs it
@@ -229,6 +248,73 @@ class Realtime:
         assert ending.app is not None, ending
         return Close(ending.app.code, ending.app.reason)
 
+    def _members(self, name: str) -> list[str]:
+        """The providers a session to ``name`` may go to: itself, or a route's with a
+        ``ws_url``, in order (CONTRACT.md 5.4).
+
+        Raises:
+            UnknownProviderError: neither a provider nor a route.
+            ClientError: none of them has a ``ws_url``.
+        """
+        route = self.config.routes.get(name)
+        if route is None and name not in self.config.providers:
+            # Not repeated back (the close reason), nor logged: it may be a key.
+            raise UnknownProviderError("unknown provider")
+        names = list(route.providers) if route is not None else [name]
+        members = [m for m in names if self.config.providers[m].ws_url]
+        if not members:
+            raise ClientError(f"provider {name!r} has no ws_url")
+        return members
+
+    async def _open(
+        self,
+        nursery: trio.Nursery,
+        core: Relay,
+        tries: list[_Try],
+        headers: list[tuple[str, str]],
+        activity: Activity,
+    ) -> tuple[upstream_ws.UpstreamSession, _Try] | None:
+        """The first upstream session that opens, trying a route's providers in order: on
+        a 429, a 5xx or no connection, the next one at once. None when the last failed
+        (``core`` has it)."""
+        for index, chosen in enumerate(tries):
+            last = index == len(tries) - 1
+            core.use_key(chosen.key.secret, chosen.key.fingerprint)
+            try:
+                session = await upstream_ws.open_session(
+                    nursery,
+                    chosen.provider,
+                    chosen.key,
+                    chosen.to,
+                    headers=headers,
+                    max_message_bytes=self.config.listen.max_message_bytes,
+                    activity=activity,
+                    ssl_context=self.ssl_context,
+                    open_stream=self.open_stream,
+                )
+            except OpenclawdError as exc:
+                if not last and _gives_way(exc):
+                    following = tries[index + 1].name
+                    log.info("route.fallback", provider=chosen.name, to=following, reason=str(exc))
+                    continue
+                await self._failed(core, chosen, exc)
+                return None
+            return session, chosen
+        return None
+
+    async def _failed(self, core: Relay, chosen: _Try, exc: OpenclawdError) -> None:
+        if isinstance(exc, UpstreamRejectedError):
+            key = chosen.key
+            log.info(
+                "realtime.rejected", provider=chosen.name, status=exc.status, key=key.fingerprint
+            )
+            if core.handle(relay.Refused(exc.status, str(exc))).cause is Cause.KEY_REFUSED:
+                # Before the app hears of it: its reconnect then gets the new key.
+                await self.keys.auth_failure(chosen.name, key)
+            return
+        log.info("realtime.connect_failed", provider=chosen.name, error=str(exc))
+        core.handle(relay.Unreachable(str(exc)))
+
     async def _session(
         self,
         nursery: trio.Nursery,
@@ -236,38 +322,18 @@ class Realtime:
         app: WebSocketConnection,
         core: Relay,
         messages: dict[Side, int],
-        name: str,
-        provider: ProviderConfig,
-        key: Key,
-        to: upstream_ws.Target,
+        tries: list[_Try],
         headers: list[tuple[str, str]],
     ) -> None:
         """Connect upstream and relay (counting ``messages``); ``nursery`` hosts the
         upstream's reader. How it ended is ``core``'s: never raises an ``OpenclawdError``."""
         listen = self.config.listen
         up_activity = Activity()
-        try:
-            session = await upstream_ws.open_session(
-                nursery,
-                provider,
-                key,
-                to,
-                headers=headers,
-                max_message_bytes=listen.max_message_bytes,
-                activity=up_activity,
-                ssl_context=self.ssl_context,
-                open_stream=self.open_stream,
-            )
-        except UpstreamRejectedError as exc:
-            log.info("realtime.rejected", provider=name, status=exc.status, key=key.fingerprint)
-            if core.handle(relay.Refused(exc.status, str(exc))).cause is Cause.KEY_REFUSED:
-                # Before the app hears of it: its reconnect then gets the new key.
-                await self.keys.auth_failure(name, key)
+        opened = await self._open(nursery, core, tries, headers, up_activity)
+        if opened is None:
             return
-        except OpenclawdError as exc:
-            log.info("realtime.connect_failed", provider=name, error=str(exc))
-            core.handle(relay.Unreachable(str(exc)))
-            return
+        session, chosen = opened
+        name, key, to = chosen.name, chosen.key, chosen.to
         core.opened()
         log.info(
             "realtime.open",

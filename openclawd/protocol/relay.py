@@ -301,6 +301,11 @@ class Relay:
         self._state = State.CONNECTING
         self._ending: Ending | None = None
 
+    def use_key(self, secret: str, fingerprint: str) -> None:
+        """The key the session is about to open with (a route's next provider's): what a
+        close reason may not quote."""
+        self._secret, self._fingerprint = secret, fingerprint
+
     @property
     def state(self) -> State:
         return self._state

@@ -11,8 +11,9 @@ from typing import Any
 import httpx
 import trio
 import trio.testing
+from trio_websocket import WebSocketRequest
 
-from .harness import LIMIT_S, call, open_channel, open_plane
+from .harness import LIMIT_S, WsUpstream, call, open_channel, open_plane, open_ws
 
 EU = {"openai_eu": {"base_url": "https://eu.openai.test"}}
 CHAT = {"chat": {"providers": ["openai", "openai_eu"], "models": {"openai_eu": {"m": "m-eu"}}}}
@@ -122,3 +123,27 @@ async def test_a_routes_provider_over_its_own_limit_is_passed_over(
             [refused] = await app.call("r3", body={"model": "m"})  # openai itself
             assert refused["code"] == "rate_limited"
             assert refused["message"] == "provider openai: requests_per_minute 1 reached"
+
+
+async def test_a_realtime_session_to_a_route_opens_on_the_next_provider_after_a_429(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    eu = {"openai_eu": {"base_url": "https://eu.openai.test", "ws_url": "wss://rt.eu.test"}}
+
+    async def busy_then_echo(request: WebSocketRequest, up: WsUpstream) -> None:
+        if up.targets[-1].host == "realtime.openai.test":
+            await request.reject(429, body=b"busy")
+            return
+        await up.echo(await request.accept())
+
+    with trio.fail_after(LIMIT_S):
+        async with (
+            open_plane(ws=busy_then_echo, more_providers=eu, routes=CHAT) as plane,
+            open_ws(plane, "/v1/realtime/chat") as app,
+        ):
+            await app.send_message("hello")
+            assert await app.get_message() == "hello"
+            assert [t.host for t in plane.ws_upstream.targets] == [
+                "realtime.openai.test",
+                "rt.eu.test",
+            ]
