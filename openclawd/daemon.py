@@ -58,6 +58,7 @@ from openclawd.protocol.limits import Limits
 from openclawd.protocol.ratelimit import RateLimiter
 from openclawd.reload import RESTART_ONLY, changed_keys, keep_restart_only
 from openclawd.statistics import Statistics, TokenControlStatistics
+from openclawd.upstream.headroom import Headroom
 from openclawd.upstream.http import Upstreams
 
 if TYPE_CHECKING:  # valkey-glide is imported only by a fleet's daemon (tokencontrol)
@@ -271,7 +272,12 @@ class Daemon:
         def started(keeper: LeaseKeeper) -> None:
             self.keeper = keeper
 
-        await tokencontrol.keep_leases(self.config.shared, self.limits, self.lifecycle, started)
+        def headrooms() -> dict[str, Headroom]:
+            return {name: pool.headroom for name, pool in self.upstreams.pools.items()}
+
+        await tokencontrol.keep_leases(
+            self.config.shared, self.limits, self.lifecycle, started, headrooms
+        )
 
     async def _follow_drains(self) -> None:
         """Follow each operator's drain (``drain`` only changes the state: this task, of

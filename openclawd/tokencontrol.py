@@ -6,7 +6,7 @@ and the fleet's lease keeper ([shared], CONTRACT.md 5.6-5.7). The arithmetic is
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
 import trio
@@ -16,6 +16,7 @@ from openclawd.credentials import read_credential
 from openclawd.lifecycle import Lifecycle
 from openclawd.protocol.limits import Limits, utc_day
 from openclawd.statistics import TokenControlStatistics
+from openclawd.upstream.headroom import Headroom
 from openclawd.upstream.http import Upstreams
 
 if TYPE_CHECKING:  # the engine's client (valkey-glide) is imported only by a fleet's daemon
@@ -57,8 +58,10 @@ async def keep_leases(
     limits: Limits,
     lifecycle: Lifecycle,
     started: Callable[[LeaseKeeper], None],
+    headrooms: Callable[[], Mapping[str, Headroom]] = dict,
 ) -> None:
-    """Feed ``limits`` from the engine of ``shared`` until cancelled; the daemon is
+    """Feed ``limits`` from the engine of ``shared`` until cancelled, and share the
+    upstreams' ``headrooms`` (by provider) with the fleet; the daemon is
     ``degraded`` until the engine first answers, and while it does not. The engine's
     password is read from its credential file here, and only handed to its client."""
     from openclawd.shared.engine import open_engine
@@ -84,6 +87,7 @@ async def keep_leases(
             on_failure=shared.on_failure,
             expected_daemons=shared.expected_daemons,
             on_change=reachable,
+            headrooms=headrooms,
         )
         started(keeper)
         await keeper.run()

@@ -48,6 +48,8 @@ from glide import (
 
 from openclawd.errors import SharedUnavailableError
 from openclawd.shared.address import EngineAddress, parse_url
+from openclawd.shared.scripts import BUCKET, DAY, WORD
+from openclawd.upstream.headroom import Word
 
 # glide puts deprecated alias modules (``glide.config``, ...) in sys.modules, each warning
 # (DeprecationWarning) at its first attribute read; whatever walks sys.modules reading
@@ -61,79 +63,7 @@ with warnings.catch_warnings():
 
 MAX_ERROR_TEXT = 300  # characters of the client's own text kept in our message
 
-# A per-minute bucket of N (ARGV[2]) refilled N/60 a second, by the engine's clock.
-# KEYS[1]: a hash {level, ts}; absent means full. ARGV: op ('take' | 'adjust' | 'used'),
-# N, amount. 'take' takes amount only if it fits; 'adjust' takes (or, negative, gives back)
-# whatever the level, never over N. Returns {fitted, used, retry_after_s (-1: never)}.
-_BUCKET = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-local op, cap, amount = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
-local rate = cap / 60
-local state = redis.call('HMGET', KEYS[1], 'level', 'ts')
-local level, ts = tonumber(state[1]), tonumber(state[2])
-if level == nil or ts == nil then
-  level, ts = cap, now
-elseif now > ts then
-  -- (a clock that went back, after a failover to another host, only delays the refill)
-  level, ts = math.min(cap, level + (now - ts) * rate), now
-end
-local fitted, wait = 1, 0
-if op == 'take' then
-  if amount > cap then
-    fitted, wait = 0, -1
-  elseif level + 1e-9 < amount then
-    fitted, wait = 0, math.ceil((amount - level) / rate * 1000000) / 1000000
-  else
-    level = level - amount
-  end
-elseif op == 'adjust' then
-  level = math.min(cap, level - amount)
-end
-if fitted == 1 and op ~= 'used' then
-  if level >= cap then
-    redis.call('DEL', KEYS[1])
-  else
-    redis.call('HSET', KEYS[1], 'level', string.format('%.17g', level),
-               'ts', string.format('%.17g', ts))
-    redis.call('PEXPIRE', KEYS[1], math.ceil((cap - level) / rate * 1000) + 1000)
-  end
-end
-return {fitted, string.format('%.17g', cap - level), string.format('%.17g', wait)}
-"""
-
-# A total per UTC day of the engine's clock, at most N (ARGV[2]) for 'take'.
-# KEYS[1]: a hash {day, total}; another day's total counts as 0. Same ARGV and answer as
-# the bucket's; a 'take' that does not fit waits for the engine's next UTC midnight.
-_DAY = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-local day = math.floor(tonumber(t[1]) / 86400)
-local op, cap, amount = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
-local state = redis.call('HMGET', KEYS[1], 'day', 'total')
-local total = 0
-if tonumber(state[1]) == day then
-  total = tonumber(state[2]) or 0
-end
-local fitted, wait = 1, 0
-if op == 'take' then
-  if amount > cap then
-    fitted, wait = 0, -1
-  elseif total + amount > cap then
-    fitted, wait = 0, (day + 1) * 86400 - now
-  else
-    total = total + amount
-  end
-elseif op == 'adjust' then
-  total = math.max(0, total + amount)
-end
-if fitted == 1 and op ~= 'used' then
-  redis.call('HSET', KEYS[1], 'day', string.format('%d', day),
-             'total', string.format('%.17g', total))
-  redis.call('EXPIREAT', KEYS[1], (day + 2) * 86400)
-end
-return {fitted, string.format('%.17g', total), string.format('%.17g', wait)}
-"""
+_KINDS = ("requests", "tokens")
 
 
 class Period(enum.Enum):
@@ -195,9 +125,10 @@ class Engine:
         self._secret = password  # only to scrub it from the client's error texts
         # (glide's Script wrapper has no annotations; the rest of glide's API does)
         self._scripts = {
-            Period.MINUTE: Script(_BUCKET),  # type: ignore[no-untyped-call]
-            Period.DAY: Script(_DAY),  # type: ignore[no-untyped-call]
+            Period.MINUTE: Script(BUCKET),  # type: ignore[no-untyped-call]
+            Period.DAY: Script(DAY),  # type: ignore[no-untyped-call]
         }
+        self._word = Script(WORD)  # type: ignore[no-untyped-call]
         self.address = address
         self.namespace = namespace
         self.cluster = cluster
@@ -243,6 +174,27 @@ class Engine:
             SharedUnavailableError: the engine failed.
         """
         return (await self._run(limit, "used", 0)).used
+
+    async def upstream_word(self, provider: str, mine: Word | None) -> Word | None:
+        """Pass ``mine`` (this daemon's latest word from ``provider``'s upstream, if new) to
+        the fleet, and return the fleet's latest (perhaps ``mine``); None if none yet. One
+        script call; the key is ``{NAMESPACE:provider:NAME:upstream}:word``.
+
+        Raises:
+            SharedUnavailableError: the engine failed.
+        """
+        _check_name("provider", provider)
+        args = ["", "", "", "", ""]
+        if mine is not None:
+            args = [_number(mine.age_s)]
+            for kind in _KINDS:
+                args += [_number(mine.remaining[kind]), _number(mine.reset_in_s[kind])]
+        key = f"{{{self.namespace}:provider:{provider}:upstream}}:word"
+        try:
+            reply = await self._client.invoke_script(self._word, keys=[key], args=args)
+        except (GlideError, OSError) as exc:
+            raise self._error(f"upstream word of {provider}", exc) from None
+        return _parse_word(reply)
 
     async def ping(self) -> None:
         """One round trip to the engine (a cluster: to one of its nodes).
@@ -300,6 +252,32 @@ def _parse_reply(reply: Any) -> Take | None:
     except (TypeError, ValueError):
         return None
     return Take(fitted=fitted == 1, used=used_f, retry_after_s=math.inf if wait_f < 0 else wait_f)
+
+
+def _number(value: float | None) -> str:
+    return "" if value is None else repr(value)
+
+
+def _parse_word(reply: Any) -> Word | None:
+    """A stored word's ``{age, requests, requests_reset_in, tokens, tokens_reset_in}``."""
+    if not isinstance(reply, list) or len(reply) != 5:
+        return None
+
+    def read(value: Any, kind: type[float] | type[int]) -> Any:
+        text = value.decode() if isinstance(value, bytes) else str(value)
+        if not text:
+            return None
+        try:
+            return kind(float(text))
+        except ValueError:
+            return None
+
+    age = read(reply[0], float)
+    if age is None:
+        return None
+    remaining = {"requests": read(reply[1], int), "tokens": read(reply[3], int)}
+    reset_in = {"requests": read(reply[2], float), "tokens": read(reply[4], float)}
+    return Word(max(0.0, age), remaining, reset_in)
 
 
 @contextlib.asynccontextmanager

@@ -16,12 +16,17 @@ While the engine does not answer (``on_failure``):
   requests under a shared limit are refused (``rate_limited``).
 The keeper goes back to leasing by itself once the engine answers, and reports the
 engine's reachability (``reachable``; the daemon is ``degraded`` meanwhile).
+
+Each tick also shares the upstreams' headroom (CONTRACT.md 5.2, 5.6): what this daemon's
+responses last said of a provider's limits goes to the engine, and the fleet's latest word
+comes back into the provider's ``Headroom``, so a limit one daemon saw spent holds every
+daemon back until its reset, still without a request waiting on the network.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import trio
 
@@ -31,6 +36,7 @@ from openclawd.protocol.limits import Limit, Limits
 from openclawd.protocol.meters import Allowance, Bucket, DayBudget
 from openclawd.shared.engine import Engine, Period
 from openclawd.shared.engine import Limit as EngineLimit
+from openclawd.upstream.headroom import Headroom
 
 __all__ = ["LeaseKeeper"]
 
@@ -53,6 +59,7 @@ class LeaseKeeper:
         on_failure: str,
         expected_daemons: int,
         on_change: Callable[[bool], None] = lambda reachable: None,
+        headrooms: Callable[[], Mapping[str, Headroom]] = dict,
     ) -> None:
         assert limits.lease_tick_s is not None
         self.engine = engine
@@ -63,6 +70,8 @@ class LeaseKeeper:
         self.reachable: bool | None = None  # None until the engine first answered or not
         self._idle: dict[str, int] = {}  # ticks since a request asked, by limit
         self._on_change = on_change
+        self._headrooms = headrooms  # by provider, as the pools are now (reloads)
+        self._passed_on: dict[str, float | None] = {}  # when the word last passed on was said
 
     async def run(self) -> None:
         """Lease every tick, until cancelled."""
@@ -77,6 +86,8 @@ class LeaseKeeper:
                 await self.engine.ping()  # the local buckets stay until the engine answers
             for limit in self.limits.all():
                 await self._lease(limit)
+            for provider, headroom in self._headrooms().items():
+                await self._share_word(provider, headroom)
         except SharedUnavailableError as exc:
             self._unreachable(str(exc))
         else:
@@ -95,6 +106,17 @@ class LeaseKeeper:
         self._forget(limit, meter)
         with trio.CancelScope(shield=True):  # a call cut short may or may not be made
             await self._settle(shared, meter, reserve)
+
+    async def _share_word(self, provider: str, headroom: Headroom) -> None:
+        """Pass this daemon's new word from ``provider``'s upstream on; take the fleet's."""
+        now = trio.current_time()
+        mine = None
+        if headroom.said_at is not None and headroom.said_at != self._passed_on.get(provider):
+            mine = headroom.word(now)
+            self._passed_on[provider] = headroom.said_at
+        fleets = await self.engine.upstream_word(provider, mine)
+        if fleets is not None and headroom.adopt(fleets, trio.current_time()):
+            self._passed_on[provider] = headroom.said_at  # (ours again: nothing new)
 
     def _forget(self, limit: Limit, meter: Allowance) -> None:
         """Fade what requests asked for once they stop coming (``_IDLE_TICKS``)."""

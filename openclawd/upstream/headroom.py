@@ -6,6 +6,10 @@ new request must wait before it is not sent into a known 429. Read: OpenAI's
 ``x-ratelimit-remaining-{requests,tokens}`` and ``x-ratelimit-reset-{requests,tokens}``
 (a duration: ``1s``, ``6m0s``, ``20ms``), and Anthropic's
 ``anthropic-ratelimit-{requests,tokens}-{remaining,reset}`` (an RFC 3339 time).
+
+In a fleet ([shared], CONTRACT.md 5.6) the lease keeper passes each daemon's latest word on
+to the engine and brings the fleet's back (``word`` / ``adopt``): one daemon's 429-to-be
+holds every daemon back until the reset.
 """
 
 from __future__ import annotations
@@ -14,8 +18,9 @@ import contextlib
 import datetime
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
 
-__all__ = ["Headroom", "parse_duration"]
+__all__ = ["Headroom", "Word", "parse_duration"]
 
 _KINDS = ("requests", "tokens")
 _DURATION = re.compile(
@@ -47,6 +52,17 @@ def _parse_time(text: str) -> float | None:
     return when.timestamp()
 
 
+@dataclass(frozen=True, slots=True)
+class Word:
+    """What an upstream last said of its limits, in relative time, so that it can travel
+    between hosts whose clocks differ: said ``age_s`` ago; ``remaining`` and seconds until
+    each reset (``reset_in_s``, from now) by kind (requests, tokens), None if unknown."""
+
+    age_s: float
+    remaining: dict[str, int | None]
+    reset_in_s: dict[str, float | None]
+
+
 class Headroom:
     """A provider's remaining requests and tokens as its last response told, and when
     each resets (trio time)."""
@@ -54,6 +70,7 @@ class Headroom:
     def __init__(self) -> None:
         self.remaining: dict[str, int | None] = dict.fromkeys(_KINDS)
         self.reset_at: dict[str, float | None] = dict.fromkeys(_KINDS)
+        self.said_at: float | None = None  # when a response last said anything of these
 
     def observe(self, header: Callable[[str], str | None], now: float, wall: float) -> None:
         """Take what a response's headers (``header(name)``, lower-case names) say."""
@@ -64,9 +81,11 @@ class Headroom:
             if remaining is not None:
                 with contextlib.suppress(ValueError):
                     self.remaining[kind] = int(remaining)
+                    self.said_at = now
             reset = self._reset(header, kind, now, wall)
             if reset is not None:
                 self.reset_at[kind] = reset
+                self.said_at = now
 
     @staticmethod
     def _reset(
@@ -96,3 +115,23 @@ class Headroom:
         """Seconds until the later of the known resets (None: none known, or past)."""
         future = [r - now for r in self.reset_at.values() if r is not None and r > now]
         return round(max(future), 3) if future else None
+
+    def word(self, now: float) -> Word | None:
+        """What this headroom knows, to pass on; None if nothing was ever said."""
+        if self.said_at is None:
+            return None
+        reset_in = {k: None if r is None else r - now for k, r in self.reset_at.items()}
+        return Word(now - self.said_at, dict(self.remaining), reset_in)
+
+    def adopt(self, word: Word, now: float) -> bool:
+        """Take ``word`` (the fleet's) if it was said later than what this one knows;
+        returns whether it was taken."""
+        said_at = now - word.age_s
+        if self.said_at is not None and said_at <= self.said_at:
+            return False
+        self.said_at = said_at
+        self.remaining = {kind: word.remaining.get(kind) for kind in _KINDS}
+        self.reset_at = {
+            kind: None if (r := word.reset_in_s.get(kind)) is None else now + r for kind in _KINDS
+        }
+        return True

@@ -18,6 +18,7 @@ import trio
 
 from openclawd.errors import SharedUnavailableError
 from openclawd.shared.engine import Engine, Limit, Period, open_engine
+from openclawd.upstream.headroom import Word
 
 from ..valkey import ValkeyCluster, ValkeyServer
 from .conftest import Target
@@ -309,3 +310,30 @@ async def test_a_namespace_with_a_brace_is_refused() -> None:
 async def test_a_negative_take_is_refused(engine: Engine) -> None:
     with pytest.raises(ValueError, match="adjust"):
         await engine.take(Limit("x", 1), -1)
+
+
+async def test_an_upstreams_word_is_shared_and_the_later_one_is_kept(
+    engine: Engine, target: Target
+) -> None:
+    """The fleet's latest word on a provider's limits (CONTRACT.md 5.6: the upstream
+    headroom of 5.2 is shared), by the engine's clock: a word said earlier than the stored
+    one does not replace it."""
+    with trio.fail_after(TIMEOUT_S):
+        assert await engine.upstream_word("openai", None) is None
+        spent = Word(0.5, {"requests": 0, "tokens": 900}, {"requests": 30.0, "tokens": None})
+        stored = await engine.upstream_word("openai", spent)
+        assert stored is not None
+        assert stored.remaining == {"requests": 0, "tokens": 900}
+        assert stored.reset_in_s["tokens"] is None
+        assert 0.5 <= stored.age_s < 30
+        assert 0 < (stored.reset_in_s["requests"] or 0) <= 30.0
+
+        older = Word(120.0, {"requests": 500, "tokens": None}, {"requests": None, "tokens": None})
+        kept = await engine.upstream_word("openai", older)
+        assert kept is not None
+        assert kept.remaining["requests"] == 0
+        newer = Word(0.0, {"requests": 499, "tokens": None}, {"requests": 1.0, "tokens": None})
+        replaced = await engine.upstream_word("openai", newer)
+        assert replaced is not None
+        assert replaced.remaining == {"requests": 499, "tokens": None}
+        assert await engine.upstream_word("anthropic", None) is None  # per provider

@@ -5,6 +5,7 @@ falls back as ``on_failure`` says, and leasing comes back with it."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -17,6 +18,7 @@ from openclawd.protocol.meters import Allowance, Bucket
 from openclawd.shared.engine import Engine, Period, open_engine
 from openclawd.shared.engine import Limit as EngineLimit
 from openclawd.shared.leases import LeaseKeeper
+from openclawd.upstream.headroom import Headroom
 
 from ..valkey import ValkeyServer
 
@@ -176,3 +178,42 @@ async def test_requests_larger_than_a_ticks_lease_find_it_on_hand_between_ticks(
             charge.settle(17, now=trio.current_time(), day=DAY)
             admitted += 1
     assert admitted == 19  # all but the first, which showed what requests ask for
+
+
+async def test_a_limit_one_daemon_saw_spent_holds_the_fleet_back_until_its_reset(
+    shared_valkey: ValkeyServer, namespace: str
+) -> None:
+    """The upstream's headroom is the fleet's (CONTRACT.md 5.2, 5.6): a daemon whose own
+    responses never said the provider's limit is spent waits for the reset another daemon
+    was told of, and takes a later word (the limit back) the same way."""
+    with trio.fail_after(30):
+        async with engine_of(shared_valkey, namespace) as engine:
+            rooms = [Headroom(), Headroom()]
+            keepers = [
+                LeaseKeeper(
+                    engine,
+                    daemon_limits({}),
+                    on_failure="local",
+                    expected_daemons=2,
+                    headrooms=functools.partial(dict, openai=room),
+                )
+                for room in rooms
+            ]
+            for keeper in keepers:
+                await keeper.tick()
+            assert rooms[1].wait(trio.current_time()) == 0  # nothing said yet
+
+            said = {"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "40s"}
+            rooms[0].observe(said.get, trio.current_time(), 0.0)
+            await keepers[0].tick()
+            await keepers[1].tick()
+            wait = rooms[1].wait(trio.current_time())
+            assert 0 < wait <= 40
+            assert rooms[1].remaining["requests"] == 0
+
+            back = {"x-ratelimit-remaining-requests": "99", "x-ratelimit-reset-requests": "1s"}
+            rooms[1].observe(back.get, trio.current_time(), 0.0)
+            await keepers[1].tick()
+            await keepers[0].tick()
+            assert rooms[0].remaining["requests"] == 99
+            assert rooms[0].wait(trio.current_time()) == 0

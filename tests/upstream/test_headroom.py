@@ -93,3 +93,35 @@ async def test_a_reset_past_the_requests_deadline_is_rate_limited_at_once(
     assert caught.value.retry_after_s == pytest.approx(600.0)
     assert "provider openai" in str(caught.value)
     assert len(upstream.requests) == 1
+
+
+def test_a_word_travels_in_relative_time_and_the_later_one_wins() -> None:
+    """What one daemon's upstream said reaches another whose clock differs (CONTRACT.md
+    5.6): the word carries ages and seconds-to-reset, never times; only a later word is
+    taken."""
+    seen = Headroom()
+    assert seen.word(5.0) is None  # nothing said yet: nothing to pass on
+    seen.observe(
+        headers(x_ratelimit_remaining_requests="0", x_ratelimit_reset_requests="30s").get,
+        now=100.0,
+        wall=1_000_000.0,
+    )
+    word = seen.word(102.0)
+    assert word is not None
+    assert word.age_s == pytest.approx(2.0)
+    assert word.remaining == {"requests": 0, "tokens": None}
+    assert word.reset_in_s == {"requests": pytest.approx(28.0), "tokens": None}
+
+    other = Headroom()  # another host: its clock reads 7,000 when the word arrives
+    assert other.adopt(word, now=7000.0)
+    assert other.wait(7000.0) == pytest.approx(28.0)
+    assert other.said_at == pytest.approx(6998.0)
+
+    stale = Headroom()
+    stale.observe(headers(x_ratelimit_remaining_requests="50").get, now=6999.0, wall=0.0)
+    assert not stale.adopt(word, now=7000.0)  # said at 6998, before this one's own word
+    assert stale.remaining["requests"] == 50
+    fresh = Headroom()
+    fresh.observe(headers(x_ratelimit_remaining_requests="50").get, now=6997.0, wall=0.0)
+    assert fresh.adopt(word, now=7000.0)
+    assert fresh.remaining["requests"] == 0
