@@ -83,7 +83,7 @@ class LeaseKeeper:
         """One round of leases over every limit; notices the engine failing or back."""
         try:
             if self.reachable is False:
-                await self.engine.ping()  # the local buckets stay until the engine answers
+                await self._probe()  # the local buckets stay until the engine answers
             for limit in self.limits.all():
                 await self._lease(limit)
             for provider, headroom in self._headrooms().items():
@@ -93,14 +93,21 @@ class LeaseKeeper:
         else:
             self._reachable()
 
+    async def _probe(self) -> None:
+        """Ask the engine for every limit's figure: in a cluster, a master that failed
+        over is back only once its replica serves its slots (any node answers a ping)."""
+        limits = self.limits.all()
+        if not limits:
+            await self.engine.ping()
+        for limit in limits:
+            await self.engine.used(_shared(limit))
+
     async def _lease(self, limit: Limit) -> None:
         meter = limit.meter
         if not isinstance(meter, Allowance):
             # A local bucket while the engine was down: leasing again from nothing.
             meter = limit.meter = Allowance(limit.figure, self.tick_s)
-        shared = EngineLimit(
-            limit.key, limit.figure, Period.DAY if limit.per_day else Period.MINUTE
-        )
+        shared = _shared(limit)
         reserve = max(1, math.ceil(limit.figure * self.tick_s / 60), meter.want)
         reserve = max(reserve, min(limit.figure, math.ceil(meter.peak)))
         self._forget(limit, meter)
@@ -176,3 +183,7 @@ class LeaseKeeper:
             log.info("shared.reachable")
         self.reachable = True
         self._on_change(True)
+
+
+def _shared(limit: Limit) -> EngineLimit:
+    return EngineLimit(limit.key, limit.figure, Period.DAY if limit.per_day else Period.MINUTE)

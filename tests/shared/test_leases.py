@@ -20,7 +20,7 @@ from openclawd.shared.engine import Limit as EngineLimit
 from openclawd.shared.leases import LeaseKeeper
 from openclawd.upstream.headroom import Headroom
 
-from ..valkey import ValkeyServer
+from ..valkey import ValkeyCluster, ValkeyServer
 
 DAY = 20_000
 TICK_S = 0.05
@@ -217,3 +217,48 @@ async def test_a_limit_one_daemon_saw_spent_holds_the_fleet_back_until_its_reset
             await keepers[0].tick()
             assert rooms[0].remaining["requests"] == 99
             assert rooms[0].wait(trio.current_time()) == 0
+
+
+async def test_a_master_failing_over_leaves_the_daemon_local_until_its_slot_is_served(
+    valkey_cluster: ValkeyCluster, namespace: str
+) -> None:
+    """A cluster's master killed under a daemon's limit (CONTRACT.md 5.6): while its slot
+    is served by nobody the daemon counts locally and refuses nothing under its share; it
+    goes back to leasing once the replica serves the slot, and only then (a ping, which
+    any node answers, would flap between the two)."""
+    changes: list[bool] = []
+    refused: list[str] = []
+    spent_locally = 0
+    async with open_engine(
+        valkey_cluster.url, password=valkey_cluster.password, cluster=True, namespace=namespace
+    ) as engine:
+        limits = daemon_limits({"requests_per_minute": 600})
+        keeper = LeaseKeeper(
+            engine, limits, on_failure="local", expected_daemons=3, on_change=changes.append
+        )
+        key = engine.key(EngineLimit(limits.all()[0].key, 600))
+
+        async def run_the_daemon(failed_over: trio.Event) -> None:
+            nonlocal spent_locally
+            while not (failed_over.is_set() and keeper.reachable):
+                await keeper.tick()
+                if keeper.reachable is False and spent_locally < 150:  # its share: 200
+                    try:
+                        limits.admit("c", None, 1, now=trio.current_time(), day=DAY, into_day=0)
+                    except RateLimitedError as exc:
+                        refused.append(str(exc))
+                    spent_locally += 1
+                await trio.sleep(TICK_S)
+
+        with trio.fail_after(60):
+            await keeper.tick()
+            assert changes == [True]
+            failed_over = trio.Event()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(run_the_daemon, failed_over)
+                await trio.to_thread.run_sync(valkey_cluster.kill_master_of, key)
+                failed_over.set()
+    assert changes == [True, False, True]
+    assert spent_locally > 0
+    assert refused == []
+    assert isinstance(limits.all()[0].meter, Allowance)
