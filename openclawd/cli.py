@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 import trio
 
-from openclawd import __version__, logs, preflight
+from openclawd import __version__, explain, logs, preflight
 from openclawd import config as config_module
 from openclawd.errors import ConfigError, ListenError
 from openclawd.mock.content import DEFAULT_CHUNK_DELAY_S
@@ -227,7 +227,7 @@ def _check_config(path: str, *, online: bool) -> int:
         for line in exc.lines():
             print(line, file=sys.stderr)
         return EXIT_CONFIG
-    sys.stdout.write(config_module.dump(cfg))
+    sys.stdout.write(config_module.dump(cfg) + explain.token_control(cfg))
     return EXIT_OK
 
 
