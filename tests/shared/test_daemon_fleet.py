@@ -19,7 +19,7 @@ from openclawd.notify import Notifier
 
 from ..conftest import daemon_tables, unix_request
 from ..daemon.test_daemon import start_ready
-from ..valkey import ValkeyServer
+from ..valkey import ValkeyCluster, ValkeyServer
 
 
 async def limits_of(runtime: Path) -> dict[str, object]:
@@ -79,6 +79,51 @@ async def test_a_daemon_leases_its_limits_and_degrades_while_the_engine_is_gone(
     assert "event=shared.unreachable" in log_text.getvalue()
     for text in shown:  # the engine's password, nowhere
         assert valkey.password not in text
+
+
+async def test_a_daemon_on_a_cluster_is_degraded_while_a_master_fails_over_then_shared(
+    runtime_dir: Path, valkey_cluster: ValkeyCluster, namespace: str, log_text: io.StringIO
+) -> None:
+    """``[shared] cluster = true`` (CONTRACT.md 5.6): the daemon leases from the cluster;
+    the master serving its limit's slot is killed: it is ``degraded`` and counts locally
+    until the replica serves the slot, then shared again, by itself."""
+    tables = daemon_tables(
+        runtime_dir,
+        shared={
+            "url": valkey_cluster.url,
+            "cluster": True,
+            "password_file": str(valkey_cluster.password_file),
+            "namespace": namespace,
+            "expected_daemons": 2,
+        },
+        clients={"billing": {"uids": [1001], "requests_per_minute": 600}},
+    )
+    daemon = Daemon(config.parse(tables, source=str(runtime_dir / "x.toml")), Notifier(None))
+    lifecycle = daemon.lifecycle
+    key = f"{{{namespace}:client:billing:requests_per_minute}}:minute"
+    with trio.fail_after(90):
+        async with trio.open_nursery() as nursery:
+            await start_ready(nursery, daemon)
+            while lifecycle.state is not State.READY:
+                await lifecycle.wait_changed()
+            assert (await limits_of(runtime_dir))["shared"] == {"mode": "shared", "reachable": True}
+            assert valkey_cluster.cli("EXISTS", key) == "1"  # leased: the hash-tagged bucket
+
+            async def kill() -> None:
+                await trio.to_thread.run_sync(valkey_cluster.kill_master_of, key)
+
+            nursery.start_soon(kill)
+            while lifecycle.state is not State.DEGRADED:
+                await lifecycle.wait_changed()
+            assert (await limits_of(runtime_dir))["shared"]["mode"] == "local"
+            while lifecycle.state is not State.READY:
+                await lifecycle.wait_changed()
+            body = await limits_of(runtime_dir)
+            assert body["shared"] == {"mode": "shared", "reachable": True}
+            nursery.cancel_scope.cancel()
+    assert "event=shared.unreachable" in log_text.getvalue()
+    assert "event=shared.reachable" in log_text.getvalue()
+    assert valkey_cluster.password not in log_text.getvalue() + json.dumps(body)
 
 
 def test_a_daemon_without_a_fleet_never_imports_the_engines_client() -> None:
