@@ -99,7 +99,7 @@ class Daemon:
         tick = LEASE_TICK_S if config.shared.url else None
         self.limits = Limits.of(config, now=trio.current_time(), lease_tick_s=tick)
         self.keeper: LeaseKeeper | None = None
-        admission = Admission(self.lifecycle, [self.limiter], self.limits)
+        self.admission = admission = Admission(self.lifecycle, [self.limiter], self.limits)
         self.channels = Channels(config, self.upstreams, self.lifecycle, admission)
         self.realtime = Realtime(config, self.keys, self.lifecycle, admission)
         self.passthrough = Passthrough(config, self.upstreams, self.lifecycle, admission)
@@ -271,6 +271,7 @@ class Daemon:
 
         def started(keeper: LeaseKeeper) -> None:
             self.keeper = keeper
+            self.admission.top_up = keeper.top_up
 
         def headrooms() -> dict[str, Headroom]:
             return {name: pool.headroom for name, pool in self.upstreams.pools.items()}

@@ -148,7 +148,8 @@ class Channels:
         """Admit a request (or send its refusal) and start it in its own task."""
         rid = request.id
         try:
-            charge = self.admission.admit_request(self._ask(channel, request), trio.current_time())
+            ask = self._ask(channel, request)
+            charge = await self.admission.admit_request_waiting(ask, trio.current_time)
         except OpenclawdError as refusal:
             channel.session.finish(rid)
             await channel.send(_error_frame(rid, refusal))
@@ -197,7 +198,8 @@ class Channels:
         try:
             with scope:
                 try:
-                    limits = provider_limits(exchange, self.admission.limits, _clock)
+                    admission = self.admission
+                    limits = provider_limits(exchange, admission.limits, _clock, admission.top_up)
                     await relay(self.upstreams, request, exchange, channel.send, finish, limits)
                 except OpenclawdError as exc:
                     exchange.fail(exc)

@@ -210,7 +210,7 @@ class Passthrough:
                 return dataclasses.replace(request, content=content)
 
             clock = lambda: (trio.current_time(), *utc_day(time.time()))  # noqa: E731
-            limits = provider_limits(exchange, self.admission.limits, clock)
+            limits = provider_limits(exchange, self.admission.limits, clock, self.admission.top_up)
             opened = open_route(self.upstreams, route.provider, request_for, limits)
             async with opened as (provider, response):
                 headers = response_headers(response.headers)
@@ -256,7 +256,7 @@ class Passthrough:
             raise UnknownProviderError("unknown provider")
         return route.providers
 
-    def _admit(
+    async def _admit(
         self, conn: Connection, route: _Route, held: bytes, length: int | None
     ) -> Charge | None:
         """Admission (CONTRACT.md 5.1-5.3) of the request with what is known of its body:
@@ -272,7 +272,7 @@ class Passthrough:
         day, into_day = utc_day(time.time())
         model = _body_model(held)
         ask = Ask(conn.peer.uid, conn.client, route.provider, model, tokens, day, into_day)
-        return self.admission.admit_request(ask, trio.current_time())
+        return await self.admission.admit_request_waiting(ask, trio.current_time)
 
     async def _prepare(
         self, conn: Connection, route: _Route, on_complete: Callable[[], None], exchange: Exchange
@@ -293,7 +293,7 @@ class Passthrough:
         models = conn.client.models if conn.client is not None else ()
         late = bool(models) or (limits is not None and limits.counts_tokens)
         if not late:
-            exchange.charge = self._admit(conn, route, b"", None)
+            exchange.charge = await self._admit(conn, route, b"", None)
         auth = [self.config.providers[name].auth_header for name in members]
         headers, length = request_headers(conn.request.headers, auth)
         if conn.http.they_are_waiting_for_100_continue:
@@ -302,7 +302,7 @@ class Passthrough:
         body = _AppBody(conn, on_complete, self.config.listen.message_timeout_s)
         held = await body.hold(REPLAYABLE_BYTES)
         if late:
-            exchange.charge = self._admit(conn, route, held, length)
+            exchange.charge = await self._admit(conn, route, held, length)
         content: bytes | AsyncIterator[bytes] | None
         if body.complete:
             chunked = any(n == b"transfer-encoding" for n, _ in conn.request.headers)

@@ -192,7 +192,7 @@ class Realtime:
         logs.client_name.set(conn.client.name)
         day, into_day = utc_day(time.time())
         ask = Ask(conn.peer.uid, conn.client, name, day=day, into_day=into_day)
-        self.admission.admit_request(ask, trio.current_time())  # a session is a request
+        await self.admission.admit_request_waiting(ask, trio.current_time)  # a session is a request
         tries = [
             _Try(
                 member,

@@ -14,7 +14,7 @@ usage reported, or refunded). After h11's ``Connection``: no sockets, tasks or c
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -72,6 +72,9 @@ class Admission:
         self.daemon = daemon
         self.per_uid = per_uid
         self.limits = limits
+        # In a fleet: a round of leases out of turn (shared/leases.py ``top_up``); it
+        # returns False at once when nothing would come of it.
+        self.top_up: Callable[[], Awaitable[bool]] | None = None
 
     def admit(self, uid: int, now: float) -> None:
         """``admit_request`` for a request known only by its peer's uid."""
@@ -87,6 +90,27 @@ class Admission:
             RateLimitedError: a limit refused it (the error says until when).
             BudgetExhaustedError: a daily budget is spent.
         """
+        self._gate(ask, now)
+        return self._take(ask, now)
+
+    async def admit_request_waiting(self, ask: Ask, clock: Callable[[], float]) -> Charge | None:
+        """``admit_request``; but in a fleet, a request its limits refuse for want of what
+        this daemon has on hand waits for a round of leases out of turn (``top_up``, at
+        most a lease tick) and is tried once more, rather than refused while the fleet
+        has room (CONTRACT.md 5.6). ``clock``: trio's current time."""
+        self._gate(ask, clock())
+        if self.top_up is None:
+            return self._take(ask, clock())
+        try:
+            return self._take(ask, clock(), count_refusal=False)
+        except RateLimitedError:
+            if not await self.top_up():
+                return self._take(ask, clock())  # (to count the refusal, the same again)
+        return self._take(ask, clock())
+
+    def _gate(self, ask: Ask, now: float) -> None:
+        """What refuses a request before any limit is taken from: the drain, the
+        client's lists, the per-uid rate."""
         if self.daemon.draining or self.daemon.stopping:
             raise DrainingError("openclawd is draining: send new requests elsewhere or later")
         client = ask.client
@@ -102,11 +126,19 @@ class Admission:
                 refused = limit.check(ask.uid, now)
                 if refused is not None:
                     raise refused
+
+    def _take(self, ask: Ask, now: float, *, count_refusal: bool = True) -> Charge | None:
         if self.limits is None:
             return None
-        name = client.name if client is not None else None
+        name = ask.client.name if ask.client is not None else None
         return self.limits.admit(
-            name, ask.provider, ask.tokens, now=now, day=ask.day, into_day=ask.into_day
+            name,
+            ask.provider,
+            ask.tokens,
+            now=now,
+            day=ask.day,
+            into_day=ask.into_day,
+            count_refusal=count_refusal,
         )
 
 
@@ -228,22 +260,37 @@ Clock = Callable[[], tuple[float, int, float]]  # now (trio's), the UTC day, sec
 
 
 def provider_limits(
-    exchange: Exchange, limits: Limits | None, clock: Clock
-) -> Callable[[str], Callable[[], None]] | None:
+    exchange: Exchange,
+    limits: Limits | None,
+    clock: Clock,
+    top_up: Callable[[], Awaitable[bool]] | None = None,
+) -> Callable[[str], Awaitable[Callable[[], None]]] | None:
     """For a request to a route: a function that charges the provider about to be tried
     its own limits (the request's token estimate, and one request) and joins that charge
     to the exchange's, returning what gives it back if the route moves on. None without
-    limits.
+    limits. In a fleet, a refusal for want of what is on hand waits for ``top_up`` and
+    tries once more (``Admission.admit_request_waiting``).
 
     The function raises the limit's refusal (``RateLimitedError``)."""
     if limits is None:
         return None
 
-    def take(provider: str) -> Callable[[], None]:
+    def admit(provider: str, tokens: int, *, count_refusal: bool = True) -> Charge:
         now, day, into_day = clock()
+        return limits.admit(
+            None, provider, tokens, now=now, day=day, into_day=into_day, count_refusal=count_refusal
+        )
+
+    async def take(provider: str) -> Callable[[], None]:
         whole = exchange.charge
         tokens = whole.tokens if whole is not None else 0
-        charge = limits.admit(None, provider, tokens, now=now, day=day, into_day=into_day)
+        try:
+            charge = admit(provider, tokens, count_refusal=top_up is None)
+        except RateLimitedError:
+            if top_up is None:
+                raise
+            await top_up()
+            charge = admit(provider, tokens)
         if whole is None:
             whole = exchange.charge = Charge(tokens, tally=limits.tally)
         whole.join(charge)

@@ -248,8 +248,11 @@ class Limits:
         now: float,
         day: int,
         into_day: float,
+        count_refusal: bool = True,
     ) -> Charge:
         """Take one request and ``tokens`` from every limit over it, or none of them.
+        ``count_refusal``: a refusal counts in the tally (False: the caller will try once
+        more, and count the last).
 
         Raises:
             RateLimitedError: a per-minute limit has no room (``retry_after_s`` says when).
@@ -264,7 +267,8 @@ class Limits:
         ]
         if waits:
             wait, limit = max(waits, key=lambda pair: pair[0])
-            self.tally.refusals[(limit.scope.kind, limit.scope.name, limit.name)] += 1
+            if count_refusal:
+                self.tally.refusals[(limit.scope.kind, limit.scope.name, limit.name)] += 1
             raise limit.refusal(wait)
         for limit in limits:
             limit.take(tokens if limit.counts_tokens else 1, now, day)

@@ -88,7 +88,9 @@ class Allowance:
     fleet's engine and may spend without asking it. It never refills by itself: a lease
     keeper (``shared/leases.py``) tops it up from the engine and gives back what it holds
     over its reserve. ``want`` is the largest amount refused for want of room since the
-    last top-up (the keeper leases at least that much); ``fleet_used`` is what the whole
+    last top-up (the keeper leases at least that much, and keeps it until such a request
+    takes it, or a while); ``spent`` what was taken since the
+    keeper last looked (its reserve follows that rate); ``fleet_used`` is what the whole
     fleet has used, as the engine last said; ``retry_s`` is when the engine said there
     would be room."""
 
@@ -96,10 +98,8 @@ class Allowance:
         self.limit = limit
         self.level = 0.0
         self.want = 0
-        # The largest amount a request asked for lately (decayed by the keeper): the share
-        # kept on hand, so a request larger than a tick's lease finds it there.
-        self.peak = 0.0
-        self.asked = False  # a request asked since the keeper last looked
+        self.wanted_at = 0.0  # when ``want`` was last refused
+        self.spent = 0.0
         self.fleet_used = 0.0
         self.retry_s = retry_s
         self._tick_s = retry_s
@@ -108,17 +108,19 @@ class Allowance:
         return math.ceil(self.fleet_used)
 
     def wait_for(self, amount: int, now: float) -> float | None:
-        self.peak = max(self.peak, float(amount))
-        self.asked = True
         if amount > self.limit:  # never fits, whatever is leased
             return 60.0
         if self.level >= amount:
             return None
         self.want = max(self.want, amount)
+        self.wanted_at = now
         return max(self._tick_s, self.retry_s)
 
     def take(self, amount: int, now: float) -> None:
         self.level -= amount
+        self.spent += amount
+        if amount >= self.want:
+            self.want = 0  # (a request as large as the one refused came back for it)
 
     def give(self, amount: int, now: float) -> None:
         self.level += amount

@@ -1,13 +1,19 @@
 """This daemon's share of the fleet's limits: leases from the engine (CONTRACT.md 5.6).
 
-The hot path never waits on the network. In shared mode each limit is an ``Allowance``
-(protocol/meters.py) that admission spends locally; ``LeaseKeeper`` fills it from the
-fleet's bucket in the engine, every ``tick_s``: up to a reserve (a tick's worth of the
-limit, or the largest amount requests asked for lately, or refused for want of it),
-paying a correction up (an allowance in debt), and giving back what it holds over the
-reserve (refunds, an idle daemon). Whatever is spent here was first taken from the
-engine, so the fleet never spends more than its limit (corrections of a request's
-estimate aside).
+The common path never waits on the network. In shared mode each limit is an
+``Allowance`` (protocol/meters.py) that admission spends locally; ``LeaseKeeper`` fills it
+from the fleet's bucket in the engine, every ``tick_s``: up to a reserve (what this daemon
+spent in a tick lately, or what a request was refused for want of), paying a correction up
+(an allowance in debt), and giving back what it holds over the reserve (refunds, a daemon
+that slowed down). Whatever is spent here was first taken from the engine, so the fleet
+never spends more than its limit (corrections of a request's estimate aside).
+
+What a daemon holds unspent is what the engine counted before the upstream sees it, so a
+reserve kept by the limit's size (a tick's worth of it on each of fifty daemons) lets a
+60-s window at the upstream go over the limit by that much. So the reserve follows the
+daemon's own rate instead, and a request that finds too little on hand asks for a round
+out of turn (``top_up``) and waits for it, a round trip to the engine, rather than be
+refused while the fleet has room: a quiet daemon holds next to nothing.
 
 While the engine does not answer (``on_failure``):
 - ``"local"``: each limit becomes a bucket of this daemon's own, limit / ``expected_daemons``;
@@ -42,10 +48,11 @@ __all__ = ["LeaseKeeper"]
 
 log = logs.get(__name__)
 
-# A request's size is kept on hand while such requests come; after this many ticks with
-# none, its memory fades by _PEAK_DECAY a tick, so an idle daemon gives its share back.
-_IDLE_TICKS = 30
-_PEAK_DECAY = 0.9
+# How much of a tick's spending counts in the rate the reserve follows (a moving average).
+_RATE_WEIGHT = 0.25
+# What a refused request wanted is kept on hand until a request that large takes it, or
+# this many ticks after the last refusal (the requester went elsewhere, or away).
+_WANT_KEPT_TICKS = 3
 
 
 class LeaseKeeper:
@@ -68,16 +75,33 @@ class LeaseKeeper:
         self.on_failure = on_failure
         self.expected_daemons = expected_daemons
         self.reachable: bool | None = None  # None until the engine first answered or not
-        self._idle: dict[str, int] = {}  # ticks since a request asked, by limit
+        self._rate: dict[str, float] = {}  # spent a tick, on average lately, by limit
+        self._woken = trio.Event()  # a request wants a round now
+        self._next_round_done = trio.Event()
         self._on_change = on_change
         self._headrooms = headrooms  # by provider, as the pools are now (reloads)
         self._passed_on: dict[str, float | None] = {}  # when the word last passed on was said
 
     async def run(self) -> None:
-        """Lease every tick, until cancelled."""
+        """Lease every tick, and out of turn when a request asks, until cancelled."""
         while True:
+            done, self._next_round_done = self._next_round_done, trio.Event()
+            self._woken = trio.Event()
             await self.tick()
-            await trio.sleep(self.tick_s)
+            done.set()
+            with trio.move_on_after(self.tick_s):
+                await self._woken.wait()
+
+    async def top_up(self) -> bool:
+        """A round of leases now, for what refused requests want; waits for it, at most a
+        tick. False at once while the engine does not answer (nothing would come)."""
+        if not self.reachable:
+            return False
+        done = self._next_round_done
+        self._woken.set()
+        with trio.move_on_after(self.tick_s):
+            await done.wait()
+        return True
 
     async def tick(self) -> None:
         """One round of leases over every limit; notices the engine failing or back."""
@@ -108,9 +132,10 @@ class LeaseKeeper:
             # A local bucket while the engine was down: leasing again from nothing.
             meter = limit.meter = Allowance(limit.figure, self.tick_s)
         shared = _shared(limit)
-        reserve = max(1, math.ceil(limit.figure * self.tick_s / 60), meter.want)
-        reserve = max(reserve, min(limit.figure, math.ceil(meter.peak)))
-        self._forget(limit, meter)
+        rate = self._rate.get(limit.key, 0.0)
+        rate = self._rate[limit.key] = rate + (meter.spent - rate) * _RATE_WEIGHT
+        meter.spent = 0.0
+        reserve = max(meter.want, math.floor(rate + 0.5))
         with trio.CancelScope(shield=True):  # a call cut short may or may not be made
             await self._settle(shared, meter, reserve)
 
@@ -125,19 +150,9 @@ class LeaseKeeper:
         if fleets is not None and headroom.adopt(fleets, trio.current_time()):
             self._passed_on[provider] = headroom.said_at  # (ours again: nothing new)
 
-    def _forget(self, limit: Limit, meter: Allowance) -> None:
-        """Fade what requests asked for once they stop coming (``_IDLE_TICKS``)."""
-        if meter.asked:
-            meter.asked = False
-            self._idle[limit.key] = 0
-            return
-        idle = self._idle[limit.key] = self._idle.get(limit.key, 0) + 1
-        if idle > _IDLE_TICKS:
-            meter.peak *= _PEAK_DECAY
-
     async def _settle(self, shared: EngineLimit, meter: Allowance, reserve: int) -> None:
-        if meter.level >= meter.want:
-            meter.want = 0  # what a refused request wanted is here
+        if meter.want and trio.current_time() - meter.wanted_at > _WANT_KEPT_TICKS * self.tick_s:
+            meter.want = 0  # the request that wanted it went elsewhere, or away
         if meter.level > reserve and not meter.want:
             excess = math.floor(meter.level - reserve)
             meter.level -= excess
@@ -159,10 +174,6 @@ class LeaseKeeper:
         meter.level += want
         meter.fleet_used = taken.used
         meter.retry_s = taken.retry_after_s if want == 0 else 0.0
-        # A partial lease is kept, and ``want`` with it, until the level reaches it: given
-        # back at the next tick, a request larger than the reserve would never fit.
-        if meter.level >= meter.want:
-            meter.want = 0
 
     def _unreachable(self, error: str) -> None:
         if self.reachable is False:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -83,7 +83,7 @@ def _gives_way(response: UpstreamResponse) -> str | None:
 
 # A route's provider's limits: take them for the provider about to be tried, and return a
 # function that gives them back (when the route moves on). Raises the refusal.
-TakeLimits = Callable[[str], Callable[[], None]]
+TakeLimits = Callable[[str], Awaitable[Callable[[], None]]]
 
 
 @contextlib.asynccontextmanager
@@ -112,7 +112,7 @@ async def open_route(
         give_back: Callable[[], None] = lambda: None  # noqa: E731
         if routed and take_limits is not None:
             try:
-                give_back = take_limits(pool.name)
+                give_back = await take_limits(pool.name)
             except RateLimitedError as refused:
                 if candidate.last:
                     raise
