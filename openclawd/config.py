@@ -274,6 +274,48 @@ def _dump_rewrites(value: object) -> str:
     return "{ " + ", ".join(tables) + " }" if value else "{}"
 
 
+# An HTTP header name (RFC 9110 token), and the headers that carry credentials: those come
+# from Vault only, never from the config.
+_HEADER_NAME_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_CREDENTIAL_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie"})
+
+
+def _headers(raw: object) -> Mapping[str, str]:
+    """``[providers.NAME] headers``: names lower-cased; "" = not sent."""
+    table = _string_table(raw, "header")
+    for name, value in table.items():
+        if not _HEADER_NAME_RE.fullmatch(name):
+            raise _Invalid(f"{name!r} is not a valid header name")
+        if name.lower() in _CREDENTIAL_HEADERS:
+            raise _Invalid(f"must not set {name!r}: credentials come from Vault only")
+        if any(c in value for c in "\r\n\0"):
+            raise _Invalid(f"the value of {name!r} must not hold CR, LF or NUL")
+    return types.MappingProxyType({name.lower(): value for name, value in table.items()})
+
+
+def _query(raw: object) -> Mapping[str, str]:
+    """``[providers.NAME] query``: parameter names and values; "" = not sent."""
+    return types.MappingProxyType(_string_table(raw, "query parameter"))
+
+
+def _string_table(raw: object, what: str) -> dict[str, str]:
+    if not isinstance(raw, dict):
+        layout = '{ "NAME" = "VALUE" }'
+        raise _Invalid(f"must be a table of strings ({layout}), not {_toml_type(raw)}")
+    for name, value in raw.items():
+        if not name:
+            raise _Invalid(f"a {what} name must not be empty")
+        if not isinstance(value, str):
+            raise _Invalid(f"the value of {name!r} must be a string, not {_toml_type(value)}")
+    return dict(raw)
+
+
+def _dump_strings(value: object) -> str:
+    assert isinstance(value, Mapping)
+    pairs = (f"{json.dumps(k)} = {json.dumps(v)}" for k, v in value.items())
+    return "{ " + ", ".join(pairs) + " }" if value else "{}"
+
+
 _ENGINE_SCHEMES = ("redis", "rediss", "valkey")
 
 
@@ -334,6 +376,61 @@ def _empty_mapping() -> Mapping[str, Any]:
     return types.MappingProxyType({})
 
 
+# --- provider presets ---------------------------------------------------------------------
+
+# What ``preset = NAME`` fills in a [providers.X] table; a key the table sets wins, and
+# the table's headers and query are merged over the preset's, name by name.
+PRESETS: Mapping[str, Mapping[str, Any]] = types.MappingProxyType(
+    {
+        "openai": {
+            "base_url": "https://api.openai.com",
+            "ws_url": "wss://api.openai.com",
+            "auth_header": "Authorization",
+            "auth_scheme": "Bearer",
+        },
+        "anthropic": {
+            "base_url": "https://api.anthropic.com",
+            "auth_header": "x-api-key",
+            "auth_scheme": "",
+            "headers": {"anthropic-version": "2023-06-01"},
+        },
+        # No universal base_url: each resource has its own host. ws_url is base_url's
+        # host over wss:// (derived in _with_preset), where Azure serves realtime.
+        "azure_openai": {
+            "auth_header": "api-key",
+            "auth_scheme": "",
+            "query": {"api-version": "2024-10-21"},
+        },
+        "openai_compatible": {"auth_header": "Authorization", "auth_scheme": "Bearer"},
+    }
+)
+# What a preset without a base_url asks for instead.
+_PRESET_BASE_URLS = {
+    "azure_openai": "your resource's endpoint, e.g. https://RESOURCE.openai.azure.com",
+    "openai_compatible": "the server's URL, e.g. https://llm.internal:8000",
+}
+
+
+def _with_preset(table: object) -> object:
+    """A provider's table with its preset's keys filled in (unchanged without a valid one:
+    the ``preset`` key's converter reports a wrong one)."""
+    if not isinstance(table, dict) or table.get("preset") not in PRESETS:
+        return table
+    name = table["preset"]
+    preset = PRESETS[name]
+    merged = {**preset, **table}
+    for key in ("headers", "query"):
+        if key in preset and isinstance(table.get(key), dict):
+            given = table[key]
+            if key == "headers":
+                given = {str(k).lower(): v for k, v in given.items()}
+            merged[key] = {**preset[key], **given}
+    base_url = table.get("base_url")
+    if name == "azure_openai" and "ws_url" not in table and isinstance(base_url, str):
+        merged["ws_url"] = re.sub(r"^http", "ws", base_url)
+    return merged
+
+
 # --- the configuration ---------------------------------------------------------------------
 
 
@@ -386,6 +483,7 @@ class ProviderLimits:
 class ProviderConfig:
     base_url: str = _required(_url("http", "https"))
     vault_path: str = _required(_string)
+    preset: str = _opt("", _choice("", *PRESETS))
     ws_url: str = _opt("", _url("ws", "wss"))
     auth_header: str = _opt("Authorization", _string)
     auth_scheme: str = _opt("Bearer", _string)
@@ -401,6 +499,13 @@ class ProviderConfig:
     retry_backoff_max_s: float = _opt(8.0, _seconds())
     circuit_failure_threshold: int = _opt(5, _integer(minimum=1, maximum=10_000))
     circuit_reset_s: float = _opt(30.0, _seconds())
+    # Sent with every request (HTTP and realtime handshake) unless the app sent its own.
+    headers: Mapping[str, str] = field(
+        default_factory=_empty_mapping, metadata={"convert": _headers, "dump": _dump_strings}
+    )
+    query: Mapping[str, str] = field(
+        default_factory=_empty_mapping, metadata={"convert": _query, "dump": _dump_strings}
+    )
     limits: ProviderLimits = _subtable(ProviderLimits)
 
 
@@ -641,11 +746,27 @@ def _providers(raw: dict[str, Any], problems: list[ConfigProblem]) -> dict[str, 
             problems.append(
                 ConfigProblem(path, "provider names are 1-64 of A-Z a-z 0-9 _ - (used in URLs)")
             )
-        provider, values = _convert_table(ProviderConfig, table, path, problems)
+        before = len(problems)
+        provider, values = _convert_table(ProviderConfig, _with_preset(table), path, problems)
         problems.extend(_provider_checks(path, values))
+        problems[before:] = _explain_base_url(path, table, problems[before:])
         if provider is not None:
             providers[name] = provider
     return providers
+
+
+def _explain_base_url(path: str, table: object, found: list[ConfigProblem]) -> list[ConfigProblem]:
+    """A missing base_url, said in terms of the provider's preset: not reported when the
+    preset itself is wrong (it may have been meant to fill it)."""
+    missing = ConfigProblem(f"{path}.base_url", "required key is missing")
+    preset = table.get("preset", "") if isinstance(table, dict) else ""
+    if missing not in found or preset == "":
+        return found
+    if preset not in PRESETS:
+        return [p for p in found if p != missing]
+    hint = _PRESET_BASE_URLS[preset]
+    why = ConfigProblem(missing.key, f"required with preset = {json.dumps(preset)}: {hint}")
+    return [why if p == missing else p for p in found]
 
 
 def _routes(
@@ -748,6 +869,11 @@ def _provider_checks(path: str, values: Mapping[str, Any]) -> list[ConfigProblem
     for key in ("vault_path", "auth_header"):
         if key in values and not values[key].strip("/"):
             problems.append(ConfigProblem(f"{path}.{key}", "must not be empty"))
+    auth = values.get("auth_header", "authorization").lower()
+    if auth in values.get("headers", {}):
+        problems.append(
+            ConfigProblem(f"{path}.headers", f"must not set {auth!r}: the key goes there")
+        )
     return problems
 
 
@@ -832,13 +958,30 @@ def dump(config: Config) -> str:
     for name in _SECTIONS:
         out += ["", f"[{name}]", *_dump_fields(getattr(config, name))]
     for name, provider in config.providers.items():
-        out += ["", f"[providers.{name}]", *_dump_fields(provider)]
+        out += ["", f"[providers.{name}]", *_dump_provider(provider)]
         out += ["", f"[providers.{name}.limits]", *_dump_fields(provider.limits)]
     for name, route in config.routes.items():
         out += ["", f"[routes.{name}]", *_dump_fields(route)]
     for name, client in config.clients.items():
         out += ["", f"[clients.{name}]", *_dump_fields(client)]
     return "\n".join(out) + "\n"
+
+
+def _dump_provider(provider: ProviderConfig) -> list[str]:
+    """A provider's keys, each value its preset filled in marked as such."""
+    lines = _dump_fields(provider)
+    if not provider.preset:
+        return lines
+    filled = dict(PRESETS[provider.preset])
+    if provider.preset == "azure_openai":
+        filled["ws_url"] = re.sub(r"^http", "ws", provider.base_url)
+    note = f"  # from preset {json.dumps(provider.preset)}"
+    return [
+        line + note
+        if filled.get(key := line.split(" = ", 1)[0], ...) == getattr(provider, key)
+        else line
+        for line in lines
+    ]
 
 
 def _dump_fields(obj: object) -> list[str]:

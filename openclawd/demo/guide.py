@@ -12,6 +12,7 @@ import shlex
 import sys
 
 from openclawd.demo.layout import (
+    ANTHROPIC,
     CLIENT,
     CLIENT_TOKENS_PER_MINUTE,
     MODEL,
@@ -44,6 +45,60 @@ trio.run(main)
 EOF"""
 
 
+# The SDK examples are typed: mypy --strict passes on each (a test checks).
+_OPENAI_SNIPPET = """\
+{python} - <<'EOF'
+import httpx2
+import openai
+with httpx2.Client(transport=httpx2.HTTPTransport(uds={socket})) as http:
+    client = openai.OpenAI(
+        api_key="unused",  # the SDK wants one; the daemon drops it and adds the real key
+        base_url="http://openclawd/v1/http/{provider}/v1",
+        http_client=http,
+    )
+    stream = client.chat.completions.create(
+        model="{model}", messages=[{{"role": "user", "content": "Hi"}}], stream=True
+    )
+    for chunk in stream:
+        if chunk.choices:
+            print(chunk.choices[0].delta.content or "", end="", flush=True)
+    print()
+EOF"""
+
+_REALTIME_SNIPPET = """\
+{python} - <<'EOF'
+import json
+from websockets.sync.client import unix_connect
+with unix_connect({socket}, "ws://openclawd/v1/realtime/{provider}?model=gpt-realtime") as ws:
+    print(json.loads(ws.recv())["type"])
+    ws.send(json.dumps({{"type": "response.create"}}))
+    while (event := json.loads(ws.recv()))["type"] != "response.done":
+        if event["type"] == "response.output_text.delta":
+            print(event["delta"], end="", flush=True)
+    print()
+    print(event["response"]["usage"])
+EOF"""
+
+_ANTHROPIC_SNIPPET = """\
+{python} - <<'EOF'
+import anthropic
+import httpx2
+with httpx2.Client(transport=httpx2.HTTPTransport(uds={socket})) as http:
+    client = anthropic.Anthropic(
+        api_key="unused",  # the SDK wants one; the daemon drops it and adds the real key
+        base_url="http://openclawd/v1/http/{provider}",
+        http_client=http,
+    )
+    with client.messages.stream(
+        model="claude-sonnet-4-5", max_tokens=200, messages=[{{"role": "user", "content": "Hi"}}]
+    ) as stream:
+        for text in stream.text_stream:
+            print(text, end="", flush=True)
+        print()
+        print(stream.get_final_message().usage)
+EOF"""
+
+
 def guide(layout: Layout, *, vault_addr: str, root_token: str, bao: str, mock_port: int) -> str:
     """The text printed on READY."""
     data = shlex.quote(str(layout.data_socket))
@@ -69,6 +124,15 @@ def guide(layout: Layout, *, vault_addr: str, root_token: str, bao: str, mock_po
         model=MODEL,
         provider=PROVIDER,
     )
+    snippet = {
+        "python": shlex.quote(sys.executable),
+        "socket": json.dumps(str(layout.data_socket)),
+        "provider": PROVIDER,
+        "model": MODEL,
+    }
+    sdk = _OPENAI_SNIPPET.format(**snippet)
+    realtime = _REALTIME_SNIPPET.format(**snippet)
+    claude = _ANTHROPIC_SNIPPET.format(**{**snippet, "provider": ANTHROPIC})
     return f"""
 openclawd demo is ready.
 
@@ -77,6 +141,9 @@ openclawd demo is ready.
   Vault (dev)     {vault_addr}  root token {root_token}  key: {VAULT_MOUNT}/{VAULT_PATH}
   mock provider   http://127.0.0.1:{mock_port}  accepts only the key Vault holds now
   daemon config   {layout.config}
+
+For the README's app examples (providers openai and anthropic), in that terminal:
+export OPENCLAWD_SOCKET={data}
 
 Paste these into another terminal.
 
@@ -90,6 +157,16 @@ curl -sS -N --unix-socket {data} \\
 
 # the same over the /v1/ws channel, from Python
 {ws}
+
+# the same with the openai SDK (its http_client over the socket); typed: mypy --strict passes
+{sdk}
+
+# a realtime session through /v1/realtime. The openai SDK's realtime client cannot be given
+# a unix socket through its public API, so this uses the websockets library, which can
+{realtime}
+
+# Anthropic's Messages API with the anthropic SDK: provider {ANTHROPIC} (preset = "anthropic")
+{claude}
 
 # rotate the key in Vault: the mock refuses the old key from now on, and the daemon follows
 # (at its next poll, within {REFRESH_INTERVAL_S:g} s, or at once when the mock answers 401).

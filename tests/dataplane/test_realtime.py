@@ -69,6 +69,30 @@ async def test_text_and_binary_are_echoed_with_the_key_path_and_query(
             assert dp.realtime.sessions == 0
 
 
+async def test_the_providers_headers_and_query_join_the_handshake_unless_the_app_sent_them(
+    shared_bao: Bao, runtime_dir: Path
+) -> None:
+    provider = {
+        "headers": {"OpenAI-Beta": "realtime=v1", "x-org": "org-1", "x-none": ""},
+        "query": {"api-version": "2024-10-01-preview", "model": "fallback"},
+    }
+    with trio.fail_after(20):
+        async with (
+            open_fake_ws_upstream() as up,
+            realtime_plane(shared_bao, runtime_dir, up.url, provider=provider) as dp,
+        ):
+            resource = "/v1/realtime/openai?model=gpt-realtime"
+            async with open_realtime(dp.socket_path, resource, {"OpenAI-Beta": "app"}) as app:
+                await app.close(1000, "done")
+            await up.wait_connections_closed(1)
+    [seen] = up.handshakes
+    assert seen.query == "model=gpt-realtime&api-version=2024-10-01-preview"
+    assert [v for k, v in seen.headers if k == "openai-beta"] == ["app"]
+    assert seen.header("x-org") == "org-1"
+    assert seen.header("x-none") is None
+    assert seen.key == KEY
+
+
 async def test_the_path_after_the_provider_is_forwarded(shared_bao: Bao, runtime_dir: Path) -> None:
     with trio.fail_after(20):
         async with (

