@@ -44,13 +44,16 @@ _PROPAGATOR = TraceContextTextMapPropagator()
 
 class BoundedBatches(SpanProcessor):
     """Ended spans, queued (at most ``max_queue``) and exported in batches by a thread of
-    their own. A span that finds the queue full, and each span of a batch the exporter
+    their own, when a batch is full or ``delay_s`` after the last. A span that finds the queue full, and each span of a batch the exporter
     fails to send (a dead collector, after its own retries within its timeout), is
     dropped and counted."""
 
-    def __init__(self, exporter: SpanExporter, max_queue: int) -> None:
+    def __init__(
+        self, exporter: SpanExporter, max_queue: int, delay_s: float = SCHEDULE_DELAY_S
+    ) -> None:
         self._exporter = exporter
         self._max_queue = max_queue
+        self._delay_s = delay_s
         self._queue: collections.deque[ReadableSpan] = collections.deque()
         self._lock = threading.Lock()  # the queue and the count
         self._exporting = threading.Lock()  # one export at a time, in order
@@ -72,7 +75,7 @@ class BoundedBatches(SpanProcessor):
 
     def _run(self) -> None:
         while not self._stopping.is_set():
-            self._wake.wait(SCHEDULE_DELAY_S)
+            self._wake.wait(self._delay_s)
             self._wake.clear()
             self._export_queued()
 
@@ -111,20 +114,22 @@ class BoundedBatches(SpanProcessor):
 
 class OtelTracer(Tracer):
     """Spans of the SDK, exported to ``config.otlp_endpoint`` + ``/v1/traces`` with
-    ``headers`` (``exporter`` replaces the OTLP exporter: tests)."""
+    ``headers`` (``exporter`` replaces the OTLP exporter, ``delay_s`` the wait for a
+    batch: tests)."""
 
     def __init__(
         self,
         config: TracingConfig,
         headers: dict[str, str],
         exporter: SpanExporter | None = None,
+        delay_s: float = SCHEDULE_DELAY_S,
     ) -> None:
         exporter = exporter or OTLPSpanExporter(
             endpoint=f"{config.otlp_endpoint}/v1/traces",
             headers=headers,
             timeout=config.export_timeout_s,
         )
-        self.batches = BoundedBatches(exporter, config.max_queue_spans)
+        self.batches = BoundedBatches(exporter, config.max_queue_spans, delay_s)
         self._provider = TracerProvider(
             sampler=ParentBased(TraceIdRatioBased(config.sample_ratio)),
             resource=Resource.create(
