@@ -44,9 +44,9 @@ _PROPAGATOR = TraceContextTextMapPropagator()
 
 class BoundedBatches(SpanProcessor):
     """Ended spans, queued (at most ``max_queue``) and exported in batches by a thread of
-    their own, when a batch is full or ``delay_s`` after the last. A span that finds the queue full, and each span of a batch the exporter
-    fails to send (a dead collector, after its own retries within its timeout), is
-    dropped and counted."""
+    their own, when a batch is full or ``delay_s`` after the last. A span that finds the
+    queue full, and each span of a batch the exporter fails to send (a dead collector,
+    after its own retries within its timeout), is dropped and counted."""
 
     def __init__(
         self, exporter: SpanExporter, max_queue: int, delay_s: float = SCHEDULE_DELAY_S
