@@ -44,7 +44,9 @@ process near 100%, a late upstream or a busy machine marks a row whose figures a
 openclawd's alone.
 
 Usage: ``bench/run [--quick | --smoke] [--scenarios A,B] [--output PATH]
-[--profile PATH | --cprofile PATH] [--daemon-from CHECKOUT]``.
+[--profile PATH | --cprofile PATH] [--daemon-from CHECKOUT] [--tracing]``. With
+``--tracing`` the daemon exports a span per request (``sample_ratio`` 1.0) to a local OTLP
+sink (``bench/otlp_sink.py``); the figures then include what tracing costs.
 """
 
 from __future__ import annotations
@@ -76,6 +78,7 @@ from typing import Any
 import httpx
 import trio
 
+from bench.otlp_sink import otlp_sink
 from openclawd.config import VaultConfig
 from openclawd.demo.layout import DemoError, Layout, find_bao
 from openclawd.demo.supervise import start_vault, stop_process
@@ -304,7 +307,16 @@ class Setup(Layout):
         return f"http://127.0.0.1:{self.upstream_port}"
 
 
+# ``--tracing``: the daemon's [tracing] otlp_endpoint (a local sink, ratio 1.0), else None.
+TRACING_ENDPOINT: str | None = None
+
+
 def write_config(setup: Setup, max_connections: int, upstream_connections: int = 100) -> None:
+    tracing = ""
+    if TRACING_ENDPOINT is not None:
+        tracing = (
+            f"\n[tracing]\notlp_endpoint = {json.dumps(TRACING_ENDPOINT)}\nsample_ratio = 1.0\n"
+        )
     setup.config.write_text(
         f"""\
 # Written by bench/runner.py: production defaults, but for the max_connections.
@@ -326,7 +338,7 @@ mount = "secret"
 base_url = {json.dumps(setup.upstream_url)}
 vault_path = {json.dumps(VAULT_PATH)}
 max_connections = {upstream_connections}
-"""
+{tracing}"""
     )
 
 
@@ -1436,6 +1448,11 @@ def main(argv: list[str] | None = None) -> int:
         "the same benchmark, before and after a change",
     )
     parser.add_argument(
+        "--tracing",
+        action="store_true",
+        help="the daemon exports a span per request (sample_ratio 1.0) to a local OTLP sink",
+    )
+    parser.add_argument(
         "--scenarios",
         default=",".join(SCENARIOS),
         help=f"a comma-separated subset of: {', '.join(SCENARIOS)} (default: all)",
@@ -1456,8 +1473,16 @@ def main(argv: list[str] | None = None) -> int:
             Profile("py-spy", args.profile) if args.profile else Profile("cprofile", args.cprofile)
         )
     output = args.output or REPO / "bench" / "results" / f"{mode}-latest.json"
+    global TRACING_ENDPOINT
     try:
-        results = trio.run(run, mode, only, profile, daemon_source)
+        with otlp_sink() as (url, sink):
+            TRACING_ENDPOINT = url if args.tracing else None
+            results = trio.run(run, mode, only, profile, daemon_source)
+            results["tracing"] = (
+                {"sample_ratio": 1.0, "exports": sink.requests, "export_bytes": sink.bytes}
+                if args.tracing
+                else None
+            )
     except (BenchError, DemoError) as exc:
         print(f"bench: {exc}", file=sys.stderr)
         return 1

@@ -351,6 +351,29 @@ def _namespace(raw: object) -> str:
     return value
 
 
+def _collector_url(raw: object) -> str:
+    """``[tracing] otlp_endpoint``: the collector's base URL (spans go to its /v1/traces)."""
+    value: str = _url("http", "https")(raw)
+    if value.endswith("/v1/traces"):
+        raise _Invalid("is the collector's base URL: leave out /v1/traces, which is added")
+    return value
+
+
+def _service_name(raw: object) -> str:
+    value = _string(raw)
+    if not value.strip() or len(value) > 255:
+        raise _Invalid("must be 1-255 characters")
+    return value
+
+
+def _ratio(raw: object) -> float:
+    if isinstance(raw, bool) or not isinstance(raw, int | float):
+        raise _Invalid(f"must be a number from 0 to 1, not {_toml_type(raw)}")
+    if not 0 <= raw <= 1:
+        raise _Invalid(f"must be from 0 to 1, not {raw}")
+    return float(raw)
+
+
 def _opt(
     default: _T, convert: Callable[[object], Any], dump: Callable[[object], str] | None = None
 ) -> _T:
@@ -549,6 +572,16 @@ class SharedConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class TracingConfig:
+    otlp_endpoint: str = _opt("", _collector_url)
+    service_name: str = _opt("openclawd", _service_name)
+    sample_ratio: float = _opt(1.0, _ratio)
+    headers_file: str = _opt("", _path(may_be_empty=True, credential=True))
+    max_queue_spans: int = _opt(2048, _integer(minimum=1, maximum=1_000_000))
+    export_timeout_s: float = _opt(10.0, _seconds())
+
+
+@dataclass(frozen=True, slots=True)
 class ShutdownConfig:
     drain_timeout_s: float = _opt(30.0, _seconds(zero_ok=True))
 
@@ -567,6 +600,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "shutdown": ShutdownConfig,
     "logging": LoggingConfig,
     "shared": SharedConfig,
+    "tracing": TracingConfig,
 }
 # The tables of named tables: [providers.NAME], [clients.NAME], [routes.NAME].
 _NAMED = ("providers", "clients", "routes")
@@ -589,6 +623,7 @@ class Config:
     clients: Mapping[str, ClientConfig] = field(default_factory=_empty_mapping)  # file order
     routes: Mapping[str, RouteConfig] = field(default_factory=_empty_mapping)
     shared: SharedConfig = field(default_factory=SharedConfig)
+    tracing: TracingConfig = field(default_factory=TracingConfig)
     source: str = "<memory>"
 
 
@@ -888,6 +923,11 @@ def _cross_checks(
         problems.append(ConfigProblem("control.token_file", "required when control.tcp is set"))
     if "shared" not in broken and config.shared.password_file and not config.shared.url:
         problems.append(ConfigProblem("shared.password_file", "is used only with shared.url"))
+    tracing = config.tracing
+    if "tracing" not in broken and tracing.headers_file and not tracing.otlp_endpoint:
+        problems.append(
+            ConfigProblem("tracing.headers_file", "is used only with tracing.otlp_endpoint")
+        )
     if "vault" in broken or not has_providers:
         return problems
     return problems + _vault_checks(config.vault, env)

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from openclawd import __version__, logs, tokencontrol
+from openclawd import __version__, logs, tokencontrol, tracing
 from openclawd import config as config_module
 from openclawd.asgi import serve_asgi
 from openclawd.config import Config
@@ -100,9 +100,11 @@ class Daemon:
         self.limits = Limits.of(config, now=trio.current_time(), lease_tick_s=tick)
         self.keeper: LeaseKeeper | None = None
         self.admission = admission = Admission(self.lifecycle, [self.limiter], self.limits)
-        self.channels = Channels(config, self.upstreams, self.lifecycle, admission)
-        self.realtime = Realtime(config, self.keys, self.lifecycle, admission)
-        self.passthrough = Passthrough(config, self.upstreams, self.lifecycle, admission)
+        # [tracing]: a span per request, exported from a thread; else no-op traces.
+        self.tracer = tracer = tracing.open_tracer(config.tracing)
+        self.channels = Channels(config, self.upstreams, self.lifecycle, admission, tracer)
+        self.realtime = Realtime(config, self.keys, self.lifecycle, admission, tracer=tracer)
+        self.passthrough = Passthrough(config, self.upstreams, self.lifecycle, admission, tracer)
         self.local.websocket_routes["/v1/ws"] = self.channels.serve
         self.local.websocket_routes[realtime.PREFIX] = self.realtime.serve
         self.local.routes[passthrough.PREFIX] = self.passthrough.serve
@@ -183,6 +185,10 @@ class Daemon:
             with trio.move_on_after(2.0) as closing:
                 closing.shield = True
                 await self.upstreams.aclose()
+            # The spans still queued go out (a dead collector: one export timeout).
+            with trio.move_on_after(cfg.tracing.export_timeout_s + 1.0) as closing:
+                closing.shield = True
+                await trio.to_thread.run_sync(self.tracer.shutdown, abandon_on_cancel=True)
         log.info("daemon.stopped")
 
     async def _handle_signals(self, signals: AsyncIterator[int]) -> None:
@@ -222,6 +228,7 @@ class Daemon:
             keys=self.keys.statistics(),
             upstreams=self.upstreams.statistics(),
             token_control=self._token_control(),
+            trace_spans_dropped=self.tracer.dropped,
         )
 
     def _token_control(self) -> TokenControlStatistics:

@@ -69,6 +69,11 @@ def _daemon(stats: Statistics) -> Iterator[Metric]:
     yield GaugeMetricFamily(
         "openclawd_uptime_seconds", "Seconds since the daemon started.", value=stats.uptime_s
     )
+    yield CounterMetricFamily(
+        "openclawd_trace_spans_dropped",
+        "Spans not exported: the export queue was full, or the collector failed.",
+        value=stats.trace_spans_dropped,
+    )
 
 
 def _connections(stats: Statistics) -> Iterator[Metric]:

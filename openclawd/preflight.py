@@ -31,6 +31,8 @@ def credential_files(cfg: Config) -> Iterator[tuple[str, str]]:
         yield "control.token_file", cfg.control.token_file
     if cfg.shared.url and cfg.shared.password_file:
         yield "shared.password_file", cfg.shared.password_file
+    if cfg.tracing.otlp_endpoint and cfg.tracing.headers_file:
+        yield "tracing.headers_file", cfg.tracing.headers_file
 
 
 def check_files(cfg: Config) -> list[ConfigProblem]:

@@ -14,7 +14,8 @@ from openclawd.config import Config
 # The keys a reload cannot change, and why: the sockets are bound once, at start; the Vault
 # client (address, credentials, mount, TLS, request timeout) is built once, at start; so is
 # the connection to the shared engine of [shared] (its address, password, key namespace and
-# the policy and share it falls back to). A reload that changes one logs
+# the policy and share it falls back to); so is the tracer of [tracing] (its collector,
+# headers, sampler and queue). A reload that changes one logs
 # ``config.needs_restart`` and keeps the value in force; every other key applies on SIGHUP
 # (tests/daemon/test_reload.py proves each one), clients, routes and limits included.
 RESTART_ONLY = frozenset(
@@ -42,6 +43,12 @@ RESTART_ONLY = frozenset(
         "shared.namespace",
         "shared.on_failure",
         "shared.expected_daemons",
+        "tracing.otlp_endpoint",
+        "tracing.service_name",
+        "tracing.sample_ratio",
+        "tracing.headers_file",
+        "tracing.max_queue_spans",
+        "tracing.export_timeout_s",
     }
 )
 # Tables of named tables: an entry added or removed is one change, ``SECTION.NAME``.

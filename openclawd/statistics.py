@@ -42,3 +42,4 @@ class Statistics:
     keys: KeyStatistics
     upstreams: Mapping[str, UpstreamStatistics]
     token_control: TokenControlStatistics = field(default_factory=TokenControlStatistics)
+    trace_spans_dropped: int = 0  # spans the tracer dropped (queue full, collector failed)

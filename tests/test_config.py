@@ -85,6 +85,7 @@ def test_the_shipped_example_parses_and_names_every_key() -> None:
     # Token control is shown commented out: as shipped, it is off.
     assert (dict(cfg.clients), dict(cfg.routes)) == ({}, {})
     assert cfg.shared == config.SharedConfig()
+    assert cfg.tracing == config.TracingConfig()  # tracing is off as shipped
     assert cfg.providers["openai"].limits == config.ProviderLimits()
     # The example shows every key of every table, the commented-out ones included, so it
     # documents the whole config; uncommented, it parses.
@@ -98,6 +99,7 @@ def test_the_shipped_example_parses_and_names_every_key() -> None:
         ("shutdown", config.ShutdownConfig),
         ("logging", config.LoggingConfig),
         ("shared", config.SharedConfig),
+        ("tracing", config.TracingConfig),
     ):
         assert set(mapping[section]) == set(cls.__dataclass_fields__), section
     assert set(mapping["providers"]["openai"]) == set(config.ProviderConfig.__dataclass_fields__)
@@ -113,6 +115,7 @@ def test_the_shipped_example_parses_and_names_every_key() -> None:
     assert list(full.clients) == ["billing", "default"]
     assert full.routes["chat"].providers == ("openai", "openai_eu")
     assert full.shared.url == "rediss://valkey.internal:6379"
+    assert full.tracing.otlp_endpoint == "http://127.0.0.1:4318"
 
 
 def test_config_is_frozen() -> None:

@@ -39,6 +39,7 @@ from openclawd.protocol.limits import Charge, utc_day
 from openclawd.protocol.messages import Request
 from openclawd.protocol.session import Abort, Send, Session, Start
 from openclawd.protocol.usage import estimate_tokens
+from openclawd.tracing import NO_TRACER, OFF, Trace, Tracer
 from openclawd.upstream.http import UpstreamRequest, UpstreamResponse, Upstreams
 from openclawd.upstream.routes import Candidate, TakeLimits, open_route, rewrite_model
 from openclawd.websocket import ConnectionClosed, WebSocketConnection
@@ -68,11 +69,17 @@ class Channels:
     """Serves /v1/ws connections; shared by all of them."""
 
     def __init__(
-        self, config: Config, upstreams: Upstreams, lifecycle: Lifecycle, admission: Admission
+        self,
+        config: Config,
+        upstreams: Upstreams,
+        lifecycle: Lifecycle,
+        admission: Admission,
+        tracer: Tracer = NO_TRACER,
     ) -> None:
         self.upstreams = upstreams
         self.lifecycle = lifecycle
         self.admission = admission
+        self.tracer = tracer
         self.configure(config)
         self.inflight = 0
 
@@ -147,10 +154,16 @@ class Channels:
     async def _start(self, channel: _Channel, nursery: trio.Nursery, request: Request) -> None:
         """Admit a request (or send its refusal) and start it in its own task."""
         rid = request.id
+        model = request.body.get("model") if isinstance(request.body, dict) else None
+        client = channel.client.name if channel.client is not None else None
+        trace = self.tracer.request(
+            "ws", request.provider, request.path, model, client, request.headers
+        )
         try:
             ask = self._ask(channel, request)
             charge = await self.admission.admit_request_waiting(ask, trio.current_time)
         except OpenclawdError as refusal:
+            trace.end(refusal.code)
             channel.session.finish(rid)
             await channel.send(_error_frame(rid, refusal))
             return
@@ -158,7 +171,7 @@ class Channels:
         # In flight from here: a drain that starts before the task runs waits for it. The
         # task ends the count.
         self.lifecycle.work.begin()
-        nursery.start_soon(self._request, channel, request, scope, charge)
+        nursery.start_soon(self._request, channel, request, scope, charge, trace)
 
     def _ask(self, channel: _Channel, request: Request) -> Ask:
         """What admission needs to know of a request: who, where, which model, how many
@@ -174,7 +187,12 @@ class Channels:
         return Ask(uid, channel.client, request.provider, model, tokens, day, into_day)
 
     async def _request(
-        self, channel: _Channel, request: Request, scope: trio.CancelScope, charge: Charge | None
+        self,
+        channel: _Channel,
+        request: Request,
+        scope: trio.CancelScope,
+        charge: Charge | None,
+        trace: Trace,
     ) -> None:
         """One request, start to last frame. ``scope`` is the app's ``cancel``; it only
         ever interrupts the upstream side or the queueing of a frame, never a write. The
@@ -200,7 +218,9 @@ class Channels:
                 try:
                     admission = self.admission
                     limits = provider_limits(exchange, admission.limits, _clock, admission.top_up)
-                    await relay(self.upstreams, request, exchange, channel.send, finish, limits)
+                    await relay(
+                        self.upstreams, request, exchange, channel.send, finish, limits, trace
+                    )
                 except OpenclawdError as exc:
                     exchange.fail(exc)
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -226,6 +246,7 @@ class Channels:
                 channel.session.finish(rid)
             if channel.scopes.get(rid) is scope:
                 del channel.scopes[rid]
+            trace.finish(exchange)
 
     async def _keepalive(self, channel: _Channel, connection: trio.CancelScope) -> None:
         """Ping a peer that has been quiet for ``ping_interval_s``; if it does not answer
@@ -318,6 +339,7 @@ async def relay(
     send: Callable[[str], Any],
     finish: Callable[[str], Any],
     take_limits: TakeLimits | None = None,
+    trace: Trace = OFF,
 ) -> None:
     """Send ``request`` upstream and relay the response as frames (CONTRACT.md 3.1).
 
@@ -336,7 +358,7 @@ async def relay(
         content = None
         if request.has_body:
             content = messages.encode_body(rewrite_model(request.body, candidate.models))
-        return UpstreamRequest(request.method, request.path, tuple(headers), content)
+        return UpstreamRequest(request.method, request.path, tuple(headers), content, trace)
 
     opened = open_route(upstreams, request.provider, request_for, take_limits)
     async with opened as (provider, response):

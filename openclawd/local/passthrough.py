@@ -33,10 +33,10 @@ from openclawd.config import Config
 from openclawd.errors import (
     ClientError,
     OpenclawdError,
-    UnfinishedMessageError,
     UnknownProviderError,
 )
 from openclawd.lifecycle import Lifecycle
+from openclawd.local.appbody import AppBody, watch_for_leaving
 from openclawd.local.http11 import Connection, reason_phrase
 from openclawd.protocol.exchange import Admission, Ask, Exchange, provider_limits
 from openclawd.protocol.limits import Charge, utc_day
@@ -47,6 +47,7 @@ from openclawd.protocol.messages import (
     shown_name,
 )
 from openclawd.protocol.usage import estimate_tokens
+from openclawd.tracing import NO_TRACER, Trace, Tracer
 from openclawd.upstream.http import UpstreamRequest, Upstreams
 from openclawd.upstream.routes import Candidate, open_route, rewrite_model_bytes
 
@@ -55,7 +56,6 @@ log = logs.get(__name__)
 PREFIX = "/v1/http/"
 # A request body up to this size is held whole, so a retry can send it again.
 REPLAYABLE_BYTES = 1024 * 1024
-_RECEIVE_BYTES = 64 * 1024
 # The most of a JSON response body held on the side to read its token usage.
 USAGE_BODY_BYTES = 1024 * 1024
 # Request headers the upstream client sets itself, or that only this hop understands.
@@ -145,11 +145,17 @@ class Passthrough:
     """Serves /v1/http requests; shared by all of them."""
 
     def __init__(
-        self, config: Config, upstreams: Upstreams, lifecycle: Lifecycle, admission: Admission
+        self,
+        config: Config,
+        upstreams: Upstreams,
+        lifecycle: Lifecycle,
+        admission: Admission,
+        tracer: Tracer = NO_TRACER,
     ) -> None:
         self.upstreams = upstreams
         self.lifecycle = lifecycle
         self.admission = admission
+        self.tracer = tracer
         self.config = config
         self.inflight = 0
 
@@ -163,15 +169,18 @@ class Passthrough:
         exchange = Exchange(answers_after_head=False)
         conn.client = identify(conn.peer, self.config.clients)
         logs.client_name.set(conn.client.name)
+        trace = self.tracer.request(
+            "http", route.provider, route.rest, None, conn.client.name, conn.request.headers
+        )
         self.inflight += 1
         try:
             with self.lifecycle.work.track(), trio.CancelScope() as app_gone:
                 async with trio.open_nursery() as nursery:
 
                     def watch() -> None:
-                        nursery.start_soon(_watch_for_leaving, conn, app_gone)
+                        nursery.start_soon(watch_for_leaving, conn, app_gone)
 
-                    await self._exchange(conn, route, watch, exchange)
+                    await self._exchange(conn, route, watch, exchange, trace)
                     nursery.cancel_scope.cancel()
             if app_gone.cancelled_caught:
                 exchange.left("app gone")  # too late to matter if the answer had ended
@@ -192,9 +201,15 @@ class Passthrough:
                 **({"error": exchange.error.code} if exchange.error else {}),
                 duration_s=round(trio.current_time() - started, 4),
             )
+            trace.finish(exchange)
 
     async def _exchange(
-        self, conn: Connection, route: _Route, watch: Callable[[], None], exchange: Exchange
+        self,
+        conn: Connection,
+        route: _Route,
+        watch: Callable[[], None],
+        exchange: Exchange,
+        trace: Trace,
     ) -> None:
         """The request and its answer, told to ``exchange`` as it is written (the
         exchange may be cancelled at any point: the log line shows what the app got).
@@ -202,6 +217,9 @@ class Passthrough:
         cancels the exchange."""
         try:
             request = await self._prepare(conn, route, watch, exchange)
+            request = dataclasses.replace(request, trace=trace)
+            if trace.recording and isinstance(request.content, bytes):
+                trace.request_model(_body_model(request.content))
 
             def request_for(candidate: Candidate) -> UpstreamRequest:
                 if not isinstance(request.content, bytes) or not candidate.models:
@@ -299,7 +317,7 @@ class Passthrough:
         if conn.http.they_are_waiting_for_100_continue:
             go_on = h11.InformationalResponse(status_code=100, headers=[], reason=b"Continue")
             await _send(conn, go_on)
-        body = _AppBody(conn, on_complete, self.config.listen.message_timeout_s)
+        body = AppBody(conn, on_complete, self.config.listen.message_timeout_s)
         held = await body.hold(REPLAYABLE_BYTES)
         if late:
             exchange.charge = await self._admit(conn, route, held, length)
@@ -335,111 +353,6 @@ def _bad_segment(path: str) -> str | None:
     if has_dot_segment(path):
         return "dot"
     return None
-
-
-class _AppBody:
-    """The app's request body, read from its connection as the upstream takes it. The
-    daemon may wait for its bytes ``timeout_s`` in all (a body trickled in, a byte just
-    inside every gap the connection allows, holds an upstream connection too). Only that
-    wait counts: not the time the upstream takes to take what was read."""
-
-    def __init__(self, conn: Connection, on_complete: Callable[[], None], timeout_s: float) -> None:
-        self._conn = conn
-        self._on_complete = on_complete
-        self._timeout_s = timeout_s
-        self._waited_s = 0.0  # for the app's bytes, so far
-        self.complete = False
-
-    async def hold(self, limit: int) -> bytes:
-        """Read up to ``limit`` bytes (more if a chunk crosses it); ``complete`` tells if
-        that was the whole body."""
-        parts: list[bytes] = []
-        size = 0
-        while size <= limit:
-            data = await self._next()
-            if data is None:
-                break
-            parts.append(data)
-            size += len(data)
-        return b"".join(parts)
-
-    def stream(self, held: bytes) -> AsyncIterator[bytes]:
-        """``held``, then the rest as it comes. An iterator, not a generator: when the
-        upstream stops taking it midway there is nothing left open to close."""
-        return _BodyRest(self, held)
-
-    async def _next(self) -> bytes | None:
-        """The next piece of the body, or None at its end.
-
-        Raises:
-            ClientError: the body is malformed, stops coming for the connection's timeout,
-                or the app closed the connection before its end.
-            UnfinishedMessageError: ``timeout_s`` spent waiting for the body in all.
-        """
-        http = self._conn.http
-        while not self.complete:
-            try:
-                event = http.next_event()
-            except h11.RemoteProtocolError:
-                # Not h11's text: it quotes what it could not read (the app's bytes).
-                raise ClientError("malformed request body") from None
-            if isinstance(event, h11.Data):
-                return bytes(event.data)
-            if isinstance(event, h11.EndOfMessage):
-                self.complete = True
-                self._on_complete()
-                break
-            if event is not h11.NEED_DATA:
-                raise ClientError("the app closed the connection before the end of its body")
-            left_s = self._timeout_s - self._waited_s
-            started = trio.current_time()
-            with trio.move_on_after(min(self._conn.timeout_s, left_s)) as waited:
-                data = await self._conn.stream.receive_some(_RECEIVE_BYTES)
-            self._waited_s += trio.current_time() - started
-            if waited.cancelled_caught:
-                if self._waited_s >= self._timeout_s:
-                    raise UnfinishedMessageError.of("request body", self._timeout_s)
-                raise ClientError(f"no request body bytes for {self._conn.timeout_s:g}s")
-            http.receive_data(data)
-        return None
-
-
-class _BodyRest:
-    """``_AppBody.stream``'s iterator."""
-
-    def __init__(self, body: _AppBody, held: bytes) -> None:
-        self._body = body
-        self._held: bytes | None = held
-
-    def __aiter__(self) -> _BodyRest:
-        return self
-
-    async def __anext__(self) -> bytes:
-        if self._held is not None:
-            held, self._held = self._held, None
-            return held
-        data = await self._body._next()
-        if data is None:
-            raise StopAsyncIteration
-        return data
-
-
-async def _watch_for_leaving(conn: Connection, gone: trio.CancelScope) -> None:
-    """Once the app's request is all read, its side of the connection is quiet until the
-    answer is out: an end of stream there means it left, and what it asked for is
-    abandoned upstream at once (not after a read timeout). Bytes that do come (the next
-    request, pipelined) are kept for h11, up to a bound, then left in the socket."""
-    kept = 0
-    while kept < _RECEIVE_BYTES:
-        try:
-            data = await conn.stream.receive_some(_RECEIVE_BYTES)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            data = b""
-        if not data:
-            gone.cancel()  # the request's log line says "app gone" if it was still running
-            return
-        conn.http.receive_data(data)
-        kept += len(data)
 
 
 async def _send(conn: Connection, event: h11.Event) -> None:

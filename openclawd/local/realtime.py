@@ -16,6 +16,7 @@ from __future__ import annotations
 import ssl
 import time
 from dataclasses import dataclass, field
+from urllib.parse import parse_qs
 
 import trio
 
@@ -39,6 +40,7 @@ from openclawd.protocol.exchange import Admission, Ask
 from openclawd.protocol.limits import utc_day
 from openclawd.protocol.messages import has_dot_segment
 from openclawd.protocol.relay import Cause, Relay, Side
+from openclawd.tracing import NO_TRACER, Trace, Tracer, Value
 from openclawd.upstream import ws as upstream_ws
 from openclawd.upstream.http import KeySource
 from openclawd.upstream.ws import UpstreamSession
@@ -160,6 +162,7 @@ class Realtime:
         *,
         ssl_context: ssl.SSLContext | None = None,
         open_stream: upstream_ws.StreamOpener | None = None,
+        tracer: Tracer = NO_TRACER,
     ) -> None:
         """``open_stream`` opens the connection under each upstream session (default: TCP,
         and TLS for wss:// against ``ssl_context``, else the system CA store)."""
@@ -168,6 +171,7 @@ class Realtime:
         self.admission = admission
         self.ssl_context = ssl_context
         self.open_stream = open_stream
+        self.tracer = tracer
         self.config = config
         self.sessions = 0
 
@@ -190,9 +194,29 @@ class Realtime:
             raise ClientError("dot path segments are not allowed")
         conn.client = identify(conn.peer, self.config.clients)
         logs.client_name.set(conn.client.name)
-        day, into_day = utc_day(time.time())
-        ask = Ask(conn.peer.uid, conn.client, name, day=day, into_day=into_day)
-        await self.admission.admit_request_waiting(ask, trio.current_time)  # a session is a request
+        trace = self.tracer.request(
+            "realtime", name, rest, None, conn.client.name, conn.request.headers
+        )
+        if trace.recording:
+            trace.request_model(parse_qs(query).get("model", [None])[0])
+        try:
+            day, into_day = utc_day(time.time())
+            ask = Ask(conn.peer.uid, conn.client, name, day=day, into_day=into_day)
+            # A session is a request.
+            await self.admission.admit_request_waiting(ask, trio.current_time)
+            tries = self._tries(name, members, slash + rest, query)
+        except OpenclawdError as refused:
+            trace.end(refused.code)
+            raise
+        return await self._serve(conn, ws, name, tries, trace)
+
+    def _tries(self, name: str, members: list[str], path: str, query: str) -> list[_Try]:
+        """Each provider a session to ``name`` may open on, with its key (those that have
+        one).
+
+        Raises:
+            NoKeyError: none has a key yet.
+        """
         tries = [
             _Try(
                 member,
@@ -200,7 +224,7 @@ class Realtime:
                 key,
                 upstream_ws.target(
                     self.config.providers[member].ws_url,
-                    slash + rest,
+                    path,
                     query,
                     self.config.providers[member].query,
                 ),
@@ -210,12 +234,19 @@ class Realtime:
         ]
         if not tries:
             raise NoKeyError(f"no key for {name} yet")
+        return tries
+
+    async def _serve(
+        self, conn: Connection, ws: WebSocketConnection, name: str, tries: list[_Try], trace: Trace
+    ) -> Close:
+        """Run the admitted session (see ``serve``)."""
         key = tries[0].key
         headers = [
             (k.decode("latin-1"), v.decode("latin-1"))
             for k, v in conn.request.headers
             if k.decode("latin-1").startswith(_FORWARDED_PREFIXES)
         ]
+        trace.propagate(headers)
         listen = self.config.listen
         core = Relay(
             max_message_bytes=listen.max_message_bytes,
@@ -230,7 +261,7 @@ class Realtime:
             messages = dict.fromkeys(Side, 0)
             try:
                 async with trio.open_nursery() as nursery:
-                    await self._session(nursery, conn, ws, core, messages, tries, headers)
+                    await self._session(nursery, conn, ws, core, messages, tries, headers, trace)
                     nursery.cancel_scope.cancel()
             except Exception:
                 core.handle(relay.Failed())  # the connection's handler logs it
@@ -249,6 +280,7 @@ class Realtime:
                     messages_down=messages[Side.UPSTREAM],
                     duration_s=round(trio.current_time() - started, 3),
                 )
+                _end(trace, ending, messages)
         # Only a cut (a cancel, which never gets here) may leave the app's close unsaid.
         assert ending.app is not None, ending
         return Close(ending.app.code, ending.app.reason)
@@ -329,6 +361,7 @@ class Realtime:
         messages: dict[Side, int],
         tries: list[_Try],
         headers: list[tuple[str, str]],
+        trace: Trace,
     ) -> None:
         """Connect upstream and relay (counting ``messages``); ``nursery`` hosts the
         upstream's reader. How it ended is ``core``'s: never raises an ``OpenclawdError``."""
@@ -339,6 +372,7 @@ class Realtime:
             return
         session, chosen = opened
         name, key, to = chosen.name, chosen.key, chosen.to
+        trace.upstream(name, to.host, 1, key)
         core.opened()
         log.info(
             "realtime.open",
@@ -384,6 +418,21 @@ class Realtime:
                 for sender in pumps.senders.values():
                     sender.stop()
                 nursery.cancel_scope.cancel()
+
+
+# How a session may end without being an error of its span: a side closed it.
+_CLEAN = frozenset({Cause.CLOSED, Cause.CLOSED_WITHOUT_CODE})
+
+
+def _end(trace: Trace, ending: relay.Ending, messages: dict[Side, int]) -> None:
+    """End a session's span: an error unless a side closed it, with its close code."""
+    attributes: dict[str, Value] = {
+        "openclawd.ended_by": ending.side.value if ending.side else "daemon",
+        "openclawd.close_code": ending.app.code if ending.app else 0,
+        "openclawd.messages_up": messages[Side.APP],
+        "openclawd.messages_down": messages[Side.UPSTREAM],
+    }
+    trace.end(None if ending.cause in _CLEAN else ending.cause.value, **attributes)
 
 
 def _cut(conn: Connection) -> relay.Cut:

@@ -38,6 +38,7 @@ from openclawd.errors import (
 )
 from openclawd.keys.manager import Key
 from openclawd.protocol.usage import token_counts
+from openclawd.tracing import Value
 from openclawd.upstream.attempts import Attempts, full_jitter, parse_retry_after
 from openclawd.upstream.circuit import CircuitBreaker, CircuitState, Ticket
 from openclawd.upstream.figures import (
@@ -179,6 +180,7 @@ class ProviderPool:
                 if deadline.cancel_called and status == "cancelled":
                     status = UpstreamTimeoutError.code
                 self.figures.requests[status] += 1
+                request.trace.upstream(self.name, self._base.host, attempts, key)
                 log.info(
                     "upstream.request",
                     provider=self.name,
@@ -223,9 +225,7 @@ class ProviderPool:
                 delay = attempts.after_error(exc, trio.current_time())
                 if delay is None:
                     raise
-                log.info(
-                    "upstream.retry", provider=self.name, attempt=attempts.count, reason=str(exc)
-                )
+                self._retrying(request, attempts.count, str(exc))
             except BaseException:
                 self.breaker.abandon(ticket)
                 raise
@@ -242,13 +242,7 @@ class ProviderPool:
                 if delay is None:
                     return response, key, attempts.count
                 await close_response(response)
-                log.info(
-                    "upstream.retry",
-                    provider=self.name,
-                    attempt=attempts.count,
-                    reason=f"upstream {response.status_code}",
-                    delay_s=round(delay, 3),
-                )
+                self._retrying(request, attempts.count, f"upstream {response.status_code}", delay)
             self.figures.retries += 1
             await trio.sleep(delay)
 
@@ -291,16 +285,29 @@ class ProviderPool:
         except BaseException:
             await close_response(response)
             raise
-        if fresh is None or fresh.secret == key.secret or not request.replayable:
+        new = fresh is not None and fresh.secret != key.secret
+        request.trace.event(
+            "openclawd.key.reread",
+            {"http.response.status_code": status, "openclawd.key.changed": new},
+        )
+        if fresh is None or not new or not request.replayable:
             return None
         await close_response(response)
-        log.info(
-            "upstream.retry",
-            provider=self.name,
-            attempt=attempts.count,
-            reason=f"upstream {status}: retrying with key {fresh.fingerprint}",
+        self._retrying(
+            request, attempts.count, f"upstream {status}: retrying with key {fresh.fingerprint}"
         )
         return fresh
+
+    def _retrying(
+        self, request: UpstreamRequest, attempt: int, reason: str, delay: float | None = None
+    ) -> None:
+        """Attempt ``attempt`` failed for ``reason``; another follows (after ``delay``):
+        logged, and an event of the request's span."""
+        fields: dict[str, Value] = {"attempt": attempt, "reason": reason}
+        if delay is not None:
+            fields["delay_s"] = round(delay, 3)
+        log.info("upstream.retry", provider=self.name, **fields)
+        request.trace.event("openclawd.retry", {f"openclawd.{k}": v for k, v in fields.items()})
 
     async def _attempt(self, request: UpstreamRequest, key: Key) -> httpx.Response:
         built = request.build(self.config, key, self._base, self._timeout)

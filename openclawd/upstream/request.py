@@ -3,8 +3,9 @@
 ``UpstreamRequest`` is what a driver asks for; ``build`` makes it the request one attempt
 sends: the target joined to the provider's ``base_url`` (with the provider's ``query``),
 the key in the provider's auth header (any the app sent is dropped again, whatever a
-reload changed), the provider's ``headers`` and those httpx.AsyncClient would have added
-(each unless the app sent its own), and the timeouts as the transport takes them.
+reload changed), the request's span's ``traceparent`` (tracing on), the provider's
+``headers`` and those httpx.AsyncClient would have added (each unless the app sent its
+own), and the timeouts as the transport takes them.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import httpx
 
 from openclawd.config import ProviderConfig
 from openclawd.keys.manager import Key
+from openclawd.tracing import OFF, Trace
 
 # What httpx.AsyncClient would have added to every request, unless the app sent its own.
 DEFAULT_HEADERS = (
@@ -29,12 +31,15 @@ DEFAULT_HEADERS = (
 @dataclass(frozen=True, slots=True)
 class UpstreamRequest:
     """What to send: ``target`` is the path (and query) under the provider's ``base_url``.
-    ``headers`` come from the app, already cleared of credential and hop-by-hop headers."""
+    ``headers`` come from the app, already cleared of credential and hop-by-hop headers;
+    ``trace`` is the app request's span (its traceparent goes upstream, its retries and
+    key re-reads are its events)."""
 
     method: str
     target: str
     headers: tuple[tuple[str, str], ...] = ()
     content: bytes | AsyncIterable[bytes] | None = None
+    trace: Trace = OFF
 
     @property
     def replayable(self) -> bool:
@@ -48,6 +53,7 @@ class UpstreamRequest:
         auth = config.auth_header.lower()
         # Refused earlier; dropped here too, whatever a reload changed in between.
         headers = [(k, v) for k, v in self.headers if k.lower() != auth]
+        self.trace.propagate(headers)
         secret = f"{config.auth_scheme} {key.secret}" if config.auth_scheme else key.secret
         headers.append((config.auth_header, secret))
         for name, value in (*config.headers.items(), *DEFAULT_HEADERS):
@@ -83,6 +89,7 @@ class UrlBase:
 
     def __init__(self, base_url: str, query: Mapping[str, str] | None = None) -> None:
         base = httpx.URL(base_url)
+        self.host = base.host  # server.address, for traces
         self._base = base.copy_with(raw_path=base.raw_path.rstrip(b"/") + b"/")
         self._query = {name: value for name, value in (query or {}).items() if value}
         self._cache: dict[str, httpx.URL] = {}

@@ -668,9 +668,9 @@ def test_every_key_of_the_example_is_proved_reloadable_or_needs_a_restart() -> N
     assert set(RELOADABLE).isdisjoint(RESTART_ONLY)
     assert keys - restart == set(RELOADABLE)
     assert restart == set(RESTART_CHANGES)
-    # The table names no key the example does not document; [shared] is documented
-    # commented out (a fleet is opt-in: the example's daemon counts alone).
-    shared = {k for k in RESTART_ONLY if k.startswith("shared.")}
+    # The table names no key the example does not document; [shared] and [tracing] are
+    # documented commented out (a fleet and traces are opt-in).
+    shared = {k for k in RESTART_ONLY if k.startswith(("shared.", "tracing."))}
     assert keys | shared >= RESTART_ONLY
     commented = EXAMPLE.read_text()
     assert all(f"# {k.split('.')[1]} = " in commented for k in shared), shared

@@ -48,6 +48,7 @@ from openclawd.local.unix import PeerCredentials
 from openclawd.protocol.exchange import Admission
 from openclawd.protocol.limits import Limits
 from openclawd.protocol.ratelimit import RateLimiter
+from openclawd.tracing import NO_TRACER, Tracer
 from openclawd.upstream.http import Upstreams
 from openclawd.upstream.ws import Target
 
@@ -231,9 +232,11 @@ async def open_plane(
     clients: dict[str, Any] | None = None,
     more_providers: dict[str, Any] | None = None,
     routes: dict[str, Any] | None = None,
+    tracer: Tracer = NO_TRACER,
 ) -> AsyncIterator[Plane]:
     """The data plane with provider ``openai`` (``provider`` adds to its table), its HTTP
-    upstream answered by ``http``, its WebSocket upstream sessions run by ``ws``."""
+    upstream answered by ``http``, its WebSocket upstream sessions run by ``ws``; each
+    request's span made by ``tracer``."""
     cfg = make_config(listen, provider, limits, clients, more_providers, routes)
     keys = keys or FakeKeys()
     keys.providers = set(cfg.providers)
@@ -244,9 +247,11 @@ async def open_plane(
     upstreams = Upstreams(cfg, keys, transport=upstream)
     async with trio.open_nursery() as nursery:
         ws_upstream = WsUpstream(nursery, ws)
-        channels = Channels(cfg, upstreams, lifecycle, admission)
-        passthrough_ = Passthrough(cfg, upstreams, lifecycle, admission)
-        realtime_ = Realtime(cfg, keys, lifecycle, admission, open_stream=ws_upstream.open_stream)
+        channels = Channels(cfg, upstreams, lifecycle, admission, tracer)
+        passthrough_ = Passthrough(cfg, upstreams, lifecycle, admission, tracer)
+        realtime_ = Realtime(
+            cfg, keys, lifecycle, admission, open_stream=ws_upstream.open_stream, tracer=tracer
+        )
         local = LocalServer(cfg.listen, lifecycle)
         local.websocket_routes["/v1/ws"] = channels.serve
         local.websocket_routes[realtime.PREFIX] = realtime_.serve
