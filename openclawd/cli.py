@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 import trio
 
-from openclawd import __version__, explain, logs, preflight
+from openclawd import __version__, explain, logs, opctl, preflight
 from openclawd import config as config_module
 from openclawd.errors import ConfigError, ListenError
 from openclawd.mock.content import DEFAULT_CHUNK_DELAY_S
@@ -82,6 +82,7 @@ def _parser() -> argparse.ArgumentParser:
                 help="also log in to Vault and read every provider's secret",
             )
     sub.add_parser("version", help="print the version")
+    opctl.add_commands(sub)
     demo = sub.add_parser(
         "demo",
         help="run the daemon on a local Vault dev server and the built-in mock provider",
@@ -157,6 +158,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _demo(args.runtime_dir)
     if args.command == "mock-provider":
         return _mock_provider(args)
+    if args.command in opctl.COMMANDS:
+        return opctl.main(args)
     return _run(args.config)
 
 

@@ -9,6 +9,7 @@ it holds. Provider keys are never read from disk: they come from Vault only.
 from __future__ import annotations
 
 import os
+import stat
 
 from openclawd.errors import OpenclawdError
 
@@ -44,8 +45,13 @@ def read_credential(path: str, *, what: str) -> str:
             )
         path = os.path.join(directory, path)
     try:
-        with open(path, encoding="utf-8") as f:
-            value = f.read().strip()
+        # O_NONBLOCK: opening a FIFO must not wait for a writer (nothing hangs); anything
+        # but a regular file (a FIFO, /dev/zero) is refused before it is read.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        with open(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise CredentialError(what, f"{path} is not a regular file")
+            value = f.read().decode("utf-8").strip()
     except OSError as exc:
         raise CredentialError(what, f"cannot read {path}: {exc.strerror}") from None
     except UnicodeDecodeError:

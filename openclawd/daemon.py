@@ -13,8 +13,8 @@ cuts what is left with 1001 and stays draining until ``POST /v1/resume``. Shutdo
 SIGTERM or SIGINT) is the same drain with ``[shutdown] drain_timeout_s``, after which the
 connections are cancelled (their handlers close with 1012) with the listeners, and the
 daemon returns: exit 0. A second signal cancels everything at once. SIGHUP reloads the
-config file; an invalid file is logged and the old config stays. The socket files are
-removed on every way out.
+config file; an invalid file is logged and the old config stays. The socket files the
+daemon made are removed on every way out; those systemd passed stay, still listening.
 """
 
 from __future__ import annotations
@@ -41,8 +41,9 @@ from openclawd.listeners import (
     control_token,
     files_needed,
     listen_tcp,
-    listen_unix,
+    open_listeners,
     raise_file_limit,
+    serve_data,
 )
 from openclawd.local import passthrough, realtime
 from openclawd.local.channel import Channels
@@ -128,8 +129,7 @@ class Daemon:
             ExitStack() as sockets,
         ):
             backlog = listen_backlog(cfg.listen.max_connections)
-            data = sockets.enter_context(listen_unix(cfg.listen, "listen", backlog))
-            control = sockets.enter_context(listen_unix(cfg.control, "control", backlog))
+            data, control = open_listeners(cfg, backlog, sockets)
             tcp = sockets.enter_context(listen_tcp(cfg.control.tcp)) if token else None
             control_app = create_app(self)
             # The TCP listener serves the same app, behind the token; its lifespan runs
@@ -146,7 +146,7 @@ class Daemon:
                 # Not awaited: the sockets listen meanwhile, and /readyz says what we wait for.
                 root.start_soon(self.keys.serve)
                 async with trio.open_nursery() as connections, trio.open_nursery() as front:
-                    await front.start(self.local.serve, data.sock, connections)
+                    await front.start(serve_data, self.local, self.lifecycle, data, connections)
                     await front.start(
                         functools.partial(
                             serve_asgi,

@@ -171,6 +171,11 @@ class Lifecycle:
             return f"{state.value}: {self.work.count} in flight{left}"
         return "ready"
 
+    async def wait_unblocked(self) -> None:
+        """Return once nothing holds readiness back (e.g. a required provider's key)."""
+        while self._blockers:
+            await self._changed.wait()
+
     async def wait_changed(self) -> None:
         """Return at the next change of state or reasons, or when work in flight ends."""
         await self._changed.wait()

@@ -1,20 +1,25 @@
 """What the daemon listens on, and the files it may need: the socket files of ``[listen]``
-and ``[control]``, the control API's loopback TCP socket and its token, and the open-files
-limit. Set up once, at start (none of these can change on reload).
+and ``[control]`` (or the sockets systemd passed, ``activation.py``), the control API's
+loopback TCP socket and its token, and the open-files limit. Set up once, at start (none of
+these can change on reload).
 """
 
 from __future__ import annotations
 
 import resource
 import socket
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Iterator, Mapping
+from contextlib import ExitStack, contextmanager
+from typing import Protocol
 
-from openclawd import logs
+import trio
+
+from openclawd import activation, logs
 from openclawd.config import Config, ControlConfig, ListenConfig
 from openclawd.credentials import CredentialError, read_credential
 from openclawd.errors import ListenError
-from openclawd.local.server import REFUSING_AT_ONCE
+from openclawd.lifecycle import Lifecycle
+from openclawd.local.server import REFUSING_AT_ONCE, LocalServer
 from openclawd.local.unix import UnixListenSocket, resolve_group
 
 log = logs.get("openclawd.daemon")
@@ -62,6 +67,89 @@ def listen_unix(section: ListenConfig | ControlConfig, name: str, backlog: int) 
     return UnixListenSocket(
         section.socket, mode=section.mode, gid=gid, backlog=backlog, key=f"{name}.socket"
     )
+
+
+class Listening(Protocol):
+    """A listening unix socket the daemon serves, and the path apps reach it by."""
+
+    sock: socket.socket
+    path: str
+
+
+class InheritedSocket:
+    """A listening socket systemd passed: closed on exit, its file left in place (it is the
+    ``.socket`` unit's, and apps keep connecting to it while no daemon runs)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        name = sock.getsockname()
+        self.path = name if isinstance(name, str) else repr(name)
+
+    def __enter__(self) -> InheritedSocket:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.sock.close()
+
+
+def open_listeners(
+    config: Config,
+    backlog: int,
+    stack: ExitStack,
+    inherited: Mapping[str, socket.socket] | None = None,
+) -> tuple[Listening, Listening]:
+    """The data and control sockets, each inherited from systemd if it passed one (from
+    ``inherited``, by default read from the environment), else created from the config;
+    closed (and the created files removed) when ``stack`` closes.
+
+    Raises:
+        ListenError: an inherited socket is unusable, or a socket cannot be created.
+    """
+    if inherited is None:
+        inherited = activation.inherited_sockets()
+    opened: list[Listening] = []
+    for name, section, key in (
+        ("data", config.listen, "listen"),
+        ("control", config.control, "control"),
+    ):
+        sock = inherited.get(name)
+        if sock is None:
+            opened.append(stack.enter_context(listen_unix(section, key, backlog)))
+            continue
+        given = stack.enter_context(InheritedSocket(sock))
+        log.info("socket.inherited", name=name, path=given.path)
+        if given.path != section.socket:
+            log.warning(
+                "socket.inherited_elsewhere", name=name, path=given.path, config=section.socket
+            )
+        opened.append(given)
+    return opened[0], opened[1]
+
+
+# How long the data socket systemd passed waits for the keys before it accepts anyway.
+INHERITED_KEY_WAIT_S = 15.0
+
+
+async def serve_data(
+    local: LocalServer,
+    lifecycle: Lifecycle,
+    data: Listening,
+    connections: trio.Nursery,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve the data socket until cancelled. One that systemd passed may hold apps that
+    connected while no daemon ran (a restart): it is accepted on once nothing holds
+    readiness back (every required provider has its key), or after
+    ``INHERITED_KEY_WAIT_S``, so that they meet a daemon with keys rather than ``no_key``.
+    """
+    if not isinstance(data, InheritedSocket):
+        await local.serve(data.sock, connections, task_status=task_status)
+        return
+    task_status.started()
+    with trio.move_on_after(INHERITED_KEY_WAIT_S):
+        await lifecycle.wait_unblocked()
+    await local.serve(data.sock, connections)
 
 
 # Files besides connections: Vault's, the log, the sockets, the interpreter's own.

@@ -3,8 +3,9 @@
 Owns two checks, used by ``openclawd check-config`` and (the first) by ``openclawd run``:
 every file the config names that the daemon reads at its start (the Vault credentials of
 the auth in use, the control TCP token, the shared engine's password, Vault's CA
-certificate) exists, is readable and is not empty; and, online, that Vault takes our
-credentials and lets us read every provider's secret. Each problem is a ``ConfigProblem``
+certificate) exists, is readable and is not empty (a credential file must be a regular
+file: a FIFO is never waited on); and, online, that Vault takes our credentials and lets
+us read every provider's secret. Each problem is a ``ConfigProblem``
 naming the config key and the file or Vault path, never what a file or secret holds. It
 reads files and talks to Vault; it never writes.
 """

@@ -166,7 +166,17 @@ class NotifyReceiver:
 class DaemonProcess:
     """``openclawd run`` in a subprocess, with stderr captured to a file."""
 
-    def __init__(self, config: Path, runtime: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        config: Path,
+        runtime: Path,
+        env: dict[str, str] | None = None,
+        *,
+        launcher: tuple[str, ...] = (),
+        pass_fds: tuple[int, ...] = (),
+    ) -> None:
+        """``launcher`` runs before the daemon's command and execs it (it is given the
+        command as its last arguments); ``pass_fds`` are kept open for it."""
         self.config = config
         self.stderr_path = runtime / f"stderr-{time.monotonic_ns()}.log"
         self.stdout_path = runtime / f"stdout-{time.monotonic_ns()}.log"
@@ -181,8 +191,9 @@ class DaemonProcess:
         self._stderr = open(self.stderr_path, "wb")  # noqa: SIM115 - closed in close()
         self._stdout = open(self.stdout_path, "wb")  # noqa: SIM115 - closed in close()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "openclawd", "run", "--config", str(config)],
+            [*launcher, sys.executable, "-m", "openclawd", "run", "--config", str(config)],
             stdin=subprocess.DEVNULL,
+            pass_fds=pass_fds,
             stdout=self._stdout,  # nothing is expected there; kept to be searched
             stderr=self._stderr,
             env=environ,
@@ -224,8 +235,8 @@ class DaemonProcess:
 def start_daemon(runtime_dir: Path) -> Iterator[Callable[..., DaemonProcess]]:
     started: list[DaemonProcess] = []
 
-    def start(config: Path, env: dict[str, str] | None = None) -> DaemonProcess:
-        daemon = DaemonProcess(config, runtime_dir, env)
+    def start(config: Path, env: dict[str, str] | None = None, **how: Any) -> DaemonProcess:
+        daemon = DaemonProcess(config, runtime_dir, env, **how)
         started.append(daemon)
         return daemon
 

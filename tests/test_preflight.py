@@ -3,6 +3,7 @@ paths missing or refused) before `run` would retry forever; `run` stops at once 
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import tomllib
@@ -409,3 +410,25 @@ def test_online_does_not_log_in_when_a_file_is_unusable(
         2,
         [f"vault.token_file: cannot read {missing}: No such file or directory (in {path})"],
     )
+
+
+def test_a_fifo_or_device_is_named_not_waited_on(
+    write_config: WriteConfig, tmp_path: Path, runtime_dir: Path
+) -> None:
+    """Opening a FIFO for reading waits for a writer, and /dev/zero never ends: neither
+    may hang check-config or run (nothing hangs); each is named as not a regular file."""
+    fifo = tmp_path / "role-id"
+    os.mkfifo(fifo)
+    path = write_config(
+        **vault_config(auth="approle", role_id_file=str(fifo), secret_id_file="/dev/zero")
+    )
+    assert check(path) == (
+        2,
+        [
+            f"vault.role_id_file: {fifo} is not a regular file (in {path})",
+            f"vault.secret_id_file: /dev/zero is not a regular file (in {path})",
+        ],
+    )
+    result = run_cli("run", "--config", str(path))
+    assert result.returncode == 1, result.stderr
+    assert f"vault.role_id_file: {fifo} is not a regular file" in result.stderr

@@ -1,16 +1,22 @@
-"""The shipped systemd unit: it verifies clean, scores <= 2.0, and matches the daemon."""
+"""The shipped systemd units: they verify clean, the service scores <= 2.0, and they match
+the daemon: the service runs it on the two sockets its socket units hold (CONTRACT.md 6)."""
 
 from __future__ import annotations
 
 import re
 import shutil
 import subprocess
+from pathlib import Path
+
+import pytest
 
 from openclawd import config
 
 from .conftest import REPO
 
 UNIT = REPO / "systemd" / "openclawd.service"
+DATA_SOCKET = REPO / "systemd" / "openclawd.socket"
+CONTROL_SOCKET = REPO / "systemd" / "openclawd-control.socket"
 
 
 def systemd_analyze(*args: str) -> subprocess.CompletedProcess[str]:
@@ -19,9 +25,9 @@ def systemd_analyze(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([exe, *args], capture_output=True, text=True, timeout=60)
 
 
-def unit_settings() -> dict[str, list[str]]:
+def unit_settings(unit: Path = UNIT) -> dict[str, list[str]]:
     settings: dict[str, list[str]] = {}
-    for raw in UNIT.read_text().splitlines():
+    for raw in unit.read_text().splitlines():
         line = raw.strip()
         if line and not line.startswith(("#", "[")):
             key, _, value = line.partition("=")
@@ -29,9 +35,10 @@ def unit_settings() -> dict[str, list[str]]:
     return settings
 
 
-def test_verify_prints_nothing() -> None:
+@pytest.mark.parametrize("unit", [UNIT, DATA_SOCKET, CONTROL_SOCKET], ids=lambda u: u.name)
+def test_verify_prints_nothing(unit: Path) -> None:
     # systemd-analyze verify exits 0 even on bad values: its output is what counts.
-    result = systemd_analyze("verify", str(UNIT))
+    result = systemd_analyze("verify", str(unit))
     assert result.stderr == ""
     assert result.stdout == ""
     assert result.returncode == 0
@@ -74,3 +81,28 @@ def test_example_config_matches_the_unit() -> None:
     assert {example.vault.role_id_file, example.vault.secret_id_file} == creds
     assert example.listen.socket.startswith("/run/openclawd/")
     assert example.control.socket.startswith("/run/openclawd/")
+
+
+def test_the_socket_units_hold_the_sockets_of_the_example_config() -> None:
+    example = config.load(str(REPO / "etc" / "openclawd.toml"), environ={})
+    for unit, name, path in (
+        (DATA_SOCKET, "data", example.listen.socket),
+        (CONTROL_SOCKET, "control", example.control.socket),
+    ):
+        s = unit_settings(unit)
+        assert s["ListenStream"] == [path]
+        assert s["FileDescriptorName"] == [name]
+        assert s["Service"] == ["openclawd.service"]
+        assert s["SocketMode"] == ["0660"]
+        assert s["WantedBy"] == ["sockets.target"]
+
+
+def test_the_service_uses_both_sockets_and_keeps_their_files() -> None:
+    s = unit_settings()
+    sockets = ["openclawd.socket", "openclawd-control.socket"]
+    assert s["Sockets"][0].split() == sockets
+    assert s["Requires"][0].split() == sockets
+    assert sockets == [u for after in s["After"] for u in after.split() if u.endswith(".socket")]
+    # RuntimeDirectory= would otherwise remove /run/openclawd, the sockets' files with it,
+    # whenever the service stops or restarts.
+    assert s["RuntimeDirectoryPreserve"] == ["yes"]
