@@ -238,6 +238,7 @@ class _Span(Trace):
         counts = token_counts(exchange.usage)
         self.set("gen_ai.usage.input_tokens", counts.get("prompt"))
         self.set("gen_ai.usage.output_tokens", counts.get("completion"))
+        self.set("gen_ai.response.model", exchange.response_model)
         self.set("http.response.status_code", exchange.status)
         ending = exchange.ending or Ending.CUT
         error: str | None = None

@@ -372,6 +372,7 @@ async def relay(
             body = _body_of(response, await response.read(MAX_BODY_BYTES))
             await send(messages.response_body(rid, body))
         exchange.usage = response.usage
+        exchange.response_model = response.model
         version, attempts, usage = response.key.version, response.attempts, response.usage
         await finish(messages.response_end(rid, version, attempts, usage, provider))
 

@@ -245,6 +245,7 @@ class Passthrough:
                         await _send(conn, h11.Data(data=chunk))
                         exchange.sent(len(chunk))
                 exchange.usage = response.usage
+                exchange.response_model = response.model
                 await _send(conn, h11.EndOfMessage())
                 exchange.finished()
         except OpenclawdError as exc:

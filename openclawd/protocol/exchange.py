@@ -171,6 +171,7 @@ class Exchange:
         self.reason: str | None = None  # why it was left behind (APP_GONE, CUT)
         self.charge: Charge | None = None  # what admission took, settled at the end
         self.usage: Any = None  # the token usage the upstream reported, once read
+        self.response_model: str | None = None  # the model the upstream's answer names
 
     @property
     def ended(self) -> bool:

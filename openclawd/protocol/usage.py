@@ -4,7 +4,9 @@ Providers say how many tokens a response cost in a ``usage`` object: at the end 
 body, or in an event of an SSE stream (OpenAI's last chunk; Anthropic's input tokens first
 and output tokens last). ``UsageReader`` reads it from a body's raw bytes as they pass,
 without changing them; ``usage_of`` and ``merge_usage`` read it from decoded events;
-``token_counts`` turns it into the daemon's two counts. Pure: no I/O, no clock.
+``token_counts`` turns it into the daemon's two counts. The model that answered (the
+response's ``model``, for traces' ``gen_ai.response.model``) is read the same way, by
+``model_of`` and ``UsageReader.model``. Pure: no I/O, no clock.
 """
 
 from __future__ import annotations
@@ -49,6 +51,27 @@ def _usage_in(obj: Any) -> Any:
         if usage is None and isinstance(obj.get(inner), dict):
             usage = obj[inner].get("usage")
     return usage
+
+
+def model_of(data: str) -> str | None:
+    """The ``model`` an event's data names, if any: at the top (OpenAI's chunks) or one
+    level down (Anthropic's ``message_start``, OpenAI Responses' events)."""
+    if '"model"' not in data:
+        return None
+    try:
+        return _model_in(json.loads(data))
+    except (ValueError, RecursionError):
+        return None
+
+
+def _model_in(obj: Any) -> str | None:
+    if not isinstance(obj, dict):
+        return None
+    model = obj.get("model")
+    for inner in ("message", "response"):
+        if model is None and isinstance(obj.get(inner), dict):
+            model = obj[inner].get("model")
+    return model if isinstance(model, str) else None
 
 
 def merge_usage(before: Any, usage: Any) -> Any:
@@ -98,7 +121,8 @@ class UsageReader:
     what it cannot read: the usage is for the counts, the body is the app's.
 
     ``feed`` each chunk, then ``close()`` at the end of the body; ``done`` is true once the
-    usage is known, and ``usage`` holds it (None if the body carried none).
+    usage is known, and ``usage`` holds it (None if the body carried none); ``model``, the
+    model the body names (its first event's that names one), if any.
     """
 
     def __init__(self, kind: str | None, length: int | None = None) -> None:
@@ -107,6 +131,7 @@ class UsageReader:
         self._sse = SSEDecoder(max_event_bytes=USAGE_BODY_BYTES) if kind == "sse" else None
         self._body = bytearray()
         self.usage: Any = None
+        self.model: str | None = None
         self.done = kind is None
 
     def feed(self, chunk: bytes) -> None:
@@ -115,7 +140,7 @@ class UsageReader:
         if self._sse is not None:
             try:
                 for event in self._sse.feed(chunk):
-                    self.usage = merge_usage(self.usage, usage_of(event.data))
+                    self._read_event(event.data)
             except UpstreamProtocolError:  # an event too large to read on the side
                 self._sse = None
                 self.done = True
@@ -136,16 +161,22 @@ class UsageReader:
         if self._sse is not None:
             try:
                 for event in self._sse.close():
-                    self.usage = merge_usage(self.usage, usage_of(event.data))
+                    self._read_event(event.data)
             except UpstreamProtocolError:
                 pass
             self._sse = None
             return
         try:
-            self.usage = _usage_in(json.loads(self._body))
+            body = json.loads(self._body)
         except (ValueError, RecursionError):
-            self.usage = None
+            body = None
+        self.usage, self.model = _usage_in(body), _model_in(body)
         self._body.clear()
+
+    def _read_event(self, data: str) -> None:
+        self.usage = merge_usage(self.usage, usage_of(data))
+        if self.model is None:
+            self.model = model_of(data)
 
 
 # The body fields that bound a completion, in the order they are looked for.

@@ -24,7 +24,7 @@ from openclawd.errors import (
 )
 from openclawd.keys.manager import Key
 from openclawd.protocol.sse import Event, SSEDecoder
-from openclawd.protocol.usage import UsageReader, body_kind, merge_usage, usage_of
+from openclawd.protocol.usage import UsageReader, body_kind, merge_usage, model_of, usage_of
 
 # How long closing an abandoned response may take (it runs shielded from cancellation).
 CLOSE_TIMEOUT_S = 2.0
@@ -58,6 +58,7 @@ class UpstreamResponse:
         self.key = key
         self.attempts = attempts
         self.usage: Any = None  # the body's token usage, once read (None: none reported)
+        self.model: str | None = None  # the model the body names, once read (if any)
         self._counted = False
 
     def header(self, name: str) -> str | None:
@@ -85,10 +86,12 @@ class UpstreamResponse:
         async with contextlib.aclosing(self._chunks(raw=True)) as chunks:
             async for chunk in chunks:
                 reader.feed(chunk)
+                self.model = reader.model
                 if reader.done:
                     self._count(reader.usage)
                 yield chunk
         reader.close()
+        self.model = reader.model
         self._count(reader.usage)
 
     def aiter_bytes(self) -> AsyncGenerator[bytes, None]:
@@ -127,6 +130,8 @@ class UpstreamResponse:
     def _merge_usage(self, events: list[Event]) -> None:
         for event in events:
             self.usage = merge_usage(self.usage, usage_of(event.data))
+            if self.model is None:
+                self.model = model_of(event.data)
 
     async def read(self, limit: int) -> bytes:
         """The whole body (content-decoded), at most ``limit`` bytes; a JSON body's usage
@@ -149,6 +154,7 @@ class UpstreamResponse:
         reader = UsageReader(body_kind(self.header("content-type"), None))
         reader.feed(body)
         reader.close()
+        self.model = reader.model
         self._count(reader.usage)
         return body
 

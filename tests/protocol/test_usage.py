@@ -6,7 +6,13 @@ import json
 
 import pytest
 
-from openclawd.protocol.usage import USAGE_BODY_BYTES, UsageReader, body_kind, token_counts
+from openclawd.protocol.usage import (
+    USAGE_BODY_BYTES,
+    UsageReader,
+    body_kind,
+    model_of,
+    token_counts,
+)
 
 
 def test_token_counts_of_openai_and_anthropic_usage_ignoring_junk() -> None:
@@ -97,3 +103,33 @@ def test_a_body_of_no_kind_is_never_read() -> None:
     reader.feed(b'{"usage":{"prompt_tokens":1}}')
     reader.close()
     assert reader.usage is None
+
+
+def test_the_model_that_answered_is_read_from_the_first_event_naming_it() -> None:
+    """``gen_ai.response.model`` (CONTRACT.md 7): OpenAI's chunks name it at the top,
+    Anthropic's ``message_start`` under ``message``; a JSON body at its top."""
+    openai = [
+        b'data: {"id":"c","model":"gpt-4o-mini-2024-07-18","choices":[]}\n\n',
+        b'data: {"id":"c","model":"other","choices":[],"usage":{"prompt_tokens":3}}\n\n',
+    ]
+    reader = UsageReader("sse")
+    for chunk in openai:
+        reader.feed(chunk)
+    reader.close()
+    assert reader.model == "gpt-4o-mini-2024-07-18"
+    assert reader.usage == {"prompt_tokens": 3}
+
+    anthropic = UsageReader("sse")
+    anthropic.feed(
+        b'event: message_start\ndata: {"type":"message_start","message":'
+        b'{"model":"claude-x","usage":{"input_tokens":5}}}\n\n'
+    )
+    anthropic.close()
+    assert anthropic.model == "claude-x"
+
+    body = UsageReader("json")
+    body.feed(json.dumps({"model": "m-1", "usage": {"prompt_tokens": 1}}).encode())
+    body.close()
+    assert body.model == "m-1"
+    assert model_of('{"model": 7}') is None  # not a name
+    assert model_of('not json, but says "model"') is None

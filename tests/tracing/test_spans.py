@@ -76,6 +76,7 @@ async def test_a_ws_request_is_one_span_child_of_the_apps_traceparent(
         "gen_ai.operation.name": "chat",
         "gen_ai.provider.name": "openai",
         "gen_ai.request.model": "gpt-4o-mini",
+        "gen_ai.response.model": "gpt-4o-mini-2024-07-18",
         "gen_ai.usage.input_tokens": 11,
         "gen_ai.usage.output_tokens": 7,
         "server.address": "api.openai.test",
@@ -113,6 +114,7 @@ async def test_an_http_request_without_traceparent_is_a_root_whose_traceparent_g
     assert int(flags, 16) & 1  # sampled (W3C level 2 may add its "random" flag)
     attributes = dict(span.attributes or {})
     assert attributes["gen_ai.request.model"] == "gpt-4o-mini"
+    assert attributes["gen_ai.response.model"] == "gpt-4o-mini-2024-07-18"
     assert attributes["openclawd.entry_point"] == "http"
     assert attributes["gen_ai.usage.input_tokens"] == 11
     assert attributes["gen_ai.usage.output_tokens"] == 7
