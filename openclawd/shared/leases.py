@@ -2,18 +2,21 @@
 
 The common path never waits on the network. In shared mode each limit is an
 ``Allowance`` (protocol/meters.py) that admission spends locally; ``LeaseKeeper`` fills it
-from the fleet's bucket in the engine, every ``tick_s``: up to a reserve (what this daemon
-spent in a tick lately, or what a request was refused for want of), paying a correction up
-(an allowance in debt), and giving back what it holds over the reserve (refunds, a daemon
-that slowed down). Whatever is spent here was first taken from the engine, so the fleet
-never spends more than its limit (corrections of a request's estimate aside).
+from the fleet's bucket in the engine, every ``tick_s``, up to a reserve, pays a
+correction up (an allowance in debt), and gives back what it holds over the reserve
+(refunds, a daemon that slowed down). Whatever is spent here was first taken from the
+engine, so the fleet never spends more than its limit (corrections of a request's
+estimate aside).
 
-What a daemon holds unspent is what the engine counted before the upstream sees it, so a
-reserve kept by the limit's size (a tick's worth of it on each of fifty daemons) lets a
-60-s window at the upstream go over the limit by that much. So the reserve follows the
-daemon's own rate instead, and a request that finds too little on hand asks for a round
-out of turn (``top_up``) and waits for it, a round trip to the engine, rather than be
-refused while the fleet has room: a quiet daemon holds next to nothing.
+What a daemon holds unspent the engine counted before the upstream sees it: fifty daemons
+each holding a tick's worth of a limit let a 60-s window at the upstream go over the limit
+by 8 %. So the reserve is the larger of what this daemon spends in a tick (a moving
+average over time), what a refused request wanted, and an even split among
+``expected_daemons`` of ``HELD_SHARE`` of the limit; and a request that finds too little
+on hand asks for a round out of turn (``top_up``) and waits for it, one round trip to the
+engine, rather than be refused while the fleet has room. A busy daemon spends its reserve
+within a tick, and a quiet one holds at most its split: the fleet holds about
+``HELD_SHARE`` of a limit unspent.
 
 While the engine does not answer (``on_failure``):
 - ``"local"``: each limit becomes a bucket of this daemon's own, limit / ``expected_daemons``;
@@ -48,8 +51,12 @@ __all__ = ["LeaseKeeper"]
 
 log = logs.get(__name__)
 
-# How much of a tick's spending counts in the rate the reserve follows (a moving average).
+# How much of a tick's spending counts in the rate the reserve follows (a moving average,
+# taken at most once a tick: rounds out of turn add to the next).
 _RATE_WEIGHT = 0.25
+# The part of a limit the whole fleet may hold unspent on hand beyond its spending, split
+# evenly among the expected daemons (a busy daemon holds what it spends in a tick).
+HELD_SHARE = 0.005
 # What a refused request wanted is kept on hand until a request that large takes it, or
 # this many ticks after the last refusal (the requester went elsewhere, or away).
 _WANT_KEPT_TICKS = 3
@@ -76,6 +83,7 @@ class LeaseKeeper:
         self.expected_daemons = expected_daemons
         self.reachable: bool | None = None  # None until the engine first answered or not
         self._rate: dict[str, float] = {}  # spent a tick, on average lately, by limit
+        self._rated_at: dict[str, float] = {}  # when each limit's rate was last taken
         self._woken = trio.Event()  # a request wants a round now
         self._next_round_done = trio.Event()
         self._on_change = on_change
@@ -132,10 +140,8 @@ class LeaseKeeper:
             # A local bucket while the engine was down: leasing again from nothing.
             meter = limit.meter = Allowance(limit.figure, self.tick_s)
         shared = _shared(limit)
-        rate = self._rate.get(limit.key, 0.0)
-        rate = self._rate[limit.key] = rate + (meter.spent - rate) * _RATE_WEIGHT
-        meter.spent = 0.0
-        reserve = max(meter.want, math.floor(rate + 0.5))
+        split = math.floor(limit.figure * HELD_SHARE / self.expected_daemons)
+        reserve = max(meter.want, math.floor(self._rate_of(limit, meter) + 0.5), split)
         with trio.CancelScope(shield=True):  # a call cut short may or may not be made
             await self._settle(shared, meter, reserve)
 
@@ -149,6 +155,19 @@ class LeaseKeeper:
         fleets = await self.engine.upstream_word(provider, mine)
         if fleets is not None and headroom.adopt(fleets, trio.current_time()):
             self._passed_on[provider] = headroom.said_at  # (ours again: nothing new)
+
+    def _rate_of(self, limit: Limit, meter: Allowance) -> float:
+        """What this daemon spends of ``limit`` in a tick, lately (taken at most once a
+        tick, so that rounds out of turn do not cut it short)."""
+        now = trio.current_time()
+        rated_at = self._rated_at.setdefault(limit.key, now)
+        rate = self._rate.get(limit.key, 0.0)
+        if now - rated_at >= self.tick_s:
+            per_tick = meter.spent * self.tick_s / (now - rated_at)
+            rate = self._rate[limit.key] = rate + (per_tick - rate) * _RATE_WEIGHT
+            meter.spent = 0.0
+            self._rated_at[limit.key] = now
+        return rate
 
     async def _settle(self, shared: EngineLimit, meter: Allowance, reserve: int) -> None:
         if meter.want and trio.current_time() - meter.wanted_at > _WANT_KEPT_TICKS * self.tick_s:
