@@ -96,7 +96,7 @@ class Admission:
     async def admit_request_waiting(self, ask: Ask, clock: Callable[[], float]) -> Charge | None:
         """``admit_request``; but in a fleet, a request its limits refuse for want of what
         this daemon has on hand waits for a round of leases out of turn (``top_up``, at
-        most a lease tick) and is tried once more, rather than refused while the fleet
+        most half a second) and is tried once more, rather than refused while the fleet
         has room (CONTRACT.md 5.6). ``clock``: trio's current time."""
         self._gate(ask, clock())
         if self.top_up is None:

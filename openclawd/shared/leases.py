@@ -57,6 +57,9 @@ _RATE_WEIGHT = 0.25
 # The part of a limit the whole fleet may hold unspent on hand beyond its spending, split
 # evenly among the expected daemons (a busy daemon holds what it spends in a tick).
 HELD_SHARE = 0.005
+# The longest a request waits for a round out of turn: the engine's own bound on a call
+# (shared/engine.py), so a loaded host's slow round is waited for rather than refused.
+TOP_UP_WAIT_S = 0.5
 # What a refused request wanted is kept on hand until a request that large takes it, or
 # this many ticks after the last refusal (the requester went elsewhere, or away).
 _WANT_KEPT_TICKS = 3
@@ -101,13 +104,14 @@ class LeaseKeeper:
                 await self._woken.wait()
 
     async def top_up(self) -> bool:
-        """A round of leases now, for what refused requests want; waits for it, at most a
-        tick. False at once while the engine does not answer (nothing would come)."""
+        """A round of leases now, for what refused requests want; waits for it, at most
+        ``TOP_UP_WAIT_S``. False at once while the engine does not answer (nothing would
+        come)."""
         if not self.reachable:
             return False
         done = self._next_round_done
         self._woken.set()
-        with trio.move_on_after(self.tick_s):
+        with trio.move_on_after(TOP_UP_WAIT_S):
             await done.wait()
         return True
 
