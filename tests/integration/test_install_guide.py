@@ -190,6 +190,13 @@ def test_every_block_of_the_install_section_is_a_step_of_the_test() -> None:
                 assert i == len(lines) - 1, (step, line)
 
 
+def test_the_build_is_clean(guide: Guide) -> None:
+    # setuptools warns of what it will refuse (a TOML-table license: from 2027-02-18).
+    build_output = guide.outputs[0]
+    assert "Successfully built" in build_output
+    assert "deprecated" not in build_output.lower(), build_output
+
+
 def test_the_sdist_holds_what_a_release_needs(guide: Guide) -> None:
     (sdist,) = sorted((guide.clone / "dist").glob("*.tar.gz"))
     assert sdist.name == f"openclawd-{openclawd.__version__}.tar.gz"
