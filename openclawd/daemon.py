@@ -188,7 +188,7 @@ class Daemon:
             # The spans still queued go out (a dead collector: one export timeout).
             with trio.move_on_after(cfg.tracing.export_timeout_s + 1.0) as closing:
                 closing.shield = True
-                await trio.to_thread.run_sync(self.tracer.shutdown, abandon_on_cancel=True)
+                await self.tracer.aclose()
         log.info("daemon.stopped")
 
     async def _handle_signals(self, signals: AsyncIterator[int]) -> None:

@@ -14,6 +14,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING
 
+import trio
+
 from openclawd.credentials import CredentialError, read_credential
 from openclawd.errors import ListenError
 
@@ -120,6 +122,12 @@ class Tracer:
 
     def shutdown(self) -> None:
         """Export what is queued (bounded by the export timeout) and stop (blocks)."""
+
+    async def aclose(self) -> None:
+        """``shutdown`` in a thread, abandoned if cancelled; no thread at all when there is
+        nothing to export (tracing off)."""
+        if type(self).shutdown is not Tracer.shutdown:
+            await trio.to_thread.run_sync(self.shutdown, abandon_on_cancel=True)
 
 
 NO_TRACER = Tracer()

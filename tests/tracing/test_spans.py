@@ -10,12 +10,14 @@ import subprocess
 import sys
 
 import httpx
+import pytest
 import trio
 import trio.testing
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.trace import StatusCode
 
 from openclawd.keys.manager import fingerprint
+from openclawd.tracing import NO_TRACER
 
 from ..drivers.harness import (
     KEY,
@@ -281,3 +283,15 @@ def test_a_daemon_without_tracing_never_imports_opentelemetry() -> None:
         "assert not [m for m in sys.modules if m.startswith('opentelemetry')]\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+async def test_stopping_with_tracing_off_starts_no_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With tracing off there is nothing to export at a stop: no thread is started (a
+    thread the daemon waits on lets a virtual clock jump to any deadline: the daemon tests
+    under autojump timed out from a fresh checkout)."""
+
+    async def no_thread(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a thread started for nothing to export")
+
+    monkeypatch.setattr(trio.to_thread, "run_sync", no_thread)
+    await NO_TRACER.aclose()
