@@ -44,13 +44,18 @@ def usage_of(data: str) -> Any:
 
 
 def _usage_in(obj: Any) -> Any:
+    return _field_in(obj, "usage")
+
+
+def _field_in(obj: Any, name: str) -> Any:
+    """``obj[name]``, or one level down under ``message`` or ``response``; None if none."""
     if not isinstance(obj, dict):
         return None
-    usage = obj.get("usage")
+    value = obj.get(name)
     for inner in ("message", "response"):
-        if usage is None and isinstance(obj.get(inner), dict):
-            usage = obj[inner].get("usage")
-    return usage
+        if value is None and isinstance(obj.get(inner), dict):
+            value = obj[inner].get(name)
+    return value
 
 
 def model_of(data: str) -> str | None:
@@ -65,12 +70,7 @@ def model_of(data: str) -> str | None:
 
 
 def _model_in(obj: Any) -> str | None:
-    if not isinstance(obj, dict):
-        return None
-    model = obj.get("model")
-    for inner in ("message", "response"):
-        if model is None and isinstance(obj.get(inner), dict):
-            model = obj[inner].get("model")
+    model = _field_in(obj, "model")
     return model if isinstance(model, str) else None
 
 
