@@ -89,20 +89,36 @@ class Allowance:
     keeper (``shared/leases.py``) tops it up from the engine and gives back what it holds
     over its reserve. ``want`` is the largest amount refused for want of room since the
     last top-up (the keeper leases at least that much, and keeps it until such a request
-    takes it, or a while); ``spent`` what was taken since the
-    keeper last looked (its reserve follows that rate); ``fleet_used`` is what the whole
-    fleet has used, as the engine last said; ``retry_s`` is when the engine said there
-    would be room."""
+    takes it, or a while); ``rate`` what this daemon spends of it in a tick, lately (the
+    keeper's reserve follows it); ``fleet_used`` is what the whole fleet has used, as the
+    engine last said; ``retry_s`` is when the engine said there would be room. The tick
+    is ``retry_s`` as first given."""
+
+    # How much of a tick's spending counts in ``rate`` (a moving average over time).
+    RATE_WEIGHT = 0.25
 
     def __init__(self, limit: int, retry_s: float) -> None:
         self.limit = limit
         self.level = 0.0
         self.want = 0
         self.wanted_at = 0.0  # when ``want`` was last refused
-        self.spent = 0.0
         self.fleet_used = 0.0
         self.retry_s = retry_s
         self._tick_s = retry_s
+        self._spent = 0.0  # since the rate was last taken
+        self._rate = 0.0
+        self._rated_at: float | None = None
+
+    def rate(self, now: float) -> float:
+        """What is spent in a tick, on average lately: taken at most once a tick (rounds
+        of leases out of turn do not cut it short)."""
+        if self._rated_at is None:
+            self._rated_at = now
+        elif now - self._rated_at >= self._tick_s:
+            per_tick = self._spent * self._tick_s / (now - self._rated_at)
+            self._rate += (per_tick - self._rate) * self.RATE_WEIGHT
+            self._spent, self._rated_at = 0.0, now
+        return self._rate
 
     def used(self, now: float) -> int:
         return math.ceil(self.fleet_used)
@@ -118,7 +134,7 @@ class Allowance:
 
     def take(self, amount: int, now: float) -> None:
         self.level -= amount
-        self.spent += amount
+        self._spent += amount
         if amount >= self.want:
             self.want = 0  # (a request as large as the one refused came back for it)
 

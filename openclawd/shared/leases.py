@@ -51,9 +51,6 @@ __all__ = ["LeaseKeeper"]
 
 log = logs.get(__name__)
 
-# How much of a tick's spending counts in the rate the reserve follows (a moving average,
-# taken at most once a tick: rounds out of turn add to the next).
-_RATE_WEIGHT = 0.25
 # The part of a limit the whole fleet may hold unspent on hand beyond its spending, split
 # evenly among the expected daemons (a busy daemon holds what it spends in a tick).
 HELD_SHARE = 0.005
@@ -85,8 +82,6 @@ class LeaseKeeper:
         self.on_failure = on_failure
         self.expected_daemons = expected_daemons
         self.reachable: bool | None = None  # None until the engine first answered or not
-        self._rate: dict[str, float] = {}  # spent a tick, on average lately, by limit
-        self._rated_at: dict[str, float] = {}  # when each limit's rate was last taken
         self._woken = trio.Event()  # a request wants a round now
         self._next_round_done = trio.Event()
         self._on_change = on_change
@@ -94,13 +89,18 @@ class LeaseKeeper:
         self._passed_on: dict[str, float | None] = {}  # when the word last passed on was said
 
     async def run(self) -> None:
-        """Lease every tick, and out of turn when a request asks, until cancelled."""
+        """Lease every tick, and out of turn when a request asks (then only what requests
+        want), until cancelled."""
+        next_tick = trio.current_time()
         while True:
             done, self._next_round_done = self._next_round_done, trio.Event()
             self._woken = trio.Event()
-            await self.tick()
+            full = trio.current_time() >= next_tick
+            await self.tick(wanted_only=not full)
+            if full:
+                next_tick = trio.current_time() + self.tick_s
             done.set()
-            with trio.move_on_after(self.tick_s):
+            with trio.move_on_at(next_tick):
                 await self._woken.wait()
 
     async def top_up(self) -> bool:
@@ -115,14 +115,17 @@ class LeaseKeeper:
             await done.wait()
         return True
 
-    async def tick(self) -> None:
-        """One round of leases over every limit; notices the engine failing or back."""
+    async def tick(self, *, wanted_only: bool = False) -> None:
+        """One round of leases over every limit, and of the upstreams' words; notices the
+        engine failing or back. ``wanted_only``: a round out of turn, for the limits a
+        request was refused for want of (nothing else is due before the next tick)."""
         try:
             if self.reachable is False:
                 await self._probe()  # the local buckets stay until the engine answers
             for limit in self.limits.all():
-                await self._lease(limit)
-            for provider, headroom in self._headrooms().items():
+                if not wanted_only or (isinstance(limit.meter, Allowance) and limit.meter.want):
+                    await self._lease(limit)
+            for provider, headroom in () if wanted_only else self._headrooms().items():
                 await self._share_word(provider, headroom)
         except SharedUnavailableError as exc:
             self._unreachable(str(exc))
@@ -145,7 +148,8 @@ class LeaseKeeper:
             meter = limit.meter = Allowance(limit.figure, self.tick_s)
         shared = _shared(limit)
         split = math.floor(limit.figure * HELD_SHARE / self.expected_daemons)
-        reserve = max(meter.want, math.floor(self._rate_of(limit, meter) + 0.5), split)
+        rate = meter.rate(trio.current_time())
+        reserve = max(meter.want, math.floor(rate + 0.5), split)
         with trio.CancelScope(shield=True):  # a call cut short may or may not be made
             await self._settle(shared, meter, reserve)
 
@@ -159,19 +163,6 @@ class LeaseKeeper:
         fleets = await self.engine.upstream_word(provider, mine)
         if fleets is not None and headroom.adopt(fleets, trio.current_time()):
             self._passed_on[provider] = headroom.said_at  # (ours again: nothing new)
-
-    def _rate_of(self, limit: Limit, meter: Allowance) -> float:
-        """What this daemon spends of ``limit`` in a tick, lately (taken at most once a
-        tick, so that rounds out of turn do not cut it short)."""
-        now = trio.current_time()
-        rated_at = self._rated_at.setdefault(limit.key, now)
-        rate = self._rate.get(limit.key, 0.0)
-        if now - rated_at >= self.tick_s:
-            per_tick = meter.spent * self.tick_s / (now - rated_at)
-            rate = self._rate[limit.key] = rate + (per_tick - rate) * _RATE_WEIGHT
-            meter.spent = 0.0
-            self._rated_at[limit.key] = now
-        return rate
 
     async def _settle(self, shared: EngineLimit, meter: Allowance, reserve: int) -> None:
         if meter.want and trio.current_time() - meter.wanted_at > _WANT_KEPT_TICKS * self.tick_s:

@@ -351,20 +351,28 @@ class SlowEngine:
 
     def __init__(self, delay_s: float) -> None:
         self.delay_s = delay_s
+        self.calls: list[str] = []  # what each call was about, in order
 
     async def take(self, limit: EngineLimit, amount: int) -> Take:
-        await trio.sleep(self.delay_s)
+        await self._call(limit.name)
         return Take(fitted=True, used=float(amount), retry_after_s=0.0)
 
     async def adjust(self, limit: EngineLimit, delta: int) -> float:
-        await trio.sleep(self.delay_s)
+        await self._call(limit.name)
         return 0.0
 
     async def used(self, limit: EngineLimit) -> float:
-        await trio.sleep(self.delay_s)
+        await self._call(limit.name)
         return 0.0
 
     async def ping(self) -> None:
+        await self._call("ping")
+
+    async def upstream_word(self, provider: str, mine: object) -> None:
+        await self._call(f"word:{provider}")
+
+    async def _call(self, about: str) -> None:
+        self.calls.append(about)
         await trio.sleep(self.delay_s)
 
 
@@ -390,3 +398,43 @@ async def test_a_request_waits_for_a_slow_round_rather_than_be_refused(
         )
         assert charge is not None
         nursery.cancel_scope.cancel()
+
+
+async def test_a_round_out_of_turn_leases_only_what_requests_wanted(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A request's round out of turn asks the engine for the limits it was refused by,
+    nothing else: the other limits and the upstreams' words wait for the next tick (the
+    request waits for the round, so it is kept short)."""
+    limits = Limits(
+        {"c": {"requests_per_minute": 600}},
+        {"openai": {"tokens_per_minute": 6000}},
+        now=trio.current_time(),
+        lease_tick_s=TICK_S,
+    )
+    engine = SlowEngine(0.001)
+    keeper = LeaseKeeper(
+        cast(Engine, engine),
+        limits,
+        on_failure="local",
+        expected_daemons=50,
+        headrooms=functools.partial(dict, openai=Headroom()),
+    )
+    admission = Admission(Serving(), [], limits)
+    admission.top_up = keeper.top_up
+    client = ClientConfig(name="c", requests_per_minute=600)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(keeper.run)
+        await trio.sleep(TICK_S / 2)  # the first tick's round is over, the next not due
+        full_round = list(engine.calls)
+        engine.calls.clear()
+        ask = Ask(1, client, None, day=DAY)  # under the client's limit only
+        assert await admission.admit_request_waiting(ask, trio.current_time) is not None
+        out_of_turn = list(engine.calls)
+        nursery.cancel_scope.cancel()
+    assert full_round == [
+        "client:c:requests_per_minute",
+        "provider:openai:tokens_per_minute",
+        "word:openai",
+    ]
+    assert out_of_turn == ["client:c:requests_per_minute"]
