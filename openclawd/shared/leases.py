@@ -57,9 +57,6 @@ HELD_SHARE = 0.005
 # The longest a request waits for a round out of turn: the engine's own bound on a call
 # (shared/engine.py), so a loaded host's slow round is waited for rather than refused.
 TOP_UP_WAIT_S = 0.5
-# What a refused request wanted is kept on hand until a request that large takes it, or
-# this many ticks after the last refusal (the requester went elsewhere, or away).
-_WANT_KEPT_TICKS = 3
 
 
 class LeaseKeeper:
@@ -165,8 +162,12 @@ class LeaseKeeper:
             self._passed_on[provider] = headroom.said_at  # (ours again: nothing new)
 
     async def _settle(self, shared: EngineLimit, meter: Allowance, reserve: int) -> None:
-        if meter.want and trio.current_time() - meter.wanted_at > _WANT_KEPT_TICKS * self.tick_s:
-            meter.want = 0  # the request that wanted it went elsewhere, or away
+        # What a refused request wanted stays on hand until a request that large takes it,
+        # or for as long as a request waits for its round (and a tick) after the last
+        # refusal: by then the requester went elsewhere, or away.
+        kept_s = TOP_UP_WAIT_S + self.tick_s
+        if meter.want and trio.current_time() - meter.wanted_at > kept_s:
+            meter.want = 0
         if meter.level > reserve and not meter.want:
             excess = math.floor(meter.level - reserve)
             meter.level -= excess

@@ -438,3 +438,23 @@ async def test_a_round_out_of_turn_leases_only_what_requests_wanted(
         "word:openai",
     ]
     assert out_of_turn == ["client:c:requests_per_minute"]
+
+
+async def test_what_a_request_wanted_is_kept_while_it_may_still_wait_for_it(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A request waits up to half a second for its round, which may start late (a slow
+    round before it), and the keeper's next tick may come before the request takes what
+    the round leased. What it wanted stays on hand for it: given up 0.15 s after the
+    refusal, the next tick gave the lease back first (a flake of the slow-round test)."""
+    limits = daemon_limits({"requests_per_minute": 600})
+    keeper = LeaseKeeper(
+        cast(Engine, SlowEngine(0.0)), limits, on_failure="local", expected_daemons=50
+    )
+    await keeper.tick()
+    with pytest.raises(RateLimitedError):  # nothing on hand: wanted
+        limits.admit("c", None, 1, now=trio.current_time(), day=DAY, into_day=0.0)
+    await trio.sleep(0.2)  # the round it waits for starts late, inside its half second
+    await keeper.tick(wanted_only=True)
+    await keeper.tick()  # the next tick, before the request is back
+    limits.admit("c", None, 1, now=trio.current_time(), day=DAY, into_day=0.0)
