@@ -449,9 +449,15 @@ def _with_preset(table: object) -> object:
                 given = {str(k).lower(): v for k, v in given.items()}
             merged[key] = {**preset[key], **given}
     base_url = table.get("base_url")
-    if name == "azure_openai" and "ws_url" not in table and isinstance(base_url, str):
-        merged["ws_url"] = re.sub(r"^http", "ws", base_url)
+    if "ws_url" not in table and isinstance(base_url, str):
+        merged.update(_derived_from_base_url(name, base_url))
     return merged
+
+
+def _derived_from_base_url(preset: str, base_url: str) -> dict[str, str]:
+    """What preset ``preset`` fills from the provider's own ``base_url``: Azure serves
+    realtime at its host over wss://."""
+    return {"ws_url": re.sub(r"^http", "ws", base_url)} if preset == "azure_openai" else {}
 
 
 # --- the configuration ---------------------------------------------------------------------
@@ -1012,9 +1018,10 @@ def _dump_provider(provider: ProviderConfig) -> list[str]:
     lines = _dump_fields(provider)
     if not provider.preset:
         return lines
-    filled = dict(PRESETS[provider.preset])
-    if provider.preset == "azure_openai":
-        filled["ws_url"] = re.sub(r"^http", "ws", provider.base_url)
+    filled = {
+        **PRESETS[provider.preset],
+        **_derived_from_base_url(provider.preset, provider.base_url),
+    }
     note = f"  # from preset {json.dumps(provider.preset)}"
     return [
         line + note

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 
-from openclawd.config import ClientConfig, Config
+from openclawd.config import ClientConfig, Config, ProviderLimits
 from openclawd.shared.address import parse_url
 
 __all__ = ["token_control"]
@@ -38,11 +38,7 @@ def _lines(cfg: Config) -> Iterator[str]:
             "for clients without limits of their own"
         )
     for name, provider in cfg.providers.items():
-        set_limits = [
-            f"{key} {getattr(provider.limits, key)}{_rate(getattr(provider.limits, key))}"
-            for key in _PER_MINUTE
-            if getattr(provider.limits, key)
-        ]
+        set_limits = _per_minute(provider.limits)
         if set_limits:
             yield f"provider {name}: " + "; ".join(set_limits)
     for route in cfg.routes.values():
@@ -67,18 +63,19 @@ def _client(client: ClientConfig) -> Iterator[str]:
     uses = ", ".join(client.providers) if client.providers else "every provider and route"
     models = ", ".join(client.models) if client.models else "any model"
     yield f"client {client.name}: a peer with {who}; may use {uses}; {models}"
-    set_limits = [
-        f"{key} {getattr(client, key)}{_rate(getattr(client, key))}"
-        for key in _PER_MINUTE
-        if getattr(client, key)
-    ]
+    set_limits = _per_minute(client)
     if client.tokens_per_day:
         set_limits.append(f"tokens_per_day {client.tokens_per_day} (a budget per UTC day)")
     yield f"  limits: {'; '.join(set_limits) if set_limits else 'none of its own'}"
 
 
-def _rate(figure: int) -> str:
-    return f" (at most {figure} at once, refilled {figure / 60:.4g} a second)"
+def _per_minute(limits: ClientConfig | ProviderLimits) -> list[str]:
+    """Each per-minute limit that is set, as a rate."""
+    return [
+        f"{key} {figure} (at most {figure} at once, refilled {figure / 60:.4g} a second)"
+        for key in _PER_MINUTE
+        if (figure := getattr(limits, key))
+    ]
 
 
 def _rewrites(models: Mapping[str, Mapping[str, str]]) -> str:

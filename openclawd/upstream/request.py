@@ -10,7 +10,7 @@ own), and the timeouts as the transport takes them.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterable, Mapping
+from collections.abc import AsyncIterable, Iterable, Mapping
 from dataclasses import dataclass
 from urllib.parse import parse_qsl, urlencode
 
@@ -56,9 +56,7 @@ class UpstreamRequest:
         self.trace.propagate(headers)
         secret = f"{config.auth_scheme} {key.secret}" if config.auth_scheme else key.secret
         headers.append((config.auth_header, secret))
-        for name, value in (*config.headers.items(), *DEFAULT_HEADERS):
-            if value and not any(k.lower() == name for k, _ in headers):
-                headers.append((name, value))
+        add_missing(headers, (*config.headers.items(), *DEFAULT_HEADERS))
         return httpx.Request(
             self.method,
             base.join(self.target),
@@ -91,7 +89,7 @@ class UrlBase:
         base = httpx.URL(base_url)
         self.host = base.host  # server.address, for traces
         self._base = base.copy_with(raw_path=base.raw_path.rstrip(b"/") + b"/")
-        self._query = {name: value for name, value in (query or {}).items() if value}
+        self._query = query or {}
         self._cache: dict[str, httpx.URL] = {}
 
     def join(self, target: str) -> httpx.URL:
@@ -107,12 +105,20 @@ class UrlBase:
         return url
 
 
+def add_missing(headers: list[tuple[str, str]], defaults: Iterable[tuple[str, str]]) -> None:
+    """Add each of ``defaults`` (lower-case names) that ``headers`` lacks: the app's own
+    wins; a default of "" is not sent."""
+    for name, value in defaults:
+        if value and not any(k.lower() == name for k, _ in headers):
+            headers.append((name, value))
+
+
 def with_query(target: str, defaults: Mapping[str, str]) -> str:
     """``target`` (a path and maybe a query) with each of ``defaults`` added whose name
-    its query does not have: the app's own value wins."""
+    its query does not have: the app's own value wins; a default of "" is not sent."""
     path, mark, query = target.partition("?")
     given = {name for name, _ in parse_qsl(query, keep_blank_values=True)}
-    added = urlencode([(k, v) for k, v in defaults.items() if k not in given])
+    added = urlencode([(k, v) for k, v in defaults.items() if v and k not in given])
     if not added:
         return target
     return f"{path}?{query}&{added}" if mark and query else f"{path}?{added}"

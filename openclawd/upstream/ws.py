@@ -22,7 +22,7 @@ from openclawd import websocket
 from openclawd.config import ProviderConfig
 from openclawd.errors import UpstreamConnectionError, UpstreamTimeoutError
 from openclawd.keys.manager import Key
-from openclawd.upstream.request import with_query
+from openclawd.upstream.request import add_missing, with_query
 from openclawd.upstream.transport import tls_failure
 from openclawd.websocket import Activity, WebSocketConnection
 
@@ -58,7 +58,7 @@ def target(ws_url: str, path: str, query: str, defaults: Mapping[str, str] = NO_
     host_header = shown if port == _DEFAULT_PORTS[parts.scheme] else f"{shown}:{port}"
     resource = parts.path.rstrip("/") + (path or "/v1/realtime")
     # ws_url's own query first, then the app's (with the provider's defaults).
-    query = with_query(f"?{query}", {k: v for k, v in defaults.items() if v})[1:]
+    query = with_query(f"?{query}", defaults)[1:]
     joined = "&".join(q for q in (parts.query, query) if q)
     if joined:
         resource += f"?{joined}"
@@ -131,11 +131,7 @@ async def open_session(
         f"{config.auth_scheme} {key.secret}" if config.auth_scheme else key.secret,
     )
     sent = [(k, v) for k, v in headers if k.lower() != config.auth_header.lower()]
-    sent += [
-        (name, value)
-        for name, value in config.headers.items()
-        if value and not any(k.lower() == name for k, _ in sent)
-    ]
+    add_missing(sent, config.headers.items())
     stream: trio.abc.Stream | None = None
     connected = False
     try:
