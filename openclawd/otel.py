@@ -15,6 +15,7 @@ import threading
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
+import trio
 from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
@@ -176,6 +177,10 @@ class OtelTracer(Tracer):
 
     def shutdown(self) -> None:
         self._provider.shutdown()
+
+    async def aclose(self) -> None:
+        """``shutdown`` in a thread, abandoned if cancelled."""
+        await trio.to_thread.run_sync(self.shutdown, abandon_on_cancel=True)
 
 
 def _trace_headers(headers: Headers) -> dict[str, str]:
